@@ -1,0 +1,1 @@
+"""The edge-node worker: gRPC server, stage execution, tensor codec and next-hop link."""

@@ -1,0 +1,156 @@
+"""The tensor codec: a frame is a msgpack header plus the tensors' raw bytes.
+
+The header is ``{"id": request_id, "tensors": [[name, dtype, shape, nbytes], ...]}`` with
+dtype names from :mod:`partition.spec`; the payload is every tensor's bytes (C-contiguous,
+native byte order) concatenated in header order. Decoding checks every field and builds the
+tensors as views of the payload, without copying.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import msgpack
+import torch
+
+from node.errors import FrameError, FrameSpecError
+from partition.errors import TensorSpecError
+from partition.spec import TensorSpec, dtype_from_name, dtype_name
+
+_MAX_REQUEST_ID = 2**64 - 1
+
+
+def encode_frame(request_id: int, tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, bytes]:
+    """Encode ``tensors`` for request ``request_id`` as ``(header, payload)``.
+
+    Tensors are moved to the CPU and made contiguous as needed; the payload is built with
+    one copy of the data.
+    """
+    entries: list[list[Any]] = []
+    views: list[memoryview] = []
+    for name, tensor in tensors.items():
+        data = tensor.detach().cpu().contiguous()
+        raw = memoryview(data.reshape(-1).view(torch.uint8).numpy())
+        entries.append([name, dtype_name(data.dtype), list(data.shape), raw.nbytes])
+        views.append(raw)
+    header = msgpack.packb({"id": request_id, "tensors": entries})
+    return header, b"".join(views)
+
+
+def decode_frame(
+    header: bytes, payload: bytes, expected: Sequence[TensorSpec] | None = None
+) -> tuple[int, dict[str, torch.Tensor]]:
+    """Decode a frame into ``(request_id, tensors)``; the tensors are views of ``payload``.
+
+    The tensors are read-only views: a program must not write into its inputs in place.
+
+    Raises
+    ------
+    FrameError
+        If the frame is malformed: the header is not msgpack of the documented shape, a
+        dtype is unknown, a byte length disagrees with its dtype and shape, or the lengths
+        do not add up to the payload's size.
+    FrameSpecError
+        If the frame is well-formed but its tensors are not exactly ``expected``.
+    """
+    request_id, specs = _parse_header(header)
+    total = sum(nbytes for _, nbytes in specs)
+    if total != len(payload):
+        raise FrameError(
+            f"frame {request_id}: header declares {total} payload bytes, body has {len(payload)}"
+        )
+    if expected is not None:
+        _check_expected(request_id, [spec for spec, _ in specs], expected)
+    return request_id, _tensors(payload, specs)
+
+
+def _parse_header(header: bytes) -> tuple[int, list[tuple[TensorSpec, int]]]:
+    try:
+        meta = msgpack.unpackb(header)
+    except (ValueError, TypeError, msgpack.UnpackException) as err:
+        raise FrameError(f"frame header is not valid msgpack ({err})") from err
+    if not isinstance(meta, dict) or set(meta) != {"id", "tensors"}:
+        raise FrameError("frame header must be a map with exactly the keys 'id' and 'tensors'")
+    request_id, entries = meta["id"], meta["tensors"]
+    if not _is_int(request_id) or not 0 <= request_id <= _MAX_REQUEST_ID:
+        raise FrameError(f"frame request id must be an unsigned 64-bit int, got {request_id!r}")
+    if not isinstance(entries, list):
+        raise FrameError(f"frame {request_id}: 'tensors' must be a list")
+    specs = [_parse_entry(request_id, entry) for entry in entries]
+    names = [spec.name for spec, _ in specs]
+    if len(set(names)) != len(names):
+        raise FrameError(f"frame {request_id}: tensor names repeat: {names}")
+    return request_id, specs
+
+
+def _parse_entry(request_id: int, entry: Any) -> tuple[TensorSpec, int]:
+    shape_ok = isinstance(entry, list) and len(entry) == 4
+    if shape_ok:
+        name, dtype, shape, nbytes = entry
+        shape_ok = (
+            isinstance(name, str)
+            and isinstance(dtype, str)
+            and isinstance(shape, list)
+            and all(_is_int(d) and d >= 0 for d in shape)
+            and _is_int(nbytes)
+        )
+    if not shape_ok:
+        raise FrameError(
+            f"frame {request_id}: tensor entry {entry!r} is not [name, dtype, shape, nbytes]"
+        )
+    try:
+        itemsize = dtype_from_name(dtype).itemsize
+    except TensorSpecError as err:
+        raise FrameError(f"frame {request_id}: tensor {name!r}: {err}") from err
+    spec = TensorSpec(name, dtype, tuple(shape))
+    if nbytes != math.prod(shape) * itemsize:
+        raise FrameError(
+            f"frame {request_id}: tensor {name!r} is {dtype}{shape} = "
+            f"{math.prod(shape) * itemsize} bytes, but the header says {nbytes}"
+        )
+    return spec, nbytes
+
+
+def _check_expected(
+    request_id: int, got: Sequence[TensorSpec], expected: Sequence[TensorSpec]
+) -> None:
+    if sorted(got, key=_by_name) != sorted(expected, key=_by_name):
+        raise FrameSpecError(
+            request_id,
+            f"frame {request_id} has tensors {_describe(got)}, expected {_describe(expected)}",
+        )
+
+
+def _tensors(payload: bytes, specs: Sequence[tuple[TensorSpec, int]]) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    offset = 0
+    with warnings.catch_warnings():
+        # The views are read-only because ``payload`` is; the stage programs never write
+        # into their inputs, so torch's warning about it is noise here.
+        warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
+        for spec, nbytes in specs:
+            dtype = dtype_from_name(spec.dtype)
+            if nbytes == 0:
+                tensor = torch.empty(spec.shape, dtype=dtype)
+            else:
+                count = nbytes // dtype.itemsize
+                flat = torch.frombuffer(payload, dtype=dtype, count=count, offset=offset)
+                tensor = flat.view(spec.shape)
+            tensors[spec.name] = tensor
+            offset += nbytes
+    return tensors
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _by_name(spec: TensorSpec) -> str:
+    return spec.name
+
+
+def _describe(specs: Sequence[TensorSpec]) -> str:
+    return ", ".join(f"{s.name}: {s.dtype}{list(s.shape)}" for s in specs) or "none"

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for proto/edgesplit.proto; regenerate with scripts/gen-proto."""

@@ -1,0 +1,1 @@
+"""Planning library: load a model, group it into layers, profile, optimize and split."""

@@ -1,0 +1,302 @@
+"""The cluster spec, ``nodes.yaml``: nodes, the links between them, the source and the sink.
+
+Every mistake raises :class:`ClusterSpecError` with one line naming the file, the field's
+path and the bad value, e.g. ``nodes.yaml: nodes[1].memory: '2 GiBs' is not a size``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, TypeVar
+
+import numpy as np
+import yaml
+
+from partition.errors import ClusterSpecError
+from partition.units import parse_bandwidth, parse_duration, parse_size
+
+_T = TypeVar("_T")
+
+_TOP_FIELDS = ("nodes", "links", "source", "sink")
+_NODE_FIELDS = ("name", "address", "memory", "speed", "threads")
+_LINKS_FIELDS = ("default", "overrides")
+_DEFAULT_FIELDS = ("bandwidth", "latency")
+_OVERRIDE_FIELDS = ("from", "to", "bandwidth", "latency")
+_ADDRESS = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):(?P<port>\d{1,5})$")
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One device: where its worker listens, how much memory it offers, how fast it is.
+
+    ``speed`` is relative to the planning machine and used only when the node cannot be
+    profiled; ``threads`` is the thread count its worker runs stages with.
+    """
+
+    name: str
+    address: str
+    memory_bytes: int
+    threads: int | None = None
+    speed: float | None = None
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """A one-way link: bandwidth in bytes per second and latency in seconds."""
+
+    bytes_per_s: float
+    latency_s: float
+
+
+_SELF_LINK = LinkSpec(math.inf, 0.0)
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Nodes in file order, the link between every ordered pair, the source and the sink.
+
+    ``links`` holds every override in both directions (a reverse given explicitly wins);
+    any other pair uses ``default_link``, which the loader requires whenever a pair is left.
+    """
+
+    nodes: tuple[NodeSpec, ...]
+    default_link: LinkSpec | None
+    links: Mapping[tuple[str, str], LinkSpec]
+    source: str
+    sink: str
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(node.name for node in self.nodes)
+
+    def node(self, name: str) -> NodeSpec:
+        """The node called ``name``; raises :class:`KeyError` if there is none."""
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise KeyError(name)
+
+    def link(self, a: str, b: str) -> LinkSpec:
+        """The link from ``a`` to ``b``; a node's link to itself is free."""
+        self.node(a)
+        self.node(b)
+        if a == b:
+            return _SELF_LINK
+        found = self.links.get((a, b), self.default_link)
+        if found is None:
+            raise KeyError((a, b))
+        return found
+
+
+class ClusterArrays(NamedTuple):
+    """The cluster's part of a :class:`~partition.costs.CostModel`, indexed by node."""
+
+    node_names: tuple[str, ...]
+    node_memory_bytes: np.ndarray
+    link_bytes_per_s: np.ndarray
+    link_latency_s: np.ndarray
+    source: int
+    sink: int
+
+
+def cost_arrays(cluster: ClusterSpec) -> ClusterArrays:
+    """Node memory and ``(N, N)`` link matrices; the diagonal is free (inf bandwidth, 0 s)."""
+    names = cluster.names
+    bandwidth = np.empty((len(names), len(names)))
+    latency = np.empty((len(names), len(names)))
+    for a, src in enumerate(names):
+        for b, dst in enumerate(names):
+            link = cluster.link(src, dst)
+            bandwidth[a, b] = link.bytes_per_s
+            latency[a, b] = link.latency_s
+    memory = np.array([node.memory_bytes for node in cluster.nodes], dtype=np.int64)
+    return ClusterArrays(
+        names, memory, bandwidth, latency, names.index(cluster.source), names.index(cluster.sink)
+    )
+
+
+def load_cluster(path: str | Path) -> ClusterSpec:
+    """Read and check ``nodes.yaml``.
+
+    Raises
+    ------
+    ClusterSpecError
+        The file is missing, empty, not YAML, or any field is wrong.
+    """
+    origin = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ClusterSpecError(f"{origin}: no such file") from None
+    except OSError as err:
+        raise ClusterSpecError(f"{origin}: cannot read the file ({err.strerror})") from err
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ClusterSpecError(f"{origin}: {where}YAML syntax error: {problem}") from err
+    if data is None:
+        raise ClusterSpecError(f"{origin}: the file is empty; it needs a 'nodes' list")
+    return parse_cluster(data, origin)
+
+
+def parse_cluster(data: object, origin: str) -> ClusterSpec:
+    """Check already-parsed YAML ``data``; ``origin`` names it in error messages.
+
+    Raises
+    ------
+    ClusterSpecError
+        Any field is unknown, missing, of the wrong kind or out of range.
+    """
+    return _Parser(origin).cluster(data)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that rejects a key given twice in one mapping instead of keeping the last."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+class _Parser:
+    def __init__(self, origin: str) -> None:
+        self.origin = origin
+
+    def fail(self, path: str, message: str) -> ClusterSpecError:
+        return ClusterSpecError(f"{self.origin}: {path}: {message}" if path else
+                                f"{self.origin}: {message}")
+
+    def mapping(self, data: object, path: str, fields: tuple[str, ...]) -> dict[str, object]:
+        if not isinstance(data, dict):
+            raise self.fail(path, f"{data!r} is not a mapping (expected fields: "
+                                  f"{', '.join(fields)})")
+        for key in data:
+            if key not in fields:
+                where = f"{path}.{key}" if path else str(key)
+                raise self.fail(where, f"unknown field {key!r} (expected one of: "
+                                       f"{', '.join(fields)})")
+        return data
+
+    def required(self, data: dict[str, object], path: str, key: str) -> object:
+        if data.get(key) is None:
+            raise self.fail(path, f"missing field {key!r}")
+        return data[key]
+
+    def unit(self, value: object, path: str, parse: Callable[[object], _T]) -> _T:
+        try:
+            return parse(value)
+        except ValueError as err:
+            raise self.fail(path, str(err)) from None
+
+    def cluster(self, data: object) -> ClusterSpec:
+        if not isinstance(data, dict):
+            raise self.fail("", f"the top level must be a mapping with a 'nodes' list, "
+                                f"not {type(data).__name__}")
+        top = self.mapping(data, "", _TOP_FIELDS)
+        raw_nodes = top.get("nodes")
+        if not isinstance(raw_nodes, list) or not raw_nodes:
+            raise self.fail("nodes", f"{raw_nodes!r} is not a non-empty list of nodes")
+        nodes = tuple(self.node(raw, f"nodes[{i}]") for i, raw in enumerate(raw_nodes))
+        names = [node.name for node in nodes]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise self.fail(f"nodes[{i}].name", f"{name!r} is used by nodes[{names.index(name)}] "
+                                                     f"already; names must be unique")
+        default, links = self.links(top.get("links"), names)
+        source = self.node_ref(top.get("source", names[0]), "source", names)
+        sink = self.node_ref(top.get("sink", names[0]), "sink", names)
+        return ClusterSpec(nodes, default, links, source, sink)
+
+    def node(self, data: object, path: str) -> NodeSpec:
+        fields = self.mapping(data, path, _NODE_FIELDS)
+        name = self.required(fields, path, "name")
+        if not isinstance(name, str) or not name.strip():
+            raise self.fail(f"{path}.name", f"{name!r} is not a name")
+        address = self.required(fields, path, "address")
+        match = _ADDRESS.match(address) if isinstance(address, str) else None
+        if match is None or not 0 < int(match["port"]) < 65536:
+            raise self.fail(f"{path}.address", f"{address!r} is not host:port "
+                                               f"(example: 127.0.0.1:50051)")
+        memory = self.unit(self.required(fields, path, "memory"), f"{path}.memory", parse_size)
+        if memory <= 0:
+            raise self.fail(f"{path}.memory", f"{fields['memory']!r} must be positive")
+        threads = fields.get("threads")
+        if threads is not None and (
+            isinstance(threads, bool) or not isinstance(threads, int) or threads <= 0
+        ):
+            raise self.fail(f"{path}.threads", f"{threads!r} is not a positive integer")
+        speed = fields.get("speed")
+        if speed is not None and (
+            isinstance(speed, bool) or not isinstance(speed, int | float)
+            or not math.isfinite(speed) or speed <= 0
+        ):
+            raise self.fail(f"{path}.speed", f"{speed!r} is not a positive number")
+        return NodeSpec(name, address, memory, threads,
+                        None if speed is None else float(speed))
+
+    def node_ref(self, value: object, path: str, names: list[str]) -> str:
+        if value not in names:
+            raise self.fail(path, f"{value!r} is not a node (nodes: {', '.join(names)})")
+        return value
+
+    def link(self, data: dict[str, object], path: str, base: LinkSpec | None) -> LinkSpec:
+        if base is None:
+            self.required(data, path, "bandwidth")
+            self.required(data, path, "latency")
+        bandwidth = (base.bytes_per_s if data.get("bandwidth") is None else
+                     self.unit(data["bandwidth"], f"{path}.bandwidth", parse_bandwidth))
+        if not bandwidth > 0:
+            raise self.fail(f"{path}.bandwidth", f"{data['bandwidth']!r} must be positive")
+        latency = (base.latency_s if data.get("latency") is None else
+                   self.unit(data["latency"], f"{path}.latency", parse_duration))
+        if latency < 0:
+            raise self.fail(f"{path}.latency", f"{data['latency']!r} must not be negative")
+        return LinkSpec(bandwidth, latency)
+
+    def links(
+        self, data: object, names: list[str]
+    ) -> tuple[LinkSpec | None, dict[tuple[str, str], LinkSpec]]:
+        section = {} if data is None else self.mapping(data, "links", _LINKS_FIELDS)
+        default = None
+        if section.get("default") is not None:
+            fields = self.mapping(section["default"], "links.default", _DEFAULT_FIELDS)
+            default = self.link(fields, "links.default", None)
+        overrides = section.get("overrides") or []
+        if not isinstance(overrides, list):
+            raise self.fail("links.overrides", f"{overrides!r} is not a list of links")
+        given: dict[tuple[str, str], LinkSpec] = {}
+        for i, raw in enumerate(overrides):
+            path = f"links.overrides[{i}]"
+            fields = self.mapping(raw, path, _OVERRIDE_FIELDS)
+            src = self.node_ref(self.required(fields, path, "from"), f"{path}.from", names)
+            dst = self.node_ref(self.required(fields, path, "to"), f"{path}.to", names)
+            if src == dst:
+                raise self.fail(f"{path}.to", f"{dst!r} is the 'from' node too; a node's link "
+                                              f"to itself is free and cannot be set")
+            if (src, dst) in given:
+                raise self.fail(path, f"the link {src} -> {dst} is given twice")
+            given[(src, dst)] = self.link(fields, path, default)
+        links = dict(given)
+        for (src, dst), link in given.items():
+            links.setdefault((dst, src), link)
+        if default is None:
+            missing = [(a, b) for a in names for b in names if a != b and (a, b) not in links]
+            if missing:
+                a, b = missing[0]
+                raise self.fail("links.default", f"missing, and the link {a} -> {b} is not "
+                                                 f"in links.overrides; add a default link")
+        return default, links

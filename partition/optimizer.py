@@ -1,0 +1,352 @@
+"""The exact optimizer: which node runs which contiguous layers, for latency or throughput.
+
+A plan is a path through a state graph. A state is (layer boundary ``i``, node ``d``, set
+``S`` of nodes already used): the activations of boundary ``i`` sit on ``d``. A *stage* edge
+runs layers ``[i, j)`` on ``d`` (if they fit its memory); a *hop* edge moves boundary ``j``'s
+tensors to a node not in ``S``. Minimum latency is the shortest path (edge costs add);
+maximum throughput is the minimax path (the bottleneck is the largest edge), and among the
+plans with that bottleneck the shortest one.
+
+The graph has ``L² · N · 2^N`` stage edges (about 80 million at 200 layers and 8 nodes), too
+many to build as a networkx graph, so :func:`_search` relaxes it directly: node sets are
+visited in increasing bit-mask order (adding a node makes the mask larger, so this is a
+topological order), and each set's stage edges are relaxed at once with numpy. States whose
+cost plus a lower bound on the layers left is no better than the best plan so far are pruned.
+
+Past :data:`EXACT_WORK_LIMIT` the same search runs over a few fixed node orders (each node
+used at most once, in that order), which is polynomial but not exhaustive; the result then says
+``exact=False`` and carries a lower bound on the optimum.
+"""
+
+from __future__ import annotations
+
+import enum
+import heapq
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from partition.costs import CostModel
+from partition.errors import NoFeasiblePlanError
+from partition.units import format_bytes
+
+EXACT_WORK_LIMIT = 4e8
+"""Largest ``N · 2^(N-1) · (L+1)²`` (stage edges relaxed) searched exhaustively."""
+EXACT_MAX_NODES = 16
+"""Above this many nodes the search is never exhaustive (its tables would not fit memory)."""
+TIE_TOLERANCE = 1e-12
+"""Relative slack when keeping only the stages and hops within the minimal bottleneck."""
+
+
+class Objective(enum.Enum):
+    """What a plan is optimized for."""
+
+    LATENCY = "latency"
+    THROUGHPUT = "throughput"
+
+
+@dataclass(frozen=True)
+class Span:
+    """Layers ``[start, end)`` run on node index ``node``."""
+
+    node: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A priced plan.
+
+    ``transfer_seconds`` has one entry more than ``spans``: source to the first stage,
+    between consecutive stages, and the last stage to the sink.
+    """
+
+    spans: tuple[Span, ...]
+    latency_s: float
+    bottleneck_s: float
+    stage_seconds: tuple[float, ...]
+    transfer_seconds: tuple[float, ...]
+    fits: bool
+
+    @property
+    def throughput_per_s(self) -> float:
+        """Requests per second when the pipeline is full."""
+        return 1.0 / self.bottleneck_s if self.bottleneck_s > 0 else float("inf")
+
+
+@dataclass(frozen=True)
+class OptimizeResult:
+    """The best schedule found; ``lower_bound_s`` bounds the objective's optimum from below
+    (it equals the schedule's latency or bottleneck when ``exact``)."""
+
+    schedule: Schedule
+    exact: bool
+    lower_bound_s: float
+
+
+def evaluate(cost: CostModel, spans: Iterable[Span]) -> Schedule:
+    """Price an assignment of layer ranges to nodes (memory is checked, not enforced).
+
+    Raises
+    ------
+    ValueError
+        The spans do not cover the layers in order, one non-empty range per node.
+    """
+    spans = tuple(spans)
+    _check_spans(cost, spans)
+    stage = tuple(cost.stage_seconds(s.node, s.start, s.end) for s in spans)
+    hops = [cost.source, *(s.node for s in spans), cost.sink]
+    boundaries = [0, *(s.end for s in spans)]
+    transfer = tuple(
+        cost.transfer_seconds(b, src, dst) for b, src, dst in zip(boundaries, hops, hops[1:])
+    )
+    return Schedule(
+        spans=spans,
+        latency_s=sum(stage) + sum(transfer),
+        bottleneck_s=max(stage + transfer),
+        stage_seconds=stage,
+        transfer_seconds=transfer,
+        fits=all(cost.stage_fits(s.node, s.start, s.end) for s in spans),
+    )
+
+
+def optimize(cost: CostModel, objective: Objective) -> OptimizeResult:
+    """The best plan for ``objective`` that fits every node's memory.
+
+    Latency is minimized exactly; throughput maximized (bottleneck minimized) with ties
+    broken by latency. Exhaustive while ``N · 2^(N-1) · (L+1)²`` is within
+    :data:`EXACT_WORK_LIMIT`, else the best over a few node orders (``exact=False``).
+
+    Raises
+    ------
+    NoFeasiblePlanError
+        No plan fits the nodes' memory; the message names the closest plan's shortfall.
+    """
+    exact = _is_exact(cost)
+    tables = _Tables.build(cost)
+    closures = [tables.any_order()] if exact else [tables.in_order(o) for o in _orders(cost)]
+    found = [s for s in (_best(cost, tables, objective, c) for c in closures) if s is not None]
+    if not found:
+        raise NoFeasiblePlanError(_shortfall_message(cost, tables, closures, exact))
+    best = min(found, key=lambda s: _key(s, objective))
+    bound = _key(best, objective)[0] if exact else _lower_bound(cost, objective)
+    return OptimizeResult(best, exact, bound)
+
+
+def _key(schedule: Schedule, objective: Objective) -> tuple[float, float]:
+    if objective is Objective.LATENCY:
+        return (schedule.latency_s, schedule.bottleneck_s)
+    return (schedule.bottleneck_s, schedule.latency_s)
+
+
+def _is_exact(cost: CostModel) -> bool:
+    n, layers = cost.num_nodes, cost.num_layers
+    return n <= EXACT_MAX_NODES and n * 2 ** (n - 1) * (layers + 1) ** 2 <= EXACT_WORK_LIMIT
+
+
+def _check_spans(cost: CostModel, spans: tuple[Span, ...]) -> None:
+    if not spans:
+        raise ValueError("a plan needs at least one stage")
+    position = 0
+    for span in spans:
+        if span.start != position or span.end <= span.start:
+            raise ValueError(f"{span} does not continue the layers at {position}")
+        if not 0 <= span.node < cost.num_nodes:
+            raise ValueError(f"{span} names no node (there are {cost.num_nodes})")
+        position = span.end
+    if position != cost.num_layers:
+        raise ValueError(f"the stages end at layer {position}, not {cost.num_layers}")
+    if len({s.node for s in spans}) != len(spans):
+        raise ValueError("a node holds more than one stage")
+
+
+@dataclass(frozen=True)
+class _Tables:
+    """Edge costs of the state graph: ``stage[d, i, j]`` (inf unless ``i < j`` and it fits)
+    and ``hop[b, a, c]``, plus each layer's fastest time for pruning."""
+
+    stage: np.ndarray
+    hop: np.ndarray
+    layer_floor: np.ndarray
+
+    @classmethod
+    def build(cls, cost: CostModel) -> _Tables:
+        seconds = np.asarray(cost.layer_seconds, dtype=float)
+        n, layers = seconds.shape
+        prefix = np.concatenate([np.zeros((n, 1)), np.cumsum(seconds, axis=1)], axis=1)
+        stage = prefix[:, None, :] - prefix[:, :, None]
+        upper = np.triu(np.ones((layers + 1, layers + 1), dtype=bool), k=1)
+        fits = (np.asarray(cost.stage_memory_bytes)[None] <=
+                np.asarray(cost.node_memory_bytes)[:, None, None])
+        stage = np.where(upper[None] & fits, stage, np.inf)
+        nbytes = np.asarray(cost.boundary_bytes, dtype=float)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            hop = nbytes[:, None, None] / cost.link_bytes_per_s[None] + cost.link_latency_s[None]
+        hop[:, np.arange(n), np.arange(n)] = 0.0
+        return cls(stage, hop, seconds.min(axis=0))
+
+    def any_order(self) -> np.ndarray:
+        """Closure masks for the exhaustive search: using node ``d`` adds only ``d``."""
+        return 1 << np.arange(self.stage.shape[0], dtype=np.int64)
+
+    def in_order(self, order: Sequence[int]) -> np.ndarray:
+        """Closure masks for one node order: using a node also retires every node before it."""
+        closure = np.zeros(len(order), dtype=np.int64)
+        for position, node in enumerate(order):
+            closure[node] = sum(1 << int(d) for d in order[: position + 1])
+        return closure
+
+    def capped(self, limit: float) -> _Tables:
+        """The same graph without any edge dearer than ``limit``."""
+        return _Tables(np.where(self.stage <= limit, self.stage, np.inf),
+                       np.where(self.hop <= limit, self.hop, np.inf), self.layer_floor)
+
+
+def _best(
+    cost: CostModel, tables: _Tables, objective: Objective, closure: np.ndarray
+) -> Schedule | None:
+    if objective is Objective.LATENCY:
+        found = _search(tables, cost.source, cost.sink, np.add, closure)
+        return None if found is None else evaluate(cost, found[1])
+    found = _search(tables, cost.source, cost.sink, np.maximum, closure)
+    if found is None:
+        return None
+    capped = tables.capped(found[0] * (1 + TIE_TOLERANCE))
+    tied = _search(capped, cost.source, cost.sink, np.add, closure)
+    return evaluate(cost, (tied or found)[1])
+
+
+def _search(
+    tables: _Tables, source: int, sink: int, combine: np.ufunc, closure: np.ndarray
+) -> tuple[float, tuple[Span, ...]] | None:
+    """The cheapest path from the source to the sink through all layers.
+
+    ``combine`` is ``np.add`` (shortest path) or ``np.maximum`` (minimax path); all edge
+    costs must be non-negative. Moving to node ``d`` from set ``S`` leads to the set
+    ``S | closure[d]`` and is allowed only if ``d`` is not in ``S``.
+    """
+    stage, hop = tables.stage, tables.hop
+    n, layers = stage.shape[0], stage.shape[1] - 1
+    # rest[i]: a lower bound on what layers i.. still add to a path's cost.
+    rest = np.append(combine.accumulate(tables.layer_floor[::-1])[::-1], 0.0)
+    # Arrivals per node set: cost, previous node (-1 at the source), previous set.
+    pending: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    trail: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    best = (np.inf, -1, -1)
+    for d in range(n):
+        value = np.full((n, layers + 1), np.inf)
+        value[d, 0] = hop[0, source, d]
+        pending[int(closure[d])] = (value, np.full(value.shape, -1, np.int16),
+                                    np.zeros(value.shape, np.int64))
+    queue = list(pending)
+    heapq.heapify(queue)
+    while queue:
+        mask = heapq.heappop(queue)
+        arrive, prev_node, prev_mask = pending.pop(mask)
+        arrive[combine(arrive, rest[None]) >= best[0]] = np.inf
+        nodes = np.flatnonzero(np.isfinite(arrive).any(axis=1))
+        if nodes.size == 0:
+            continue
+        rows = np.flatnonzero(np.isfinite(arrive[nodes]).any(axis=0))
+        # Stage edges: done[k, j] = min over i of combine(arrive[d, i], stage[d, i, j]).
+        through = combine(arrive[np.ix_(nodes, rows)][:, :, None], stage[np.ix_(nodes, rows)])
+        pick = through.argmin(axis=1)
+        done = np.take_along_axis(through, pick[:, None, :], axis=1)[:, 0, :]
+        start = np.zeros((n, layers + 1), np.int16)
+        start[nodes] = rows[pick]
+        trail[mask] = (start, prev_node, prev_mask)
+        finish = combine(done[:, layers], hop[layers, nodes, sink])
+        k = int(finish.argmin())
+        if finish[k] < best[0]:
+            best = (float(finish[k]), mask, int(nodes[k]))
+        free = [d for d in range(n) if not mask >> d & 1]
+        if not free:
+            continue
+        # Hop edges to every unused node: moved[k, m, j] over last node k and next node m.
+        moved = combine(done[:, None, :], hop[:, nodes][:, :, free].transpose(1, 2, 0))
+        came = moved.argmin(axis=0)
+        reach = np.take_along_axis(moved, came[None], axis=0)[0]
+        reach[combine(reach, rest[None]) >= best[0]] = np.inf
+        for m, d in enumerate(free):
+            better = reach[m] < np.inf
+            if not better.any():
+                continue
+            target = mask | int(closure[d])
+            if target not in pending:
+                pending[target] = (np.full((n, layers + 1), np.inf),
+                                   np.full((n, layers + 1), -1, np.int16),
+                                   np.zeros((n, layers + 1), np.int64))
+                heapq.heappush(queue, target)
+            value, node_from, mask_from = pending[target]
+            better &= reach[m] < value[d]
+            value[d, better] = reach[m, better]
+            node_from[d, better] = nodes[came[m, better]]
+            mask_from[d, better] = mask
+    if best[1] < 0:
+        return None
+    return best[0], _trace(trail, best[1], best[2], layers)
+
+
+def _trace(trail: dict, mask: int, node: int, end: int) -> tuple[Span, ...]:
+    spans = []
+    while True:
+        start, prev_node, prev_mask = trail[mask]
+        begin = int(start[node, end])
+        spans.append(Span(node, begin, end))
+        if prev_node[node, begin] < 0:
+            return tuple(reversed(spans))
+        mask, node, end = int(prev_mask[node, begin]), int(prev_node[node, begin]), begin
+
+
+def _orders(cost: CostModel) -> list[tuple[int, ...]]:
+    """Node orders for the non-exhaustive search: fastest first, with the source first, with
+    the sink last, and by memory."""
+    fastest = [int(d) for d in np.argsort(cost.layer_seconds.sum(axis=1), kind="stable")]
+    by_memory = [int(d) for d in np.argsort(-np.asarray(cost.node_memory_bytes), kind="stable")]
+    source_first = [cost.source, *(d for d in fastest if d != cost.source)]
+    sink_last = [*(d for d in source_first if d != cost.sink), cost.sink]
+    candidates = [fastest, source_first, sink_last, by_memory]
+    return list(dict.fromkeys(tuple(o) for o in candidates))
+
+
+def _lower_bound(cost: CostModel, objective: Objective) -> float:
+    """A bound no plan beats: every layer at its fastest node's time, and for the bottleneck
+    that work shared over all nodes at their best relative speeds."""
+    seconds = np.asarray(cost.layer_seconds, dtype=float)
+    fastest = seconds.min(axis=0)
+    if objective is Objective.LATENCY:
+        return float(fastest.sum())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        relative = np.where(seconds > 0, fastest[None] / seconds, 0.0)
+    # Node d's time on layer l is at least fastest[l] / speed[d], so the busiest node takes
+    # at least sum(fastest) / sum(speed).
+    speed = relative.max(axis=1).sum()
+    shared = fastest.sum() / speed if speed > 0 else 0.0
+    return float(max(fastest.max(initial=0.0), shared))
+
+
+def _shortfall_message(
+    cost: CostModel, tables: _Tables, closures: list[np.ndarray], exact: bool
+) -> str:
+    """Say how far the plan closest to fitting is from fitting, and on which node."""
+    need = np.asarray(cost.stage_memory_bytes, dtype=float)
+    have = np.asarray(cost.node_memory_bytes, dtype=float)
+    ratio = need[None] / have[:, None, None]
+    valid = np.triu(np.ones(need.shape, dtype=bool), k=1)[None]
+    ratios = _Tables(np.where(valid, ratio, np.inf), np.zeros_like(tables.hop),
+                     np.zeros_like(tables.layer_floor))
+    found = [f for f in (_search(ratios, cost.source, cost.sink, np.maximum, c)
+                         for c in closures) if f is not None]
+    scope = "" if exact else " among the node orders searched"
+    if not found:
+        return f"no plan fits the nodes' memory{scope}; add memory or nodes"
+    _, spans = min(found, key=lambda f: f[0])
+    worst = max(spans, key=lambda s: need[s.start, s.end] / have[s.node])
+    return (
+        f"no plan fits{scope}: the closest one still needs "
+        f"{format_bytes(need[worst.start, worst.end])} for layers "
+        f"[{worst.start}, {worst.end}) on {cost.node_names[worst.node]!r}, which has "
+        f"{format_bytes(have[worst.node])}; add memory or nodes"
+    )

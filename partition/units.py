@@ -1,0 +1,173 @@
+"""Human units for sizes, bandwidths and durations, both ways.
+
+SI prefixes (``k``, ``M``, ``G``, ``T``) are powers of 1000; binary ones (``Ki``, ``Mi``,
+``Gi``, ``Ti``) powers of 1024. Every parser raises :class:`ValueError` with one sentence that
+names the bad value and shows valid examples; the cluster loader adds the field's path.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+_NUMBER = r"(?P<number>[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)"
+_QUANTITY = re.compile(rf"^\s*{_NUMBER}\s*(?P<unit>[^\s\d.+-].*?)?\s*$")
+
+_PREFIXES: dict[str, int] = {
+    "": 1,
+    "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4,
+    "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4,
+}
+_SIZE_UNIT = re.compile(r"^(?P<prefix>[kmgt]i?)?b(?:ytes?)?$", re.IGNORECASE)
+_RATE_UNIT = re.compile(
+    r"^(?P<prefix>[kmgtKMGT]i?)?(?:(?P<bits>bps|bits?/s|b/s)|(?P<bytes>Bps|B/s|bytes?/s))$"
+)
+_SECONDS: dict[str, float] = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0}
+
+SIZE_EXAMPLES = "512MiB, 2GiB, 4GB"
+BANDWIDTH_EXAMPLES = "100Mbps, 1Gbps, 12.5MB/s"
+DURATION_EXAMPLES = "2ms, 1.5s, 300us"
+
+
+def _split(text: str) -> tuple[float, str] | None:
+    match = _QUANTITY.match(text)
+    if match is None:
+        return None
+    return float(match["number"]), match["unit"] or ""
+
+
+def parse_size(value: object) -> int:
+    """Bytes in a size such as ``2GiB`` or ``1.5 GB``; a plain integer is bytes.
+
+    >>> parse_size("2GiB")
+    2147483648
+    >>> parse_size("1.5 GB")
+    1500000000
+    >>> parse_size(4096)
+    4096
+
+    Raises
+    ------
+    ValueError
+        The value is not a number with a size unit.
+    """
+    error = ValueError(f"{value!r} is not a size (examples: {SIZE_EXAMPLES})")
+    if isinstance(value, bool):
+        raise error
+    if isinstance(value, int):
+        return value
+    if not isinstance(value, str):
+        raise error
+    parts = _split(value)
+    if parts is None:
+        raise error
+    number, unit = parts
+    if unit == "":
+        if not re.fullmatch(r"\s*[+-]?\d+\s*", value):
+            raise error
+        return int(value)
+    match = _SIZE_UNIT.match(unit)
+    if match is None:
+        raise error
+    return round(number * _PREFIXES[(match["prefix"] or "").lower()])
+
+
+def parse_bandwidth(value: object) -> float:
+    """Bytes per second in a rate such as ``100Mbps``, ``8 Mbit/s`` or ``12.5MB/s``.
+
+    ``bps``, ``bit/s`` and ``b/s`` count bits; ``B/s``, ``Bps`` and ``byte/s`` count bytes.
+
+    >>> parse_bandwidth("100Mbps")
+    12500000.0
+    >>> parse_bandwidth("12.5MB/s")
+    12500000.0
+    >>> parse_bandwidth("1 GiB/s")
+    1073741824.0
+
+    Raises
+    ------
+    ValueError
+        The value is not a number with a rate unit (a bare number is ambiguous).
+    """
+    error = ValueError(f"{value!r} is not a bandwidth (examples: {BANDWIDTH_EXAMPLES})")
+    parts = _split(value) if isinstance(value, str) else None
+    if parts is None:
+        raise error
+    number, unit = parts
+    match = _RATE_UNIT.match(unit)
+    if match is None:
+        raise error
+    scale = _PREFIXES[(match["prefix"] or "").lower()]
+    return number * scale / 8 if match["bits"] else number * scale
+
+
+def parse_duration(value: object) -> float:
+    """Seconds in a duration such as ``2ms``, ``1.5s`` or ``300us``; ``0`` needs no unit.
+
+    >>> parse_duration("2ms")
+    0.002
+    >>> parse_duration("300us")
+    0.0003
+    >>> parse_duration(0)
+    0.0
+
+    Raises
+    ------
+    ValueError
+        The value is not a number with a time unit.
+    """
+    error = ValueError(f"{value!r} is not a duration (examples: {DURATION_EXAMPLES})")
+    if isinstance(value, bool):
+        raise error
+    if isinstance(value, int | float) and value == 0:
+        return 0.0
+    parts = _split(value) if isinstance(value, str) else None
+    if parts is None:
+        raise error
+    number, unit = parts
+    if unit == "" and number == 0:
+        return 0.0
+    if unit not in _SECONDS:
+        raise error
+    return number * _SECONDS[unit]
+
+
+def format_bytes(nbytes: float) -> str:
+    """A byte count with a binary prefix, for tables.
+
+    >>> format_bytes(512)
+    '512 B'
+    >>> format_bytes(1536)
+    '1.5 KiB'
+    >>> format_bytes(2 * 1024**3)
+    '2.0 GiB'
+    """
+    if not math.isfinite(nbytes):
+        return str(nbytes)
+    if abs(nbytes) < 1024:
+        return f"{nbytes:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        nbytes /= 1024
+        if abs(nbytes) < 1024:
+            return f"{nbytes:.1f} {unit}"
+    return f"{nbytes / 1024:.1f} TiB"
+
+
+def format_seconds(seconds: float) -> str:
+    """A duration with a readable unit, for tables.
+
+    >>> format_seconds(0.0023)
+    '2.30 ms'
+    >>> format_seconds(1.5)
+    '1.50 s'
+    >>> format_seconds(0.0003)
+    '300 us'
+    """
+    if not math.isfinite(seconds):
+        return str(seconds)
+    magnitude = abs(seconds)
+    if magnitude >= 1 or magnitude == 0:
+        return f"{seconds:.2f} s"
+    if magnitude >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.0f} us"
