@@ -150,5 +150,6 @@ def write_sample(builder: SampleBuilder, path: str | Path) -> Path:
     program = export_module(model, inputs, origin="sample model")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.export.save(program, str(path))
+    with path.open("wb") as file:
+        torch.export.save(program, file)
     return path

@@ -45,6 +45,12 @@ class Objective(enum.Enum):
     LATENCY = "latency"
     THROUGHPUT = "throughput"
 
+    def key(self, schedule: Schedule) -> tuple[float, float]:
+        """Sort key, smaller is better: the objective's measure, then the other one."""
+        if self is Objective.LATENCY:
+            return (schedule.latency_s, schedule.bottleneck_s)
+        return (schedule.bottleneck_s, schedule.latency_s)
+
 
 @dataclass(frozen=True)
 class Span:
@@ -130,15 +136,9 @@ def optimize(cost: CostModel, objective: Objective) -> OptimizeResult:
     found = [s for s in (_best(cost, tables, objective, c) for c in closures) if s is not None]
     if not found:
         raise NoFeasiblePlanError(_shortfall_message(cost, tables, closures, exact))
-    best = min(found, key=lambda s: _key(s, objective))
-    bound = _key(best, objective)[0] if exact else _lower_bound(cost, objective)
+    best = min(found, key=objective.key)
+    bound = objective.key(best)[0] if exact else _lower_bound(cost, objective)
     return OptimizeResult(best, exact, bound)
-
-
-def _key(schedule: Schedule, objective: Objective) -> tuple[float, float]:
-    if objective is Objective.LATENCY:
-        return (schedule.latency_s, schedule.bottleneck_s)
-    return (schedule.bottleneck_s, schedule.latency_s)
 
 
 def _is_exact(cost: CostModel) -> bool:

@@ -1,0 +1,47 @@
+"""The ``coordinator`` command line: one subcommand per module, errors as one clear line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from coordinator import profile_command
+from coordinator.console import errors
+from partition.errors import EdgesplitError
+
+COMMANDS = (profile_command,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="coordinator",
+        description="Plan, deploy and run a PyTorch model split across edge devices.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.add_parser(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.run(args)
+    except EdgesplitError as err:
+        if args.debug:
+            raise
+        errors.print(f"coordinator: error: {err}", markup=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        errors.print("coordinator: interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

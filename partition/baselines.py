@@ -1,0 +1,131 @@
+"""What the usual partitioning rules would get on the same cost model, for comparison.
+
+Each baseline is priced with :func:`~partition.optimizer.evaluate`; one that breaks a memory
+limit is still reported, with ``schedule.fits`` false.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from partition.costs import CostModel
+from partition.optimizer import Objective, Schedule, Span, evaluate
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A named rule and its schedule (``None`` when the rule cannot be applied)."""
+
+    name: str
+    description: str
+    schedule: Schedule | None
+    note: str = ""
+
+
+def baselines(cost: CostModel, objective: Objective) -> list[Baseline]:
+    """Best single node, even layer split, parameter-balanced split, memory-weighted split
+    and best two-way split; "best" is judged by ``objective``."""
+    return [
+        best_single_node(cost, objective),
+        even_split(cost),
+        parameter_split(cost),
+        memory_split(cost),
+        best_two_way(cost, objective),
+    ]
+
+
+def best_single_node(cost: CostModel, objective: Objective) -> Baseline:
+    """Every layer on one node: the best node that fits, else the best one."""
+    options = [evaluate(cost, [Span(d, 0, cost.num_layers)]) for d in range(cost.num_nodes)]
+    schedule, note = _pick(options, objective, "no single node has enough memory")
+    return Baseline("single node", "all layers on the best single node", schedule, note)
+
+
+def even_split(cost: CostModel) -> Baseline:
+    """Equal layer counts over the nodes in cluster order (the first ones take the extra
+    layer), like DeepSpeed's ``uniform`` partition method."""
+    parts = min(cost.num_nodes, cost.num_layers)
+    size, extra = divmod(cost.num_layers, parts)
+    edges = [0]
+    for part in range(parts):
+        edges.append(edges[-1] + size + (part < extra))
+    return Baseline("even split", f"{parts} stages of equal layer count, nodes in cluster order",
+                    evaluate(cost, _spans(range(parts), edges)))
+
+
+def parameter_split(cost: CostModel) -> Baseline:
+    """Contiguous stages with the largest stage's parameter bytes as small as possible,
+    nodes in cluster order, like DeepSpeed's ``parameters`` partition method."""
+    name, description = "parameter split", "stages balanced by parameter bytes"
+    if cost.layer_param_bytes is None:
+        return Baseline(name, description, None, "the cost model has no parameter sizes")
+    parts = min(cost.num_nodes, cost.num_layers)
+    edges = _balanced_edges(np.asarray(cost.layer_param_bytes, dtype=float), parts)
+    return Baseline(name, description, evaluate(cost, _spans(range(parts), edges)))
+
+
+def memory_split(cost: CostModel) -> Baseline:
+    """Layer counts proportional to node memory, largest node first, like exo's ring
+    memory-weighted partitioning (a node whose share rounds to no layer stays idle)."""
+    memory = [int(m) for m in cost.node_memory_bytes]
+    order = sorted(range(cost.num_nodes), key=lambda d: -memory[d])
+    total, layers = sum(memory), cost.num_layers
+    edges, running = [0], 0
+    for d in order:
+        running += memory[d]
+        edges.append(running * layers // total)
+    used = [(d, a, b) for d, a, b in zip(order, edges, edges[1:]) if b > a]
+    return Baseline("memory split", "layers in proportion to node memory, largest first",
+                    evaluate(cost, [Span(d, a, b) for d, a, b in used]))
+
+
+def best_two_way(cost: CostModel, objective: Objective) -> Baseline:
+    """The source runs a prefix of the layers, one other node the rest (Neurosurgeon);
+    the empty prefix and the empty rest are included."""
+    layers, source = cost.num_layers, cost.source
+    options = [evaluate(cost, [Span(source, 0, layers)])]
+    for d in range(cost.num_nodes):
+        if d == source:
+            continue
+        options.append(evaluate(cost, [Span(d, 0, layers)]))
+        options.extend(
+            evaluate(cost, [Span(source, 0, cut), Span(d, cut, layers)])
+            for cut in range(1, layers)
+        )
+    schedule, note = _pick(options, objective, "no two-way split fits the nodes' memory")
+    return Baseline("two-way split", "the source runs a prefix, one other node the rest",
+                    schedule, note)
+
+
+def _pick(options: list[Schedule], objective: Objective, none_fit: str) -> tuple[Schedule, str]:
+    fitting = [s for s in options if s.fits]
+    if fitting:
+        return min(fitting, key=objective.key), ""
+    return min(options, key=objective.key), none_fit
+
+
+def _spans(nodes: Iterable[int], edges: list[int]) -> list[Span]:
+    return [Span(d, a, b) for d, a, b in zip(nodes, edges, edges[1:])]
+
+
+def _balanced_edges(weights: np.ndarray, parts: int) -> list[int]:
+    """Edges of ``parts`` non-empty contiguous groups minimizing the heaviest group."""
+    count = len(weights)
+    prefix = np.concatenate([[0.0], np.cumsum(weights)])
+    # heaviest[k, j]: the best heaviest group when layers [0, j) form k groups.
+    heaviest = np.full((parts + 1, count + 1), np.inf)
+    cut = np.zeros((parts + 1, count + 1), dtype=int)
+    heaviest[0, 0] = 0.0
+    for k in range(1, parts + 1):
+        for j in range(k, count + 1):
+            starts = np.arange(k - 1, j)
+            options = np.maximum(heaviest[k - 1, starts], prefix[j] - prefix[starts])
+            best = int(options.argmin())
+            heaviest[k, j], cut[k, j] = options[best], starts[best]
+    edges = [count]
+    for k in range(parts, 0, -1):
+        edges.append(int(cut[k, edges[-1]]))
+    return edges[::-1]
