@@ -6,11 +6,11 @@ import argparse
 import logging
 import sys
 
-from coordinator import profile_command
+from coordinator import plan_command, profile_command
 from coordinator.console import errors
 from partition.errors import EdgesplitError
 
-COMMANDS = (profile_command,)
+COMMANDS = (profile_command, plan_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -71,7 +71,9 @@ def resnet(image: int = 64, batch: int = 1) -> SampleBuilder:
         from transformers import ResNetConfig, ResNetModel
 
         _quiet_transformers()
-        config = ResNetConfig(embedding_size=32, hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 2, 1])
+        config = ResNetConfig(
+            embedding_size=32, hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 2, 1]
+        )
         return ResNetModel(config), (torch.randn(batch, 3, image, image, generator=_gen()),)
 
     return build

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 
@@ -77,7 +78,7 @@ def memory_split(cost: CostModel) -> Baseline:
     for d in order:
         running += memory[d]
         edges.append(running * layers // total)
-    used = [(d, a, b) for d, a, b in zip(order, edges, edges[1:]) if b > a]
+    used = [(d, a, b) for d, (a, b) in zip(order, pairwise(edges), strict=True) if b > a]
     return Baseline("memory split", "layers in proportion to node memory, largest first",
                     evaluate(cost, [Span(d, a, b) for d, a, b in used]))
 
@@ -108,7 +109,7 @@ def _pick(options: list[Schedule], objective: Objective, none_fit: str) -> tuple
 
 
 def _spans(nodes: Iterable[int], edges: list[int]) -> list[Span]:
-    return [Span(d, a, b) for d, a, b in zip(nodes, edges, edges[1:])]
+    return [Span(d, a, b) for d, (a, b) in zip(nodes, pairwise(edges), strict=True)]
 
 
 def _balanced_edges(weights: np.ndarray, parts: int) -> list[int]:

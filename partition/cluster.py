@@ -214,7 +214,8 @@ class _Parser:
         names = [node.name for node in nodes]
         for i, name in enumerate(names):
             if name in names[:i]:
-                raise self.fail(f"nodes[{i}].name", f"{name!r} is used by nodes[{names.index(name)}] "
+                first = names.index(name)
+                raise self.fail(f"nodes[{i}].name", f"{name!r} is used by nodes[{first}] "
                                                      f"already; names must be unique")
         default, links = self.links(top.get("links"), names)
         source = self.node_ref(top.get("source", names[0]), "source", names)

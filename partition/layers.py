@@ -159,9 +159,8 @@ def _runs(ops: list[fx.Node], keys: dict[str, str]) -> tuple[dict[str, int], dic
             resolved[n.name] = keys[n.name]
         else:
             pending.append(n.name)
-    tail = resolved[ops[-1].name] if ops[-1].name in resolved else ""
     for name in pending:
-        resolved[name] = tail or "model"
+        resolved[name] = resolved.get(ops[-1].name) or "model"
 
     layer_of: dict[str, int] = {}
     current, index = None, -1

@@ -24,17 +24,19 @@ import enum
 import heapq
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
+from typing import NamedTuple
 
 import numpy as np
 
 from partition.costs import CostModel
-from partition.errors import NoFeasiblePlanError
+from partition.errors import NoFeasiblePlanError, PlanningError
 from partition.units import format_bytes
 
 EXACT_WORK_LIMIT = 4e8
 """Largest ``N · 2^(N-1) · (L+1)²`` (stage edges relaxed) searched exhaustively."""
-EXACT_MAX_NODES = 16
-"""Above this many nodes the search is never exhaustive (its tables would not fit memory)."""
+MAX_NODES = 62
+"""Node sets are 64-bit masks."""
 TIE_TOLERANCE = 1e-12
 """Relative slack when keeping only the stages and hops within the minimal bottleneck."""
 
@@ -106,7 +108,8 @@ def evaluate(cost: CostModel, spans: Iterable[Span]) -> Schedule:
     hops = [cost.source, *(s.node for s in spans), cost.sink]
     boundaries = [0, *(s.end for s in spans)]
     transfer = tuple(
-        cost.transfer_seconds(b, src, dst) for b, src, dst in zip(boundaries, hops, hops[1:])
+        cost.transfer_seconds(b, src, dst)
+        for b, (src, dst) in zip(boundaries, pairwise(hops), strict=True)
     )
     return Schedule(
         spans=spans,
@@ -130,20 +133,23 @@ def optimize(cost: CostModel, objective: Objective) -> OptimizeResult:
     NoFeasiblePlanError
         No plan fits the nodes' memory; the message names the closest plan's shortfall.
     """
-    exact = _is_exact(cost)
+    if cost.num_nodes > MAX_NODES:
+        raise PlanningError(f"{cost.num_nodes} nodes is more than the planner handles "
+                            f"({MAX_NODES}); plan over a subset of them")
+    exact = _work(cost.num_nodes, cost.num_layers) <= EXACT_WORK_LIMIT
     tables = _Tables.build(cost)
-    closures = [tables.any_order()] if exact else [tables.in_order(o) for o in _orders(cost)]
-    found = [s for s in (_best(cost, tables, objective, c) for c in closures) if s is not None]
+    spaces = [_Space.any_order(cost.num_nodes)] if exact else _restricted_spaces(cost)
+    found = [s for s in (_best(cost, tables, objective, sp) for sp in spaces) if s is not None]
     if not found:
-        raise NoFeasiblePlanError(_shortfall_message(cost, tables, closures, exact))
+        raise NoFeasiblePlanError(_shortfall_message(cost, tables, spaces, exact))
     best = min(found, key=objective.key)
-    bound = objective.key(best)[0] if exact else _lower_bound(cost, objective)
+    bound = objective.key(best)[0] if exact else _lower_bound(cost, tables, objective)
     return OptimizeResult(best, exact, bound)
 
 
-def _is_exact(cost: CostModel) -> bool:
-    n, layers = cost.num_nodes, cost.num_layers
-    return n <= EXACT_MAX_NODES and n * 2 ** (n - 1) * (layers + 1) ** 2 <= EXACT_WORK_LIMIT
+def _work(nodes: int, layers: int) -> int:
+    """Stage edges in the exhaustive state graph: the exact search's cost."""
+    return nodes * 2 ** (nodes - 1) * (layers + 1) ** 2
 
 
 def _check_spans(cost: CostModel, spans: tuple[Span, ...]) -> None:
@@ -187,45 +193,54 @@ class _Tables:
         hop[:, np.arange(n), np.arange(n)] = 0.0
         return cls(stage, hop, seconds.min(axis=0))
 
-    def any_order(self) -> np.ndarray:
-        """Closure masks for the exhaustive search: using node ``d`` adds only ``d``."""
-        return 1 << np.arange(self.stage.shape[0], dtype=np.int64)
-
-    def in_order(self, order: Sequence[int]) -> np.ndarray:
-        """Closure masks for one node order: using a node also retires every node before it."""
-        closure = np.zeros(len(order), dtype=np.int64)
-        for position, node in enumerate(order):
-            closure[node] = sum(1 << int(d) for d in order[: position + 1])
-        return closure
-
     def capped(self, limit: float) -> _Tables:
         """The same graph without any edge dearer than ``limit``."""
         return _Tables(np.where(self.stage <= limit, self.stage, np.inf),
                        np.where(self.hop <= limit, self.hop, np.inf), self.layer_floor)
 
 
+class _Space(NamedTuple):
+    """Which node sets a search may visit: moving to node ``d`` from set ``S`` leads to
+    ``S | closure[d]``; the ``retired`` nodes are never used."""
+
+    closure: np.ndarray
+    retired: int
+
+    @classmethod
+    def any_order(cls, nodes: int, retired: int = 0) -> _Space:
+        """The exhaustive space: using node ``d`` adds only ``d``."""
+        return cls(1 << np.arange(nodes, dtype=np.int64), retired)
+
+    @classmethod
+    def in_order(cls, order: Sequence[int]) -> _Space:
+        """Nodes used in one order: using a node also retires every node before it."""
+        closure = np.zeros(len(order), dtype=np.int64)
+        for position, node in enumerate(order):
+            closure[node] = sum(1 << int(d) for d in order[: position + 1])
+        return cls(closure, 0)
+
+
 def _best(
-    cost: CostModel, tables: _Tables, objective: Objective, closure: np.ndarray
+    cost: CostModel, tables: _Tables, objective: Objective, space: _Space
 ) -> Schedule | None:
     if objective is Objective.LATENCY:
-        found = _search(tables, cost.source, cost.sink, np.add, closure)
+        found = _search(tables, cost.source, cost.sink, np.add, space)
         return None if found is None else evaluate(cost, found[1])
-    found = _search(tables, cost.source, cost.sink, np.maximum, closure)
+    found = _search(tables, cost.source, cost.sink, np.maximum, space)
     if found is None:
         return None
     capped = tables.capped(found[0] * (1 + TIE_TOLERANCE))
-    tied = _search(capped, cost.source, cost.sink, np.add, closure)
+    tied = _search(capped, cost.source, cost.sink, np.add, space)
     return evaluate(cost, (tied or found)[1])
 
 
 def _search(
-    tables: _Tables, source: int, sink: int, combine: np.ufunc, closure: np.ndarray
+    tables: _Tables, source: int, sink: int, combine: np.ufunc, space: _Space
 ) -> tuple[float, tuple[Span, ...]] | None:
     """The cheapest path from the source to the sink through all layers.
 
     ``combine`` is ``np.add`` (shortest path) or ``np.maximum`` (minimax path); all edge
-    costs must be non-negative. Moving to node ``d`` from set ``S`` leads to the set
-    ``S | closure[d]`` and is allowed only if ``d`` is not in ``S``.
+    costs must be non-negative. Only the node sets of ``space`` are visited.
     """
     stage, hop = tables.stage, tables.hop
     n, layers = stage.shape[0], stage.shape[1] - 1
@@ -235,10 +250,13 @@ def _search(
     pending: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     trail: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     best = (np.inf, -1, -1)
+    closure = space.closure
     for d in range(n):
+        if space.retired >> d & 1:
+            continue
         value = np.full((n, layers + 1), np.inf)
         value[d, 0] = hop[0, source, d]
-        pending[int(closure[d])] = (value, np.full(value.shape, -1, np.int16),
+        pending[space.retired | int(closure[d])] = (value, np.full(value.shape, -1, np.int16),
                                     np.zeros(value.shape, np.int64))
     queue = list(pending)
     heapq.heapify(queue)
@@ -300,35 +318,60 @@ def _trace(trail: dict, mask: int, node: int, end: int) -> tuple[Span, ...]:
         mask, node, end = int(prev_mask[node, begin]), int(prev_node[node, begin]), begin
 
 
-def _orders(cost: CostModel) -> list[tuple[int, ...]]:
-    """Node orders for the non-exhaustive search: fastest first, with the source first, with
-    the sink last, and by memory."""
+def _restricted_spaces(cost: CostModel) -> list[_Space]:
+    """Spaces for the non-exhaustive search: every order of the fastest nodes (with the
+    source and sink) that the exact budget allows, and the whole cluster in a few fixed
+    orders (fastest first, source first, sink last, largest memory first)."""
     fastest = [int(d) for d in np.argsort(cost.layer_seconds.sum(axis=1), kind="stable")]
     by_memory = [int(d) for d in np.argsort(-np.asarray(cost.node_memory_bytes), kind="stable")]
     source_first = [cost.source, *(d for d in fastest if d != cost.source)]
     sink_last = [*(d for d in source_first if d != cost.sink), cost.sink]
-    candidates = [fastest, source_first, sink_last, by_memory]
-    return list(dict.fromkeys(tuple(o) for o in candidates))
+    orders = dict.fromkeys(tuple(o) for o in (fastest, source_first, sink_last, by_memory))
+    spaces = [_Space.in_order(o) for o in orders]
+    keep = list(dict.fromkeys([cost.source, cost.sink, *fastest]))
+    size = 1
+    while size < len(keep) and _work(size + 1, cost.num_layers) <= EXACT_WORK_LIMIT:
+        size += 1
+    retired = sum(1 << d for d in keep[size:])
+    return [_Space.any_order(cost.num_nodes, retired), *spaces]
 
 
-def _lower_bound(cost: CostModel, objective: Objective) -> float:
-    """A bound no plan beats: every layer at its fastest node's time, and for the bottleneck
-    that work shared over all nodes at their best relative speeds."""
+def _lower_bound(cost: CostModel, tables: _Tables, objective: Objective) -> float:
+    """A bound no plan beats: the best path when nodes may be reused (but not twice in a
+    row), and for the bottleneck also all work shared over all nodes at their best speeds."""
+    combine = np.add if objective is Objective.LATENCY else np.maximum
+    relaxed = _relaxed_path(tables, cost.source, cost.sink, combine)
+    if objective is Objective.LATENCY:
+        return relaxed
     seconds = np.asarray(cost.layer_seconds, dtype=float)
     fastest = seconds.min(axis=0)
-    if objective is Objective.LATENCY:
-        return float(fastest.sum())
     with np.errstate(divide="ignore", invalid="ignore"):
         relative = np.where(seconds > 0, fastest[None] / seconds, 0.0)
     # Node d's time on layer l is at least fastest[l] / speed[d], so the busiest node takes
     # at least sum(fastest) / sum(speed).
     speed = relative.max(axis=1).sum()
     shared = fastest.sum() / speed if speed > 0 else 0.0
-    return float(max(fastest.max(initial=0.0), shared))
+    return float(max(relaxed, shared))
+
+
+def _relaxed_path(tables: _Tables, source: int, sink: int, combine: np.ufunc) -> float:
+    """The cheapest path over states (boundary, node) alone, forgetting which nodes were used:
+    a relaxation of :func:`_search` in ``O(L² N + L N²)``."""
+    stage, hop = tables.stage, tables.hop.copy()
+    n, layers = stage.shape[0], stage.shape[1] - 1
+    first = hop[0, source].copy()
+    last = hop[layers, :, sink].copy()
+    hop[:, np.arange(n), np.arange(n)] = np.inf
+    arrive = np.full((layers + 1, n), np.inf)
+    arrive[0] = first
+    for j in range(1, layers + 1):
+        done = combine(arrive[:j], stage[:, :j, j].T).min(axis=0)
+        arrive[j] = combine(done[:, None], hop[j]).min(axis=0)
+    return float(combine(done, last).min())
 
 
 def _shortfall_message(
-    cost: CostModel, tables: _Tables, closures: list[np.ndarray], exact: bool
+    cost: CostModel, tables: _Tables, spaces: list[_Space], exact: bool
 ) -> str:
     """Say how far the plan closest to fitting is from fitting, and on which node."""
     need = np.asarray(cost.stage_memory_bytes, dtype=float)
@@ -338,7 +381,7 @@ def _shortfall_message(
     ratios = _Tables(np.where(valid, ratio, np.inf), np.zeros_like(tables.hop),
                      np.zeros_like(tables.layer_floor))
     found = [f for f in (_search(ratios, cost.source, cost.sink, np.maximum, c)
-                         for c in closures) if f is not None]
+                         for c in spaces) if f is not None]
     scope = "" if exact else " among the node orders searched"
     if not found:
         return f"no plan fits the nodes' memory{scope}; add memory or nodes"

@@ -277,7 +277,7 @@ def plan_from_schedule(
     hops = [cluster.source, *(s.node for s in stages), cluster.sink]
     links = tuple(
         Link(a, b, cluster.link(a, b).bytes_per_s, cluster.link(a, b).latency_s)
-        for a, b in zip(hops, hops[1:])
+        for a, b in zip(hops, hops[1:], strict=False)
     )
     return Plan(
         model_sha256=model.sha256,

@@ -1,0 +1,89 @@
+"""``coordinator plan``: profile, optimize and write ``plan.json``."""
+
+from __future__ import annotations
+
+import argparse
+
+from coordinator.console import console, progress_bar
+from coordinator.model_options import add_model_arguments, load_from_arguments
+from coordinator.plan_tables import baselines_table, stages_table, totals_line
+from coordinator.plot import plot_plan
+from partition.cluster import ClusterSpec, load_cluster
+from partition.cost_builder import node_profiles
+from partition.errors import EdgesplitError
+from partition.layers import LayerGraph
+from partition.loader import LoadedModel
+from partition.optimizer import Objective
+from partition.plan import Plan, plan
+from partition.profile_store import cached_profile
+from partition.profiler import Profile
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("plan", help="choose where each part of the model runs")
+    add_model_arguments(parser)
+    parser.add_argument("--nodes", required=True, metavar="NODES.yaml", help="the cluster")
+    parser.add_argument(
+        "--objective", choices=[o.value for o in Objective], default=Objective.THROUGHPUT.value,
+        help="minimize one request's latency, or maximize requests per second (default)",
+    )
+    parser.add_argument("-o", "--output", default="plan.json", help="where to write the plan")
+    parser.add_argument("--plot", metavar="PNG", help="also draw the pipeline over time")
+    parser.add_argument(
+        "--profile", action="append", default=[], metavar="NODE=FILE",
+        help="use a profile measured on NODE (`coordinator profile --json` run there)",
+    )
+    parser.add_argument(
+        "--profile-on-nodes", action="store_true",
+        help="ask every reachable node to profile the model on its own hardware",
+    )
+    parser.add_argument("--threads", type=int, default=1, help="threads for the local profile")
+    parser.add_argument("--repeats", type=int, default=20, help="timed runs per layer")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    model, layer_graph = load_from_arguments(args)
+    cluster = load_cluster(args.nodes)
+    profiles = gather_profiles(args, model, layer_graph, cluster)
+    result = plan(model, layer_graph, cluster, profiles, Objective(args.objective))
+    result.save(args.output)
+    show_plan(result)
+    console.print(f"wrote {args.output}")
+    if args.plot:
+        plot_plan(result, args.plot)
+        console.print(f"wrote {args.plot}")
+    return 0
+
+
+def show_plan(result: Plan) -> None:
+    console.print(stages_table(result))
+    console.print(totals_line(result))
+    console.print(baselines_table(result))
+
+
+def gather_profiles(
+    args: argparse.Namespace, model: LoadedModel, layer_graph: LayerGraph, cluster: ClusterSpec
+) -> dict[str, Profile]:
+    """This machine's profile, overridden per node by ``--profile`` files and, with
+    ``--profile-on-nodes``, by measurements taken on the nodes themselves."""
+    given: dict[str, Profile] = {}
+    for item in args.profile:
+        name, sep, path = item.partition("=")
+        if not sep or name not in cluster.names:
+            raise EdgesplitError(
+                f"--profile {item!r} must be NODE=FILE with NODE one of {', '.join(cluster.names)}"
+            )
+        profile = Profile.load(path)
+        profile.check_matches(model.sha256, layer_graph, path)
+        given[name] = profile
+    if args.profile_on_nodes:
+        from coordinator.remote_profile import profile_on_nodes
+
+        given.update(profile_on_nodes(model, layer_graph, cluster, exclude=set(given),
+                                      repeats=args.repeats))
+    with progress_bar("profiling on this machine", 3 + args.repeats) as update:
+        local, _ = cached_profile(
+            model, layer_graph, threads=args.threads, repeats=args.repeats, progress=update
+        )
+    return node_profiles(cluster, local, given)
