@@ -13,9 +13,9 @@ visited in increasing bit-mask order (adding a node makes the mask larger, so th
 topological order), and each set's stage edges are relaxed at once with numpy. States whose
 cost plus a lower bound on the layers left is no better than the best plan so far are pruned.
 
-Past :data:`EXACT_WORK_LIMIT` the same search runs over a few fixed node orders (each node
-used at most once, in that order), which is polynomial but not exhaustive; the result then says
-``exact=False`` and carries a lower bound on the optimum.
+Past :data:`EXACT_WORK_LIMIT` the same search runs over restricted spaces (every order of the
+fastest nodes the budget allows, and the whole cluster in a few fixed orders), which is not
+exhaustive; the result then says ``exact=False`` and carries a lower bound on the optimum.
 """
 
 from __future__ import annotations
@@ -126,12 +126,14 @@ def optimize(cost: CostModel, objective: Objective) -> OptimizeResult:
 
     Latency is minimized exactly; throughput maximized (bottleneck minimized) with ties
     broken by latency. Exhaustive while ``N · 2^(N-1) · (L+1)²`` is within
-    :data:`EXACT_WORK_LIMIT`, else the best over a few node orders (``exact=False``).
+    :data:`EXACT_WORK_LIMIT`, else the best over restricted spaces (``exact=False``).
 
     Raises
     ------
     NoFeasiblePlanError
         No plan fits the nodes' memory; the message names the closest plan's shortfall.
+    PlanningError
+        More than :data:`MAX_NODES` nodes.
     """
     if cost.num_nodes > MAX_NODES:
         raise PlanningError(f"{cost.num_nodes} nodes is more than the planner handles "

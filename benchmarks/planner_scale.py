@@ -1,0 +1,103 @@
+"""How long the planner takes as models and clusters grow, and how close it gets when not exact.
+
+Usage: python benchmarks/planner_scale.py [--layers 25 50 100 200] [--nodes 2 4 ...]
+       [--seed 0] [--json results.json]
+
+Each cell is one seeded random instance: heterogeneous nodes (speeds 0.1-1.0, memory
+between a quarter of the model and all of it), random links (10 Mbps - 1 Gbps,
+0-5 ms) and layer sizes. "gap" is how far the answer is above the lower bound (0 when exact).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import numpy as np
+
+from partition.costs import CostModel
+from partition.optimizer import Objective, optimize
+
+LAYERS = (25, 50, 100, 200)
+NODES = (2, 4, 6, 8, 10, 12, 16)
+
+
+def random_instance(layers: int, nodes: int, seed: int) -> CostModel:
+    """A heterogeneous cluster; each node holds 24-100% of the model."""
+    rng = np.random.default_rng([seed, layers, nodes])
+    speed = rng.uniform(0.1, 1.0, nodes)
+    seconds = rng.uniform(1e-4, 5e-3, layers)[None] / speed[:, None]
+    seconds *= rng.uniform(0.8, 1.25, seconds.shape)
+    boundary = rng.uniform(1e4, 4e6, layers + 1)
+    params = rng.uniform(1e5, 1e7, layers)
+    prefix = np.concatenate([[0.0], np.cumsum(params)])
+    memory = np.triu(prefix[None, :] - prefix[:, None], k=1)
+    memory += np.triu(boundary[:, None] + boundary[None, :], k=1)
+    node_memory = rng.uniform(0.6, 1.0, nodes) * prefix[-1] * max(0.4, 2.5 / nodes)
+    bandwidth = rng.choice([1.25e6, 1.25e7, 1.25e8], (nodes, nodes))
+    bandwidth = np.minimum(bandwidth, bandwidth.T)
+    latency = rng.uniform(0.0, 5e-3, (nodes, nodes))
+    np.fill_diagonal(bandwidth, np.inf)
+    np.fill_diagonal(latency, 0.0)
+    return CostModel(
+        node_names=tuple(f"node-{d}" for d in range(nodes)),
+        layer_seconds=seconds,
+        boundary_bytes=boundary,
+        stage_memory_bytes=memory,
+        node_memory_bytes=node_memory.astype(np.int64),
+        link_bytes_per_s=bandwidth,
+        link_latency_s=latency,
+        source=0,
+        sink=0,
+        layer_param_bytes=params,
+    )
+
+
+def measure(layers: int, nodes: int, seed: int) -> list[dict[str, object]]:
+    cost = random_instance(layers, nodes, seed)
+    rows = []
+    for objective in Objective:
+        began = time.perf_counter()
+        result = optimize(cost, objective)
+        elapsed = time.perf_counter() - began
+        answer = objective.key(result.schedule)[0]
+        rows.append({
+            "layers": layers, "nodes": nodes, "objective": objective.value,
+            "seconds": elapsed, "exact": result.exact, "stages": len(result.schedule.spans),
+            "answer_s": answer, "lower_bound_s": result.lower_bound_s,
+            "gap": answer / result.lower_bound_s - 1 if result.lower_bound_s > 0 else 0.0,
+        })
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, nargs="+", default=LAYERS)
+    parser.add_argument("--nodes", type=int, nargs="+", default=NODES)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    args = parser.parse_args()
+
+    header = (f"{'layers':>6} {'nodes':>5} | {'latency: time':>13} {'exact':>5} {'gap':>7} "
+              f"| {'throughput: time':>16} {'exact':>5} {'gap':>7}")
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for layers in args.layers:
+        for nodes in args.nodes:
+            latency, throughput = measure(layers, nodes, args.seed)
+            rows += [latency, throughput]
+            print(f"{layers:>6} {nodes:>5} | {latency['seconds']:>12.3f}s "
+                  f"{'yes' if latency['exact'] else 'no':>5} {latency['gap']:>7.1%} | "
+                  f"{throughput['seconds']:>15.3f}s {'yes' if throughput['exact'] else 'no':>5} "
+                  f"{throughput['gap']:>7.1%}", flush=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as out:
+            json.dump({"machine": platform.platform(), "processor": platform.processor(),
+                       "seed": args.seed, "rows": rows}, out, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""The optimizer against an independent brute force, the pricing by hand, and the baselines."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from partition import optimizer
+from partition.baselines import baselines
+from partition.costs import CostModel
+from partition.errors import NoFeasiblePlanError
+from partition.optimizer import Objective, Span, evaluate, optimize
+
+RELATIVE = 1e-9
+
+
+def random_cost(rng: np.random.Generator, nodes: int, layers: int, tight: bool) -> CostModel:
+    """Heterogeneous nodes and links; with ``tight`` some stages fit no node and some
+    instances fit not at all."""
+    speed = rng.uniform(0.1, 1.0, nodes)
+    base = rng.uniform(1e-4, 1e-2, layers)
+    noise = rng.uniform(0.5, 2.0, (nodes, layers)) if rng.random() < 0.5 else 1.0
+    seconds = base[None] / speed[:, None] * noise
+    boundary = rng.choice([0.0, 1e3, 1e5, 1e6, 4e6], layers + 1) * rng.uniform(0.5, 1.5)
+    params = rng.integers(0, 100, layers).astype(float)
+    memory = np.zeros((layers + 1, layers + 1))
+    for i in range(layers + 1):
+        for j in range(i + 1, layers + 1):
+            memory[i, j] = params[i:j].sum() + boundary[i] / 1e5 + boundary[j] / 1e5
+    total = memory[0, layers]
+    scale = rng.uniform(0.2, 0.9) if tight else rng.uniform(0.8, 1.5)
+    node_memory = (rng.uniform(0.3, 1.0, nodes) * total * scale).astype(np.int64) + 1
+    bandwidth = rng.choice([1e6, 1e7, 1e8, 1e9], (nodes, nodes))
+    bandwidth *= rng.uniform(0.5, 2, (nodes, nodes))
+    latency = rng.uniform(0, 5e-3, (nodes, nodes))
+    np.fill_diagonal(bandwidth, np.inf)
+    np.fill_diagonal(latency, 0.0)
+    return CostModel(
+        node_names=tuple(f"n{d}" for d in range(nodes)),
+        layer_seconds=seconds,
+        boundary_bytes=boundary,
+        stage_memory_bytes=memory,
+        node_memory_bytes=node_memory,
+        link_bytes_per_s=bandwidth,
+        link_latency_s=latency,
+        source=int(rng.integers(nodes)),
+        sink=int(rng.integers(nodes)),
+        layer_param_bytes=params,
+    )
+
+
+def brute_force(cost: CostModel) -> list[tuple[float, float]]:
+    """(latency, bottleneck) of every plan that fits, priced from scratch."""
+    layers, nodes = cost.num_layers, cost.num_nodes
+    seconds = cost.layer_seconds.tolist()
+    plans = []
+
+    def hop(boundary: int, a: int, b: int) -> float:
+        if a == b:
+            return 0.0
+        return (cost.boundary_bytes[boundary] / cost.link_bytes_per_s[a][b]
+                + cost.link_latency_s[a][b])
+
+    for k in range(1, min(layers, nodes) + 1):
+        for cuts in itertools.combinations(range(1, layers), k - 1):
+            edges = (0, *cuts, layers)
+            ranges = list(itertools.pairwise(edges))
+            for assign in itertools.permutations(range(nodes), k):
+                if any(cost.stage_memory_bytes[a][b] > cost.node_memory_bytes[d]
+                       for d, (a, b) in zip(assign, ranges, strict=True)):
+                    continue
+                costs = []
+                where = cost.source
+                for d, (a, b) in zip(assign, ranges, strict=True):
+                    costs.append(hop(a, where, d))
+                    costs.append(math.fsum(seconds[d][a:b]))
+                    where = d
+                costs.append(hop(layers, where, cost.sink))
+                plans.append((math.fsum(costs), max(costs)))
+    return plans
+
+
+def instances(count: int, seed: int):
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        nodes = int(rng.integers(2, 7))
+        layers = int(rng.integers(1, 9 if nodes <= 4 else 7))
+        yield random_cost(rng, nodes, layers, tight=bool(rng.random() < 0.4))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_optimizer_matches_brute_force(seed: int) -> None:
+    for cost in instances(100, seed):
+        plans = brute_force(cost)
+        if not plans:
+            with pytest.raises(NoFeasiblePlanError, match="no plan fits"):
+                optimize(cost, Objective.LATENCY)
+            with pytest.raises(NoFeasiblePlanError, match="no plan fits"):
+                optimize(cost, Objective.THROUGHPUT)
+            continue
+        fastest = min(latency for latency, _ in plans)
+        result = optimize(cost, Objective.LATENCY)
+        assert result.exact and result.schedule.fits
+        assert result.schedule.latency_s == pytest.approx(fastest, rel=RELATIVE)
+        assert result.lower_bound_s == pytest.approx(result.schedule.latency_s)
+
+        narrowest = min(bottleneck for _, bottleneck in plans)
+        tied = min(lat for lat, neck in plans if neck <= narrowest * (1 + RELATIVE))
+        result = optimize(cost, Objective.THROUGHPUT)
+        assert result.exact and result.schedule.fits
+        assert result.schedule.bottleneck_s == pytest.approx(narrowest, rel=RELATIVE)
+        assert result.schedule.latency_s == pytest.approx(tied, rel=RELATIVE)
+
+
+def tiny_cost() -> CostModel:
+    """Two nodes, three layers; node 1 is twice as fast, the link is 1000 B/s plus 0.5 s."""
+    return CostModel(
+        node_names=("a", "b"),
+        layer_seconds=np.array([[1.0, 2.0, 3.0], [0.5, 1.0, 1.5]]),
+        boundary_bytes=np.array([1000.0, 2000.0, 500.0, 100.0]),
+        stage_memory_bytes=np.triu(np.full((4, 4), 10.0), k=1),
+        node_memory_bytes=np.array([10, 10]),
+        link_bytes_per_s=np.array([[np.inf, 1000.0], [1000.0, np.inf]]),
+        link_latency_s=np.array([[0.0, 0.5], [0.5, 0.0]]),
+        source=0,
+        sink=0,
+    )
+
+
+def test_evaluate_by_hand() -> None:
+    schedule = evaluate(tiny_cost(), [Span(0, 0, 2), Span(1, 2, 3)])
+    # a runs layers 0-1 (3 s), ships 500 B (0.5 + 0.5 s), b runs layer 2 (1.5 s),
+    # ships 100 B back (0.1 + 0.5 s).
+    assert schedule.stage_seconds == (3.0, 1.5)
+    assert schedule.transfer_seconds == pytest.approx((0.0, 1.0, 0.6))
+    assert schedule.latency_s == pytest.approx(6.1)
+    assert schedule.bottleneck_s == 3.0
+    assert schedule.throughput_per_s == pytest.approx(1 / 3)
+    assert schedule.fits
+
+
+def test_evaluate_single_node_off_source() -> None:
+    schedule = evaluate(tiny_cost(), [Span(1, 0, 3)])
+    assert schedule.transfer_seconds == pytest.approx((1.5, 0.6))
+    assert schedule.latency_s == pytest.approx(1.5 + 3.0 + 0.6)
+
+
+@pytest.mark.parametrize("spans, message", [
+    ([], "at least one stage"),
+    ([Span(0, 0, 2)], "end at layer 2"),
+    ([Span(0, 0, 1), Span(1, 2, 3)], "does not continue"),
+    ([Span(0, 0, 0), Span(1, 0, 3)], "does not continue"),
+    ([Span(0, 0, 1), Span(0, 1, 3)], "more than one stage"),
+    ([Span(2, 0, 3)], "names no node"),
+])
+def test_evaluate_rejects_bad_spans(spans: list[Span], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        evaluate(tiny_cost(), spans)
+
+
+def test_evaluate_reports_memory() -> None:
+    cost = tiny_cost()
+    cost = CostModel(**{**cost.__dict__, "node_memory_bytes": np.array([5, 10])})
+    assert not evaluate(cost, [Span(0, 0, 3)]).fits
+    assert evaluate(cost, [Span(1, 0, 3)]).fits
+
+
+def test_infeasible_names_the_closest_node() -> None:
+    cost = tiny_cost()
+    span = np.arange(4)[None, :] - np.arange(4)[:, None]
+    memory = np.where(span > 0, span * 1024.0**3, 0.0)  # 1 GiB per layer
+    cost = CostModel(**{**cost.__dict__, "stage_memory_bytes": memory,
+                        "node_memory_bytes": np.array([1024**3 // 2, 3 * 1024**3 // 4])})
+    # At least one stage holds two layers; it is least short on 'b'.
+    for objective in Objective:
+        with pytest.raises(NoFeasiblePlanError, match=(
+            r"^no plan fits: the closest one still needs 2\.0 GiB for layers \[\d, \d\) "
+            r"on 'b', which has 768\.0 MiB; add memory or nodes$"
+        )):
+            optimize(cost, objective)
+
+
+@pytest.mark.parametrize("objective", list(Objective))
+def test_inexact_search_bounds_the_optimum(
+    objective: Objective, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    costs = [c for c in instances(40, 99) if brute_force(c)]
+    exact = [optimize(c, objective) for c in costs]
+    monkeypatch.setattr(optimizer, "EXACT_WORK_LIMIT", 0)
+    for cost, best in zip(costs, exact, strict=True):
+        try:
+            result = optimize(cost, objective)
+        except NoFeasiblePlanError:
+            continue
+        assert not result.exact and result.schedule.fits
+        answer = (result.schedule.latency_s if objective is Objective.LATENCY
+                  else result.schedule.bottleneck_s)
+        assert result.lower_bound_s <= best.lower_bound_s * (1 + RELATIVE)
+        assert best.lower_bound_s <= answer * (1 + RELATIVE)
+
+
+def test_single_layer_and_single_node() -> None:
+    rng = np.random.default_rng(5)
+    cost = random_cost(rng, 1, 1, tight=False)
+    cost = CostModel(**{**cost.__dict__, "node_memory_bytes": np.array([10**9])})
+    for objective in Objective:
+        result = optimize(cost, objective)
+        assert result.schedule.spans == (Span(0, 0, 1),)
+
+
+@pytest.mark.parametrize("objective", list(Objective))
+def test_never_worse_than_a_fitting_baseline(objective: Objective) -> None:
+    for cost in instances(80, 7):
+        try:
+            best = optimize(cost, objective).schedule
+        except NoFeasiblePlanError:
+            continue
+        for baseline in baselines(cost, objective):
+            schedule = baseline.schedule
+            if schedule is None or not schedule.fits:
+                continue
+            if objective is Objective.LATENCY:
+                assert best.latency_s <= schedule.latency_s * (1 + RELATIVE), baseline.name
+            else:
+                assert best.bottleneck_s <= schedule.bottleneck_s * (1 + RELATIVE), baseline.name
