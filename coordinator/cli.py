@@ -6,11 +6,11 @@ import argparse
 import logging
 import sys
 
-from coordinator import plan_command, profile_command
+from coordinator import cluster_command, deploy_command, plan_command, profile_command
 from coordinator.console import errors
 from partition.errors import EdgesplitError
 
-COMMANDS = (profile_command, plan_command)
+COMMANDS = (profile_command, plan_command, deploy_command, cluster_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
-        command.add_parser(commands)
+        command.add_parsers(commands)
     return parser
 
 

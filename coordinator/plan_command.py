@@ -19,7 +19,7 @@ from partition.profile_store import cached_profile
 from partition.profiler import Profile
 
 
-def add_parser(commands: argparse._SubParsersAction) -> None:
+def add_parsers(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("plan", help="choose where each part of the model runs")
     add_model_arguments(parser)
     parser.add_argument("--nodes", required=True, metavar="NODES.yaml", help="the cluster")

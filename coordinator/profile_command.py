@@ -13,7 +13,7 @@ from partition.profiler import Profile
 from partition.units import format_bytes
 
 
-def add_parser(commands: argparse._SubParsersAction) -> None:
+def add_parsers(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("profile", help="time each layer of a model on this machine")
     add_model_arguments(parser)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")

@@ -1,0 +1,158 @@
+"""Ship each stage of a plan to its node and wire the chain source -> stages -> sink."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from node.client import GrpcWorkerHandle, WorkerHandle
+from node.link import NO_EMULATION, LinkEmulation
+from partition.errors import EdgesplitError, PlanFormatError
+from partition.layers import build_layer_graph
+from partition.loader import load_model
+from partition.plan import Link, Plan
+from partition.split import StageArtifact, split
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What ``deploy`` left on the nodes: each stage's address and artifact hash."""
+
+    plan_sha256: str
+    addresses: tuple[str, ...]
+    artifact_sha256: tuple[str, ...]
+    emulated_links: bool
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, path: Path) -> Deployment | None:
+        try:
+            data = json.loads(path.read_text())
+            return cls(data["plan_sha256"], tuple(data["addresses"]),
+                       tuple(data["artifact_sha256"]), bool(data["emulated_links"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+
+def plan_digest(plan: Plan) -> str:
+    return hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def deployment_record_path(plan_path: str | Path) -> Path:
+    """Where ``deploy`` records what it shipped: ``plan.json`` -> ``plan.deployed.json``."""
+    path = Path(plan_path)
+    return path.with_name(path.stem + ".deployed.json")
+
+
+def stage_artifacts(plan: Plan, model_path: str | None = None) -> list[StageArtifact]:
+    """Load the plan's model (checking it is the same file) and export every stage.
+
+    Raises
+    ------
+    PlanFormatError
+        If the model file differs from the one the plan was made for.
+    """
+    path = model_path or plan.model_path
+    model = load_model(path)
+    if model.sha256 != plan.model_sha256:
+        raise PlanFormatError(
+            f"'{path}' is not the model this plan was made for (its SHA-256 differs); "
+            "pass the right file with --model, or plan again"
+        )
+    layer_graph = build_layer_graph(model.program, plan.granularity)
+    if tuple(layer.name for layer in layer_graph.layers) != plan.layer_names:
+        raise PlanFormatError(
+            "the model's layers differ from the plan's (another torch version?); plan again"
+        )
+    return split(plan, layer_graph)
+
+
+def link_emulation(link: Link, emulate: bool) -> LinkEmulation:
+    """The emulation a worker applies for ``link`` (none on real networks or within a node)."""
+    if not emulate or link.src == link.dst:
+        return NO_EMULATION
+    return LinkEmulation(link.bytes_per_s, link.latency_s)
+
+
+async def deploy(
+    plan: Plan,
+    artifacts: list[StageArtifact],
+    *,
+    emulate_links: bool,
+    progress: ProgressCallback | None = None,
+    handles: dict[str, WorkerHandle] | None = None,
+) -> Deployment:
+    """Check every node answers, load each stage, then wire the chain.
+
+    ``progress(bytes_sent, total_bytes)`` follows the uploads. ``handles`` maps addresses to
+    already-open handles (default: a gRPC handle per stage, closed afterwards).
+
+    Raises
+    ------
+    NodeUnreachableError, NodeRejectedError
+        If a node does not answer or refuses its stage.
+    """
+    owned = handles is None
+    handles = handles or {s.address: GrpcWorkerHandle(s.address, s.node) for s in plan.stages}
+    try:
+        nodes = [handles[s.address] for s in plan.stages]
+        await asyncio.gather(*(node.describe() for node in nodes))
+        total = sum(len(a.data) for a in artifacts)
+        sent = [0] * len(artifacts)
+
+        def on_bytes(index: int) -> ProgressCallback:
+            def update(done: int, _total: int) -> None:
+                sent[index] = done
+                if progress:
+                    progress(sum(sent), total)
+            return update
+
+        await asyncio.gather(*(
+            node.load_stage(artifact.spec, artifact.data, on_bytes(k))
+            for k, (node, artifact) in enumerate(zip(nodes, artifacts, strict=True))
+        ))
+        for k in reversed(range(len(plan.stages))):  # downstream first: no frame finds a gap
+            next_address = plan.stages[k + 1].address if k + 1 < len(plan.stages) else None
+            await nodes[k].wire(
+                next_address,
+                outbound=link_emulation(plan.links[k + 1], emulate_links),
+                inbound=link_emulation(plan.links[0], emulate_links) if k == 0 else NO_EMULATION,
+            )
+        log.info("deployed %d stage(s)", len(plan.stages))
+    finally:
+        if owned:
+            await asyncio.gather(*(h.close() for h in handles.values()))
+    return Deployment(
+        plan_sha256=plan_digest(plan),
+        addresses=tuple(s.address for s in plan.stages),
+        artifact_sha256=tuple(a.spec.artifact_sha256 for a in artifacts),
+        emulated_links=emulate_links,
+    )
+
+
+async def is_deployed(plan: Plan, record: Deployment | None) -> bool:
+    """True if every node still runs the stage ``record`` says ``deploy`` gave it."""
+    if record is None or record.plan_sha256 != plan_digest(plan):
+        return False
+    handles = [GrpcWorkerHandle(s.address, s.node) for s in plan.stages]
+    try:
+        infos = await asyncio.gather(*(h.describe() for h in handles))
+    except EdgesplitError:
+        return False
+    finally:
+        await asyncio.gather(*(h.close() for h in handles))
+    return all(
+        info.stage is not None and info.stage.sha256 == sha
+        for info, sha in zip(infos, record.artifact_sha256, strict=True)
+    )

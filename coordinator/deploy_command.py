@@ -1,0 +1,114 @@
+"""``coordinator deploy`` and ``coordinator run``: ship a plan, then send it requests."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+import torch
+
+from coordinator.console import console, progress_bar
+from coordinator.deploy import (
+    Deployment,
+    deploy,
+    deployment_record_path,
+    is_deployed,
+    stage_artifacts,
+)
+from coordinator.local_cluster import default_state_dir, read_state
+from coordinator.pipeline import Pipeline
+from partition.errors import EdgesplitError
+from partition.plan import Plan
+from partition.units import format_bytes
+
+
+def add_parsers(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("deploy", help="ship each stage to its node and wire the chain")
+    _add_deploy_arguments(parser)
+    parser.set_defaults(run=run_deploy)
+
+    parser = commands.add_parser("run", help="send one request through a deployed plan")
+    _add_deploy_arguments(parser)
+    parser.add_argument("--input", required=True, help="torch.save of a tensor, tuple or dict")
+    parser.add_argument("--output", required=True, help="where to torch.save the outputs")
+    parser.set_defaults(run=run_request)
+
+
+def _add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("plan", help="plan.json from `coordinator plan`")
+    parser.add_argument("--model", help="the model file, if it moved since planning")
+    parser.add_argument(
+        "--emulate-links", action=argparse.BooleanOptionalAction, default=None,
+        help="delay transfers as the plan's links would (default: only on a simulated cluster)",
+    )
+
+
+def run_deploy(args: argparse.Namespace) -> int:
+    plan = Plan.load(args.plan)
+    record = ship(plan, args)
+    console.print(
+        f"deployed {len(plan.stages)} stage(s) to "
+        f"{', '.join(f'{s.node} ({s.address})' for s in plan.stages)}"
+        + ("; links emulated" if record.emulated_links else "")
+    )
+    return 0
+
+
+def ship(plan: Plan, args: argparse.Namespace) -> Deployment:
+    """Export and deploy the plan's stages, and record what was deployed beside the plan."""
+    with console.status("exporting stages"):
+        artifacts = stage_artifacts(plan, args.model)
+    total = sum(len(a.data) for a in artifacts)
+    emulate = args.emulate_links
+    if emulate is None:
+        emulate = on_simulated_cluster(plan)
+    with progress_bar(f"shipping {format_bytes(total)}", total, in_bytes=True) as update:
+        record = asyncio.run(deploy(plan, artifacts, emulate_links=emulate, progress=update))
+    record.save(deployment_record_path(args.plan))
+    return record
+
+
+def on_simulated_cluster(plan: Plan) -> bool:
+    """True if every stage's node is a worker started by ``coordinator up`` here."""
+    local = {node.address for node in read_state(default_state_dir())}
+    return bool(local) and all(stage.address in local for stage in plan.stages)
+
+
+def ensure_deployed(plan: Plan, args: argparse.Namespace) -> None:
+    """Deploy unless every node still runs the stage the last deploy gave it."""
+    record = Deployment.load(deployment_record_path(args.plan))
+    if not asyncio.run(is_deployed(plan, record)):
+        ship(plan, args)
+
+
+def run_request(args: argparse.Namespace) -> int:
+    plan = Plan.load(args.plan)
+    inputs = _read_inputs(args.input)
+    ensure_deployed(plan, args)
+    outputs = asyncio.run(_infer_once(plan, inputs))
+    torch.save(outputs[0] if len(outputs) == 1 else outputs, args.output)
+    shapes = ", ".join(f"{o.dtype}{list(o.shape)}".replace("torch.", "") for o in outputs)
+    console.print(f"wrote {args.output}: {shapes}")
+    return 0
+
+
+async def _infer_once(plan: Plan, inputs) -> tuple[torch.Tensor, ...]:
+    async with await Pipeline.connect(plan) as pipeline:
+        outputs = await pipeline.infer(inputs)
+    return tuple(o.clone() for o in outputs)
+
+
+def _read_inputs(path: str):
+    if not Path(path).is_file():
+        raise EdgesplitError(f"input file '{path}' does not exist")
+    try:
+        value = torch.load(path, weights_only=True)
+    except Exception as err:
+        raise EdgesplitError(
+            f"cannot read '{path}' as tensors ({type(err).__name__}); save a tensor, a tuple "
+            "or a dict of tensors with torch.save"
+        ) from err
+    if isinstance(value, list):
+        value = tuple(value)
+    return value

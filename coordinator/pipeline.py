@@ -1,0 +1,191 @@
+"""The Python API: send requests through a deployed plan and get their outputs back.
+
+    async with await Pipeline.connect(plan) as pipeline:
+        outputs = await pipeline.infer(input_ids)            # one request
+        many = await pipeline.map(batches)                   # concurrently, in order
+
+Every request carries a unique id end to end; a request is answered exactly once, by its
+outputs or by a :class:`RequestFailedError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
+from types import TracebackType
+
+import torch
+
+from node.client import FrameSender, GrpcWorkerHandle, Result, ResultStream
+from node.errors import NodeUnreachableError
+from partition.errors import EdgesplitError, TensorSpecError
+from partition.plan import Plan
+from partition.spec import TensorSpec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WINDOW = 8
+"""Requests in flight at once: enough to keep every stage of a short pipeline busy."""
+
+Inputs = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
+
+
+class RequestFailedError(EdgesplitError):
+    """A node answered a request with a failure instead of outputs."""
+
+
+class PipelineBrokenError(EdgesplitError):
+    """The data path closed while requests were in flight."""
+
+
+def bind_inputs(specs: Sequence[TensorSpec], inputs: Inputs) -> dict[str, torch.Tensor]:
+    """Name the inputs (a tensor, a tuple in call order, or a dict by name) and check each
+    against the model's signature before anything is sent.
+
+    Raises
+    ------
+    TensorSpecError
+        If a tensor is missing, extra, or of the wrong dtype or shape; the message lists the
+        expected signature.
+    """
+    signature = ", ".join(f"{s.name}: {s.dtype}{list(s.shape)}" for s in specs)
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    if isinstance(inputs, Mapping):
+        named = dict(inputs)
+    else:
+        values = list(inputs)
+        if len(values) != len(specs):
+            raise TensorSpecError(
+                f"got {len(values)} input tensor(s), the model takes {len(specs)}: {signature}"
+            )
+        named = {spec.name: value for spec, value in zip(specs, values, strict=True)}
+    if set(named) != {s.name for s in specs}:
+        raise TensorSpecError(f"inputs are named {sorted(named)}, the model takes {signature}")
+    for spec in specs:
+        value = named[spec.name]
+        if not isinstance(value, torch.Tensor):
+            raise TensorSpecError(f"input {spec.name!r} is a {type(value).__name__}, not a tensor")
+        try:
+            spec.check(value)
+        except TensorSpecError as err:
+            raise TensorSpecError(f"{err}; the model takes {signature}") from None
+    return named
+
+
+class Pipeline:
+    """A connection to a deployed plan: submit requests, await their outputs."""
+
+    def __init__(
+        self, plan: Plan, first: GrpcWorkerHandle, last: GrpcWorkerHandle, window: int
+    ) -> None:
+        self.plan = plan
+        self._first = first
+        self._last = last
+        self._window = asyncio.Semaphore(window)
+        self._ids = itertools.count(secrets.randbits(40) << 20)
+        self._pending: dict[int, asyncio.Future[tuple[torch.Tensor, ...]]] = {}
+        self._send_lock = asyncio.Lock()
+        self._sender: FrameSender | None = None
+        self._results: ResultStream | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    @classmethod
+    async def connect(cls, plan: Plan, window: int = DEFAULT_WINDOW) -> Pipeline:
+        """Subscribe to the last stage's results and open the data path into the first."""
+        first = GrpcWorkerHandle(plan.stages[0].address, plan.stages[0].node)
+        last = (
+            first if len(plan.stages) == 1
+            else GrpcWorkerHandle(plan.stages[-1].address, plan.stages[-1].node)
+        )
+        pipeline = cls(plan, first, last, window)
+        try:
+            pipeline._results = await last.open_results(plan.outputs)
+            pipeline._reader = asyncio.create_task(pipeline._read_results())
+            pipeline._sender = await first.open_sender()
+        except BaseException:
+            await pipeline.close()
+            raise
+        return pipeline
+
+    async def __aenter__(self) -> Pipeline:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def infer(self, inputs: Inputs) -> tuple[torch.Tensor, ...]:
+        """Run one request; its outputs in the model's output order.
+
+        Waits while ``window`` requests are already in flight.
+        """
+        tensors = bind_inputs(self.plan.inputs, inputs)
+        async with self._window:
+            request_id = next(self._ids)
+            answer = asyncio.get_running_loop().create_future()
+            self._pending[request_id] = answer
+            try:
+                async with self._send_lock:
+                    if self._sender is None:
+                        raise PipelineBrokenError("the pipeline is closed")
+                    await self._sender.send(request_id, tensors)
+                return await answer
+            finally:
+                self._pending.pop(request_id, None)
+
+    async def map(self, many: Iterable[Inputs]) -> list[tuple[torch.Tensor, ...]]:
+        """Run many requests concurrently (at most ``window`` in flight); outputs in order."""
+        return list(await asyncio.gather(*(self.infer(inputs) for inputs in many)))
+
+    async def _read_results(self) -> None:
+        assert self._results is not None
+        error: EdgesplitError = PipelineBrokenError(
+            f"the last stage on {self._last.address} closed its results stream"
+        )
+        try:
+            async for result in self._results:
+                self._deliver(result)
+        except NodeUnreachableError as err:
+            error = PipelineBrokenError(f"lost the results stream: {err}")
+        except EdgesplitError as err:
+            error = err
+        for answer in self._pending.values():
+            if not answer.done():
+                answer.set_exception(error)
+
+    def _deliver(self, result: Result) -> None:
+        answer = self._pending.get(result.request_id)
+        if answer is None or answer.done():
+            return  # another client's request, or one already answered
+        if result.failure is not None:
+            failure = result.failure
+            answer.set_exception(RequestFailedError(
+                f"stage {failure.stage_index} on {failure.node} failed the request: "
+                f"{failure.message}"
+            ))
+        else:
+            assert result.outputs is not None
+            answer.set_result(tuple(result.outputs[spec.name] for spec in self.plan.outputs))
+
+    async def close(self) -> None:
+        """Finish sending, stop listening, and release the connections."""
+        if self._sender is not None:
+            sender, self._sender = self._sender, None
+            with contextlib.suppress(EdgesplitError):
+                await sender.close()
+        if self._results is not None:
+            await self._results.close()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        await self._first.close()
+        if self._last is not self._first:
+            await self._last.close()
