@@ -6,11 +6,17 @@ import argparse
 import logging
 import sys
 
-from coordinator import cluster_command, deploy_command, plan_command, profile_command
+from coordinator import (
+    bench_command,
+    cluster_command,
+    deploy_command,
+    plan_command,
+    profile_command,
+)
 from coordinator.console import errors
 from partition.errors import EdgesplitError
 
-COMMANDS = (profile_command, plan_command, deploy_command, cluster_command)
+COMMANDS = (profile_command, plan_command, deploy_command, bench_command, cluster_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,7 +13,7 @@ from pathlib import Path
 from node.client import GrpcWorkerHandle, WorkerHandle
 from node.link import NO_EMULATION, LinkEmulation
 from partition.errors import EdgesplitError, PlanFormatError
-from partition.layers import build_layer_graph
+from partition.layers import LayerGraph, build_layer_graph
 from partition.loader import load_model
 from partition.plan import Link, Plan
 from partition.split import StageArtifact, split
@@ -56,7 +56,12 @@ def deployment_record_path(plan_path: str | Path) -> Path:
 
 
 def stage_artifacts(plan: Plan, model_path: str | None = None) -> list[StageArtifact]:
-    """Load the plan's model (checking it is the same file) and export every stage.
+    """Load the plan's model (checking it is the same file) and export every stage."""
+    return split(plan, plan_layer_graph(plan, model_path))
+
+
+def plan_layer_graph(plan: Plan, model_path: str | None = None) -> LayerGraph:
+    """The plan's model grouped into the plan's layers.
 
     Raises
     ------
@@ -75,7 +80,7 @@ def stage_artifacts(plan: Plan, model_path: str | None = None) -> list[StageArti
         raise PlanFormatError(
             "the model's layers differ from the plan's (another torch version?); plan again"
         )
-    return split(plan, layer_graph)
+    return layer_graph
 
 
 def link_emulation(link: Link, emulate: bool) -> LinkEmulation:

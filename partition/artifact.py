@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import io
 import logging
 
@@ -18,6 +19,20 @@ log = logging.getLogger(__name__)
 def sha256(data: bytes) -> str:
     """Hex SHA-256 of ``data``."""
     return hashlib.sha256(data).hexdigest()
+
+
+_MARKER_OP = b"torch.ops.pippy."
+
+
+def register_marker_op(data: bytes) -> None:
+    """Register the op of ``pipe_split()`` markers if the archive ``data`` calls it.
+
+    ``pippy::_pipe_split`` exists only once ``torch.distributed.pipelining`` is imported
+    (about 2 s), and ``torch.export.load`` cannot resolve it otherwise, so import it only
+    for archives that name it (their graph JSON is stored uncompressed).
+    """
+    if _MARKER_OP in data and torch.distributed.is_available():
+        importlib.import_module("torch.distributed.pipelining")
 
 
 def program_to_bytes(program: torch.export.ExportedProgram) -> bytes:
@@ -63,6 +78,7 @@ def load_program(data: bytes) -> ProgramRunner:
     ModelLoadError
         If ``data`` is not a ``torch.export`` archive.
     """
+    register_marker_op(data)
     try:
         program = torch.export.load(io.BytesIO(data))
     except Exception as err:

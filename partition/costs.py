@@ -54,8 +54,9 @@ class CostModel:
         """Time to move boundary ``boundary``'s tensors from ``src`` to ``dst`` (0 if same)."""
         if src == dst:
             return 0.0
+        nbytes = float(self.boundary_bytes[boundary])
         bandwidth = float(self.link_bytes_per_s[src, dst])
-        return float(self.boundary_bytes[boundary]) / bandwidth + float(self.link_latency_s[src, dst])
+        return nbytes / bandwidth + float(self.link_latency_s[src, dst])
 
     def stage_seconds(self, node: int, start: int, end: int) -> float:
         """Compute time of layers ``[start, end)`` on ``node``."""

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch.utils import _pytree as pytree
 
+from partition.artifact import register_marker_op
 from partition.errors import ExportError, ModelLoadError
 from partition.spec import TensorSpec, dtype_from_name
 
@@ -126,6 +127,12 @@ def export_module(
 ) -> torch.export.ExportedProgram:
     """Export ``module`` in eval mode without gradients; wrap failures in :class:`ExportError`."""
     module.eval()
+    # On failure torch also logs warnings with the failing graph; the error below says why in
+    # one line, so keep torch quiet unless debug logging is on.
+    torch_log = logging.getLogger("torch")
+    level = torch_log.level
+    if not log.isEnabledFor(logging.DEBUG):
+        torch_log.setLevel(logging.ERROR)
     try:
         with torch.no_grad():
             return torch.export.export(module, examples)
@@ -135,6 +142,8 @@ def export_module(
             f"torch.export could not trace {origin} ({type(err).__name__}: {reason}); "
             "make the model exportable or pass --debug for the full trace"
         ) from err
+    finally:
+        torch_log.setLevel(level)
 
 
 def _zip_names(path: str, data: bytes) -> list[str]:
@@ -195,6 +204,7 @@ class _Capture(logging.Handler):
 
 def _quiet_export_load(data: bytes) -> torch.export.ExportedProgram:
     """Load an archive; torch logs the real reason for a failure, so capture it."""
+    register_marker_op(data)
     torch_log = logging.getLogger("torch.export")
     capture = _Capture()
     handlers, propagate = torch_log.handlers, torch_log.propagate

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,7 @@ from partition.costs import CostModel
 from partition.errors import PlanFormatError
 from partition.layers import LayerGraph
 from partition.loader import LoadedModel
-from partition.optimizer import Objective, Schedule, Span, optimize
+from partition.optimizer import Objective, Schedule, optimize
 from partition.profiler import Profile
 from partition.spec import TensorSpec
 
@@ -103,6 +103,7 @@ class BaselineResult:
     name: str
     description: str
     stages: tuple[tuple[str, int, int], ...]
+    links: tuple[Link, ...]
     latency_s: float
     throughput_per_s: float
     fits: bool
@@ -112,6 +113,7 @@ class BaselineResult:
         return {
             "name": self.name, "description": self.description,
             "stages": [{"node": n, "start": s, "end": e} for n, s, e in self.stages],
+            "links": [link.to_dict() for link in self.links],
             "latency_s": self.latency_s, "throughput_per_s": self.throughput_per_s,
             "fits": self.fits, "note": self.note,
         }
@@ -121,6 +123,7 @@ class BaselineResult:
         return cls(
             data["name"], data["description"],
             tuple((s["node"], int(s["start"]), int(s["end"])) for s in data["stages"]),
+            tuple(Link.from_dict(x) for x in data["links"]),
             float(data["latency_s"]), float(data["throughput_per_s"]), bool(data["fits"]),
             data.get("note", ""),
         )
@@ -141,6 +144,7 @@ class Plan:
     objective: Objective
     source: str
     sink: str
+    addresses: dict[str, str]
     stages: tuple[PlannedStage, ...]
     links: tuple[Link, ...]
     latency_s: float
@@ -165,6 +169,7 @@ class Plan:
             "objective": self.objective.value,
             "source": self.source,
             "sink": self.sink,
+            "nodes": [{"name": n, "address": a} for n, a in self.addresses.items()],
             "stages": [s.to_dict() for s in self.stages],
             "links": [link.to_dict() for link in self.links],
             "predicted": {
@@ -191,6 +196,7 @@ class Plan:
             outputs=tuple(TensorSpec.from_dict(t) for t in model["outputs"]),
             objective=Objective(data["objective"]),
             source=data["source"], sink=data["sink"],
+            addresses={n["name"]: n["address"] for n in data["nodes"]},
             stages=tuple(PlannedStage.from_dict(s) for s in data["stages"]),
             links=tuple(Link.from_dict(x) for x in data["links"]),
             latency_s=float(predicted["latency_s"]),
@@ -236,7 +242,7 @@ def plan(
         model, layer_graph, cluster, cost, result.schedule, objective,
         exact=result.exact, lower_bound_s=result.lower_bound_s,
         baseline_results=tuple(
-            _baseline_result(b.name, b.description, b.schedule, b.note, cost)
+            _baseline_result(b.name, b.description, b.schedule, b.note, cost, cluster)
             for b in baselines(cost, objective)
         ),
     )
@@ -274,11 +280,7 @@ def plan_from_schedule(
         )
         for k, span in enumerate(schedule.spans)
     )
-    hops = [cluster.source, *(s.node for s in stages), cluster.sink]
-    links = tuple(
-        Link(a, b, cluster.link(a, b).bytes_per_s, cluster.link(a, b).latency_s)
-        for a, b in zip(hops, hops[1:], strict=False)
-    )
+    links = _links(cluster, [s.node for s in stages])
     return Plan(
         model_sha256=model.sha256,
         model_path=model.source,
@@ -289,6 +291,7 @@ def plan_from_schedule(
         objective=objective,
         source=cluster.source,
         sink=cluster.sink,
+        addresses={node.name: node.address for node in cluster.nodes},
         stages=stages,
         links=links,
         latency_s=schedule.latency_s,
@@ -299,18 +302,49 @@ def plan_from_schedule(
     )
 
 
+def _links(cluster: ClusterSpec, nodes: list[str]) -> tuple[Link, ...]:
+    """The hops source -> each node in turn -> sink."""
+    hops = [cluster.source, *nodes, cluster.sink]
+    return tuple(
+        Link(a, b, cluster.link(a, b).bytes_per_s, cluster.link(a, b).latency_s)
+        for a, b in zip(hops, hops[1:], strict=False)
+    )
+
+
 def _baseline_result(
-    name: str, description: str, schedule: Schedule | None, note: str, cost: CostModel
+    name: str, description: str, schedule: Schedule | None, note: str, cost: CostModel,
+    cluster: ClusterSpec,
 ) -> BaselineResult:
     if schedule is None:
-        return BaselineResult(name, description, (), float("inf"), 0.0, False, note)
+        return BaselineResult(name, description, (), (), float("inf"), 0.0, False, note)
+    nodes = [cost.node_names[s.node] for s in schedule.spans]
     return BaselineResult(
         name, description,
-        tuple((cost.node_names[s.node], s.start, s.end) for s in schedule.spans),
+        tuple((node, s.start, s.end) for node, s in zip(nodes, schedule.spans, strict=True)),
+        _links(cluster, nodes),
         schedule.latency_s, schedule.throughput_per_s, schedule.fits, note,
     )
 
 
-def spans_of(plan_: Plan, node_names: tuple[str, ...]) -> tuple[Span, ...]:
-    """The plan's stages as optimizer spans over ``node_names``."""
-    return tuple(Span(node_names.index(s.node), s.start, s.end) for s in plan_.stages)
+def baseline_plan(plan_: Plan, baseline: BaselineResult, layer_graph: LayerGraph) -> Plan:
+    """A deployable plan that runs ``baseline``'s stages on the same cluster and links."""
+    stages = tuple(
+        PlannedStage(
+            index=k, node=node, address=plan_.addresses[node], start=start, end=end,
+            first_layer=layer_graph.layers[start].name,
+            last_layer=layer_graph.layers[end - 1].name,
+            receives=layer_graph.boundary_tensors(start),
+            sends=layer_graph.boundary_tensors(end),
+            compute_s=float("nan"), transfer_in_s=float("nan"),
+            memory_bytes=0, memory_available_bytes=0,
+        )
+        for k, (node, start, end) in enumerate(baseline.stages)
+    )
+    return replace(
+        plan_,
+        stages=stages,
+        links=baseline.links,
+        latency_s=baseline.latency_s,
+        bottleneck_s=1.0 / baseline.throughput_per_s,
+        baselines=(),
+    )

@@ -1,0 +1,73 @@
+"""Measure a deployed plan: one request's latency, and throughput with requests in flight."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from coordinator.pipeline import Pipeline
+from partition.plan import Plan
+from partition.spec import TensorSpec, dtype_from_name
+
+InputFactory = Callable[[int], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    """Latency percentiles of sequential requests and throughput at a concurrency."""
+
+    latency_p50_s: float
+    latency_p95_s: float
+    throughput_per_s: float
+    requests: int
+    concurrency: int
+
+
+def random_inputs(specs: tuple[TensorSpec, ...]) -> InputFactory:
+    """Request ``i``'s inputs: seeded normal floats, and 0/1 integers (valid ids and masks)."""
+
+    def make(index: int) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(index)
+        tensors = {}
+        for spec in specs:
+            dtype = dtype_from_name(spec.dtype)
+            if dtype.is_floating_point:
+                tensors[spec.name] = torch.randn(spec.shape, generator=generator).to(dtype)
+            else:
+                tensors[spec.name] = torch.randint(0, 2, spec.shape, generator=generator).to(dtype)
+        return tensors
+
+    return make
+
+
+async def measure(
+    plan: Plan, make_inputs: InputFactory, *, requests: int, concurrency: int,
+    latency_requests: int = 20, warmup: int = 3,
+) -> BenchResult:
+    """Warm up, time ``latency_requests`` one at a time, then ``requests`` with
+    ``concurrency`` in flight (requests keep flowing: no drain between them)."""
+    async with await Pipeline.connect(plan, window=max(concurrency, 1)) as pipeline:
+        for index in range(warmup):
+            await pipeline.infer(make_inputs(index))
+        latencies = []
+        for index in range(latency_requests):
+            inputs = make_inputs(index)
+            start = time.perf_counter()
+            await pipeline.infer(inputs)
+            latencies.append(time.perf_counter() - start)
+        batch = [make_inputs(index) for index in range(requests)]
+        start = time.perf_counter()
+        await pipeline.map(batch)
+        elapsed = time.perf_counter() - start
+    quantiles = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else latencies * 19
+    return BenchResult(
+        latency_p50_s=statistics.median(latencies),
+        latency_p95_s=quantiles[18],
+        throughput_per_s=requests / elapsed,
+        requests=requests,
+        concurrency=concurrency,
+    )

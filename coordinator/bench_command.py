@@ -1,0 +1,94 @@
+"""``coordinator bench``: measured latency and throughput beside the plan's prediction."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from rich.table import Table
+
+from coordinator.bench import BenchResult, measure, random_inputs
+from coordinator.console import console, ms
+from coordinator.deploy import deploy, plan_layer_graph
+from coordinator.deploy_command import ensure_deployed, on_simulated_cluster
+from partition.plan import Plan, baseline_plan
+from partition.split import split
+
+
+def add_parsers(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("bench", help="measure a deployed plan against its prediction")
+    parser.add_argument("plan", help="plan.json from `coordinator plan`")
+    parser.add_argument("-n", "--requests", type=int, default=200, help="requests (default 200)")
+    parser.add_argument("-c", "--concurrency", type=int, default=8, help="in flight (default 8)")
+    parser.add_argument("--baselines", action="store_true",
+                        help="also deploy and measure every baseline that fits")
+    parser.add_argument("--model", help="the model file, if it moved since planning")
+    parser.add_argument("--emulate-links", action=argparse.BooleanOptionalAction, default=None,
+                        help="delay transfers as the plan's links would (default: simulated only)")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    plan = Plan.load(args.plan)
+    ensure_deployed(plan, args)
+    ours = _measure(plan, args)
+    console.print(prediction_table(plan, ours))
+    if args.baselines:
+        rows = [("edgesplit", plan, ours)]
+        layer_graph = plan_layer_graph(plan, args.model)
+        emulate = on_simulated_cluster(plan) if args.emulate_links is None else args.emulate_links
+        for baseline in plan.baselines:
+            if not baseline.fits or not baseline.stages:
+                continue
+            other = baseline_plan(plan, baseline, layer_graph)
+            with console.status(f"deploying the {baseline.name} baseline"):
+                asyncio.run(deploy(other, split(other, layer_graph), emulate_links=emulate))
+            rows.append((baseline.name, other, _measure(other, args)))
+        console.print(baselines_measured_table(rows))
+        console.print("the nodes now hold the last baseline; `run`/`bench` redeploy the plan")
+    return 0
+
+
+def _measure(plan: Plan, args: argparse.Namespace) -> BenchResult:
+    with console.status(f"{args.requests} requests, {args.concurrency} in flight"):
+        return asyncio.run(measure(
+            plan, random_inputs(plan.inputs), requests=args.requests,
+            concurrency=args.concurrency,
+        ))
+
+
+def _error(measured: float, predicted: float) -> str:
+    return f"{(measured - predicted) / predicted:+.1%}"
+
+
+def prediction_table(plan: Plan, result: BenchResult) -> Table:
+    """Measured p50/p95 latency and throughput beside the plan's prediction."""
+    table = Table(title=f"measured vs predicted ({result.requests} requests, "
+                        f"{result.concurrency} in flight)")
+    for column in ("metric", "measured", "predicted", "error"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    table.add_row("latency p50 ms", ms(result.latency_p50_s), ms(plan.latency_s),
+                  _error(result.latency_p50_s, plan.latency_s))
+    table.add_row("latency p95 ms", ms(result.latency_p95_s), ms(plan.latency_s),
+                  _error(result.latency_p95_s, plan.latency_s))
+    table.add_row("throughput req/s", f"{result.throughput_per_s:.1f}",
+                  f"{plan.throughput_per_s:.1f}",
+                  _error(result.throughput_per_s, plan.throughput_per_s))
+    return table
+
+
+def baselines_measured_table(rows: list[tuple[str, Plan, BenchResult]]) -> Table:
+    """Each strategy measured on the same cluster, and our plan's measured ratio to it."""
+    ours = rows[0][2]
+    table = Table(title="measured on the same cluster")
+    for column in ("strategy", "stages", "latency p50 ms", "throughput req/s",
+                   "predicted req/s", "ours / it"):
+        table.add_column(column, justify="left" if column in ("strategy", "stages") else "right")
+    for name, plan, result in rows:
+        table.add_row(
+            name, " ".join(f"{s.node}[{s.start},{s.end})" for s in plan.stages),
+            ms(result.latency_p50_s), f"{result.throughput_per_s:.1f}",
+            f"{plan.throughput_per_s:.1f}",
+            f"{ours.throughput_per_s / result.throughput_per_s:.2f}x",
+        )
+    return table

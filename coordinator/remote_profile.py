@@ -1,0 +1,54 @@
+"""``--profile-on-nodes``: each reachable node times the model's layers on its own hardware."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from node.client import GrpcWorkerHandle
+from node.errors import NodeUnreachableError
+from node.profiling import ProfileOptions
+from partition.cluster import ClusterSpec
+from partition.layers import LayerGraph
+from partition.loader import LoadedModel
+from partition.profiler import Profile
+
+log = logging.getLogger(__name__)
+
+
+def profile_on_nodes(
+    model: LoadedModel,
+    layer_graph: LayerGraph,
+    cluster: ClusterSpec,
+    *,
+    exclude: set[str],
+    repeats: int,
+    warmup: int = 3,
+) -> dict[str, Profile]:
+    """Profiles measured on every reachable node not in ``exclude``, one node at a time (so
+    nodes sharing a machine do not disturb each other). Unreachable nodes are skipped with
+    a warning; the planner then scales this machine's profile by their ``speed``."""
+    data = Path(model.source).read_bytes()
+    measured: dict[str, Profile] = {}
+    for node in cluster.nodes:
+        if node.name in exclude:
+            continue
+        options = ProfileOptions(layer_graph.granularity, node.threads or 1, repeats, warmup)
+        try:
+            profile = Profile.from_dict(asyncio.run(_profile(node.address, node.name, data,
+                                                             options)))
+        except NodeUnreachableError as err:
+            log.warning("%s; planning it with its configured speed instead", err)
+            continue
+        profile.check_matches(model.sha256, layer_graph, f"from node {node.name!r}")
+        measured[node.name] = profile
+    return measured
+
+
+async def _profile(address: str, name: str, data: bytes, options: ProfileOptions) -> dict:
+    handle = GrpcWorkerHandle(address, name)
+    try:
+        return await handle.profile(data, options)
+    finally:
+        await handle.close()
