@@ -9,6 +9,7 @@ import sys
 from coordinator import (
     bench_command,
     cluster_command,
+    demo_command,
     deploy_command,
     plan_command,
     profile_command,
@@ -16,7 +17,9 @@ from coordinator import (
 from coordinator.console import errors
 from partition.errors import EdgesplitError
 
-COMMANDS = (profile_command, plan_command, deploy_command, bench_command, cluster_command)
+COMMANDS = (
+    profile_command, plan_command, deploy_command, bench_command, cluster_command, demo_command,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

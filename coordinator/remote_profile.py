@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
+from dataclasses import replace
 
 from node.client import GrpcWorkerHandle
 from node.errors import NodeUnreachableError
 from node.profiling import ProfileOptions
+from partition.artifact import program_to_bytes
 from partition.cluster import ClusterSpec
 from partition.layers import LayerGraph
 from partition.loader import LoadedModel
@@ -29,7 +30,8 @@ def profile_on_nodes(
     """Profiles measured on every reachable node not in ``exclude``, one node at a time (so
     nodes sharing a machine do not disturb each other). Unreachable nodes are skipped with
     a warning; the planner then scales this machine's profile by their ``speed``."""
-    data = Path(model.source).read_bytes()
+    # The exported program itself, so a model given as a pickle is profiled as exported.
+    data = program_to_bytes(model.program)
     measured: dict[str, Profile] = {}
     for node in cluster.nodes:
         if node.name in exclude:
@@ -41,6 +43,8 @@ def profile_on_nodes(
         except NodeUnreachableError as err:
             log.warning("%s; planning it with its configured speed instead", err)
             continue
+        # The node hashed the bytes it was sent: the program exported from this model file.
+        profile = replace(profile, model_sha256=model.sha256)
         profile.check_matches(model.sha256, layer_graph, f"from node {node.name!r}")
         measured[node.name] = profile
     return measured

@@ -1,0 +1,130 @@
+"""``coordinator demo``: the whole story on this machine, from a sample model to measurements.
+
+Builds the bundled sample model, starts the heterogeneous example cluster as real worker
+processes, profiles, plans, deploys, runs requests checking every output against the
+single-process model, compares measured with predicted, and tears everything down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from coordinator import samples
+from coordinator.bench import InputFactory, measure, random_inputs
+from coordinator.bench_command import prediction_table
+from coordinator.console import console, progress_bar
+from coordinator.deploy import deploy
+from coordinator.local_cluster import LocalCluster
+from coordinator.pipeline import Pipeline
+from coordinator.plan_command import show_plan
+from coordinator.plot import plot_plan
+from partition.artifact import ProgramRunner
+from partition.cluster import load_cluster
+from partition.cost_builder import node_profiles
+from partition.errors import EdgesplitError
+from partition.layers import build_layer_graph
+from partition.loader import load_model
+from partition.optimizer import Objective
+from partition.plan import Plan, plan
+from partition.profile_store import cached_profile
+from partition.split import split
+
+DEMO_MODEL = samples.gpt2(layers=8, width=384, batch=1, seq=128)
+DEMO_CLUSTER = "cluster-heterogeneous.yaml"
+
+
+class OutputMismatchError(EdgesplitError):
+    """A pipeline output differs from the single-process model's."""
+
+
+def add_parsers(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "demo", help="plan, deploy and measure a sample model on a local simulated cluster"
+    )
+    parser.add_argument("--requests", type=int, default=300, help="requests to run (default 300)")
+    parser.add_argument("--nodes", help="cluster (default: the bundled heterogeneous example)")
+    parser.add_argument("--out", default="out/demo", help="folder for the model, plan and plot")
+    parser.set_defaults(run=run)
+
+
+def bundled_cluster() -> Path:
+    """The heterogeneous example cluster shipped in ``examples/``."""
+    here = Path(__file__).resolve().parent.parent / "examples" / DEMO_CLUSTER
+    if here.is_file():
+        return here
+    return Path(str(resources.files("coordinator") / DEMO_CLUSTER))
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    out = Path(args.out)
+    cluster = load_cluster(args.nodes or bundled_cluster())
+    with console.status("building the sample model (GPT-2 config, random weights)"):
+        model_path = samples.write_sample(DEMO_MODEL, out / "model.pt2")
+    model = load_model(model_path)
+    layer_graph = build_layer_graph(model.program)
+    console.print(f"[bold]1. model[/] {model_path}: {layer_graph.num_layers} layers")
+
+    console.print(f"[bold]2. cluster[/] starting {len(cluster.nodes)} edge-node processes")
+    with LocalCluster(cluster, out / "cluster"):
+        with progress_bar("3. profiling on this machine", 23) as update:
+            local, _ = cached_profile(model, layer_graph, progress=update)
+        console.print(f"[bold]3. profiled[/] whole model {local.model_median_s * 1e3:.1f} ms "
+                      "here; slower nodes are planned by their speed")
+        result = plan(model, layer_graph, cluster, node_profiles(cluster, local, {}),
+                      Objective.THROUGHPUT)
+        result.save(out / "plan.json")
+        console.print("[bold]4. plan[/]")
+        show_plan(result)
+        plot_plan(result, out / "plan.png")
+        console.print(f"wrote {out / 'plan.json'} and {out / 'plan.png'}")
+
+        artifacts = split(result, layer_graph)
+        total = sum(len(a.data) for a in artifacts)
+        with progress_bar("5. deploying", total, in_bytes=True) as update:
+            asyncio.run(deploy(result, artifacts, emulate_links=True, progress=update))
+        console.print(f"[bold]5. deployed[/] {len(artifacts)} stage(s)")
+
+        make_inputs = random_inputs(result.inputs)
+        checked = asyncio.run(check_outputs(result, ProgramRunner(model.program), make_inputs,
+                                            args.requests))
+        console.print(f"[bold]6. checked[/] {checked} outputs: all equal the single-process "
+                      "model's (atol 1e-5)")
+        with console.status("7. measuring latency and throughput"):
+            measured = asyncio.run(measure(result, make_inputs, requests=args.requests,
+                                           concurrency=8))
+        console.print(prediction_table(result, measured))
+    console.print(f"cluster stopped; demo took {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+async def check_outputs(
+    plan_: Plan, reference: ProgramRunner, make_inputs: InputFactory, requests: int
+) -> int:
+    """Send ``requests`` different inputs concurrently; each answer must match its own input."""
+    batch = [make_inputs(index) for index in range(requests)]
+    with progress_bar("6. running and checking requests", requests) as update:
+        async with await Pipeline.connect(plan_) as pipeline:
+            done = 0
+
+            async def one(inputs: dict[str, torch.Tensor]) -> None:
+                nonlocal done
+                got = await pipeline.infer(inputs)
+                expected = reference(*(inputs[spec.name] for spec in plan_.inputs))
+                for spec, a, b in zip(plan_.outputs, got, expected, strict=True):
+                    if not torch.allclose(a, b, atol=1e-5):
+                        raise OutputMismatchError(
+                            f"output {spec.name!r} differs from the single-process model's "
+                            f"by up to {(a - b).abs().max().item():.2e}"
+                        )
+                done += 1
+                update(done)
+
+            await asyncio.gather(*(one(inputs) for inputs in batch))
+    return requests
