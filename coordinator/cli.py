@@ -15,6 +15,7 @@ from coordinator import (
     profile_command,
 )
 from coordinator.console import errors
+from node.allocator import keep_large_buffers
 from partition.errors import EdgesplitError
 
 COMMANDS = (
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_large_buffers()
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

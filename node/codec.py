@@ -2,8 +2,10 @@
 
 The header is ``{"id": request_id, "tensors": [[name, dtype, shape, nbytes], ...]}`` with
 dtype names from :mod:`partition.spec`; the payload is every tensor's bytes (C-contiguous,
-native byte order) concatenated in header order. Decoding checks every field and builds the
-tensors as views of the payload, without copying.
+native byte order) concatenated in header order. The two are the ``header`` and ``payload``
+fields of the ``Frame`` message: encoding writes the serialized message directly, decoding
+takes the fields of a parsed one, checks every field and builds the tensors as views of the
+payload, without copying.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -21,13 +24,74 @@ from partition.errors import TensorSpecError
 from partition.spec import TensorSpec, dtype_from_name, dtype_name
 
 _MAX_REQUEST_ID = 2**64 - 1
+_HEADER_FIELD = 1  # field numbers of Frame.header, .payload and .failure in edgesplit.proto
+_PAYLOAD_FIELD = 2
+_FAILURE_FIELD = 3
+_LENGTH_DELIMITED = 2
 
 
-def encode_frame(request_id: int, tensors: Mapping[str, torch.Tensor]) -> tuple[bytes, bytes]:
-    """Encode ``tensors`` for request ``request_id`` as ``(header, payload)``.
+@dataclass(frozen=True)
+class WireFrame:
+    """A received ``Frame`` message whose fields are views of the received bytes.
 
-    Tensors are moved to the CPU and made contiguous as needed; the payload is built with
-    one copy of the data.
+    ``raw`` is the whole message; ``failure`` holds the serialized ``Failure`` if set.
+    """
+
+    raw: bytes
+    header: memoryview
+    payload: memoryview
+    failure: memoryview | None
+
+
+def read_frame(data: bytes) -> WireFrame:
+    """Split a serialized ``Frame`` into its fields without copying the payload.
+
+    protobuf's own parser copies every ``bytes`` field (and fresh buffers above ~32 MB
+    cost page faults), so the data path reads the three fields itself.
+
+    Raises
+    ------
+    FrameError
+        If ``data`` is not a well-formed ``Frame`` message.
+    """
+    view = memoryview(data)
+    fields: dict[int, memoryview] = {}
+    position = 0
+    while position < len(view):
+        key, position = _read_varint(view, position)
+        number, wire_type = key >> 3, key & 7
+        if wire_type != _LENGTH_DELIMITED or number not in (1, 2, 3):
+            raise FrameError(f"frame has an unexpected field {number} of wire type {wire_type}")
+        length, position = _read_varint(view, position)
+        if position + length > len(view):
+            raise FrameError("frame message is truncated")
+        fields[number] = view[position : position + length]
+        position += length
+    empty = memoryview(b"")
+    return WireFrame(
+        data, fields.get(_HEADER_FIELD, empty), fields.get(_PAYLOAD_FIELD, empty),
+        fields.get(_FAILURE_FIELD),
+    )
+
+
+def _read_varint(view: memoryview, position: int) -> tuple[int, int]:
+    value = shift = 0
+    while position < len(view) and shift < 64:
+        byte = view[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, position
+        shift += 7
+    raise FrameError("frame message has a malformed length")
+
+
+def encode_frame(request_id: int, tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """Encode ``tensors`` for request ``request_id`` as a serialized ``Frame`` message.
+
+    The result is what ``Frame(header=..., payload=...).SerializeToString()`` would give,
+    built with one copy of the data. Tensors are moved to the CPU and made contiguous as
+    needed.
     """
     entries: list[list[Any]] = []
     views: list[memoryview] = []
@@ -37,11 +101,17 @@ def encode_frame(request_id: int, tensors: Mapping[str, torch.Tensor]) -> tuple[
         entries.append([name, dtype_name(data.dtype), list(data.shape), raw.nbytes])
         views.append(raw)
     header = msgpack.packb({"id": request_id, "tensors": entries})
-    return header, b"".join(views)
+    payload_bytes = sum(view.nbytes for view in views)
+    return b"".join(
+        [_field(_HEADER_FIELD, len(header)), header, _field(_PAYLOAD_FIELD, payload_bytes), *views]
+    )
+
+
+Buffer = bytes | memoryview
 
 
 def decode_frame(
-    header: bytes, payload: bytes, expected: Sequence[TensorSpec] | None = None
+    header: Buffer, payload: Buffer, expected: Sequence[TensorSpec] | None = None
 ) -> tuple[int, dict[str, torch.Tensor]]:
     """Decode a frame into ``(request_id, tensors)``; the tensors are views of ``payload``.
 
@@ -67,7 +137,7 @@ def decode_frame(
     return request_id, _tensors(payload, specs)
 
 
-def _parse_header(header: bytes) -> tuple[int, list[tuple[TensorSpec, int]]]:
+def _parse_header(header: Buffer) -> tuple[int, list[tuple[TensorSpec, int]]]:
     try:
         meta = msgpack.unpackb(header)
     except (ValueError, TypeError, msgpack.UnpackException) as err:
@@ -124,7 +194,7 @@ def _check_expected(
         )
 
 
-def _tensors(payload: bytes, specs: Sequence[tuple[TensorSpec, int]]) -> dict[str, torch.Tensor]:
+def _tensors(payload: Buffer, specs: Sequence[tuple[TensorSpec, int]]) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     offset = 0
     with warnings.catch_warnings():
@@ -142,6 +212,20 @@ def _tensors(payload: bytes, specs: Sequence[tuple[TensorSpec, int]]) -> dict[st
             tensors[spec.name] = tensor
             offset += nbytes
     return tensors
+
+
+def _field(number: int, length: int) -> bytes:
+    """The protobuf key and length prefix of a length-delimited field."""
+    return _varint(number << 3 | _LENGTH_DELIMITED) + _varint(length) if length else b""
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def _is_int(value: Any) -> bool:

@@ -23,3 +23,11 @@ class NodeUnreachableError(EdgesplitError):
 
 class NodeRejectedError(EdgesplitError):
     """A node answered a call with an error (bad artifact, bad frame, nothing loaded...)."""
+
+
+class ArtifactError(EdgesplitError):
+    """A stage artifact arrived incomplete, oversized, or with the wrong hash."""
+
+
+class ListenError(EdgesplitError):
+    """The node cannot listen on the address it was given."""

@@ -36,3 +36,7 @@ class EmulatedLink:
         if delay > 0:
             async with self._busy:
                 await asyncio.sleep(delay)
+
+
+NO_EMULATION = LinkEmulation()
+"""A link used as it is."""

@@ -63,6 +63,11 @@ class ProgramRunner:
         ]
         self._graph = program.graph_module
 
+    def to(self, device: torch.device) -> ProgramRunner:
+        """Move the bound weights to ``device`` (in place); returns ``self``."""
+        self._bound = [None if t is None else t.to(device) for t in self._bound]
+        return self
+
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         supplied = iter(inputs)
         args = [next(supplied) if bound is None else bound for bound in self._bound]

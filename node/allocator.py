@@ -1,0 +1,36 @@
+"""Keep large frame buffers on the heap, where freed memory is reused.
+
+glibc serves allocations above ``M_MMAP_THRESHOLD`` (at most 32 MB by default) with fresh
+``mmap`` pages and unmaps them on free, so every large frame pays ~0.45 ms per MB in page
+faults. Raising the threshold and the trim threshold lets a node reuse the same memory for
+frame after frame (measured in ``benchmarks/runtime_overhead.py``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+log = logging.getLogger(__name__)
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_THRESHOLD_BYTES = 1 << 30
+
+
+def keep_large_buffers() -> bool:
+    """Raise glibc's mmap and trim thresholds to 1 GiB; False where there is no glibc."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (macOS, musl without mallopt)
+        return False
+    done = all(
+        mallopt(option, _THRESHOLD_BYTES) == 1 for option in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD)
+    )
+    log.debug("large buffers kept on the heap: %s", done)
+    return done

@@ -1,0 +1,284 @@
+"""Talking to a node: the :class:`WorkerHandle` interface and its gRPC implementation.
+
+The coordinator sees only this module's types, never gRPC's. Transport failures map to
+:class:`NodeUnreachableError`, errors the node reports to :class:`NodeRejectedError`;
+nothing is retried here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import torch
+
+from node.codec import decode_frame, encode_frame
+from node.data_path import results_stream, submit_stream
+from node.errors import NodeRejectedError, NodeUnreachableError
+from node.link import NO_EMULATION, LinkEmulation
+from node.messages import Failure, NodeInfo, StageInfo, link_to_proto
+from node.profiling import ProfileOptions
+from node.rpc import edgesplit_pb2 as pb
+from node.rpc import edgesplit_pb2_grpc as pb_grpc
+from node.rpc_options import grpc_options
+from partition.errors import EdgesplitError
+from partition.spec import StageSpec, TensorSpec
+
+CHUNK_BYTES = 1024 * 1024
+"""Size of the chunks a stage artifact or model file is streamed in."""
+
+CALL_TIMEOUT_S = 30.0
+"""Deadline of the short control calls (Describe, Wire)."""
+
+ProgressCallback = Callable[[int, int], None]
+"""Called with ``(bytes_sent, total_bytes)`` as an upload proceeds."""
+
+_UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+@dataclass(frozen=True)
+class Result:
+    """The answer to one request: its output tensors, or the failure that replaced them."""
+
+    request_id: int
+    outputs: dict[str, torch.Tensor] | None = None
+    failure: Failure | None = None
+
+
+class FrameSender(ABC):
+    """The data path into the first stage: frames go in, in order, until :meth:`close`."""
+
+    @abstractmethod
+    async def send(self, request_id: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Send one request's input tensors; waits while the pipeline pushes back.
+
+        Raises :class:`NodeRejectedError` once the node has closed the stream (for example
+        after a malformed frame); earlier acknowledged requests are still answered.
+        """
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Finish sending and wait until every frame is acknowledged."""
+
+
+class ResultStream(ABC):
+    """Results from the last stage, in the order it finished them, until :meth:`close`."""
+
+    @abstractmethod
+    def __aiter__(self) -> AsyncIterator[Result]: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+
+class WorkerHandle(ABC):
+    """Every remote call a node offers."""
+
+    name: str
+    address: str
+
+    @abstractmethod
+    async def describe(self) -> NodeInfo:
+        """What the node is, what it has loaded, and how busy it is."""
+
+    @abstractmethod
+    async def profile(self, model: bytes, options: ProfileOptions) -> dict[str, Any]:
+        """Profile a model file (a torch.export archive) on the node; the profile's dict."""
+
+    @abstractmethod
+    async def load_stage(
+        self, spec: StageSpec, artifact: bytes, progress: ProgressCallback | None = None
+    ) -> StageInfo:
+        """Ship a stage artifact; the node checks its size and hash, then loads it."""
+
+    @abstractmethod
+    async def wire(
+        self,
+        next_address: str | None,
+        *,
+        outbound: LinkEmulation = NO_EMULATION,
+        inbound: LinkEmulation = NO_EMULATION,
+    ) -> None:
+        """Send outputs to ``next_address``, or (``None``) to Results subscribers here."""
+
+    @abstractmethod
+    async def open_sender(self) -> FrameSender:
+        """Open the data path into this node's stage."""
+
+    @abstractmethod
+    async def open_results(self, expected: Sequence[TensorSpec] | None = None) -> ResultStream:
+        """Subscribe to this (last) node's results; subscribed once it returns.
+
+        With ``expected``, each result frame is checked against it.
+        """
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release the connection."""
+
+
+class GrpcWorkerHandle(WorkerHandle):
+    """A node reached over gRPC at ``address`` (``host:port``); create it inside the loop."""
+
+    def __init__(self, address: str, name: str | None = None) -> None:
+        self.address = address
+        self.name = name or address
+        self._channel = grpc.aio.insecure_channel(address, options=grpc_options())
+        self._stub = pb_grpc.EdgeNodeStub(self._channel)
+
+    async def describe(self) -> NodeInfo:
+        with _mapped_errors(self, "Describe"):
+            reply = await self._stub.Describe(pb.DescribeRequest(), timeout=CALL_TIMEOUT_S)
+        return NodeInfo.from_proto(reply)
+
+    async def profile(self, model: bytes, options: ProfileOptions) -> dict[str, Any]:
+        first = pb.ProfileChunk(
+            options=pb.ProfileOptions(
+                granularity=options.granularity,
+                threads=options.threads,
+                repeats=options.repeats,
+                warmup=options.warmup,
+            )
+        )
+        chunks = _chunked(model, first, lambda data: pb.ProfileChunk(data=data), None)
+        with _mapped_errors(self, "Profile"):
+            reply = await self._stub.Profile(chunks)
+        return json.loads(reply.profile_json)
+
+    async def load_stage(
+        self, spec: StageSpec, artifact: bytes, progress: ProgressCallback | None = None
+    ) -> StageInfo:
+        header = pb.StageHeader(
+            spec_json=json.dumps(spec.to_dict()),
+            total_bytes=len(artifact),
+            sha256=spec.artifact_sha256,
+        )
+        first = pb.StageChunk(header=header)
+        chunks = _chunked(artifact, first, lambda data: pb.StageChunk(data=data), progress)
+        with _mapped_errors(self, "LoadStage"):
+            reply = await self._stub.LoadStage(chunks)
+        return StageInfo.from_proto(reply.stage)
+
+    async def wire(
+        self,
+        next_address: str | None,
+        *,
+        outbound: LinkEmulation = NO_EMULATION,
+        inbound: LinkEmulation = NO_EMULATION,
+    ) -> None:
+        request = pb.WireRequest(
+            next_address=next_address or "",
+            outbound=link_to_proto(outbound),
+            inbound=link_to_proto(inbound),
+        )
+        with _mapped_errors(self, "Wire"):
+            await self._stub.Wire(request, timeout=CALL_TIMEOUT_S)
+
+    async def open_sender(self) -> FrameSender:
+        return _GrpcFrameSender(self, submit_stream(self._channel))
+
+    async def open_results(self, expected: Sequence[TensorSpec] | None = None) -> ResultStream:
+        call = results_stream(self._channel)
+        with _mapped_errors(self, "Results"):
+            await call.initial_metadata()
+            if call.done():  # failed before subscribing: read() raises the call's error
+                await call.read()
+        return _GrpcResultStream(self, call, expected)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
+class _GrpcFrameSender(FrameSender):
+    def __init__(self, node: GrpcWorkerHandle, call: grpc.aio.StreamStreamCall) -> None:
+        self._node = node
+        self._call = call
+        self._acks = asyncio.create_task(self._read_acks())
+
+    async def send(self, request_id: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        try:
+            await self._call.write(encode_frame(request_id, tensors))
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            await self._acks  # raises the call's error
+            raise  # the call ended without an error, yet refused the write
+
+    async def close(self) -> None:
+        with contextlib.suppress(asyncio.InvalidStateError):  # already ended: _acks knows why
+            await self._call.done_writing()
+        await self._acks
+
+    async def _read_acks(self) -> None:
+        try:
+            while await self._call.read() is not grpc.aio.EOF:
+                pass
+        except grpc.aio.AioRpcError as err:
+            raise _error(self._node, "Submit", err) from err
+
+
+class _GrpcResultStream(ResultStream):
+    def __init__(
+        self,
+        node: GrpcWorkerHandle,
+        call: grpc.aio.UnaryStreamCall,
+        expected: Sequence[TensorSpec] | None,
+    ) -> None:
+        self._node = node
+        self._call = call
+        self._expected = expected
+
+    async def __aiter__(self) -> AsyncIterator[Result]:
+        with _mapped_errors(self._node, "Results"):
+            async for frame in self._call:
+                if frame.failure is not None:
+                    failure = Failure.from_proto(pb.Failure.FromString(frame.failure))
+                    yield Result(failure.request_id, failure=failure)
+                else:
+                    request_id, outputs = decode_frame(frame.header, frame.payload, self._expected)
+                    yield Result(request_id, outputs=outputs)
+
+    async def close(self) -> None:
+        self._call.cancel()
+
+
+@contextlib.contextmanager
+def _mapped_errors(node: WorkerHandle, method: str) -> Iterator[None]:
+    """Map a failed call of ``method`` on ``node`` to the project's errors."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as err:
+        raise _error(node, method, err) from err
+
+
+def _error(node: WorkerHandle, method: str, err: grpc.aio.AioRpcError) -> EdgesplitError:
+    if err.code() in _UNREACHABLE:
+        return NodeUnreachableError(
+            f"node {node.name!r} at {node.address} is unreachable; "
+            f"is `edge-node --listen {node.address}` running there?"
+        )
+    return NodeRejectedError(
+        f"node {node.name!r} at {node.address} refused {method} "
+        f"({err.code().name}): {err.details()}"
+    )
+
+
+def _chunked(
+    data: bytes,
+    first: Any,
+    make: Callable[[bytes], Any],
+    progress: ProgressCallback | None,
+) -> Iterator[Any]:
+    """``first`` (carrying the first chunk of ``data``), then the rest of ``data`` in chunks."""
+    first.data = data[:CHUNK_BYTES]
+    yield first
+    for offset in range(CHUNK_BYTES, len(data), CHUNK_BYTES):
+        if progress is not None:
+            progress(offset, len(data))
+        yield make(data[offset : offset + CHUNK_BYTES])
+    if progress is not None:
+        progress(len(data), len(data))

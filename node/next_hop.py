@@ -1,0 +1,75 @@
+"""The long-lived ``Submit`` stream from this node to the next stage's node."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+
+import grpc
+
+from node.data_path import submit_stream
+from node.rpc_options import grpc_options
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_S = 10.0
+"""How long ``Wire`` waits for the next hop to accept a connection."""
+
+
+class NextHop:
+    """Forwards frames to the next node over one ``Submit`` stream, reopened after a failure.
+
+    A frame that cannot be written, or that was written but never acknowledged when the
+    stream broke, is logged by request id and not retried: replaying requests after a node
+    failure is the coordinator's job.
+    """
+
+    def __init__(self, address: str, max_message_bytes: int) -> None:
+        self.address = address
+        self._channel = grpc.aio.insecure_channel(address, options=grpc_options(max_message_bytes))
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self._acks: asyncio.Task[None] | None = None
+        self._unacked: deque[int] = deque()
+
+    async def connect(self, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+        """Wait until the next node accepts a connection; ``TimeoutError`` if it does not."""
+        await asyncio.wait_for(self._channel.channel_ready(), timeout_s)
+
+    async def deliver(self, request_id: int, frame: bytes) -> None:
+        """Write a serialized frame; waits while gRPC flow control pushes back."""
+        if self._call is None:
+            self._call = submit_stream(self._channel)
+            self._unacked.clear()
+            self._acks = asyncio.create_task(self._read_acks(self._call))
+        self._unacked.append(request_id)
+        try:
+            await self._call.write(frame)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as err:
+            log.error("request %d not forwarded to %s: %s", request_id, self.address, err)
+            self._call = None
+
+    async def _read_acks(self, call: grpc.aio.StreamStreamCall) -> None:
+        try:
+            while (ack := await call.read()) is not grpc.aio.EOF:
+                while self._unacked and self._unacked.popleft() != ack.request_id:
+                    pass
+        except grpc.aio.AioRpcError as err:
+            log.error(
+                "next hop %s broke the stream (%s: %s); unacknowledged requests: %s",
+                self.address, err.code().name, err.details(), list(self._unacked),
+            )
+            if self._call is call:
+                self._call = None
+
+    async def close(self) -> None:
+        """Finish the stream (the next node keeps what it acknowledged) and the channel."""
+        call, self._call = self._call, None
+        if call is not None:
+            try:
+                await call.done_writing()
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as err:
+                log.warning("closing the stream to %s: %s", self.address, err)
+        if self._acks is not None:
+            await self._acks
+        await self._channel.close()

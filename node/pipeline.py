@@ -1,0 +1,197 @@
+"""The stage runner: a bounded queue in, a compute loop, and a send loop to the next hop.
+
+Frames are decoded by the receiver and queued (a full queue makes the receiver wait, which
+gRPC flow control turns into backpressure on the sender). The compute loop runs the stage
+in a worker thread, stretches it to the emulated speed, and queues the encoded output; the
+send loop crosses the emulated outbound link and hands the frame to the sink. Compute and
+send overlap, so consecutive stages work on different requests at once, like a pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import statistics
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from node.codec import encode_frame
+from node.config import Device
+from node.link import EmulatedLink, LinkEmulation
+from node.messages import Failure, FailureCode, StageInfo
+from node.rpc import edgesplit_pb2 as pb
+from partition.artifact import ProgramRunner, run_stage
+from partition.loader import example_tensor
+from partition.spec import StageSpec
+
+log = logging.getLogger(__name__)
+
+QUEUE_DEPTH = 4
+"""Frames each queue holds before the side feeding it has to wait."""
+
+STATS_WINDOW = 100
+"""How many recent requests the median stage time is taken over."""
+
+
+@dataclass(frozen=True)
+class LoadedStage:
+    """A stage ready to run: its spec, its program (on the node's device), and its size."""
+
+    spec: StageSpec
+    program: ProgramRunner
+    size_bytes: int
+
+    @property
+    def info(self) -> StageInfo:
+        return StageInfo(self.spec.index, self.spec.artifact_sha256, self.size_bytes)
+
+
+@dataclass(frozen=True)
+class Work:
+    """A frame decoded for ``stage``, or (``failure``) a failure frame to pass on."""
+
+    request_id: int
+    stage: LoadedStage | None = None
+    tensors: dict[str, torch.Tensor] | None = None
+    failure: bytes | None = None
+
+
+class FrameSink(Protocol):
+    """Where the send loop delivers frames: the next hop, or the Results subscribers."""
+
+    async def deliver(self, request_id: int, frame: bytes) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class StageStats:
+    """Requests served and the median stage time of recent requests."""
+
+    def __init__(self) -> None:
+        self.requests_served = 0
+        self._recent: deque[float] = deque(maxlen=STATS_WINDOW)
+
+    def record(self, seconds: float) -> None:
+        self.requests_served += 1
+        self._recent.append(seconds)
+
+    @property
+    def p50_seconds(self) -> float:
+        return statistics.median(self._recent) if self._recent else 0.0
+
+
+class StageRunner:
+    """Runs this node's stage on queued frames and sends the results on."""
+
+    def __init__(self, *, node_name: str, device: Device, speed_factor: float) -> None:
+        self.node_name = node_name
+        self.stats = StageStats()
+        self.stage: LoadedStage | None = None
+        self.sink: FrameSink | None = None
+        self.inbound = EmulatedLink(LinkEmulation())
+        self._outbound = EmulatedLink(LinkEmulation())
+        self._device = torch.device(device.value)
+        self._speed_factor = speed_factor
+        self._inbox: asyncio.Queue[Work] = asyncio.Queue(QUEUE_DEPTH)
+        self._outbox: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue(QUEUE_DEPTH)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def queue_depth(self) -> int:
+        return self._inbox.qsize()
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._compute_loop(), name="compute"),
+            asyncio.create_task(self._send_loop(), name="send"),
+        ]
+        for task in self._tasks:
+            task.add_done_callback(_log_crash)
+
+    async def stop(self) -> None:
+        """Stop both loops, close the sink and release the worker thread."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.sink is not None:
+            await self.sink.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def place(self, program: ProgramRunner, spec: StageSpec) -> ProgramRunner:
+        """Put a freshly loaded program on this node's device and run it once, so the first
+        request does not pay for one-time initialization."""
+        program = program.to(self._device)
+        frame = {t.name: example_tensor(t).to(self._device) for t in spec.receives}
+        run_stage(program, spec, frame)
+        return program
+
+    async def wire(self, sink: FrameSink, outbound: LinkEmulation, inbound: LinkEmulation) -> None:
+        """Send output frames to ``sink`` from now on, over the given emulated links."""
+        old, self.sink = self.sink, sink
+        self._outbound = EmulatedLink(outbound)
+        self.inbound = EmulatedLink(inbound)
+        if old is not None and old is not sink:
+            await old.close()
+
+    async def submit(self, work: Work) -> None:
+        """Queue ``work``; waits while the queue is full."""
+        await self._inbox.put(work)
+
+    async def _compute_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            work = await self._inbox.get()
+            if work.stage is None or work.tensors is None:
+                if work.failure is None:
+                    raise RuntimeError(f"work for request {work.request_id} has nothing to do")
+                await self._outbox.put((work.request_id, work.failure))
+                continue
+            started = time.perf_counter()
+            frame = await loop.run_in_executor(
+                self._executor, self._compute, work.stage, work.request_id, work.tensors
+            )
+            compute_s = time.perf_counter() - started
+            await asyncio.sleep((1 / self._speed_factor - 1) * compute_s)
+            self.stats.record(time.perf_counter() - started)
+            await self._outbox.put((work.request_id, frame))
+
+    def _compute(
+        self, stage: LoadedStage, request_id: int, tensors: dict[str, torch.Tensor]
+    ) -> bytes:
+        """Run the stage on one frame and encode the result (in the worker thread)."""
+        try:
+            frame = {name: t.to(self._device) for name, t in tensors.items()}
+            return encode_frame(request_id, run_stage(stage.program, stage.spec, frame))
+        except Exception as err:  # the program raised: answer this request with a failure
+            log.warning("stage %d failed on request %d: %r", stage.spec.index, request_id, err)
+            return self.failure_frame(
+                request_id,
+                FailureCode.STAGE_FAILED,
+                f"stage {stage.spec.index} on node {self.node_name!r} failed on request "
+                f"{request_id}: {type(err).__name__}: {err}",
+            )
+
+    def failure_frame(self, request_id: int, code: FailureCode, message: str) -> bytes:
+        """A serialized frame answering ``request_id`` with a failure at this node's stage."""
+        index = self.stage.spec.index if self.stage is not None else -1
+        failure = Failure(request_id, code, message, self.node_name, index)
+        return pb.Frame(failure=failure.to_proto()).SerializeToString()
+
+    async def _send_loop(self) -> None:
+        while True:
+            request_id, frame = await self._outbox.get()
+            await self._outbound.carry(len(frame))
+            if self.sink is None:
+                raise RuntimeError("a frame was computed before the node was wired")
+            await self.sink.deliver(request_id, frame)
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("the %s loop died", task.get_name(), exc_info=task.exception())

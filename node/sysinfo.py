@@ -1,0 +1,38 @@
+"""What the machine a node runs on is: CPU model and count, memory."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), or the platform's best guess."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Model", "Hardware"):
+                return value.strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def memory_bytes() -> tuple[int, int]:
+    """``(total, available)`` memory in bytes; available is 0 where the OS does not say."""
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():
+        fields = {}
+        for line in meminfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields[key] = int(value.split()[0]) * 1024
+        return fields["MemTotal"], fields.get("MemAvailable", fields.get("MemFree", 0))
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = os.sysconf("SC_PHYS_PAGES") * page
+    available = os.sysconf("SC_AVPHYS_PAGES") * page if "SC_AVPHYS_PAGES" in os.sysconf_names else 0
+    return total, available

@@ -1,0 +1,134 @@
+"""Helpers for cluster tests: real ``edge-node`` processes on 127.0.0.1, small stages."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from partition.artifact import program_to_bytes, sha256
+from partition.spec import StageSpec, TensorSpec
+
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 10.0
+
+
+@dataclass
+class NodeProcess:
+    """One running ``edge-node``: its address, process and log file."""
+
+    name: str
+    address: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def node_command(address: str, *args: str) -> list[str]:
+    """The command line that runs ``edge-node --listen address``."""
+    return [sys.executable, "-m", "node.cli", "--listen", address, "--threads", "1", *args]
+
+
+def spawn_node(name: str, address: str, log_path: Path, *extra_args: str) -> NodeProcess:
+    """Start ``edge-node`` named ``name`` on ``address``, logging to ``log_path``."""
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            node_command(address, "--name", name, *extra_args),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    return NodeProcess(name, address, process, log_path)
+
+
+def wait_listening(node: NodeProcess, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Block until ``node`` accepts TCP connections; fail with its log if it exits first."""
+    host, _, port = node.address.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if node.process.poll() is not None:
+            pytest.fail(f"{node.name} exited with {node.process.returncode}:\n{node.log()}")
+        try:
+            socket.create_connection((host, int(port)), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    pytest.fail(f"{node.name} did not listen on {node.address} in {timeout_s}s:\n{node.log()}")
+
+
+def stop_node(node: NodeProcess) -> None:
+    """SIGTERM, then SIGKILL if the node has not exited after :data:`STOP_TIMEOUT_S`."""
+    if node.process.poll() is None:
+        node.process.terminate()
+        try:
+            node.process.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            node.process.kill()
+            node.process.wait()
+
+
+@dataclass(frozen=True)
+class StageArtifact:
+    """A stage's spec and its artifact bytes."""
+
+    spec: StageSpec
+    data: bytes
+
+
+def make_stage(
+    module: torch.nn.Module,
+    *,
+    index: int,
+    receives: TensorSpec,
+    sends: TensorSpec,
+) -> StageArtifact:
+    """Export a one-input, one-output ``module`` as stage ``index`` of a chain."""
+    example = torch.zeros(receives.shape, dtype=torch.float32)
+    data = program_to_bytes(torch.export.export(module, (example,)))
+    spec = StageSpec(
+        index=index,
+        node=f"node{index}",
+        start=index,
+        end=index + 1,
+        receives=(receives,),
+        inputs=(receives.name,),
+        outputs=(sends,),
+        sends=(sends,),
+        artifact_sha256=sha256(data),
+    )
+    return StageArtifact(spec, data)
+
+
+class Scale(torch.nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+class Shift(torch.nn.Module):
+    def __init__(self, offset: float) -> None:
+        super().__init__()
+        self.offset = offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.offset
+
+
+CHAIN_SHAPE = (2, 3)
