@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import io
@@ -10,6 +11,7 @@ import pickle
 import re
 import warnings
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -127,14 +129,8 @@ def export_module(
 ) -> torch.export.ExportedProgram:
     """Export ``module`` in eval mode without gradients; wrap failures in :class:`ExportError`."""
     module.eval()
-    # On failure torch also logs warnings with the failing graph; the error below says why in
-    # one line, so keep torch quiet unless debug logging is on.
-    torch_log = logging.getLogger("torch")
-    level = torch_log.level
-    if not log.isEnabledFor(logging.DEBUG):
-        torch_log.setLevel(logging.ERROR)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _quiet_torch():
             return torch.export.export(module, examples)
     except Exception as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -142,6 +138,21 @@ def export_module(
             f"torch.export could not trace {origin} ({type(err).__name__}: {reason}); "
             "make the model exportable or pass --debug for the full trace"
         ) from err
+
+
+@contextlib.contextmanager
+def _quiet_torch() -> Iterator[None]:
+    """Unless debug logging is on, silence what torch logs and prints to stderr when an
+    export fails (the partial graph): the :class:`ExportError` says why in one line."""
+    if log.isEnabledFor(logging.DEBUG):
+        yield
+        return
+    torch_log = logging.getLogger("torch")
+    level = torch_log.level
+    torch_log.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
     finally:
         torch_log.setLevel(level)
 

@@ -93,14 +93,20 @@ class Profile:
 
     @classmethod
     def from_dict(cls, data: dict, origin: str = "profile") -> Profile:
-        if data.get("version") != PROFILE_VERSION:
+        if not isinstance(data, dict) or data.get("version") != PROFILE_VERSION:
             raise ProfileMismatchError(
                 f"{origin} is not an edgesplit profile of version {PROFILE_VERSION}; "
                 "make it with `coordinator profile MODEL --json FILE`"
             )
-        fields = {k: v for k, v in data.items() if k != "version"}
-        fields["layers"] = tuple(LayerProfile(**layer) for layer in data["layers"])
-        return cls(**fields)
+        try:
+            fields = {k: v for k, v in data.items() if k != "version"}
+            fields["layers"] = tuple(LayerProfile(**layer) for layer in data["layers"])
+            return cls(**fields)
+        except (KeyError, TypeError) as err:
+            raise ProfileMismatchError(
+                f"{origin} is a malformed edgesplit profile ({err!r}); "
+                "make it again with `coordinator profile MODEL --json FILE`"
+            ) from err
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1))
