@@ -10,6 +10,7 @@ import logging
 import torch
 from torch.export.graph_signature import InputKind, OutputKind
 
+from partition.archive_safety import refuse_pickled_code
 from partition.errors import ModelLoadError
 from partition.spec import StageSpec
 
@@ -81,8 +82,9 @@ def load_program(data: bytes) -> ProgramRunner:
     Raises
     ------
     ModelLoadError
-        If ``data`` is not a ``torch.export`` archive.
+        If ``data`` is not a ``torch.export`` archive, or loading it would run pickled code.
     """
+    refuse_pickled_code(data, "the stage artifact")
     register_marker_op(data)
     try:
         program = torch.export.load(io.BytesIO(data))

@@ -18,13 +18,14 @@ from pathlib import Path
 import torch
 from torch.utils import _pytree as pytree
 
+from partition.archive_safety import refuse_pickled_code
 from partition.artifact import register_marker_op
-from partition.errors import ExportError, ModelLoadError
+from partition.errors import ExportError, ModelLoadError, TensorSpecError
 from partition.spec import TensorSpec, dtype_from_name
 
 log = logging.getLogger(__name__)
 
-_SHAPE = re.compile(r"^\d+(x\d+)*$")
+_SHAPE = re.compile(r"^[1-9]\d*(x[1-9]\d*)*$")
 _UNREGISTERED = re.compile(r"Deserializing ([\w.]+) in pytree is not registered")
 _EXPORT_HINT = "save it with torch.export.save(torch.export.export(model, example_args), path)"
 
@@ -57,7 +58,10 @@ def parse_input_shape(text: str) -> TensorSpec:
             "optionally with a dtype, e.g. 1x3x224x224 or 1x128:int64"
         )
     dtype = dtype or "float32"
-    dtype_from_name(dtype)
+    try:
+        dtype_from_name(dtype)
+    except TensorSpecError as err:
+        raise ModelLoadError(f"--input-shape {text!r}: {err}") from None
     return TensorSpec("input", dtype, tuple(int(d) for d in shape_text.split("x")))
 
 
@@ -110,12 +114,7 @@ def load_model_bytes(
             f"'{path}' is a TorchScript archive, which edgesplit cannot split; {_EXPORT_HINT}"
         )
     elif any(n.endswith("data.pkl") for n in names):
-        module = _load_pickle(path, data, allow_pickle)
-        if not input_shapes:
-            raise ModelLoadError(
-                f"'{path}' is a pickled module with no recorded inputs; "
-                "give each input's shape with --input-shape, e.g. --input-shape 1x3x224x224"
-            )
+        module = _load_pickle(path, data, allow_pickle, bool(input_shapes))
         examples = tuple(example_tensor(s) for s in input_shapes)
         program = export_module(module, examples, origin=path)
         return LoadedModel(program, digest, path, examples)
@@ -174,6 +173,7 @@ def _zip_names(path: str, data: bytes) -> list[str]:
 
 
 def _load_export_archive(path: str, data: bytes) -> torch.export.ExportedProgram:
+    refuse_pickled_code(data, f"'{path}'")
     try:
         program = _quiet_export_load(data)
     except _ArchiveError as err:
@@ -243,7 +243,9 @@ def flatten_grad_regions(program: torch.export.ExportedProgram) -> torch.export.
     return program.run_decompositions({})
 
 
-def _load_pickle(path: str, data: bytes, allow_pickle: bool) -> torch.nn.Module:
+def _load_pickle(
+    path: str, data: bytes, allow_pickle: bool, has_input_shapes: bool
+) -> torch.nn.Module:
     try:
         obj = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     except pickle.UnpicklingError:
@@ -263,6 +265,11 @@ def _load_pickle(path: str, data: bytes, allow_pickle: bool) -> torch.nn.Module:
         raise ModelLoadError(
             f"'{path}' is a pickled nn.Module and loading it runs code from the file; "
             "pass --allow-pickle if you trust it (with --input-shape), or " + _EXPORT_HINT
+        )
+    if not has_input_shapes:  # checked before unpickling: a refused file runs no code
+        raise ModelLoadError(
+            f"'{path}' is a pickled module with no recorded inputs; "
+            "give each input's shape with --input-shape, e.g. --input-shape 1x3x224x224"
         )
     log.warning("loading pickled module %s: this runs code from the file", path)
     try:

@@ -22,10 +22,13 @@ def cache_dir() -> Path:
     return Path(os.environ.get("EDGESPLIT_CACHE", Path.home() / ".cache" / "edgesplit"))
 
 
-def _cache_path(model: LoadedModel, layer_graph: LayerGraph, threads: int) -> Path:
-    key = "|".join(
-        [model.sha256, layer_graph.fingerprint(), device_name(), str(threads), torch.__version__]
-    )
+def _cache_path(
+    model: LoadedModel, layer_graph: LayerGraph, threads: int, repeats: int, warmup: int
+) -> Path:
+    key = "|".join([
+        model.sha256, layer_graph.fingerprint(), device_name(), str(threads), torch.__version__,
+        f"{repeats}x{warmup}",
+    ])
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
     return cache_dir() / "profiles" / f"{model.sha256[:12]}-{digest}.json"
 
@@ -41,7 +44,7 @@ def cached_profile(
     refresh: bool = False,
 ) -> tuple[Profile, bool]:
     """The model's profile on this machine, and whether it came from the cache."""
-    path = _cache_path(model, layer_graph, threads)
+    path = _cache_path(model, layer_graph, threads, repeats, warmup)
     if path.is_file() and not refresh:
         try:
             return Profile.load(path), True

@@ -80,7 +80,11 @@ def test_cached_profile_is_reused_and_keyed_by_threads(
                                  warmup=WARMUP)
     assert not cached and two.threads == 2
     assert len(list((sample_cache_dir / "profiles").glob("*.json"))) == len(files) + 1
-    assert cached_profile(sample.model, layer_graph, threads=2)[0] == two
+    assert cached_profile(sample.model, layer_graph, threads=2, repeats=REPEATS,
+                          warmup=WARMUP)[0] == two
+    more, cached = cached_profile(sample.model, layer_graph, threads=2, repeats=REPEATS + 1,
+                                  warmup=WARMUP)
+    assert not cached and more.repeats == REPEATS + 1  # a profile with fewer repeats won't do
     coarse = build_layer_graph(sample.model.program, 1)
     assert not cached_profile(sample.model, coarse, repeats=1, warmup=0)[1]
 

@@ -180,5 +180,5 @@ def test_stage_artifact_with_markers_loads_in_a_fresh_process(tmp_path: Path) ->
 
 
 def test_load_program_refuses_what_is_not_an_artifact() -> None:
-    with pytest.raises(ModelLoadError, match="not a torch.export archive"):
+    with pytest.raises(ModelLoadError, match="truncated or corrupt"):
         load_program(b"PK\x03\x04 not really a zip")
