@@ -2,9 +2,10 @@
 
 Frames are decoded by the receiver and queued (a full queue makes the receiver wait, which
 gRPC flow control turns into backpressure on the sender). The compute loop runs the stage
-in a worker thread, stretches it to the emulated speed, and queues the encoded output; the
-send loop crosses the emulated outbound link and hands the frame to the sink. Compute and
-send overlap, so consecutive stages work on different requests at once, like a pipeline.
+in a worker thread, stretches it to the emulated speed (its calibrated time over the speed
+factor), and queues the encoded output; the send loop crosses the emulated outbound link
+and hands the frame to the sink. Compute and send overlap, so consecutive stages work on
+different requests at once, like a pipeline.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from partition.spec import StageSpec
 
 log = logging.getLogger(__name__)
 
+CALIBRATION_RUNS = 10
+"""Runs of a freshly loaded stage whose fastest time is its compute time on this machine."""
+
 QUEUE_DEPTH = 4
 """Frames each queue holds before the side feeding it has to wait."""
 
@@ -40,11 +44,13 @@ STATS_WINDOW = 100
 
 @dataclass(frozen=True)
 class LoadedStage:
-    """A stage ready to run: its spec, its program (on the node's device), and its size."""
+    """A stage ready to run: its spec, its program (on the node's device), its size, and
+    the fastest of a few runs of it here (what an emulated slower device is scaled from)."""
 
     spec: StageSpec
     program: ProgramRunner
     size_bytes: int
+    calibrated_s: float
 
     @property
     def info(self) -> StageInfo:
@@ -123,13 +129,18 @@ class StageRunner:
             await self.sink.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    def place(self, program: ProgramRunner, spec: StageSpec) -> ProgramRunner:
-        """Put a freshly loaded program on this node's device and run it once, so the first
-        request does not pay for one-time initialization."""
+    def place(self, program: ProgramRunner, spec: StageSpec, size_bytes: int) -> LoadedStage:
+        """Put a freshly loaded program on this node's device, warm it up (so the first
+        request pays no one-time initialization) and time it (blocking)."""
         program = program.to(self._device)
         frame = {t.name: example_tensor(t).to(self._device) for t in spec.receives}
         run_stage(program, spec, frame)
-        return program
+        times = []
+        for _ in range(CALIBRATION_RUNS):
+            started = time.perf_counter()
+            run_stage(program, spec, frame)
+            times.append(time.perf_counter() - started)
+        return LoadedStage(spec, program, size_bytes, min(times))
 
     async def wire(self, sink: FrameSink, outbound: LinkEmulation, inbound: LinkEmulation) -> None:
         """Send output frames to ``sink`` from now on, over the given emulated links."""
@@ -156,8 +167,11 @@ class StageRunner:
             frame = await loop.run_in_executor(
                 self._executor, self._compute, work.stage, work.request_id, work.tensors
             )
-            compute_s = time.perf_counter() - started
-            await asyncio.sleep((1 / self._speed_factor - 1) * compute_s)
+            if self._speed_factor < 1:
+                # An emulated device takes its calibrated time over the speed factor, however
+                # busy the machine hosting it is (sleeping, so it burns no CPU meanwhile).
+                emulated_s = work.stage.calibrated_s / self._speed_factor
+                await asyncio.sleep(emulated_s - (time.perf_counter() - started))
             self.stats.record(time.perf_counter() - started)
             await self._outbox.put((work.request_id, frame))
 

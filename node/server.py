@@ -20,7 +20,7 @@ from node.errors import FrameError, FrameSpecError, ListenError
 from node.loading import receive_artifact
 from node.messages import FailureCode, NodeInfo, link_from_proto
 from node.next_hop import NextHop
-from node.pipeline import QUEUE_DEPTH, LoadedStage, StageRunner, Work
+from node.pipeline import QUEUE_DEPTH, StageRunner, Work
 from node.profiling import profile_on_node, receive_model
 from node.results import ResultsHub
 from node.rpc import edgesplit_pb2 as pb
@@ -84,16 +84,16 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
         started = time.perf_counter()
         try:
             spec, artifact = await receive_artifact(request_iterator)
-            program = await asyncio.to_thread(
-                lambda: self._runner.place(load_program(artifact), spec)
+            stage = await asyncio.to_thread(
+                lambda: self._runner.place(load_program(artifact), spec, len(artifact))
             )
         except EdgesplitError as err:  # ArtifactError, ModelLoadError
             log.warning("refused a stage: %s", err)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        stage = LoadedStage(spec, program, len(artifact))
         self._runner.stage = stage
         log.info(
-            "stage %d loaded: sha256 %s, %d bytes", spec.index, spec.artifact_sha256, len(artifact)
+            "stage %d loaded: sha256 %s, %d bytes, %.2f ms a request here",
+            spec.index, spec.artifact_sha256, len(artifact), stage.calibrated_s * 1e3,
         )
         return pb.LoadStageReply(
             stage=stage.info.to_proto(), load_seconds=time.perf_counter() - started
