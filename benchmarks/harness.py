@@ -1,0 +1,94 @@
+"""Shared steps of the cluster benchmarks: export a sample, plan it, run it on real workers.
+
+Not a test: nothing here asserts on time. Scripts import it as ``harness`` (they put
+``benchmarks/`` and the repository root on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from coordinator.bench import BenchResult, measure, random_inputs
+from coordinator.deploy import deploy
+from coordinator.local_cluster import LocalCluster
+from coordinator.samples import SampleBuilder, write_sample
+from partition.cluster import ClusterSpec
+from partition.layers import LayerGraph, build_layer_graph
+from partition.loader import LoadedModel, load_model
+from partition.plan import Plan
+from partition.profile_store import cached_profile
+from partition.profiler import Profile
+from partition.split import split
+
+
+@dataclass
+class Sample:
+    """An exported sample model, its layers, and its profile on this machine."""
+
+    model: LoadedModel
+    layer_graph: LayerGraph
+    profile: Profile
+
+
+def prepare(builder: SampleBuilder, folder: Path, name: str, granularity: str = "auto") -> Sample:
+    """Export ``builder``'s model to ``folder/name.pt2`` and profile it (1 thread, cached)."""
+    path = write_sample(builder, folder / f"{name}.pt2")
+    model = load_model(path)
+    layer_graph = build_layer_graph(model.program, granularity)
+    profile, _ = cached_profile(model, layer_graph, threads=1, repeats=20)
+    return Sample(model, layer_graph, profile)
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def with_free_ports(cluster: ClusterSpec) -> ClusterSpec:
+    """The same cluster on ports nothing listens on now."""
+    ports = free_ports(len(cluster.nodes))
+    nodes = tuple(
+        replace(node, address=f"127.0.0.1:{port}")
+        for node, port in zip(cluster.nodes, ports, strict=True)
+    )
+    return replace(cluster, nodes=nodes)
+
+
+def run_plans(
+    cluster: ClusterSpec, plans: list[Plan], layer_graph: LayerGraph, *, emulate: bool,
+    requests: int, concurrency: int,
+) -> list[BenchResult]:
+    """Start ``cluster`` as real workers here, then deploy and measure each plan in turn."""
+    state = Path(tempfile.mkdtemp(prefix="edgesplit-bench-"))
+    results = []
+    with LocalCluster(cluster, state):
+        for plan in plans:
+            asyncio.run(deploy(plan, split(plan, layer_graph), emulate_links=emulate))
+            results.append(asyncio.run(measure(
+                plan, random_inputs(plan.inputs), requests=requests, concurrency=concurrency,
+            )))
+    return results
+
+
+def machine() -> str:
+    """One line naming the machine, for the tables' captions."""
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
