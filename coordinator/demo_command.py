@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -54,11 +53,11 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
 
 
 def bundled_cluster() -> Path:
-    """The heterogeneous example cluster shipped in ``examples/``."""
-    here = Path(__file__).resolve().parent.parent / "examples" / DEMO_CLUSTER
-    if here.is_file():
-        return here
-    return Path(str(resources.files("coordinator") / DEMO_CLUSTER))
+    """The heterogeneous example cluster in the repository's ``examples/``."""
+    path = Path(__file__).resolve().parent.parent / "examples" / DEMO_CLUSTER
+    if not path.is_file():
+        raise EdgesplitError(f"{path} is missing; pass a cluster with --nodes NODES.yaml")
+    return path
 
 
 def run(args: argparse.Namespace) -> int:
