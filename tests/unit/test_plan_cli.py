@@ -1,0 +1,92 @@
+"""`coordinator plan` on the sample architectures and the example clusters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from coordinator.cli import main
+from coordinator.plot import pipeline_timeline
+from partition.plan import Plan
+from partition.profiler import Profile
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+CLUSTERS = sorted(EXAMPLES.glob("cluster-*.yaml"))
+ARCHITECTURES = ["resnet", "mobilenet_v2", "gpt2", "bert", "vit"]
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_plan_works_on_every_example_cluster(
+    architecture: str, sample_exported, tmp_path: Path, capsys
+) -> None:
+    sample = sample_exported(architecture)
+    assert len(CLUSTERS) == 3
+    for cluster in CLUSTERS:
+        out = tmp_path / f"{cluster.stem}.json"
+        code = main(["plan", str(sample.path), "--nodes", str(cluster), "-o", str(out),
+                     "--repeats", "2"])
+        assert code == 0, capsys.readouterr().err
+        plan = Plan.load(out)
+        assert plan.model_sha256 == sample.model.sha256
+        assert plan.stages[0].start == 0 and plan.stages[-1].end == len(plan.layer_names)
+        for before, after in zip(plan.stages, plan.stages[1:], strict=False):
+            assert before.end == after.start and before.sends == after.receives
+        for baseline in plan.baselines:  # exact: never worse than a rule that fits
+            if baseline.fits:
+                assert plan.throughput_per_s >= baseline.throughput_per_s * (1 - 1e-9)
+    printed = capsys.readouterr().out
+    assert "baselines on the same cost model" in printed and "predicted: latency" in printed
+
+
+def test_plan_writes_a_versioned_json_and_a_picture(sample_exported, tmp_path: Path) -> None:
+    sample = sample_exported("skip_dag")
+    out, png = tmp_path / "plan.json", tmp_path / "plan.png"
+    assert main(["plan", str(sample.path), "--nodes", str(EXAMPLES / "cluster-heterogeneous.yaml"),
+                 "-o", str(out), "--plot", str(png), "--objective", "latency",
+                 "--repeats", "2"]) == 0
+    data = json.loads(out.read_text())
+    assert data["schema"] == "edgesplit.plan/1" and data["objective"] == "latency"
+    assert {n["name"] for n in data["nodes"]} == {"camera", "gateway", "jetson", "laptop"}
+    assert len(data["links"]) == len(data["stages"]) + 1
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_timeline_never_runs_two_requests_on_one_resource_at_once(
+    sample_exported, tmp_path: Path
+) -> None:
+    sample = sample_exported("bert")
+    out = tmp_path / "plan.json"
+    assert main(["plan", str(sample.path), "--nodes", str(EXAMPLES / "cluster-homogeneous.yaml"),
+                 "-o", str(out), "--repeats", "2"]) == 0
+    bars = pipeline_timeline(Plan.load(out), requests=5)
+    by_resource: dict[str, list[tuple[float, float]]] = {}
+    for resource, _, start, end in bars:
+        by_resource.setdefault(resource, []).append((start, end))
+    for spans in by_resource.values():
+        spans.sort()
+        assert all(a_end <= b_start + 1e-12 for (_, a_end), (b_start, _) in
+                   zip(spans, spans[1:], strict=False))
+
+
+def test_a_profile_file_of_another_model_is_refused(
+    sample_exported, tmp_path: Path, capsys
+) -> None:
+    other = tmp_path / "other.json"
+    assert main(["profile", str(sample_exported("resnet").path), "--repeats", "2",
+                 "--json", str(other)]) == 0
+    Profile.load(other)
+    code = main(["plan", str(sample_exported("skip_dag").path), "--nodes",
+                 str(EXAMPLES / "cluster-heterogeneous.yaml"), "-o", str(tmp_path / "p.json"),
+                 "--profile", f"camera={other}", "--repeats", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "another model" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_profile_file_for_an_unknown_node_is_refused(
+    sample_exported, tmp_path: Path, capsys
+) -> None:
+    code = main(["plan", str(sample_exported("skip_dag").path), "--nodes",
+                 str(EXAMPLES / "cluster-heterogeneous.yaml"), "--profile", "nope=x.json"])
+    assert code == 2 and "NODE=FILE with NODE one of" in capsys.readouterr().err
