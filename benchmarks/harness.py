@@ -22,7 +22,7 @@ from partition.layers import LayerGraph, build_layer_graph
 from partition.loader import LoadedModel, load_model
 from partition.plan import Plan
 from partition.profile_store import cached_profile
-from partition.profiler import Profile
+from partition.profiler import Profile, device_name
 from partition.split import split
 
 
@@ -83,12 +83,5 @@ def run_plans(
 
 def machine() -> str:
     """One line naming the machine, for the tables' captions."""
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = device_name().removeprefix("cpu:")
     return f"{cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"

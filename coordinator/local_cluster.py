@@ -6,7 +6,6 @@ link delays are set when the pipeline is wired (see :mod:`coordinator.deploy`).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -17,8 +16,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from node.client import GrpcWorkerHandle
-from node.errors import NodeUnreachableError
+import grpc
+
+from node.rpc import edgesplit_pb2 as pb
+from node.rpc import edgesplit_pb2_grpc as pb_grpc
 from partition.cluster import ClusterSpec
 from partition.errors import EdgesplitError
 
@@ -74,7 +75,8 @@ def start_cluster(cluster: ClusterSpec, state_dir: Path) -> list[LocalNode]:
         for spec in cluster.nodes:
             started.append(_spawn(spec.name, spec.address, spec.speed, spec.threads, state_dir))
         write_state(state_dir, started)
-        asyncio.run(_wait_ready(started))
+        for node in started:
+            _wait_ready(node)
     except BaseException:
         stop_nodes(started)
         clear_state(state_dir)
@@ -99,31 +101,28 @@ def _spawn(
     return LocalNode(name, address, process.pid, str(log_path))
 
 
-async def _wait_ready(nodes: list[LocalNode]) -> None:
-    await asyncio.gather(*(_wait_one(node) for node in nodes))
-
-
-async def _wait_one(node: LocalNode) -> None:
+def _wait_ready(node: LocalNode) -> None:
+    """Block until ``node`` answers Describe with its own name (not some other server on its
+    port); fail with the last line of its log if it exits first."""
     deadline = time.monotonic() + READY_TIMEOUT_S
-    handle = GrpcWorkerHandle(node.address, node.name)
-    try:
+    with grpc.insecure_channel(node.address) as channel:
+        stub = pb_grpc.EdgeNodeStub(channel)
         while True:
+            try:
+                if stub.Describe(pb.DescribeRequest(), timeout=1.0).name == node.name:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
             if not _alive(node.pid):
                 tail = Path(node.log_path).read_text(errors="replace").strip().splitlines()
                 reason = tail[-1] if tail else "no output"
                 raise LocalClusterError(f"node {node.name!r} exited at start: {reason}")
-            try:
-                await handle.describe()
-                return
-            except NodeUnreachableError:
-                if time.monotonic() > deadline:
-                    raise LocalClusterError(
-                        f"node {node.name!r} did not answer on {node.address} within "
-                        f"{READY_TIMEOUT_S:.0f} s; see {node.log_path}"
-                    ) from None
-                await asyncio.sleep(0.2)
-    finally:
-        await handle.close()
+            if time.monotonic() > deadline:
+                raise LocalClusterError(
+                    f"node {node.name!r} did not answer on {node.address} within "
+                    f"{READY_TIMEOUT_S:.0f} s; see {node.log_path}"
+                )
 
 
 def stop_nodes(nodes: list[LocalNode], grace_s: float = STOP_GRACE_S) -> None:

@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 DEFAULT_WINDOW = 8
 """Requests in flight at once: enough to keep every stage of a short pipeline busy."""
 
+HEALTH_INTERVAL_S = 2.0
+"""How often the nodes are checked while requests are in flight."""
+
 Inputs = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
 
 
@@ -78,35 +81,40 @@ def bind_inputs(specs: Sequence[TensorSpec], inputs: Inputs) -> dict[str, torch.
 
 
 class Pipeline:
-    """A connection to a deployed plan: submit requests, await their outputs."""
+    """A connection to a deployed plan: submit requests, await their outputs.
 
-    def __init__(
-        self, plan: Plan, first: GrpcWorkerHandle, last: GrpcWorkerHandle, window: int
-    ) -> None:
+    While requests are in flight a watchdog asks every stage's node whether it is alive; if
+    one stops answering, every unanswered request fails with :class:`PipelineBrokenError`
+    instead of waiting forever.
+    """
+
+    def __init__(self, plan: Plan, window: int, health_interval_s: float) -> None:
         self.plan = plan
-        self._first = first
-        self._last = last
+        self._nodes = [GrpcWorkerHandle(s.address, s.node) for s in plan.stages]
         self._window = asyncio.Semaphore(window)
+        self._health_interval_s = health_interval_s
         self._ids = itertools.count(secrets.randbits(40) << 20)
         self._pending: dict[int, asyncio.Future[tuple[torch.Tensor, ...]]] = {}
         self._send_lock = asyncio.Lock()
         self._sender: FrameSender | None = None
         self._results: ResultStream | None = None
-        self._reader: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod
-    async def connect(cls, plan: Plan, window: int = DEFAULT_WINDOW) -> Pipeline:
+    async def connect(
+        cls, plan: Plan, window: int = DEFAULT_WINDOW,
+        health_interval_s: float = HEALTH_INTERVAL_S,
+    ) -> Pipeline:
         """Subscribe to the last stage's results and open the data path into the first."""
-        first = GrpcWorkerHandle(plan.stages[0].address, plan.stages[0].node)
-        last = (
-            first if len(plan.stages) == 1
-            else GrpcWorkerHandle(plan.stages[-1].address, plan.stages[-1].node)
-        )
-        pipeline = cls(plan, first, last, window)
+        pipeline = cls(plan, window, health_interval_s)
         try:
-            pipeline._results = await last.open_results(plan.outputs)
-            pipeline._reader = asyncio.create_task(pipeline._read_results())
-            pipeline._sender = await first.open_sender()
+            results = await pipeline._nodes[-1].open_results(plan.outputs)
+            pipeline._results = results
+            pipeline._tasks = [
+                asyncio.create_task(pipeline._read_results(results)),
+                asyncio.create_task(pipeline._watch_nodes()),
+            ]
+            pipeline._sender = await pipeline._nodes[0].open_sender()
         except BaseException:
             await pipeline.close()
             raise
@@ -144,18 +152,34 @@ class Pipeline:
         """Run many requests concurrently (at most ``window`` in flight); outputs in order."""
         return list(await asyncio.gather(*(self.infer(inputs) for inputs in many)))
 
-    async def _read_results(self) -> None:
-        assert self._results is not None
+    async def _read_results(self, results: ResultStream) -> None:
         error: EdgesplitError = PipelineBrokenError(
-            f"the last stage on {self._last.address} closed its results stream"
+            f"the last stage on {self._nodes[-1].address} closed its results stream"
         )
         try:
-            async for result in self._results:
+            async for result in results:
                 self._deliver(result)
         except NodeUnreachableError as err:
             error = PipelineBrokenError(f"lost the results stream: {err}")
         except EdgesplitError as err:
             error = err
+        self._fail_pending(error)
+
+    async def _watch_nodes(self) -> None:
+        while True:
+            await asyncio.sleep(self._health_interval_s)
+            if not self._pending:
+                continue
+            try:
+                await asyncio.gather(*(node.describe() for node in self._nodes))
+            except NodeUnreachableError as err:
+                self._fail_pending(PipelineBrokenError(
+                    f"{err} ({len(self._pending)} request(s) in flight got no answer); "
+                    "check it with `coordinator status`, then deploy again"
+                ))
+                return
+
+    def _fail_pending(self, error: EdgesplitError) -> None:
         for answer in self._pending.values():
             if not answer.done():
                 answer.set_exception(error)
@@ -164,15 +188,14 @@ class Pipeline:
         answer = self._pending.get(result.request_id)
         if answer is None or answer.done():
             return  # another client's request, or one already answered
-        if result.failure is not None:
+        if result.outputs is not None:
+            answer.set_result(tuple(result.outputs[spec.name] for spec in self.plan.outputs))
+        else:
             failure = result.failure
             answer.set_exception(RequestFailedError(
                 f"stage {failure.stage_index} on {failure.node} failed the request: "
                 f"{failure.message}"
             ))
-        else:
-            assert result.outputs is not None
-            answer.set_result(tuple(result.outputs[spec.name] for spec in self.plan.outputs))
 
     async def close(self) -> None:
         """Finish sending, stop listening, and release the connections."""
@@ -182,10 +205,7 @@ class Pipeline:
                 await sender.close()
         if self._results is not None:
             await self._results.close()
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-        await self._first.close()
-        if self._last is not self._first:
-            await self._last.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*(node.close() for node in self._nodes))
