@@ -17,7 +17,7 @@ from coordinator.deploy import (
     stage_artifacts,
 )
 from coordinator.local_cluster import default_state_dir, read_state
-from coordinator.pipeline import Pipeline
+from coordinator.pipeline import Pipeline, bind_inputs
 from partition.errors import EdgesplitError
 from partition.plan import Plan
 from partition.units import format_bytes
@@ -84,7 +84,7 @@ def ensure_deployed(plan: Plan, args: argparse.Namespace) -> None:
 
 def run_request(args: argparse.Namespace) -> int:
     plan = Plan.load(args.plan)
-    inputs = _read_inputs(args.input)
+    inputs = bind_inputs(plan.inputs, _read_inputs(args.input))  # refused before any deploy
     ensure_deployed(plan, args)
     outputs = asyncio.run(_infer_once(plan, inputs))
     torch.save(outputs[0] if len(outputs) == 1 else outputs, args.output)

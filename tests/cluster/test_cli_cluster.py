@@ -1,0 +1,339 @@
+"""The ``coordinator`` command line against real worker processes, and the emulation of slow
+devices and slow links.
+
+Every process a test starts is stopped when it ends, pass or fail: the ``up`` tests stop
+the nodes recorded in the state directory, the demo test kills any worker left on its ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from cluster_helpers import Shift, free_port, make_stage
+
+from coordinator.local_cluster import LocalNode, read_state, stop_nodes
+from coordinator.samples import build_sample, skip_dag, write_sample
+from node.client import GrpcWorkerHandle, Result
+from node.link import LinkEmulation
+from partition.errors import EdgesplitError
+from partition.spec import TensorSpec
+
+REPO = Path(__file__).resolve().parents[2]
+COMMAND_TIMEOUT_S = 180
+DEMO_TIMEOUT_S = 480
+SKIP_DAG_INPUT = (4, 64)
+
+
+# --- running the CLI -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path, sample_cache_dir: Path) -> dict[str, str]:
+    """The environment of ``coordinator`` subprocesses: a private state dir and cache."""
+    return {
+        **os.environ,
+        "EDGESPLIT_STATE": str(tmp_path / "state"),
+        "EDGESPLIT_CACHE": str(sample_cache_dir),
+    }
+
+
+def coordinator(
+    env: dict[str, str], *args: str | Path, timeout: float = COMMAND_TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
+    """Run ``coordinator ARGS`` to completion (as the console script would)."""
+    return subprocess.run(
+        [sys.executable, "-m", "coordinator.cli", *map(str, args)],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def ok(done: subprocess.CompletedProcess[str]) -> str:
+    """The command's stdout, after checking it succeeded."""
+    assert done.returncode == 0, f"{done.args} exited {done.returncode}:\n{done.stderr}"
+    return done.stdout
+
+
+def one_error_line(done: subprocess.CompletedProcess[str]) -> str:
+    """The single ``coordinator: error:`` line of a command that failed as a user error."""
+    assert done.returncode == 2, f"{done.args} exited {done.returncode}:\n{done.stderr}"
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("coordinator: error: "), lines[0]
+    return lines[0]
+
+
+def nodes_yaml(path: Path, nodes: list[tuple[str, str, str]], **extra: str) -> Path:
+    """Write a cluster file with ``(name, address, memory)`` nodes on a 1 Gbps LAN."""
+    lines = ["nodes:"]
+    lines += [f"  - {{name: {n}, address: '{a}', memory: {m}}}" for n, a, m in nodes]
+    lines += ["links:", "  default: {bandwidth: 1Gbps, latency: 1ms}"]
+    lines += [f"{key}: {value}" for key, value in extra.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def edge_node_running(pid: int) -> bool:
+    """True while ``pid`` is a running (not zombie) ``edge-node`` process."""
+    try:
+        return b"node.cli" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def edge_nodes_listening_on(addresses: set[str]) -> list[int]:
+    """Pids of running ``edge-node`` processes started with ``--listen`` one of ``addresses``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"node.cli" in argv and any(a.encode() in argv for a in addresses):
+            pids.append(int(entry.name))
+    return pids
+
+
+def status_rows(output: str) -> dict[str, list[str]]:
+    """``coordinator status``'s table: node name -> its cells."""
+    rows = {}
+    for line in output.splitlines():
+        cells = [cell.strip() for cell in line.split("│")[1:-1]]
+        if cells and cells[0] != "node":
+            rows[cells[0]] = cells
+    return rows
+
+
+# --- a simulated cluster started by `coordinator up` -----------------------------------------
+
+
+@pytest.fixture
+def up_nodes(tmp_path: Path) -> Iterator[list[LocalNode]]:
+    """A list for the nodes ``coordinator up`` reports; whatever is still running of them, or
+    of the state directory's record, is stopped when the test ends."""
+    started: list[LocalNode] = []
+    try:
+        yield started
+    finally:
+        try:
+            recorded = read_state(tmp_path / "state")
+        except EdgesplitError:
+            recorded = []
+        stop_nodes([n for n in [*started, *recorded] if edge_node_running(n.pid)])
+
+
+@pytest.fixture(scope="module")
+def skip_dag_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_sample(skip_dag(), tmp_path_factory.mktemp("cli-model") / "skip_dag.pt2")
+
+
+def test_up_plan_deploy_run_status_down(
+    tmp_path: Path, cli_env: dict[str, str], up_nodes: list[LocalNode], skip_dag_file: Path
+) -> None:
+    # 60 KiB each: the model (85 KiB) fits on neither node alone, so the plan uses both.
+    addresses = {"alpha": f"127.0.0.1:{free_port()}", "beta": f"127.0.0.1:{free_port()}"}
+    nodes = nodes_yaml(tmp_path / "nodes.yaml",
+                       [(name, address, "60KiB") for name, address in addresses.items()])
+
+    out = ok(coordinator(cli_env, "up", nodes))
+    for match in re.finditer(r"(\w+) listening on (\S+) \(pid (\d+), log (\S+)\)", out):
+        up_nodes.append(LocalNode(match[1], match[2], int(match[3]), match[4]))
+    assert {(n.name, n.address) for n in up_nodes} == set(addresses.items()), out
+    assert all(edge_node_running(n.pid) for n in up_nodes)
+
+    rows = status_rows(ok(coordinator(cli_env, "status")))
+    assert {name: rows[name][1:3] for name in addresses} == {
+        name: [address, "up"] for name, address in addresses.items()
+    }
+
+    plan_path = tmp_path / "plan.json"
+    ok(coordinator(cli_env, "plan", skip_dag_file, "--nodes", nodes, "-o", plan_path,
+                   "--repeats", "3"))
+    ok(coordinator(cli_env, "deploy", plan_path))
+    x = torch.randn(SKIP_DAG_INPUT, generator=torch.Generator().manual_seed(7))
+    torch.save(x, tmp_path / "in.pt")
+    ok(coordinator(cli_env, "run", plan_path, "--input", tmp_path / "in.pt",
+                   "--output", tmp_path / "out.pt"))
+    module, _ = build_sample(skip_dag())
+    with torch.no_grad():
+        expected = module(x)
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+    deployed = json.loads((tmp_path / "plan.deployed.json").read_text())
+    assert len(deployed["artifact_sha256"]) == 2
+    rows = status_rows(ok(coordinator(cli_env, "status")))
+    for address, sha in zip(deployed["addresses"], deployed["artifact_sha256"], strict=True):
+        [row] = [cells for cells in rows.values() if cells[1] == address]
+        assert row[2] == "up" and row[4] == sha[:12], row
+        assert int(row[5]) >= 1, row  # requests served
+
+    bad = torch.randn(4, 32)
+    torch.save(bad, tmp_path / "bad.pt")
+    line = one_error_line(coordinator(cli_env, "run", plan_path, "--input", tmp_path / "bad.pt",
+                                      "--output", tmp_path / "bad-out.pt"))
+    assert "float32[4, 32]" in line and "the model takes x: float32[4, 64]" in line, line
+    assert not (tmp_path / "bad-out.pt").exists()
+
+    assert "stopped 2 node(s)" in ok(coordinator(cli_env, "down"))
+    deadline = time.monotonic() + 15
+    while any(edge_node_running(n.pid) for n in up_nodes) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(edge_node_running(n.pid) for n in up_nodes)
+    assert read_state(tmp_path / "state") == []
+
+
+def test_deploy_to_an_unreachable_node_is_one_line(
+    tmp_path: Path, cli_env: dict[str, str], skip_dag_file: Path
+) -> None:
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    nodes = nodes_yaml(tmp_path / "nodes.yaml", [("ghost", address, "1GiB")])
+    plan_path = tmp_path / "plan.json"
+    ok(coordinator(cli_env, "plan", skip_dag_file, "--nodes", nodes, "-o", plan_path,
+                   "--repeats", "1"))
+    line = one_error_line(coordinator(cli_env, "deploy", plan_path))
+    assert f"node 'ghost' at {address} is unreachable" in line, line
+
+
+def test_up_with_a_remote_address_is_one_line(
+    tmp_path: Path, cli_env: dict[str, str], up_nodes: list[LocalNode]
+) -> None:
+    nodes = nodes_yaml(tmp_path / "nodes.yaml", [
+        ("here", f"127.0.0.1:{free_port()}", "1GiB"), ("there", "10.20.30.40:50051", "1GiB"),
+    ])
+    line = one_error_line(coordinator(cli_env, "up", nodes))
+    assert "'there' has address 10.20.30.40:50051" in line and "127.0.0.1:PORT" in line, line
+    assert read_state(tmp_path / "state") == []  # nothing was started
+
+
+# --- emulation on bare workers ----------------------------------------------------------------
+
+
+class Repeated(torch.nn.Module):
+    """One 1024x1024 linear layer applied eight times: about 15 ms of compute on 128 rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(1024, 1024)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(8):
+            x = torch.tanh(self.linear(x))
+        return x
+
+
+async def answer(handle: GrpcWorkerHandle, frames: dict[int, dict[str, torch.Tensor]]
+                 ) -> dict[int, Result]:
+    """Send ``frames`` into a single-stage node (wired to its Results) and collect each
+    answer, failing on any failure result."""
+    results = await handle.open_results()
+    answers: dict[int, Result] = {}
+    try:
+        sender = await handle.open_sender()
+        for request_id, tensors in frames.items():
+            await sender.send(request_id, tensors)
+        await sender.close()
+
+        async def collect() -> None:
+            async for result in results:
+                assert result.failure is None, result.failure
+                answers[result.request_id] = result
+                if len(answers) == len(frames):
+                    return
+
+        await asyncio.wait_for(collect(), 60)
+    finally:
+        await results.close()
+    return answers
+
+
+async def test_slow_node_takes_proportionally_longer(start_nodes) -> None:
+    shape = (128, 1024)
+    stage = make_stage(Repeated().eval(), index=0, receives=TensorSpec("x", "float32", shape),
+                       sends=TensorSpec("y", "float32", shape))
+    [fast] = start_nodes(1)
+    [slow] = start_nodes(1, "--speed-factor", "0.25")
+    p50 = {}
+    for node in (fast, slow):  # one at a time: the machine has two cores
+        handle = GrpcWorkerHandle(node.address, node.name)
+        try:
+            await handle.load_stage(stage.spec, stage.data)
+            await handle.wire(None)
+            await answer(handle, {rid: {"x": torch.randn(shape)} for rid in range(10)})
+            info = await handle.describe()
+        finally:
+            await handle.close()
+        assert info.requests_served == 10
+        p50[node.name] = info.p50_stage_seconds
+    assert p50[fast.name] > 0
+    ratio = p50[slow.name] / p50[fast.name]
+    assert 2.5 < ratio < 6, f"speed 0.25 vs 1: p50 stage times {p50}, ratio {ratio:.2f}"
+
+
+async def test_emulated_link_delays_a_megabyte_by_a_second(start_nodes) -> None:
+    spec = TensorSpec("x", "float32", (256 * 1024,))  # 1 MiB
+    stage = make_stage(Shift(1.0), index=0, receives=spec,
+                       sends=TensorSpec("y", "float32", spec.shape))
+    [node] = start_nodes(1)
+    handle = GrpcWorkerHandle(node.address, node.name)
+    x = torch.randn(spec.shape)
+
+    async def one_request(request_id: int) -> float:
+        started = time.perf_counter()
+        [result] = (await answer(handle, {request_id: {"x": x}})).values()
+        elapsed = time.perf_counter() - started
+        torch.testing.assert_close(result.outputs["y"], x + 1)
+        return elapsed
+
+    try:
+        await handle.load_stage(stage.spec, stage.data)
+        await handle.wire(None)
+        await one_request(1)  # warm up the connections
+        plain = await one_request(2)
+        await handle.wire(None, outbound=LinkEmulation(bytes_per_s=1e6, latency_s=0.0))
+        emulated = await one_request(3)
+    finally:
+        await handle.close()
+    assert 0.7 < emulated - plain < 2.0, f"plain {plain:.3f} s, emulated {emulated:.3f} s"
+
+
+# --- the demo -------------------------------------------------------------------------------
+
+
+def test_demo_end_to_end(tmp_path: Path, cli_env: dict[str, str]) -> None:
+    example = (REPO / "examples" / "cluster-heterogeneous.yaml").read_text()
+    addresses: set[str] = set()
+
+    def fresh(match: re.Match[str]) -> str:
+        address = f"127.0.0.1:{free_port()}"
+        addresses.add(address)
+        return address
+
+    nodes = tmp_path / "nodes.yaml"
+    nodes.write_text(re.sub(r"127\.0\.0\.1:\d+", fresh, example))
+    assert len(addresses) == 4
+    out = tmp_path / "demo"
+    try:
+        done = coordinator(cli_env, "demo", "--requests", "20", "--out", out, "--nodes", nodes,
+                           timeout=DEMO_TIMEOUT_S)
+        stdout = ok(done)
+        assert re.search(r"checked\s+20 outputs: all equal the single-process model's", stdout), \
+            stdout
+        assert (out / "plan.json").is_file() and (out / "plan.png").is_file()
+        assert edge_nodes_listening_on(addresses) == []
+    finally:
+        for pid in edge_nodes_listening_on(addresses):  # only if the demo failed to stop them
+            os.kill(pid, signal.SIGKILL)
