@@ -7,14 +7,15 @@ baseline that fits, one after another, with the same requests.
     .venv/bin/python benchmarks/plan_quality.py [--requests 60] [--json out/plan_quality.json]
 
 Clusters: ``examples/cluster-homogeneous.yaml``, ``examples/cluster-heterogeneous.yaml``, and
-a memory-tight one derived per model from the homogeneous cluster, whose nodes hold 30-55%
-of what the whole model needs (so it fits no single node).
+a memory-tight one derived per model from the homogeneous cluster: each node holds the largest
+layer plus 30-55% of the rest of what the whole model needs (so it fits no single node).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from dataclasses import replace
@@ -24,25 +25,33 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import harness  # noqa: E402
+import peer_pipelining  # noqa: E402
 
 from coordinator import samples  # noqa: E402
 from partition.cluster import ClusterSpec, load_cluster  # noqa: E402
 from partition.cost_builder import node_profiles, stage_memory_matrix  # noqa: E402
+from partition.errors import NoFeasiblePlanError  # noqa: E402
+from partition.layers import LayerGraph  # noqa: E402
 from partition.optimizer import Objective  # noqa: E402
 from partition.plan import baseline_plan, plan  # noqa: E402
 
-MODELS = {
-    "resnet (CNN)": samples.resnet(image=224, batch=4),
-    "gpt2": samples.gpt2(layers=8, width=384, seq=128),
-    "vit": samples.vit(layers=8, width=384, image=128),
+MODELS = {  # sample builder name and arguments
+    "resnet": ("resnet", {"image": 224, "batch": 4}),
+    "gpt2": ("gpt2", {"layers": 8, "width": 384, "seq": 128}),
+    "vit": ("vit", {"layers": 8, "width": 384, "image": 128}),
 }
 TIGHT_SHARES = (0.35, 0.55, 0.3, 0.45)
-"""Memory of each node of the memory-tight cluster, as a share of the whole model's need."""
+"""Memory of each node of the memory-tight cluster: its largest layer's need plus this share
+of the rest of what the whole model needs (so no node holds the whole model)."""
 
 
-def memory_tight(base: ClusterSpec, model_bytes: int) -> ClusterSpec:
+def memory_tight(base: ClusterSpec, layer_graph: LayerGraph) -> ClusterSpec:
+    memory = stage_memory_matrix(layer_graph)
+    count = layer_graph.num_layers
+    whole = int(memory[0, count])
+    largest = max(int(memory[i, i + 1]) for i in range(count))
     nodes = tuple(
-        replace(node, memory_bytes=int(share * model_bytes))
+        replace(node, memory_bytes=largest + int(share * (whole - largest)))
         for node, share in zip(base.nodes, TIGHT_SHARES, strict=True)
     )
     return replace(base, nodes=nodes)
@@ -50,14 +59,18 @@ def memory_tight(base: ClusterSpec, model_bytes: int) -> ClusterSpec:
 
 def measure_case(cluster_name: str, cluster: ClusterSpec, sample: harness.Sample,
                  requests: int) -> list[dict]:
-    ours = plan(sample.model, sample.layer_graph, cluster,
-                node_profiles(cluster, sample.profile, {}), Objective.THROUGHPUT)
+    cluster = harness.with_free_ports(cluster)
+    try:
+        ours = plan(sample.model, sample.layer_graph, cluster,
+                    node_profiles(cluster, sample.profile, {}), Objective.THROUGHPUT)
+    except NoFeasiblePlanError as err:
+        return [{"cluster": cluster_name, "strategy": "edgesplit", "stages": str(err)}]
     plans = [("edgesplit", ours)]
     plans += [(b.name, baseline_plan(ours, b, sample.layer_graph))
               for b in ours.baselines if b.fits and b.stages]
     skipped = [b.name for b in ours.baselines if not b.fits or not b.stages]
     results = harness.run_plans(
-        harness.with_free_ports(cluster), [p for _, p in plans], sample.layer_graph,
+        cluster, [p for _, p in plans], sample.layer_graph,
         emulate=True, requests=requests, concurrency=8,
     )
     rows = []
@@ -105,18 +118,25 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="edgesplit-models-"))
     print(f"machine: {harness.machine()}")
     every = []
+    threads = min(4, os.cpu_count() or 1)  # the clusters' four one-thread workers, capped
     for name in args.models:
-        sample = harness.prepare(MODELS[name], folder, name.split()[0])
-        need = int(stage_memory_matrix(sample.layer_graph)[0, sample.layer_graph.num_layers])
+        builder, kwargs = MODELS[name]
+        sample = harness.prepare(getattr(samples, builder)(**kwargs), folder, name)
         rows = []
         for cluster_name, cluster in (
             ("homogeneous", homogeneous),
             ("heterogeneous", heterogeneous),
-            ("memory-tight", memory_tight(homogeneous, need)),
+            ("memory-tight", memory_tight(homogeneous, sample.layer_graph)),
         ):
             rows += measure_case(cluster_name, cluster, sample, args.requests)
         print_table(name, rows)
+        single = peer_pipelining.measure_single_process(builder, kwargs, threads=threads,
+                                                        requests=args.requests)
+        if single["ok"]:
+            print(f"one process, {threads} threads (no emulation, the latency floor): "
+                  f"{1e3 / single['throughput_per_s']:.1f} ms a request")
         every += [{"model": name, **row} for row in rows]
+        every.append({"model": name, "strategy": f"one process, {threads} threads", **single})
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(every, indent=1))
