@@ -1,0 +1,113 @@
+"""deploy() against in-process fake workers: what it ships, and how it wires the chain."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from coordinator.deploy import deploy, link_emulation
+from node.client import WorkerHandle
+from node.errors import NodeUnreachableError
+from node.link import NO_EMULATION, LinkEmulation
+from node.messages import StageInfo
+from partition.optimizer import Objective
+from partition.plan import Link, Plan, PlannedStage
+from partition.spec import StageSpec
+from partition.split import StageArtifact
+
+
+class FakeWorker(WorkerHandle):
+    """Records every call; ``down`` makes it unreachable."""
+
+    def __init__(self, name: str, address: str, calls: list, down: bool = False) -> None:
+        self.name, self.address, self.calls, self.down = name, address, calls, down
+
+    async def describe(self):
+        if self.down:
+            raise NodeUnreachableError(f"node {self.name!r} is unreachable")
+        self.calls.append(("describe", self.name))
+
+    async def profile(self, model, options):
+        raise NotImplementedError
+
+    async def load_stage(self, spec, artifact, progress=None):
+        if progress:
+            progress(len(artifact), len(artifact))
+        self.calls.append(("load", self.name, spec.index))
+        return StageInfo(spec.index, spec.artifact_sha256, len(artifact))
+
+    async def wire(self, next_address, *, outbound=NO_EMULATION, inbound=NO_EMULATION):
+        self.calls.append(("wire", self.name, next_address, outbound, inbound))
+
+    async def open_sender(self):
+        raise NotImplementedError
+
+    async def open_results(self, expected=None):
+        raise NotImplementedError
+
+    async def close(self):
+        self.calls.append(("close", self.name))
+
+
+def _plan(nodes: list[str]) -> Plan:
+    stages = tuple(
+        PlannedStage(k, n, f"10.0.0.{k}:1", k, k + 1, f"l{k}", f"l{k}", (), (), 0.1, 0.0, 1, 2)
+        for k, n in enumerate(nodes)
+    )
+    hops = ["src", *nodes, "src"]
+    links = tuple(Link(a, b, 1e6 * (i + 1), 0.001 * (i + 1))
+                  for i, (a, b) in enumerate(zip(hops, hops[1:], strict=False)))
+    return Plan("0" * 64, "m.pt2", "auto", tuple(f"l{k}" for k in range(len(nodes))), (), (),
+                Objective.THROUGHPUT, "src", "src", {}, stages, links, 1.0, 0.5, True, 0.5)
+
+
+def _artifacts(plan: Plan) -> list[StageArtifact]:
+    return [StageArtifact(StageSpec(s.index, s.node, s.start, s.end, (), (), (), (), "ab" * 32),
+                          b"x" * (100 * (s.index + 1))) for s in plan.stages]
+
+
+async def test_deploy_loads_every_stage_then_wires_downstream_first() -> None:
+    plan = _plan(["a", "b", "c"])
+    calls: list = []
+    handles = {s.address: FakeWorker(s.node, s.address, calls) for s in plan.stages}
+    progress: list = []
+    record = await deploy(plan, _artifacts(plan), emulate_links=True,
+                          progress=lambda done, total: progress.append((done, total)),
+                          handles=handles)
+    loads = [c for c in calls if c[0] == "load"]
+    wires = [c for c in calls if c[0] == "wire"]
+    assert [c[1] for c in loads] == ["a", "b", "c"]
+    assert [c[1] for c in wires] == ["c", "b", "a"]  # no frame reaches an unwired node
+    assert wires[0][2] is None and wires[1][2] == "10.0.0.2:1" and wires[2][2] == "10.0.0.1:1"
+    assert wires[0][3] == LinkEmulation(4e6, 0.004)  # the last stage's link to the sink
+    assert wires[2][4] == LinkEmulation(1e6, 0.001)  # only the first stage emulates the source
+    assert wires[1][4] == NO_EMULATION
+    assert progress[-1] == (600, 600)
+    assert record.artifact_sha256 == ("ab" * 32,) * 3 and record.emulated_links
+    assert not [c for c in calls if c[0] == "close"]  # handles given are left open
+
+
+async def test_deploy_without_emulation_wires_plain_links() -> None:
+    plan = _plan(["a", "b"])
+    calls: list = []
+    handles = {s.address: FakeWorker(s.node, s.address, calls) for s in plan.stages}
+    await deploy(plan, _artifacts(plan), emulate_links=False, handles=handles)
+    assert all(c[3] == NO_EMULATION and c[4] == NO_EMULATION for c in calls if c[0] == "wire")
+
+
+async def test_deploy_checks_every_node_before_shipping_anything() -> None:
+    plan = _plan(["a", "b"])
+    calls: list = []
+    handles = {s.address: FakeWorker(s.node, s.address, calls, down=s.node == "b")
+               for s in plan.stages}
+    with pytest.raises(NodeUnreachableError, match="'b'"):
+        await deploy(plan, _artifacts(plan), emulate_links=False, handles=handles)
+    assert not [c for c in calls if c[0] in ("load", "wire")]
+
+
+def test_a_link_within_one_node_is_never_emulated() -> None:
+    assert link_emulation(Link("a", "a", 1e6, 0.01), emulate=True) == NO_EMULATION
+    assert link_emulation(Link("a", "b", 1e6, 0.01), emulate=False) == NO_EMULATION
+    link = Link("a", "b", 1e6, 0.01)
+    assert link_emulation(replace(link), emulate=True) == LinkEmulation(1e6, 0.01)
