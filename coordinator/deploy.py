@@ -69,6 +69,10 @@ def plan_layer_graph(plan: Plan, model_path: str | None = None) -> LayerGraph:
         If the model file differs from the one the plan was made for.
     """
     path = model_path or plan.model_path
+    if not Path(path).is_file():
+        raise PlanFormatError(
+            f"the plan's model file '{path}' does not exist here; pass it with --model PATH"
+        )
     model = load_model(path)
     if model.sha256 != plan.model_sha256:
         raise PlanFormatError(

@@ -90,3 +90,18 @@ def test_a_profile_file_for_an_unknown_node_is_refused(
     code = main(["plan", str(sample_exported("skip_dag").path), "--nodes",
                  str(EXAMPLES / "cluster-heterogeneous.yaml"), "--profile", "nope=x.json"])
     assert code == 2 and "NODE=FILE with NODE one of" in capsys.readouterr().err
+
+
+def test_deploy_names_a_moved_model_file_and_the_option_to_use(
+    sample_exported, tmp_path: Path, capsys
+) -> None:
+    moved = tmp_path / "model.pt2"
+    moved.write_bytes(sample_exported("skip_dag").path.read_bytes())
+    out = tmp_path / "plan.json"
+    assert main(["plan", str(moved), "--nodes", str(EXAMPLES / "cluster-homogeneous.yaml"),
+                 "-o", str(out), "--repeats", "2"]) == 0
+    moved.rename(tmp_path / "elsewhere.pt2")
+    capsys.readouterr()
+    assert main(["deploy", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist here; pass it with --model" in err and len(err.splitlines()) == 1
