@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,22 +26,32 @@ from partition.spec import TensorSpec
 SCHEMA = "edgesplit.plan/1"
 
 
+class LinkEncoding(enum.Enum):
+    """How tensors cross a link. A property of the plan, so that compressed encodings
+    (float16, int8 with scale and zero point) can be chosen per link; today every link
+    carries the tensors' raw bytes."""
+
+    RAW = "raw"
+
+
 @dataclass(frozen=True)
 class Link:
-    """A hop of the pipeline: ``src`` sends boundary tensors to ``dst``."""
+    """A hop of the pipeline: ``src`` sends boundary tensors to ``dst`` in ``encoding``."""
 
     src: str
     dst: str
     bytes_per_s: float
     latency_s: float
+    encoding: LinkEncoding = LinkEncoding.RAW
 
     def to_dict(self) -> dict[str, Any]:
         return {"from": self.src, "to": self.dst, "bytes_per_s": self.bytes_per_s,
-                "latency_s": self.latency_s}
+                "latency_s": self.latency_s, "encoding": self.encoding.value}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Link:
-        return cls(data["from"], data["to"], float(data["bytes_per_s"]), float(data["latency_s"]))
+        return cls(data["from"], data["to"], float(data["bytes_per_s"]), float(data["latency_s"]),
+                   LinkEncoding(data["encoding"]))
 
 
 @dataclass(frozen=True)
