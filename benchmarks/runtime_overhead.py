@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from node.allocator import keep_large_buffers  # noqa: E402
 from node.codec import WireFrame, decode_frame, encode_frame, read_frame  # noqa: E402
 from node.rpc_options import grpc_options, server_options  # noqa: E402
+from partition.allocator import keep_large_buffers  # noqa: E402
 
 SIZES = {"4 KB": 4 << 10, "64 KB": 64 << 10, "1 MB": 1 << 20, "16 MB": 16 << 20, "64 MB": 64 << 20}
 TARGET_BYTES_PER_SIZE = 512 << 20

@@ -15,7 +15,7 @@ from coordinator import (
     profile_command,
 )
 from coordinator.console import errors
-from node.allocator import keep_large_buffers
+from partition.allocator import keep_large_buffers
 from partition.errors import EdgesplitError
 
 COMMANDS = (

@@ -8,9 +8,9 @@ import logging
 import socket
 import sys
 
-from node.allocator import keep_large_buffers
 from node.config import Device, NodeConfig, best_device
 from node.server import serve
+from partition.allocator import keep_large_buffers
 from partition.errors import EdgesplitError
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from partition.allocator import keep_large_buffers
 from partition.artifact import ProgramRunner
 from partition.errors import ProfileMismatchError
 from partition.layers import LayerGraph
@@ -147,6 +148,7 @@ def profile_layers(
 
     ``progress(done, total)`` is called after each repeat.
     """
+    keep_large_buffers()  # allocate as a worker does, or big activations pay page faults
     modules = [build_range_module(layer_graph, i, i + 1) for i in range(layer_graph.num_layers)]
     whole = ProgramRunner(layer_graph.program)
     samples: list[list[float]] = [[] for _ in modules]

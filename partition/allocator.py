@@ -3,7 +3,8 @@
 glibc serves allocations above ``M_MMAP_THRESHOLD`` (at most 32 MB by default) with fresh
 ``mmap`` pages and unmaps them on free, so every large frame pays ~0.45 ms per MB in page
 faults. Raising the threshold and the trim threshold lets a node reuse the same memory for
-frame after frame (measured in ``benchmarks/runtime_overhead.py``).
+frame after frame (measured in ``benchmarks/runtime_overhead.py``). The profiler sets it
+too, so that layers are timed with the allocation behaviour the workers have.
 """
 
 from __future__ import annotations
