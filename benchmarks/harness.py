@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+from ports import free_ports
 
 from coordinator.bench import BenchResult, measure, random_inputs
 from coordinator.deploy import deploy
@@ -42,17 +43,6 @@ def prepare(builder: SampleBuilder, folder: Path, name: str, granularity: str = 
     layer_graph = build_layer_graph(model.program, granularity)
     profile, _ = cached_profile(model, layer_graph, threads=1, repeats=20)
     return Sample(model, layer_graph, profile)
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def with_free_ports(cluster: ClusterSpec) -> ClusterSpec:

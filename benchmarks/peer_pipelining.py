@@ -26,13 +26,13 @@ import multiprocessing as mp
 import os
 import platform
 import queue
-import socket
 import time
 import warnings
 from datetime import timedelta
 from typing import Any
 
 import torch
+from ports import free_ports
 
 MODES = ("stream", "per_request")
 HEADLINE_MODE = "stream"
@@ -80,13 +80,6 @@ def error_line(error: BaseException) -> str:
 
     cause = error.__cause__
     return describe(error) + (f" (caused by {describe(cause)})" if cause else "")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_processes(target, args_per_process: list[tuple], timeout_s: float) -> list[dict]:
@@ -272,7 +265,7 @@ def measure_peer(
     world_size = len(split_fqns) + 1
     base = {"requests": requests, "microbatches": microbatches, "world_size": world_size,
             "split": list(split_fqns), "torch": torch.__version__}
-    args = (world_size, port or free_port(), builder_name, builder_kwargs, list(split_fqns),
+    args = (world_size, port or free_ports(1)[0], builder_name, builder_kwargs, list(split_fqns),
             requests, microbatches, timeout_s)
     reports = run_processes(_rank_worker, [args] * world_size, timeout_s)
     if not reports[0]["ok"]:

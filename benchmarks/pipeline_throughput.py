@@ -21,6 +21,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import harness  # noqa: E402
 import peer_pipelining  # noqa: E402
+from ports import free_ports  # noqa: E402
 
 from coordinator import samples  # noqa: E402
 from partition.cluster import parse_cluster  # noqa: E402
@@ -32,7 +33,7 @@ GPT2 = {"layers": 8, "width": 512, "batch": 8, "seq": 128}
 
 
 def two_local_nodes() -> dict:
-    ports = harness.free_ports(2)
+    ports = free_ports(2)
     return {
         "nodes": [{"name": f"worker-{k}", "address": f"127.0.0.1:{port}", "memory": "4GiB",
                    "threads": 1} for k, port in enumerate(ports)],

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,8 @@ import grpc
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ports import free_ports  # noqa: E402
 
 from node.codec import WireFrame, decode_frame, encode_frame, read_frame  # noqa: E402
 from node.rpc_options import grpc_options, server_options  # noqa: E402
@@ -114,12 +115,6 @@ async def _measure(address: str) -> list[dict[str, float | str]]:
     return rows
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
@@ -129,7 +124,7 @@ def main() -> None:
     if args.serve:
         asyncio.run(_serve(args.serve))
         return
-    port = _free_port()
+    (port,) = free_ports(1)
     server = subprocess.Popen([sys.executable, __file__, "--serve", str(port)])
     try:
         rows = asyncio.run(_measure(f"127.0.0.1:{port}"))

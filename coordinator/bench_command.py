@@ -10,21 +10,18 @@ from rich.table import Table
 from coordinator.bench import BenchResult, measure, random_inputs
 from coordinator.console import console, ms
 from coordinator.deploy import deploy, plan_layer_graph
-from coordinator.deploy_command import ensure_deployed, on_simulated_cluster
+from coordinator.deploy_command import add_deploy_arguments, emulate_links, ensure_deployed
 from partition.plan import Plan, baseline_plan
 from partition.split import split
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("bench", help="measure a deployed plan against its prediction")
-    parser.add_argument("plan", help="plan.json from `coordinator plan`")
+    add_deploy_arguments(parser)
     parser.add_argument("-n", "--requests", type=int, default=200, help="requests (default 200)")
     parser.add_argument("-c", "--concurrency", type=int, default=8, help="in flight (default 8)")
     parser.add_argument("--baselines", action="store_true",
                         help="also deploy and measure every baseline that fits")
-    parser.add_argument("--model", help="the model file, if it moved since planning")
-    parser.add_argument("--emulate-links", action=argparse.BooleanOptionalAction, default=None,
-                        help="delay transfers as the plan's links would (default: simulated only)")
     parser.set_defaults(run=run)
 
 
@@ -36,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     if args.baselines:
         rows = [("edgesplit", plan, ours)]
         layer_graph = plan_layer_graph(plan, args.model)
-        emulate = on_simulated_cluster(plan) if args.emulate_links is None else args.emulate_links
+        emulate = emulate_links(plan, args)
         for baseline in plan.baselines:
             if not baseline.fits or not baseline.stages:
                 continue

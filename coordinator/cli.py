@@ -44,14 +44,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.run(args)
-    except EdgesplitError as err:
+    except (EdgesplitError, OSError) as err:
         if args.debug:
             raise
-        errors.print(f"coordinator: error: {err}", markup=False, soft_wrap=True)
+        errors.print(f"coordinator: error: {_one_line(err)}", markup=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         errors.print("coordinator: interrupted")
         return 130
+
+
+def _one_line(err: Exception) -> str:
+    """The message of a project error, or of a file the system refused to read or write."""
+    if isinstance(err, OSError) and err.filename:
+        return f"{err.filename}: {err.strerror}; check the path and its permissions"
+    return str(err)
 
 
 if __name__ == "__main__":

@@ -25,17 +25,18 @@ from partition.units import format_bytes
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("deploy", help="ship each stage to its node and wire the chain")
-    _add_deploy_arguments(parser)
+    add_deploy_arguments(parser)
     parser.set_defaults(run=run_deploy)
 
     parser = commands.add_parser("run", help="send one request through a deployed plan")
-    _add_deploy_arguments(parser)
+    add_deploy_arguments(parser)
     parser.add_argument("--input", required=True, help="torch.save of a tensor, tuple or dict")
     parser.add_argument("--output", required=True, help="where to torch.save the outputs")
     parser.set_defaults(run=run_request)
 
 
-def _add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
+def add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
+    """The plan, and how to find its model and treat its links (deploy, run, bench)."""
     parser.add_argument("plan", help="plan.json from `coordinator plan`")
     parser.add_argument("--model", help="the model file, if it moved since planning")
     parser.add_argument(
@@ -60,13 +61,16 @@ def ship(plan: Plan, args: argparse.Namespace) -> Deployment:
     with console.status("exporting stages"):
         artifacts = stage_artifacts(plan, args.model)
     total = sum(len(a.data) for a in artifacts)
-    emulate = args.emulate_links
-    if emulate is None:
-        emulate = on_simulated_cluster(plan)
+    emulate = emulate_links(plan, args)
     with progress_bar(f"shipping {format_bytes(total)}", total, in_bytes=True) as update:
         record = asyncio.run(deploy(plan, artifacts, emulate_links=emulate, progress=update))
     record.save(deployment_record_path(args.plan))
     return record
+
+
+def emulate_links(plan: Plan, args: argparse.Namespace) -> bool:
+    """``--emulate-links`` if given, else whether the plan runs on a simulated cluster."""
+    return on_simulated_cluster(plan) if args.emulate_links is None else args.emulate_links
 
 
 def on_simulated_cluster(plan: Plan) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 
 log = logging.getLogger(__name__)
@@ -20,6 +21,7 @@ _M_MMAP_THRESHOLD = -3
 _THRESHOLD_BYTES = 1 << 30
 
 
+@functools.cache
 def keep_large_buffers() -> bool:
     """Raise glibc's mmap and trim thresholds to 1 GiB; False where there is no glibc."""
     name = ctypes.util.find_library("c")

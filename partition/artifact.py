@@ -3,37 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
 import io
-import logging
 
 import torch
 from torch.export.graph_signature import InputKind, OutputKind
 
-from partition.archive_safety import refuse_pickled_code
-from partition.errors import ModelLoadError
+from partition.archive import load_archive
 from partition.spec import StageSpec
-
-log = logging.getLogger(__name__)
 
 
 def sha256(data: bytes) -> str:
     """Hex SHA-256 of ``data``."""
     return hashlib.sha256(data).hexdigest()
-
-
-_MARKER_OP = b"torch.ops.pippy."
-
-
-def register_marker_op(data: bytes) -> None:
-    """Register the op of ``pipe_split()`` markers if the archive ``data`` calls it.
-
-    ``pippy::_pipe_split`` exists only once ``torch.distributed.pipelining`` is imported
-    (about 2 s), and ``torch.export.load`` cannot resolve it otherwise, so import it only
-    for archives that name it (their graph JSON is stored uncompressed).
-    """
-    if _MARKER_OP in data and torch.distributed.is_available():
-        importlib.import_module("torch.distributed.pipelining")
 
 
 def program_to_bytes(program: torch.export.ExportedProgram) -> bytes:
@@ -46,8 +27,8 @@ def program_to_bytes(program: torch.export.ExportedProgram) -> bytes:
 class ProgramRunner:
     """Call an exported program's graph directly with its weights bound.
 
-    Lighter than ``ExportedProgram.module()``, whose input guards and pytree handling cost
-    about 0.7 ms a call; callers check tensors against the stage's signature themselves.
+    Lighter than ``ExportedProgram.module()``, whose input guards and pytree handling run on
+    every call; callers check tensors against the stage's signature themselves.
     Called with the user inputs positionally, returns the user outputs as a tuple.
     """
 
@@ -84,15 +65,7 @@ def load_program(data: bytes) -> ProgramRunner:
     ModelLoadError
         If ``data`` is not a ``torch.export`` archive, or loading it would run pickled code.
     """
-    refuse_pickled_code(data, "the stage artifact")
-    register_marker_op(data)
-    try:
-        program = torch.export.load(io.BytesIO(data))
-    except Exception as err:
-        raise ModelLoadError(
-            f"stage artifact is not a torch.export archive ({type(err).__name__}: {err})"
-        ) from err
-    return ProgramRunner(program)
+    return ProgramRunner(load_archive(data, "the stage artifact"))
 
 
 def run_stage(

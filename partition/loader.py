@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import io
 import logging
 import pickle
 import re
-import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,15 +16,13 @@ from pathlib import Path
 import torch
 from torch.utils import _pytree as pytree
 
-from partition.archive_safety import refuse_pickled_code
-from partition.artifact import register_marker_op
+from partition.archive import load_archive
 from partition.errors import ExportError, ModelLoadError, TensorSpecError
 from partition.spec import TensorSpec, dtype_from_name
 
 log = logging.getLogger(__name__)
 
 _SHAPE = re.compile(r"^[1-9]\d*(x[1-9]\d*)*$")
-_UNREGISTERED = re.compile(r"Deserializing ([\w.]+) in pytree is not registered")
 _EXPORT_HINT = "save it with torch.export.save(torch.export.export(model, example_args), path)"
 
 
@@ -108,7 +104,7 @@ def load_model_bytes(
     names = _zip_names(path, data)
     if any(n.endswith("/models/model.json") or n.endswith("serialized_exported_program.json")
            for n in names):
-        program = _load_export_archive(path, data)
+        program = flatten_grad_regions(load_archive(data, f"'{path}'"))
     elif any("/code/" in n for n in names) or any(n.endswith("constants.pkl") for n in names):
         raise ModelLoadError(
             f"'{path}' is a TorchScript archive, which edgesplit cannot split; {_EXPORT_HINT}"
@@ -170,64 +166,6 @@ def _zip_names(path: str, data: bytes) -> list[str]:
         raise ModelLoadError(
             f"'{path}' is truncated or corrupt ({err}); copy or save it again"
         ) from err
-
-
-def _load_export_archive(path: str, data: bytes) -> torch.export.ExportedProgram:
-    refuse_pickled_code(data, f"'{path}'")
-    try:
-        program = _quiet_export_load(data)
-    except _ArchiveError as err:
-        found = _UNREGISTERED.search(err.log)
-        if found is None:
-            raise ModelLoadError(
-                f"'{path}' is a damaged torch.export archive ({err}); save it again"
-            ) from err
-        module = found.group(1).rsplit(".", 1)[0]
-        try:
-            importlib.import_module(module)  # registers the archive's pytree output types
-            program = _quiet_export_load(data)
-        except (ImportError, _ArchiveError) as retry_err:
-            raise ModelLoadError(
-                f"'{path}' returns a pytree type from {module!r}, which cannot be imported here; "
-                "install it, or export a model that returns plain tensors or tuples"
-            ) from retry_err
-    return flatten_grad_regions(program)
-
-
-class _ArchiveError(Exception):
-    """``torch.export.load`` failed; ``log`` holds what torch logged about why."""
-
-    def __init__(self, cause: Exception, log: str) -> None:
-        super().__init__(f"{type(cause).__name__}")
-        self.log = log
-
-
-class _Capture(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-        if record.exc_info:
-            self.messages.append(logging.Formatter().formatException(record.exc_info))
-
-
-def _quiet_export_load(data: bytes) -> torch.export.ExportedProgram:
-    """Load an archive; torch logs the real reason for a failure, so capture it."""
-    register_marker_op(data)
-    torch_log = logging.getLogger("torch.export")
-    capture = _Capture()
-    handlers, propagate = torch_log.handlers, torch_log.propagate
-    torch_log.handlers, torch_log.propagate = [capture], False
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.export.load(io.BytesIO(data))
-    except Exception as err:
-        raise _ArchiveError(err, "\n".join(capture.messages)) from err
-    finally:
-        torch_log.handlers, torch_log.propagate = handlers, propagate
 
 
 def flatten_grad_regions(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:

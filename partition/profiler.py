@@ -117,7 +117,10 @@ class Profile:
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, ValueError) as err:
-            raise ProfileMismatchError(f"cannot read profile {path}: {err}") from err
+            raise ProfileMismatchError(
+                f"cannot read profile {path} ({err}); make one with "
+                "`coordinator profile MODEL --json FILE`"
+            ) from err
         return cls.from_dict(data, origin=str(path))
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
+
+from cluster_helpers import free_port
 
 from coordinator.cli import main
 from coordinator.local_cluster import LocalCluster
@@ -12,20 +13,14 @@ from partition.cluster import parse_cluster
 from partition.layers import build_layer_graph
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_nodes_profile_themselves_and_the_plan_uses_it(sample_exported, tmp_path: Path) -> None:
     sample = sample_exported("skip_dag")
     spec = {
         "nodes": [
-            {"name": "full", "address": f"127.0.0.1:{_free_port()}", "memory": "1GiB"},
-            {"name": "half", "address": f"127.0.0.1:{_free_port()}", "memory": "1GiB",
+            {"name": "full", "address": f"127.0.0.1:{free_port()}", "memory": "1GiB"},
+            {"name": "half", "address": f"127.0.0.1:{free_port()}", "memory": "1GiB",
              "speed": 0.5},
-            {"name": "gone", "address": f"127.0.0.1:{_free_port()}", "memory": "1GiB"},
+            {"name": "gone", "address": f"127.0.0.1:{free_port()}", "memory": "1GiB"},
         ],
         "links": {"default": {"bandwidth": "1Gbps", "latency": "1ms"}},
     }

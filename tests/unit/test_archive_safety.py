@@ -10,7 +10,7 @@ import model_zoo
 import pytest
 import torch
 
-from partition.archive_safety import refuse_pickled_code
+from partition.archive import refuse_pickled_code
 from partition.artifact import load_program, program_to_bytes
 from partition.errors import ModelLoadError
 from partition.loader import load_model
