@@ -8,6 +8,7 @@ import sys
 
 from coordinator import (
     bench_command,
+    certs_command,
     cluster_command,
     demo_command,
     deploy_command,
@@ -20,6 +21,7 @@ from partition.errors import EdgesplitError
 
 COMMANDS = (
     profile_command, plan_command, deploy_command, bench_command, cluster_command, demo_command,
+    certs_command,
 )
 
 

@@ -4,26 +4,36 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from pathlib import Path
 
+import yaml
 from rich.table import Table
 
 from coordinator.console import console, ms
+from coordinator.deploy import Deployment, deployment_record_path, plan_digest
 from coordinator.local_cluster import (
+    SECURE_NODES_FILE,
     clear_state,
     default_state_dir,
     read_state,
     start_cluster,
     stop_nodes,
+    with_fresh_certs,
 )
 from node.client import GrpcWorkerHandle
 from node.errors import NodeUnreachableError
-from partition.cluster import load_cluster
+from node.security import Security, client_security
+from partition.cluster import SecuritySpec, load_cluster
 from partition.plan import Plan
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("up", help="start a simulated cluster of real workers here")
     parser.add_argument("nodes", metavar="NODES.yaml")
+    parser.add_argument(
+        "--secure", action="store_true",
+        help="run the workers with fresh certificates (mutual TLS) and a token",
+    )
     parser.set_defaults(run=run_up)
 
     parser = commands.add_parser("down", help="stop the simulated cluster")
@@ -38,14 +48,28 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
 
 def run_up(args: argparse.Namespace) -> int:
     cluster = load_cluster(args.nodes)
+    state_dir = default_state_dir()
+    if args.secure:
+        cluster = with_fresh_certs(cluster, state_dir)
     with console.status(f"starting {len(cluster.nodes)} edge-node processes"):
-        nodes = start_cluster(cluster, default_state_dir())
+        nodes = start_cluster(cluster, state_dir)
     for node in nodes:
         console.print(
             f"{node.name} listening on {node.address} (pid {node.pid}, log {node.log_path})"
         )
+    if args.secure:
+        secure_nodes = write_secure_nodes(Path(args.nodes), cluster.security, state_dir)
+        console.print(f"mutual TLS and a token are on: plan with --nodes {secure_nodes}")
     console.print("stop them with `coordinator down`")
     return 0
+
+
+def write_secure_nodes(nodes: Path, security: SecuritySpec, state_dir: Path) -> Path:
+    """Copy ``nodes`` into ``state_dir`` with ``security`` as its ``security`` block."""
+    data = yaml.safe_load(nodes.read_text(encoding="utf-8"))
+    path = state_dir / SECURE_NODES_FILE
+    path.write_text(yaml.safe_dump({**data, "security": security.to_dict()}, sort_keys=False))
+    return path
 
 
 def run_down(args: argparse.Namespace) -> int:
@@ -58,28 +82,47 @@ def run_down(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
+    expected: list[str | None] | None = None
     if args.nodes:
-        targets = [(n.name, n.address) for n in load_cluster(args.nodes).nodes]
+        cluster = load_cluster(args.nodes)
+        targets = [(n.name, n.address) for n in cluster.nodes]
+        security = cluster.security
     elif args.plan:
-        targets = [(s.node, s.address) for s in Plan.load(args.plan).stages]
+        plan = Plan.load(args.plan)
+        targets = [(s.node, s.address) for s in plan.stages]
+        security = plan.security
+        record = Deployment.load(deployment_record_path(args.plan))
+        if record is not None and record.plan_sha256 == plan_digest(plan):
+            expected = list(record.artifact_sha256)
     else:
-        targets = [(n.name, n.address) for n in read_state(default_state_dir())]
+        state_dir = default_state_dir()
+        targets = [(n.name, n.address) for n in read_state(state_dir)]
         if not targets:
             console.print("no simulated cluster is up; pass --nodes NODES.yaml or --plan plan.json")
             return 1
-    console.print(asyncio.run(status_table(targets)))
+        secure_nodes = state_dir / SECURE_NODES_FILE
+        security = load_cluster(secure_nodes).security if secure_nodes.is_file() else None
+    console.print(asyncio.run(status_table(targets, client_security(security), expected)))
     return 0
 
 
-async def status_table(targets: list[tuple[str, str]]) -> Table:
-    """Node, address, up/down, stage and hash, requests served, queue depth, p50 stage time."""
+async def status_table(
+    targets: list[tuple[str, str]],
+    security: Security | None = None,
+    expected_sha256: list[str | None] | None = None,
+) -> Table:
+    """Node, address, up/down, stage and hash, requests served, queue depth, p50 stage time.
+
+    With ``expected_sha256`` (the hash ``deploy`` shipped to each target), a stage whose hash
+    differs is flagged.
+    """
     table = Table(title="nodes")
     for column in ("node", "address", "state", "stage", "hash", "served", "queue", "p50 ms"):
         table.add_column(column, justify="right" if column in ("served", "queue", "p50 ms")
                          else "left")
 
-    async def row(name: str, address: str) -> list[str]:
-        handle = GrpcWorkerHandle(address, name)
+    async def row(name: str, address: str, expected: str | None) -> list[str]:
+        handle = GrpcWorkerHandle(address, name, security)
         try:
             info = await handle.describe()
         except NodeUnreachableError:
@@ -87,13 +130,20 @@ async def status_table(targets: list[tuple[str, str]]) -> Table:
         finally:
             await handle.close()
         stage = info.stage
+        digest = stage.sha256[:12] if stage else "-"
+        if expected is not None and (stage is None or stage.sha256 != expected):
+            digest = f"[red]{digest} (plan: {expected[:12]})[/]"
         return [
             name, address, "[green]up[/]",
-            str(stage.index) if stage else "-", stage.sha256[:12] if stage else "-",
+            str(stage.index) if stage else "-", digest,
             str(info.requests_served), str(info.queue_depth),
             ms(info.p50_stage_seconds) if info.p50_stage_seconds else "-",
         ]
 
-    for cells in await asyncio.gather(*(row(n, a) for n, a in targets)):
+    hashes = expected_sha256 or [None] * len(targets)
+    rows = await asyncio.gather(
+        *(row(n, a, h) for (n, a), h in zip(targets, hashes, strict=True))
+    )
+    for cells in rows:
         table.add_row(*cells)
     return table

@@ -49,6 +49,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--requests", type=int, default=300, help="requests to run (default 300)")
     parser.add_argument("--nodes", help="cluster (default: the bundled heterogeneous example)")
     parser.add_argument("--out", default="out/demo", help="folder for the model, plan and plot")
+    parser.add_argument("--secure", action="store_true",
+                        help="run the workers with mutual TLS and a cluster token")
     parser.set_defaults(run=run)
 
 
@@ -71,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
     console.print(f"[bold]1. model[/] {model_path}: {layer_graph.num_layers} layers")
 
     console.print(f"[bold]2. cluster[/] starting {len(cluster.nodes)} edge-node processes")
-    with LocalCluster(cluster, out / "cluster"):
+    with LocalCluster(cluster, out / "cluster", secure=args.secure) as local:
+        cluster = local.cluster  # with --secure, it names the fresh certificates and token
         with progress_bar("3. profiling on this machine", 23) as update:
             local, _ = cached_profile(model, layer_graph, progress=update)
         console.print(f"[bold]3. profiled[/] whole model {local.model_median_s * 1e3:.1f} ms "

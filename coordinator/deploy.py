@@ -12,6 +12,7 @@ from pathlib import Path
 
 from node.client import GrpcWorkerHandle, WorkerHandle
 from node.link import NO_EMULATION, LinkEmulation
+from node.security import client_security
 from partition.errors import EdgesplitError, PlanFormatError
 from partition.layers import LayerGraph, build_layer_graph
 from partition.loader import load_model
@@ -113,7 +114,7 @@ async def deploy(
         If a node does not answer or refuses its stage.
     """
     owned = handles is None
-    handles = handles or {s.address: GrpcWorkerHandle(s.address, s.node) for s in plan.stages}
+    handles = handles or plan_handles(plan)
     try:
         nodes = [handles[s.address] for s in plan.stages]
         await asyncio.gather(*(node.describe() for node in nodes))
@@ -132,9 +133,11 @@ async def deploy(
         for k, (node, artifact) in enumerate(zip(nodes, artifacts, strict=True)):
             await node.load_stage(artifact.spec, artifact.data, on_bytes(k))
         for k in reversed(range(len(plan.stages))):  # downstream first: no frame finds a gap
-            next_address = plan.stages[k + 1].address if k + 1 < len(plan.stages) else None
+            after = plan.stages[k + 1] if k + 1 < len(plan.stages) else None
             await nodes[k].wire(
-                next_address,
+                after.address if after else None,
+                next_node=after.node if after else None,
+                previous_node=plan.stages[k - 1].node if k > 0 else None,
                 outbound=link_emulation(plan.links[k + 1], emulate_links),
                 inbound=link_emulation(plan.links[0], emulate_links) if k == 0 else NO_EMULATION,
             )
@@ -150,11 +153,17 @@ async def deploy(
     )
 
 
+def plan_handles(plan: Plan) -> dict[str, GrpcWorkerHandle]:
+    """A gRPC handle per stage's node, by address, with the plan's credentials."""
+    security = client_security(plan.security)
+    return {s.address: GrpcWorkerHandle(s.address, s.node, security) for s in plan.stages}
+
+
 async def is_deployed(plan: Plan, record: Deployment | None) -> bool:
     """True if every node still runs the stage ``record`` says ``deploy`` gave it."""
     if record is None or record.plan_sha256 != plan_digest(plan):
         return False
-    handles = [GrpcWorkerHandle(s.address, s.node) for s in plan.stages]
+    handles = list(plan_handles(plan).values())
     try:
         infos = await asyncio.gather(*(h.describe() for h in handles))
     except EdgesplitError:

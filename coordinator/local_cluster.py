@@ -1,7 +1,9 @@
 """A simulated edge cluster: one real ``edge-node`` process per node, on 127.0.0.1.
 
 Emulation is a property of each worker: its node's ``speed`` becomes ``--speed-factor``;
-link delays are set when the pipeline is wired (see :mod:`coordinator.deploy`).
+link delays are set when the pipeline is wired (see :mod:`coordinator.deploy`). With a
+``security`` block the workers run with TLS and the token, each with its certificate from
+beside the CA's (the layout ``coordinator certs`` writes); :func:`with_fresh_certs` makes one.
 """
 
 from __future__ import annotations
@@ -9,17 +11,21 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import grpc
 
+from coordinator.certs import make_certs, node_arguments
+from node.channels import channel_credentials, channel_options, token_metadata
 from node.rpc import edgesplit_pb2 as pb
 from node.rpc import edgesplit_pb2_grpc as pb_grpc
+from node.security import Security, client_security, is_loopback
 from partition.cluster import ClusterSpec
 from partition.errors import EdgesplitError
 
@@ -28,6 +34,9 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 10.0
 STATE_FILE = "cluster.json"
+CERTS_DIR = "certs"
+SECURE_NODES_FILE = "nodes.yaml"
+"""Written by ``coordinator up --secure``: the cluster's nodes.yaml with its ``security``."""
 
 
 class LocalClusterError(EdgesplitError):
@@ -59,24 +68,24 @@ def start_cluster(cluster: ClusterSpec, state_dir: Path) -> list[LocalNode]:
         come up (the message quotes its log); the nodes started so far are stopped.
     """
     for node in cluster.nodes:
-        host = node.address.rpartition(":")[0]
-        if host not in ("127.0.0.1", "localhost", "[::1]"):
+        if not is_loopback(node.address):
             raise LocalClusterError(
                 f"node {node.name!r} has address {node.address}; a simulated cluster runs on "
                 "this machine only, so use 127.0.0.1:PORT addresses"
             )
-    if read_state(state_dir):
-        raise LocalClusterError(
-            f"a simulated cluster is already up (state in {state_dir}); run `coordinator down`"
-        )
+    _check_none_up(state_dir)
+    security = client_security(cluster.security)
     state_dir.mkdir(parents=True, exist_ok=True)
     started: list[LocalNode] = []
     try:
         for spec in cluster.nodes:
-            started.append(_spawn(spec.name, spec.address, spec.speed, spec.threads, state_dir))
+            extra = node_arguments(cluster.security, spec.name) if cluster.security else []
+            started.append(
+                _spawn(spec.name, spec.address, spec.speed, spec.threads, state_dir, extra)
+            )
         write_state(state_dir, started)
         for node in started:
-            _wait_ready(node)
+            _wait_ready(node, security)
     except BaseException:
         stop_nodes(started)
         clear_state(state_dir)
@@ -84,13 +93,30 @@ def start_cluster(cluster: ClusterSpec, state_dir: Path) -> list[LocalNode]:
     return started
 
 
+def with_fresh_certs(cluster: ClusterSpec, state_dir: Path) -> ClusterSpec:
+    """``cluster`` with a ``security`` block naming new certificates and a new token, made in
+    ``state_dir/certs`` (replacing any there from an earlier cluster)."""
+    _check_none_up(state_dir)
+    certs = state_dir / CERTS_DIR
+    shutil.rmtree(certs, ignore_errors=True)
+    return replace(cluster, security=make_certs(certs, cluster))
+
+
+def _check_none_up(state_dir: Path) -> None:
+    if read_state(state_dir):
+        raise LocalClusterError(
+            f"a simulated cluster is already up (state in {state_dir}); run `coordinator down`"
+        )
+
+
 def _spawn(
-    name: str, address: str, speed: float | None, threads: int | None, state_dir: Path
+    name: str, address: str, speed: float | None, threads: int | None, state_dir: Path,
+    extra_args: list[str],
 ) -> LocalNode:
     log_path = state_dir / f"{name}.log"
     command = [
         sys.executable, "-m", "node.cli", "--listen", address, "--name", name,
-        "--speed-factor", str(speed or 1.0), "--threads", str(threads or 1),
+        "--speed-factor", str(speed or 1.0), "--threads", str(threads or 1), *extra_args,
     ]
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(
@@ -101,15 +127,21 @@ def _spawn(
     return LocalNode(name, address, process.pid, str(log_path))
 
 
-def _wait_ready(node: LocalNode) -> None:
+def _wait_ready(node: LocalNode, security: Security | None) -> None:
     """Block until ``node`` answers Describe with its own name (not some other server on its
     port); fail with the last line of its log if it exits first."""
     deadline = time.monotonic() + READY_TIMEOUT_S
-    with grpc.insecure_channel(node.address) as channel:
+    options = channel_options(security, node.name)
+    with (
+        grpc.secure_channel(node.address, channel_credentials(security), options)
+        if security and security.tls else grpc.insecure_channel(node.address, options)
+    ) as channel:
         stub = pb_grpc.EdgeNodeStub(channel)
         while True:
             try:
-                if stub.Describe(pb.DescribeRequest(), timeout=1.0).name == node.name:
+                reply = stub.Describe(pb.DescribeRequest(), timeout=1.0,
+                                      metadata=token_metadata(security))
+                if reply.name == node.name:
                     return
             except grpc.RpcError:
                 pass
@@ -173,18 +205,26 @@ def read_state(state_dir: Path) -> list[LocalNode]:
 
 def clear_state(state_dir: Path) -> None:
     (state_dir / STATE_FILE).unlink(missing_ok=True)
+    (state_dir / SECURE_NODES_FILE).unlink(missing_ok=True)
 
 
 class LocalCluster:
     """Context manager: the simulated cluster is up inside the ``with`` block, and always
-    stopped when it ends, even on an error."""
+    stopped when it ends, even on an error.
 
-    def __init__(self, cluster: ClusterSpec, state_dir: Path) -> None:
+    With ``secure``, the workers run with fresh certificates and a token, and
+    :attr:`cluster` carries the ``security`` block to plan and connect with.
+    """
+
+    def __init__(self, cluster: ClusterSpec, state_dir: Path, *, secure: bool = False) -> None:
         self.cluster = cluster
         self.state_dir = state_dir
+        self.secure = secure
         self.nodes: list[LocalNode] = []
 
     def __enter__(self) -> LocalCluster:
+        if self.secure:
+            self.cluster = with_fresh_certs(self.cluster, self.state_dir)
         self.nodes = start_cluster(self.cluster, self.state_dir)
         return self
 

@@ -22,6 +22,7 @@ import torch
 
 from node.client import FrameSender, GrpcWorkerHandle, Result, ResultStream
 from node.errors import NodeUnreachableError
+from node.security import client_security
 from partition.errors import EdgesplitError, TensorSpecError
 from partition.plan import Plan
 from partition.spec import TensorSpec
@@ -90,7 +91,8 @@ class Pipeline:
 
     def __init__(self, plan: Plan, window: int, health_interval_s: float) -> None:
         self.plan = plan
-        self._nodes = [GrpcWorkerHandle(s.address, s.node) for s in plan.stages]
+        security = client_security(plan.security)
+        self._nodes = [GrpcWorkerHandle(s.address, s.node, security) for s in plan.stages]
         self._window = asyncio.Semaphore(window)
         self._health_interval_s = health_interval_s
         self._ids = itertools.count(secrets.randbits(40) << 20)

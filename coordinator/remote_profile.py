@@ -9,6 +9,7 @@ from dataclasses import replace
 from node.client import GrpcWorkerHandle
 from node.errors import NodeUnreachableError
 from node.profiling import ProfileOptions
+from node.security import Security, client_security
 from partition.artifact import program_to_bytes
 from partition.cluster import ClusterSpec
 from partition.layers import LayerGraph
@@ -32,6 +33,7 @@ def profile_on_nodes(
     a warning; the planner then scales this machine's profile by their ``speed``."""
     # The exported program itself, so a model given as a pickle is profiled as exported.
     data = program_to_bytes(model.program)
+    security = client_security(cluster.security)
     measured: dict[str, Profile] = {}
     for node in cluster.nodes:
         if node.name in exclude:
@@ -39,7 +41,7 @@ def profile_on_nodes(
         options = ProfileOptions(layer_graph.granularity, node.threads or 1, repeats, warmup)
         try:
             profile = Profile.from_dict(asyncio.run(_profile(node.address, node.name, data,
-                                                             options)))
+                                                             options, security)))
         except NodeUnreachableError as err:
             log.warning("%s; planning it with its configured speed instead", err)
             continue
@@ -50,8 +52,10 @@ def profile_on_nodes(
     return measured
 
 
-async def _profile(address: str, name: str, data: bytes, options: ProfileOptions) -> dict:
-    handle = GrpcWorkerHandle(address, name)
+async def _profile(
+    address: str, name: str, data: bytes, options: ProfileOptions, security: Security | None
+) -> dict:
+    handle = GrpcWorkerHandle(address, name, security)
     try:
         return await handle.profile(data, options)
     finally:

@@ -9,6 +9,8 @@ import socket
 import sys
 
 from node.config import Device, NodeConfig, best_device
+from node.errors import SecurityConfigError
+from node.security import load_security
 from node.server import serve
 from partition.allocator import keep_large_buffers
 from partition.errors import EdgesplitError
@@ -35,6 +37,15 @@ def _parser() -> argparse.ArgumentParser:
         help="emulate a slower device: 0.5 makes compute take twice as long (default 1)",
     )
     parser.add_argument(
+        "--token-file", metavar="PATH", help="the cluster token; every call must carry it"
+    )
+    parser.add_argument("--tls-cert", metavar="PATH", help="this node's certificate (PEM)")
+    parser.add_argument("--tls-key", metavar="PATH", help="this node's private key (PEM)")
+    parser.add_argument(
+        "--tls-ca", metavar="PATH",
+        help="the cluster's CA certificate: callers must show a certificate it signed",
+    )
+    parser.add_argument(
         "--log-level",
         default="INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -58,8 +69,11 @@ def main(argv: list[str] | None = None) -> None:
             threads=args.threads,
             device=args.device,
             speed_factor=args.speed_factor,
+            security=load_security(
+                token_file=args.token_file, ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key
+            ),
         )
-    except ValueError as err:
+    except (ValueError, SecurityConfigError) as err:
         parser.error(str(err))
     try:
         asyncio.run(serve(config))

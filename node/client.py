@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 import torch
 
+from node.channels import open_channel
 from node.codec import decode_frame, encode_frame
 from node.data_path import results_stream, submit_stream
 from node.errors import NodeRejectedError, NodeUnreachableError
@@ -26,7 +27,7 @@ from node.messages import Failure, NodeInfo, StageInfo, link_to_proto
 from node.profiling import ProfileOptions
 from node.rpc import edgesplit_pb2 as pb
 from node.rpc import edgesplit_pb2_grpc as pb_grpc
-from node.rpc_options import grpc_options
+from node.security import Security
 from partition.errors import EdgesplitError
 from partition.spec import StageSpec, TensorSpec
 
@@ -40,6 +41,10 @@ ProgressCallback = Callable[[int, int], None]
 """Called with ``(bytes_sent, total_bytes)`` as an upload proceeds."""
 
 _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# How gRPC describes connections that failed in the TLS handshake.
+_CONNECT_FAILED = "failed to connect to all addresses"
+_SERVER_DROPPED = "Socket closed"
+_HANDSHAKE_FAILED = ("handshake failed", "Hostname Verification", "certificate")
 
 
 @dataclass(frozen=True)
@@ -102,10 +107,16 @@ class WorkerHandle(ABC):
         self,
         next_address: str | None,
         *,
+        next_node: str | None = None,
+        previous_node: str | None = None,
         outbound: LinkEmulation = NO_EMULATION,
         inbound: LinkEmulation = NO_EMULATION,
     ) -> None:
-        """Send outputs to ``next_address``, or (``None``) to Results subscribers here."""
+        """Send outputs to ``next_address``, or (``None``) to Results subscribers here.
+
+        With TLS, the next hop's certificate must name ``next_node``, and only
+        ``previous_node`` (besides the coordinator) may send frames here.
+        """
 
     @abstractmethod
     async def open_sender(self) -> FrameSender:
@@ -124,12 +135,17 @@ class WorkerHandle(ABC):
 
 
 class GrpcWorkerHandle(WorkerHandle):
-    """A node reached over gRPC at ``address`` (``host:port``); create it inside the loop."""
+    """A node reached over gRPC at ``address`` (``host:port``); create it inside the loop.
 
-    def __init__(self, address: str, name: str | None = None) -> None:
+    With TLS and a ``name``, the node's certificate must name it.
+    """
+
+    def __init__(
+        self, address: str, name: str | None = None, security: Security | None = None
+    ) -> None:
         self.address = address
         self.name = name or address
-        self._channel = grpc.aio.insecure_channel(address, options=grpc_options())
+        self._channel = open_channel(address, security, server_name=name)
         self._stub = pb_grpc.EdgeNodeStub(self._channel)
 
     async def describe(self) -> NodeInfo:
@@ -169,11 +185,15 @@ class GrpcWorkerHandle(WorkerHandle):
         self,
         next_address: str | None,
         *,
+        next_node: str | None = None,
+        previous_node: str | None = None,
         outbound: LinkEmulation = NO_EMULATION,
         inbound: LinkEmulation = NO_EMULATION,
     ) -> None:
         request = pb.WireRequest(
             next_address=next_address or "",
+            next_node=next_node or "",
+            previous_node=previous_node or "",
             outbound=link_to_proto(outbound),
             inbound=link_to_proto(inbound),
         )
@@ -256,6 +276,20 @@ def _mapped_errors(node: WorkerHandle, method: str) -> Iterator[None]:
 
 
 def _error(node: WorkerHandle, method: str, err: grpc.aio.AioRpcError) -> EdgesplitError:
+    details = err.details() or ""
+    if err.code() in _UNREACHABLE and details.startswith(_CONNECT_FAILED):
+        if _SERVER_DROPPED in details:
+            return NodeUnreachableError(
+                f"node {node.name!r} at {node.address} closed the connection during the TLS "
+                "handshake: it requires TLS with a certificate from its cluster's CA, so use "
+                "that cluster's ca, cert and key (the security block of nodes.yaml)"
+            )
+        if any(sign in details for sign in _HANDSHAKE_FAILED):
+            return NodeUnreachableError(
+                f"node {node.name!r} at {node.address} failed the TLS handshake: its "
+                f"certificate is not from our CA or does not name node {node.name!r}; start it "
+                "with this cluster's certificates (`coordinator certs`)"
+            )
     if err.code() in _UNREACHABLE:
         return NodeUnreachableError(
             f"node {node.name!r} at {node.address} is unreachable; "

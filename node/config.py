@@ -9,6 +9,7 @@ from enum import StrEnum
 import torch
 
 from node.rpc_options import MAX_MESSAGE_BYTES
+from node.security import Security
 
 
 class Device(StrEnum):
@@ -34,7 +35,8 @@ class NodeConfig:
 
     ``speed_factor`` emulates a slower device: each stage's compute is stretched to take
     ``1 / speed_factor`` times as long (0.5 = half as fast), by sleeping, not by burning CPU.
-    ``threads`` of ``None`` keeps torch's default thread count.
+    ``threads`` of ``None`` keeps torch's default thread count. ``security`` of ``None``
+    serves without TLS or token.
     """
 
     listen: str
@@ -43,6 +45,7 @@ class NodeConfig:
     device: Device = field(default_factory=best_device)
     speed_factor: float = 1.0
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    security: Security | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.speed_factor <= 1:

@@ -31,3 +31,7 @@ class ArtifactError(EdgesplitError):
 
 class ListenError(EdgesplitError):
     """The node cannot listen on the address it was given."""
+
+
+class SecurityConfigError(EdgesplitError):
+    """A credential file (token, certificate, key, CA) is missing, unreadable or malformed."""

@@ -8,8 +8,9 @@ from collections import deque
 
 import grpc
 
+from node.channels import open_channel
 from node.data_path import submit_stream
-from node.rpc_options import grpc_options
+from node.security import Security
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +26,18 @@ class NextHop:
     failure is the coordinator's job.
     """
 
-    def __init__(self, address: str, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        address: str,
+        max_message_bytes: int,
+        security: Security | None = None,
+        node: str | None = None,
+    ) -> None:
+        """``node``: the name the next hop's certificate must carry (with TLS)."""
         self.address = address
-        self._channel = grpc.aio.insecure_channel(address, options=grpc_options(max_message_bytes))
+        self._channel = open_channel(
+            address, security, server_name=node, max_message_bytes=max_message_bytes
+        )
         self._call: grpc.aio.StreamStreamCall | None = None
         self._acks: asyncio.Task[None] | None = None
         self._unacked: deque[int] = deque()

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 import grpc
 import torch
 
+from node.auth import AuthInterceptor, WiredPeers
 from node.codec import WireFrame, decode_frame
 from node.config import NodeConfig
 from node.data_path import add_servicer
@@ -26,6 +27,7 @@ from node.results import ResultsHub
 from node.rpc import edgesplit_pb2 as pb
 from node.rpc import edgesplit_pb2_grpc as pb_grpc
 from node.rpc_options import server_options
+from node.security import is_loopback, server_credentials
 from node.sysinfo import cpu_count, cpu_model, memory_bytes
 from partition.artifact import load_program
 from partition.errors import EdgesplitError
@@ -39,10 +41,13 @@ STOP_GRACE_S = 2.0
 class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
     """Decode, hand to the stage runner, encode; the logic lives in plain modules."""
 
-    def __init__(self, config: NodeConfig, runner: StageRunner, results: ResultsHub) -> None:
+    def __init__(
+        self, config: NodeConfig, runner: StageRunner, results: ResultsHub, peers: WiredPeers
+    ) -> None:
         self._config = config
         self._runner = runner
         self._results = results
+        self._peers = peers
 
     async def Describe(
         self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext
@@ -102,19 +107,29 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
     async def Wire(
         self, request: pb.WireRequest, context: grpc.aio.ServicerContext
     ) -> pb.WireReply:
+        security = self._config.security
+        if request.next_address and security and security.tls and not request.next_node:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "with TLS, Wire must name the next node its certificate has to carry",
+            )
         if request.next_address:
-            hop = NextHop(request.next_address, self._config.max_message_bytes)
+            hop = NextHop(request.next_address, self._config.max_message_bytes, security,
+                          request.next_node or None)
             try:
                 await hop.connect()
             except TimeoutError:
                 await hop.close()
                 await context.abort(
                     grpc.StatusCode.FAILED_PRECONDITION,
-                    f"next hop {request.next_address} does not accept connections",
+                    f"next hop {request.next_address} does not accept connections"
+                    + (f" from us as node {request.next_node!r}" if security and security.tls
+                       else ""),
                 )
             sink: NextHop | ResultsHub = hop
         else:
             sink = self._results
+        self._peers.previous = request.previous_node or None
         outbound, inbound = link_from_proto(request.outbound), link_from_proto(request.inbound)
         await self._runner.wire(sink, outbound, inbound)
         log.info(
@@ -186,15 +201,25 @@ class EdgeNodeServer:
             node_name=config.name, device=config.device, speed_factor=config.speed_factor
         )
         self.results = ResultsHub(QUEUE_DEPTH)
-        self.server = grpc.aio.server(options=server_options(config.max_message_bytes))
-        add_servicer(EdgeNodeServicer(config, self.runner, self.results), self.server)
+        peers = WiredPeers()
+        self.server = grpc.aio.server(
+            options=server_options(config.max_message_bytes),
+            interceptors=[AuthInterceptor(config.security, peers)] if config.security else None,
+        )
+        add_servicer(EdgeNodeServicer(config, self.runner, self.results, peers), self.server)
         self.port = 0
 
     async def start(self) -> None:
         """Bind, start serving and start the stage loops; :class:`ListenError` if taken."""
         _check_free(self.config.listen)
+        security = self.config.security
         try:
-            self.port = self.server.add_insecure_port(self.config.listen)
+            if security is not None and security.tls:
+                self.port = self.server.add_secure_port(
+                    self.config.listen, server_credentials(security)
+                )
+            else:
+                self.port = self.server.add_insecure_port(self.config.listen)
         except RuntimeError as err:
             raise _listen_error(self.config.listen, "cannot bind") from err
         await self.server.start()
@@ -204,6 +229,14 @@ class EdgeNodeServer:
             self.config.name, self.config.listen, self.config.device.value,
             self.config.speed_factor, torch.get_num_threads(),
         )
+        if not is_loopback(self.config.listen) and not (
+            security and security.tls and security.token
+        ):
+            log.warning(
+                "listening on %s without TLS and a cluster token: anyone on the network can "
+                "replace this node's stage and read its data; see `coordinator certs`",
+                self.config.listen,
+            )
 
     async def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """Let in-flight calls finish for ``grace_s``, then stop everything."""

@@ -21,11 +21,12 @@ from partition.units import parse_bandwidth, parse_duration, parse_size
 
 _T = TypeVar("_T")
 
-_TOP_FIELDS = ("nodes", "links", "source", "sink")
+_TOP_FIELDS = ("nodes", "links", "source", "sink", "security")
 _NODE_FIELDS = ("name", "address", "memory", "speed", "threads")
 _LINKS_FIELDS = ("default", "overrides")
 _DEFAULT_FIELDS = ("bandwidth", "latency")
 _OVERRIDE_FIELDS = ("from", "to", "bandwidth", "latency")
+_SECURITY_FIELDS = ("ca", "cert", "key", "token_file")
 _ADDRESS = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):(?P<port>\d{1,5})$")
 
 
@@ -56,6 +57,31 @@ _SELF_LINK = LinkSpec(math.inf, 0.0)
 
 
 @dataclass(frozen=True)
+class SecuritySpec:
+    """Where the coordinator's credentials are: absolute paths, never the secrets themselves.
+
+    ``ca``, ``cert`` and ``key`` (PEM) turn on mutual TLS; ``token_file`` holds the cluster
+    token. The loader requires the three TLS files together, and at least TLS or a token.
+    """
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    token_file: str | None = None
+
+    @property
+    def tls(self) -> bool:
+        return self.ca is not None
+
+    def to_dict(self) -> dict[str, str]:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, str]) -> SecuritySpec:
+        return cls(**{k: data.get(k) for k in _SECURITY_FIELDS})
+
+
+@dataclass(frozen=True)
 class ClusterSpec:
     """Nodes in file order, the link between every ordered pair, the source and the sink.
 
@@ -68,6 +94,7 @@ class ClusterSpec:
     links: Mapping[tuple[str, str], LinkSpec]
     source: str
     sink: str
+    security: SecuritySpec | None = None
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -143,18 +170,19 @@ def load_cluster(path: str | Path) -> ClusterSpec:
         raise ClusterSpecError(f"{origin}: {where}YAML syntax error: {problem}") from err
     if data is None:
         raise ClusterSpecError(f"{origin}: the file is empty; it needs a 'nodes' list")
-    return parse_cluster(data, origin)
+    return parse_cluster(data, origin, Path(path).parent)
 
 
-def parse_cluster(data: object, origin: str) -> ClusterSpec:
-    """Check already-parsed YAML ``data``; ``origin`` names it in error messages.
+def parse_cluster(data: object, origin: str, base_dir: Path = Path()) -> ClusterSpec:
+    """Check already-parsed YAML ``data``; ``origin`` names it in error messages, and
+    relative paths in its ``security`` block are relative to ``base_dir``.
 
     Raises
     ------
     ClusterSpecError
         Any field is unknown, missing, of the wrong kind or out of range.
     """
-    return _Parser(origin).cluster(data)
+    return _Parser(origin, base_dir).cluster(data)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -173,8 +201,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 class _Parser:
-    def __init__(self, origin: str) -> None:
+    def __init__(self, origin: str, base_dir: Path) -> None:
         self.origin = origin
+        self.base_dir = base_dir
 
     def fail(self, path: str, message: str) -> ClusterSpecError:
         return ClusterSpecError(f"{self.origin}: {path}: {message}" if path else
@@ -220,7 +249,30 @@ class _Parser:
         default, links = self.links(top.get("links"), names)
         source = self.node_ref(top.get("source", names[0]), "source", names)
         sink = self.node_ref(top.get("sink", names[0]), "sink", names)
-        return ClusterSpec(nodes, default, links, source, sink)
+        security = None if top.get("security") is None else self.security(top["security"])
+        return ClusterSpec(nodes, default, links, source, sink, security)
+
+    def security(self, data: object) -> SecuritySpec:
+        fields = self.mapping(data, "security", _SECURITY_FIELDS)
+        paths = {key: self.existing_file(fields[key], f"security.{key}")
+                 for key in _SECURITY_FIELDS if fields.get(key) is not None}
+        given = [key for key in ("ca", "cert", "key") if key in paths]
+        if given and len(given) < 3:
+            missing = next(key for key in ("ca", "cert", "key") if key not in paths)
+            raise self.fail(f"security.{missing}", "missing; TLS needs ca, cert and key "
+                                                   "together (see `coordinator certs`)")
+        if not paths:
+            raise self.fail("security", "empty; give ca, cert and key for TLS, and/or "
+                                        "token_file")
+        return SecuritySpec(**paths)
+
+    def existing_file(self, value: object, path: str) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise self.fail(path, f"{value!r} is not a file path")
+        resolved = (self.base_dir / value).resolve()
+        if not resolved.is_file():
+            raise self.fail(path, f"{str(resolved)!r} does not exist")
+        return str(resolved)
 
     def node(self, data: object, path: str) -> NodeSpec:
         fields = self.mapping(data, path, _NODE_FIELDS)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from partition.baselines import baselines
-from partition.cluster import ClusterSpec
+from partition.cluster import ClusterSpec, SecuritySpec
 from partition.cost_builder import build_cost_model
 from partition.costs import CostModel
 from partition.errors import PlanFormatError
@@ -142,9 +142,9 @@ class BaselineResult:
 
 @dataclass(frozen=True)
 class Plan:
-    """Everything the runtime needs: the model, the stages on their nodes, the hops, and the
+    """Everything the runtime needs: the model, the stages on their nodes, the hops, the
     predictions (``links`` has one more entry than ``stages``: source -> first stage, between
-    stages, last stage -> sink)."""
+    stages, last stage -> sink), and where the coordinator's credentials are, if any."""
 
     model_sha256: str
     model_path: str
@@ -163,6 +163,7 @@ class Plan:
     exact: bool
     lower_bound_s: float
     baselines: tuple[BaselineResult, ...] = field(default=())
+    security: SecuritySpec | None = None
 
     @property
     def throughput_per_s(self) -> float:
@@ -189,6 +190,7 @@ class Plan:
                 "exact": self.exact, "lower_bound_s": self.lower_bound_s,
             },
             "baselines": [b.to_dict() for b in self.baselines],
+            **({"security": self.security.to_dict()} if self.security else {}),
         }
 
     @classmethod
@@ -214,6 +216,7 @@ class Plan:
             bottleneck_s=float(predicted["bottleneck_s"]),
             exact=bool(predicted["exact"]), lower_bound_s=float(predicted["lower_bound_s"]),
             baselines=tuple(BaselineResult.from_dict(b) for b in data["baselines"]),
+            security=SecuritySpec.from_dict(data["security"]) if "security" in data else None,
         )
 
     def save(self, path: str | Path) -> None:
@@ -310,6 +313,7 @@ def plan_from_schedule(
         exact=exact,
         lower_bound_s=lower_bound_s,
         baselines=baseline_results,
+        security=cluster.security,
     )
 
 

@@ -37,8 +37,10 @@ class FakeWorker(WorkerHandle):
         self.calls.append(("load", self.name, spec.index))
         return StageInfo(spec.index, spec.artifact_sha256, len(artifact))
 
-    async def wire(self, next_address, *, outbound=NO_EMULATION, inbound=NO_EMULATION):
-        self.calls.append(("wire", self.name, next_address, outbound, inbound))
+    async def wire(self, next_address, *, next_node=None, previous_node=None,
+                   outbound=NO_EMULATION, inbound=NO_EMULATION):
+        self.calls.append(("wire", self.name, next_address, outbound, inbound,
+                           next_node, previous_node))
 
     async def open_sender(self):
         raise NotImplementedError
@@ -83,6 +85,9 @@ async def test_deploy_loads_every_stage_then_wires_downstream_first() -> None:
     assert wires[0][3] == LinkEmulation(4e6, 0.004)  # the last stage's link to the sink
     assert wires[2][4] == LinkEmulation(1e6, 0.001)  # only the first stage emulates the source
     assert wires[1][4] == NO_EMULATION
+    # Each node learns its neighbours' names: whose certificate it forwards to, and whose
+    # frames it accepts.
+    assert [c[5:] for c in wires] == [(None, "b"), ("c", "a"), ("b", None)]
     assert progress[-1] == (600, 600)
     assert record.artifact_sha256 == ("ab" * 32,) * 3 and record.emulated_links
     assert not [c for c in calls if c[0] == "close"]  # handles given are left open
