@@ -123,8 +123,8 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
                 await context.abort(
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"next hop {request.next_address} does not accept connections"
-                    + (f" from us as node {request.next_node!r}" if security and security.tls
-                       else ""),
+                    + (f" or its certificate does not name node {request.next_node!r}"
+                       if security and security.tls else ""),
                 )
             sink: NextHop | ResultsHub = hop
         else:
