@@ -7,9 +7,9 @@ import asyncio
 import logging
 import socket
 import sys
+from dataclasses import replace
 
 from node.config import Device, NodeConfig, best_device
-from node.errors import SecurityConfigError
 from node.security import load_security
 from node.server import serve
 from partition.allocator import keep_large_buffers
@@ -69,14 +69,14 @@ def main(argv: list[str] | None = None) -> None:
             threads=args.threads,
             device=args.device,
             speed_factor=args.speed_factor,
-            security=load_security(
-                token_file=args.token_file, ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key
-            ),
         )
-    except (ValueError, SecurityConfigError) as err:
+    except ValueError as err:
         parser.error(str(err))
     try:
-        asyncio.run(serve(config))
+        security = load_security(
+            token_file=args.token_file, ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key
+        )
+        asyncio.run(serve(replace(config, security=security)))
     except EdgesplitError as err:
         print(f"edge-node: {err}", file=sys.stderr)
         sys.exit(1)
