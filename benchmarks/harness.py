@@ -1,7 +1,8 @@
 """Shared steps of the cluster benchmarks: export a sample, plan it, run it on real workers.
 
-Not a test: nothing here asserts on time. Scripts import it as ``harness`` (they put
-``benchmarks/`` and the repository root on ``sys.path``).
+Not a test: nothing here asserts on time. Scripts run as ``python benchmarks/NAME.py`` import
+it as ``harness`` (Python puts the script's folder on ``sys.path``); edgesplit itself is the
+installed package.
 """
 
 from __future__ import annotations
@@ -12,18 +13,19 @@ import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ports import free_ports
+import report
 
 from coordinator.bench import BenchResult, measure, random_inputs
 from coordinator.deploy import deploy
 from coordinator.local_cluster import LocalCluster
+from coordinator.ports import free_ports
 from coordinator.samples import SampleBuilder, write_sample
 from partition.cluster import ClusterSpec
 from partition.layers import LayerGraph, build_layer_graph
 from partition.loader import LoadedModel, load_model
 from partition.plan import Plan
 from partition.profile_store import cached_profile
-from partition.profiler import Profile, device_name
+from partition.profiler import Profile
 from partition.split import split
 
 
@@ -72,6 +74,5 @@ def run_plans(
 
 
 def machine() -> str:
-    """One line naming the machine, for the tables' captions."""
-    cpu = device_name().removeprefix("cpu:")
-    return f"{cpu}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}"
+    """One line naming the machine and how busy it is, for the usual output's first line."""
+    return f"{report.machine()}, load average {os.getloadavg()[0]:.1f}"

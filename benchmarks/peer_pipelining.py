@@ -32,7 +32,8 @@ from datetime import timedelta
 from typing import Any
 
 import torch
-from ports import free_ports
+
+from coordinator.ports import free_ports
 
 MODES = ("stream", "per_request")
 HEADLINE_MODE = "stream"

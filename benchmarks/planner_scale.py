@@ -1,7 +1,7 @@
 """How long the planner takes as models and clusters grow, and how close it gets when not exact.
 
 Usage: python benchmarks/planner_scale.py [--layers 25 50 100 200] [--nodes 2 4 ...]
-       [--seed 0] [--json results.json]
+       [--seed 0] [--json results.json] [--markdown]
 
 Each cell is one seeded random instance: heterogeneous nodes (speeds 0.1-1.0, memory
 between a quarter of the model and all of it), random links (10 Mbps - 1 Gbps,
@@ -16,12 +16,16 @@ import platform
 import time
 
 import numpy as np
+import report
 
 from partition.costs import CostModel
-from partition.optimizer import Objective, optimize
+from partition.optimizer import optimize
+from partition.plan import Objective
 
 LAYERS = (25, 50, 100, 200)
 NODES = (2, 4, 6, 8, 10, 12, 16)
+HEADER = (f"{'layers':>6} {'nodes':>5} | {'latency: time':>13} {'exact':>5} {'gap':>7} "
+          f"| {'throughput: time':>16} {'exact':>5} {'gap':>7}")
 
 
 def random_instance(layers: int, nodes: int, seed: int) -> CostModel:
@@ -72,27 +76,36 @@ def measure(layers: int, nodes: int, seed: int) -> list[dict[str, object]]:
     return rows
 
 
+def row_line(latency: dict[str, object], throughput: dict[str, object]) -> str:
+    """One cell's row of the table under :data:`HEADER`: both objectives side by side."""
+    return (f"{latency['layers']:>6} {latency['nodes']:>5} | {latency['seconds']:>12.3f}s "
+            f"{'yes' if latency['exact'] else 'no':>5} {latency['gap']:>7.1%} | "
+            f"{throughput['seconds']:>15.3f}s {'yes' if throughput['exact'] else 'no':>5} "
+            f"{throughput['gap']:>7.1%}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=LAYERS)
     parser.add_argument("--nodes", type=int, nargs="+", default=NODES)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    report.add_markdown_option(parser)
     args = parser.parse_args()
 
-    header = (f"{'layers':>6} {'nodes':>5} | {'latency: time':>13} {'exact':>5} {'gap':>7} "
-              f"| {'throughput: time':>16} {'exact':>5} {'gap':>7}")
-    print(header)
-    print("-" * len(header))
     rows = []
-    for layers in args.layers:
-        for nodes in args.nodes:
-            latency, throughput = measure(layers, nodes, args.seed)
-            rows += [latency, throughput]
-            print(f"{layers:>6} {nodes:>5} | {latency['seconds']:>12.3f}s "
-                  f"{'yes' if latency['exact'] else 'no':>5} {latency['gap']:>7.1%} | "
-                  f"{throughput['seconds']:>15.3f}s {'yes' if throughput['exact'] else 'no':>5} "
-                  f"{throughput['gap']:>7.1%}", flush=True)
+    lines = [HEADER]
+    with report.usual_output(args.markdown):
+        print(HEADER)
+        print("-" * len(HEADER))
+        for layers in args.layers:
+            for nodes in args.nodes:
+                latency, throughput = measure(layers, nodes, args.seed)
+                rows += [latency, throughput]
+                lines.append(row_line(latency, throughput))
+                print(lines[-1], flush=True)
+    if args.markdown:
+        print(report.markdown(lines))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as out:
             json.dump({"machine": platform.platform(), "processor": platform.processor(),

@@ -2,6 +2,7 @@
 
 Usage: python benchmarks/profiler_accuracy.py [--models gpt2 bert vit resnet mobilenet_v2]
        [--threads 1] [--repeats 20] [--warmup 3] [--granularity auto] [--json results.json]
+       [--markdown]
 
 Each model is built from a ``transformers`` config with random weights (no downloads),
 exported, grouped into layers and profiled exactly as ``coordinator profile`` does: the
@@ -18,6 +19,7 @@ import hashlib
 import json
 import platform
 
+import report
 import torch
 
 from coordinator.samples import (
@@ -49,6 +51,8 @@ SIZES = {
 }
 TOLERANCE = 0.15
 """How far the ratio may be from 1 and still count as accurate."""
+HEADER = (f"{'model':<13} {'layers':>6} {'sum of layers ms':>16} {'whole model ms':>14} "
+          f"{'(IQR)':>7} {'ratio':>6}  within ±{TOLERANCE:.0%}")
 
 
 def measure(name: str, args: argparse.Namespace) -> dict[str, object]:
@@ -69,6 +73,13 @@ def measure(name: str, args: argparse.Namespace) -> dict[str, object]:
     }
 
 
+def row_line(row: dict[str, object]) -> str:
+    """One model's row of the table under :data:`HEADER`."""
+    return (f"{row['model']:<13} {row['layers']:>6} {row['layer_sum_ms']:>16.2f} "
+            f"{row['model_median_ms']:>14.2f} {row['model_spread_ms']:>7.2f} "
+            f"{row['ratio']:>6.3f}  {'yes' if row['within_tolerance'] else 'NO'}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
@@ -77,22 +88,20 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--granularity", default="auto")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    report.add_markdown_option(parser)
     args = parser.parse_args()
 
-    print(f"{device_name()}, torch {torch.__version__}, {args.threads} thread(s), "
-          f"median of {args.repeats} after {args.warmup} warm-up runs")
-    header = (f"{'model':<13} {'layers':>6} {'sum of layers ms':>16} {'whole model ms':>14} "
-              f"{'(IQR)':>7} {'ratio':>6}  within ±{TOLERANCE:.0%}")
-    print(header)
-    print("-" * len(header))
     rows = []
-    for name in args.models:
-        row = measure(name, args)
-        rows.append(row)
-        print(f"{name:<13} {row['layers']:>6} {row['layer_sum_ms']:>16.2f} "
-              f"{row['model_median_ms']:>14.2f} {row['model_spread_ms']:>7.2f} "
-              f"{row['ratio']:>6.3f}  "
-              f"{'yes' if row['within_tolerance'] else 'NO'}", flush=True)
+    with report.usual_output(args.markdown):
+        print(f"{device_name()}, torch {torch.__version__}, {args.threads} thread(s), "
+              f"median of {args.repeats} after {args.warmup} warm-up runs")
+        print(HEADER)
+        print("-" * len(HEADER))
+        for name in args.models:
+            rows.append(measure(name, args))
+            print(row_line(rows[-1]), flush=True)
+    if args.markdown:
+        print(report.markdown([HEADER, *map(row_line, rows)]))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as out:
             json.dump({"machine": platform.platform(), "device": device_name(),

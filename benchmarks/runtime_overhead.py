@@ -6,7 +6,8 @@ once as edgesplit does it (``encode_frame`` -> ``read_frame`` -> ``decode_frame`
 side). Both use the same gRPC options. One hop is half a round trip; the table shows the
 median round trip of each and the per-hop overhead of ours.
 
-    .venv/bin/python benchmarks/runtime_overhead.py [--json out.json]
+    .venv/bin/python benchmarks/runtime_overhead.py [--sizes '4 KB' '1 MB' ...] [--json out.json]
+        [--markdown]
 """
 
 from __future__ import annotations
@@ -21,15 +22,13 @@ import time
 from pathlib import Path
 
 import grpc
+import report
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from ports import free_ports  # noqa: E402
-
-from node.codec import WireFrame, decode_frame, encode_frame, read_frame  # noqa: E402
-from node.rpc_options import grpc_options, server_options  # noqa: E402
-from partition.allocator import keep_large_buffers  # noqa: E402
+from coordinator.ports import free_ports
+from node.codec import WireFrame, decode_frame, encode_frame, read_frame
+from node.rpc_options import grpc_options, server_options
+from partition.allocator import keep_large_buffers
 
 SIZES = {"4 KB": 4 << 10, "64 KB": 64 << 10, "1 MB": 1 << 20, "16 MB": 16 << 20, "64 MB": 64 << 20}
 TARGET_BYTES_PER_SIZE = 512 << 20
@@ -38,6 +37,8 @@ MIN_REPEATS = 8
 MAX_REPEATS = 2000
 RAW_METHOD = "/edgesplit.bench.Echo/Raw"
 FRAME_METHOD = "/edgesplit.bench.Echo/Frame"
+HEADER = (f"{'size':>6} {'repeats':>7} {'raw RTT ms':>11} {'ours RTT ms':>12} "
+          f"{'ours-raw /hop ms':>17}")
 
 
 async def _serve(port: int) -> None:
@@ -78,7 +79,7 @@ async def _time(call, repeats: int) -> float:
     return statistics.median(times)
 
 
-async def _measure(address: str) -> list[dict[str, float | str]]:
+async def _measure(address: str, sizes: list[str]) -> list[dict[str, float | str]]:
     rows = []
     async with grpc.aio.insecure_channel(address, options=grpc_options()) as channel:
         await channel.channel_ready()
@@ -88,7 +89,8 @@ async def _measure(address: str) -> list[dict[str, float | str]]:
             request_serializer=None,
             response_deserializer=read_frame,
         )
-        for label, nbytes in SIZES.items():
+        for label in sizes:
+            nbytes = SIZES[label]
             tensor = torch.randn(nbytes // 4)
             data = tensor.numpy().tobytes()
             repeats = min(MAX_REPEATS, max(MIN_REPEATS, TARGET_BYTES_PER_SIZE // nbytes))
@@ -115,31 +117,36 @@ async def _measure(address: str) -> list[dict[str, float | str]]:
     return rows
 
 
+def row_line(row: dict[str, float | str]) -> str:
+    """One size's row of the table under :data:`HEADER`."""
+    return (f"{row['size']:>6} {row['repeats']:>7} {row['raw_round_trip_ms']:>11.3f} "
+            f"{row['ours_round_trip_ms']:>12.3f} {row['overhead_per_hop_ms']:>17.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), default=list(SIZES),
+                        metavar="SIZE", help=f"frame sizes to send, of: {', '.join(SIZES)}")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    report.add_markdown_option(parser)
     args = parser.parse_args()
     keep_large_buffers()  # as edge-node and coordinator do
     if args.serve:
         asyncio.run(_serve(args.serve))
         return
-    (port,) = free_ports(1)
-    server = subprocess.Popen([sys.executable, __file__, "--serve", str(port)])
-    try:
-        rows = asyncio.run(_measure(f"127.0.0.1:{port}"))
-    finally:
-        server.terminate()
-        server.wait(10)
-    print(
-        f"{'size':>6} {'repeats':>7} {'raw RTT ms':>11} {'ours RTT ms':>12} "
-        f"{'ours-raw /hop ms':>17}"
-    )
-    for row in rows:
-        print(
-            f"{row['size']:>6} {row['repeats']:>7} {row['raw_round_trip_ms']:>11.3f} "
-            f"{row['ours_round_trip_ms']:>12.3f} {row['overhead_per_hop_ms']:>17.3f}"
-        )
+    with report.usual_output(args.markdown):
+        (port,) = free_ports(1)
+        server = subprocess.Popen([sys.executable, __file__, "--serve", str(port)])
+        try:
+            rows = asyncio.run(_measure(f"127.0.0.1:{port}", args.sizes))
+        finally:
+            server.terminate()
+            server.wait(10)
+        lines = [HEADER, *map(row_line, rows)]
+        print("\n".join(lines))
+    if args.markdown:
+        print(report.markdown(lines))
     if args.json:
         args.json.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=1))
 

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
+import random
+from collections import Counter
 
 from rich.table import Table
 
 from coordinator.bench import BenchResult, measure, random_inputs
 from coordinator.console import console, ms
-from coordinator.deploy import deploy, plan_layer_graph
+from coordinator.deploy import deploy
 from coordinator.deploy_command import add_deploy_arguments, emulate_links, ensure_deployed
-from partition.plan import Plan, baseline_plan
-from partition.split import split
+from coordinator.verify import Difference, verify
+from partition.plan import Plan
+from partition.planning import baseline_plan
+from partition.split import plan_layer_graph, split, stage_artifacts
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
@@ -22,6 +27,11 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("-c", "--concurrency", type=int, default=8, help="in flight (default 8)")
     parser.add_argument("--baselines", action="store_true",
                         help="also deploy and measure every baseline that fits")
+    parser.add_argument(
+        "--verify-fraction", type=_fraction, default=0.0, metavar="F",
+        help="recompute a random fraction F of the requests here, stage by stage, and name "
+             "any stage whose node answers differently (default 0)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -30,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     ensure_deployed(plan, args)
     ours = _measure(plan, args)
     console.print(prediction_table(plan, ours))
+    differences = _verify(plan, args) if args.verify_fraction > 0 else []
     if args.baselines:
         rows = [("edgesplit", plan, ours)]
         layer_graph = plan_layer_graph(plan, args.model)
@@ -43,7 +54,40 @@ def run(args: argparse.Namespace) -> int:
             rows.append((baseline.name, other, _measure(other, args)))
         console.print(baselines_measured_table(rows))
         console.print("the nodes now hold the last baseline; `run`/`bench` redeploy the plan")
-    return 0
+    return 1 if differences else 0
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction between 0 and 1")
+    return value
+
+
+def _verify(plan: Plan, args: argparse.Namespace) -> list[Difference]:
+    """Verify a random ``--verify-fraction`` of the measured requests and report the
+    stages that differ; the differences found."""
+    count = max(1, round(args.verify_fraction * args.requests))
+    chosen = sorted(random.sample(range(args.requests), min(count, args.requests)))
+    with console.status(f"recomputing {len(chosen)} request(s) here, stage by stage"):
+        artifacts = stage_artifacts(plan, args.model)
+        differences = asyncio.run(verify(plan, artifacts, random_inputs(plan.inputs), chosen))
+    if not differences:
+        console.print(f"verified {len(chosen)} request(s) stage by stage: every stage agrees")
+    for stage, node, what, requests in _grouped(differences):
+        address = plan.stages[stage].address if 0 <= stage < len(plan.stages) else "?"
+        console.print(f"stage {stage} on node {node!r} ({address}) {what}, in "
+                      f"{requests} of {len(chosen)} verified request(s)", markup=False)
+    return differences
+
+
+def _grouped(differences: list[Difference]) -> list[tuple[int, str, str, int]]:
+    """(stage, node, what, how many requests), in the order first seen."""
+    counts = Counter((d.stage, d.node, d.what) for d in differences)
+    return [(stage, node, what, n) for (stage, node, what), n in counts.items()]
 
 
 def _measure(plan: Plan, args: argparse.Namespace) -> BenchResult:

@@ -29,8 +29,8 @@ from partition.cost_builder import node_profiles
 from partition.errors import EdgesplitError
 from partition.layers import build_layer_graph
 from partition.loader import load_model
-from partition.optimizer import Objective
-from partition.plan import Plan, plan
+from partition.plan import Objective, Plan
+from partition.planning import plan
 from partition.profile_store import cached_profile
 from partition.split import split
 

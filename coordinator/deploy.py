@@ -6,22 +6,18 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from node.client import GrpcWorkerHandle, WorkerHandle
 from node.link import NO_EMULATION, LinkEmulation
 from node.security import client_security
-from partition.errors import EdgesplitError, PlanFormatError
-from partition.layers import LayerGraph, build_layer_graph
-from partition.loader import load_model
+from partition.errors import EdgesplitError
 from partition.plan import Link, Plan
-from partition.split import StageArtifact, split
+from partition.profiler import ProgressCallback
+from partition.split import StageArtifact
 
 log = logging.getLogger(__name__)
-
-ProgressCallback = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -54,38 +50,6 @@ def deployment_record_path(plan_path: str | Path) -> Path:
     """Where ``deploy`` records what it shipped: ``plan.json`` -> ``plan.deployed.json``."""
     path = Path(plan_path)
     return path.with_name(path.stem + ".deployed.json")
-
-
-def stage_artifacts(plan: Plan, model_path: str | None = None) -> list[StageArtifact]:
-    """Load the plan's model (checking it is the same file) and export every stage."""
-    return split(plan, plan_layer_graph(plan, model_path))
-
-
-def plan_layer_graph(plan: Plan, model_path: str | None = None) -> LayerGraph:
-    """The plan's model grouped into the plan's layers.
-
-    Raises
-    ------
-    PlanFormatError
-        If the model file differs from the one the plan was made for.
-    """
-    path = model_path or plan.model_path
-    if not Path(path).is_file():
-        raise PlanFormatError(
-            f"the plan's model file '{path}' does not exist here; pass it with --model PATH"
-        )
-    model = load_model(path)
-    if model.sha256 != plan.model_sha256:
-        raise PlanFormatError(
-            f"'{path}' is not the model this plan was made for (its SHA-256 differs); "
-            "pass the right file with --model, or plan again"
-        )
-    layer_graph = build_layer_graph(model.program, plan.granularity)
-    if tuple(layer.name for layer in layer_graph.layers) != plan.layer_names:
-        raise PlanFormatError(
-            "the model's layers differ from the plan's (another torch version?); plan again"
-        )
-    return layer_graph
 
 
 def link_emulation(link: Link, emulate: bool) -> LinkEmulation:

@@ -9,17 +9,12 @@ from pathlib import Path
 import torch
 
 from coordinator.console import console, progress_bar
-from coordinator.deploy import (
-    Deployment,
-    deploy,
-    deployment_record_path,
-    is_deployed,
-    stage_artifacts,
-)
+from coordinator.deploy import Deployment, deploy, deployment_record_path, is_deployed
 from coordinator.local_cluster import default_state_dir, read_state
 from coordinator.pipeline import Pipeline, bind_inputs
 from partition.errors import EdgesplitError
 from partition.plan import Plan
+from partition.split import stage_artifacts
 from partition.units import format_bytes
 
 

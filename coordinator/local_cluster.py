@@ -1,18 +1,19 @@
 """A simulated edge cluster: one real ``edge-node`` process per node, on 127.0.0.1.
 
 Emulation is a property of each worker: its node's ``speed`` becomes ``--speed-factor``;
-link delays are set when the pipeline is wired (see :mod:`coordinator.deploy`). With a
+link delays are set when the pipeline is wired (see :mod:`coordinator.deploy`). What ``up``
+started is recorded in the user's state directory, so ``down`` finds it from anywhere. With a
 ``security`` block the workers run with TLS and the token, each with its certificate from
 beside the CA's (the layout ``coordinator certs`` writes); :func:`with_fresh_certs` makes one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +21,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import grpc
+import platformdirs
+import psutil
 
 from coordinator.certs import make_certs, node_arguments
 from node.channels import channel_credentials, channel_options, token_metadata
@@ -54,8 +57,9 @@ class LocalNode:
 
 
 def default_state_dir() -> Path:
-    """``$EDGESPLIT_STATE`` or ``./.edgesplit``: where ``up`` records what it started."""
-    return Path(os.environ.get("EDGESPLIT_STATE", ".edgesplit"))
+    """Where ``up`` records what it started and keeps the nodes' logs: ``$EDGESPLIT_STATE``,
+    else the user's state directory (``~/.local/state/edgesplit`` on Linux)."""
+    return Path(os.environ.get("EDGESPLIT_STATE") or platformdirs.user_state_path("edgesplit"))
 
 
 def start_cluster(cluster: ClusterSpec, state_dir: Path) -> list[LocalNode]:
@@ -115,7 +119,7 @@ def _spawn(
 ) -> LocalNode:
     log_path = state_dir / f"{name}.log"
     command = [
-        sys.executable, "-m", "node.cli", "--listen", address, "--name", name,
+        sys.executable, *_node_arguments(name, address),
         "--speed-factor", str(speed or 1.0), "--threads", str(threads or 1), *extra_args,
     ]
     with log_path.open("wb") as log_file:
@@ -146,7 +150,7 @@ def _wait_ready(node: LocalNode, security: Security | None) -> None:
             except grpc.RpcError:
                 pass
             time.sleep(0.2)
-            if not _alive(node.pid):
+            if _process(node) is None:
                 tail = Path(node.log_path).read_text(errors="replace").strip().splitlines()
                 reason = tail[-1] if tail else "no output"
                 raise LocalClusterError(f"node {node.name!r} exited at start: {reason}")
@@ -159,31 +163,36 @@ def _wait_ready(node: LocalNode, security: Security | None) -> None:
 
 def stop_nodes(nodes: list[LocalNode], grace_s: float = STOP_GRACE_S) -> None:
     """SIGTERM every node, wait for a clean exit, SIGKILL the ones still running."""
-    for node in nodes:
-        if _alive(node.pid):
-            os.kill(node.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    for node in nodes:
-        while _alive(node.pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if _alive(node.pid):
-            log.warning("node %s did not stop in %.0f s; killing it", node.name, grace_s)
-            os.kill(node.pid, signal.SIGKILL)
+    running = {process: node for node in nodes if (process := _process(node)) is not None}
+    for process in running:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, stuck = psutil.wait_procs(list(running), timeout=grace_s)  # reaps our own children
+    for process in stuck:
+        log.warning("node %s did not stop in %.0f s; killing it", running[process].name, grace_s)
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    psutil.wait_procs(stuck, timeout=grace_s)
 
 
-def _alive(pid: int) -> bool:
-    """True while ``pid`` runs and is an edge-node (reaps it if it is our exited child)."""
+def _node_arguments(name: str, address: str) -> list[str]:
+    """The start of an ``edge-node`` command line after the interpreter: what identifies it."""
+    return ["-m", "node.cli", "--listen", address, "--name", name]
+
+
+def _process(node: LocalNode) -> psutil.Process | None:
+    """``node``'s process while it runs: its pid, if that is still this node's ``edge-node``
+    command (a pid may be reused). Reaps the node if it is our exited child."""
+    expected = _node_arguments(node.name, node.address)
     try:
-        finished, _ = os.waitpid(pid, os.WNOHANG)
-        if finished:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return b"node.cli" in cmdline
+        process = psutil.Process(node.pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            process.wait(0)  # raises TimeoutExpired if it is not our child to reap
+            return None
+        arguments = process.cmdline()[1 : 1 + len(expected)]
+    except psutil.Error:
+        return None
+    return process if arguments == expected else None
 
 
 def write_state(state_dir: Path, nodes: list[LocalNode]) -> None:
@@ -200,7 +209,7 @@ def read_state(state_dir: Path) -> list[LocalNode]:
     except (ValueError, TypeError) as err:
         raise LocalClusterError(f"{path} is damaged ({err}); delete it and stop nodes by hand") \
             from err
-    return [n for n in nodes if _alive(n.pid)]
+    return [n for n in nodes if _process(n) is not None]
 
 
 def clear_state(state_dir: Path) -> None:

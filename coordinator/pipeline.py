@@ -4,15 +4,15 @@
         outputs = await pipeline.infer(input_ids)            # one request
         many = await pipeline.map(batches)                   # concurrently, in order
 
-Every request carries a unique id end to end; a request is answered exactly once, by its
-outputs or by a :class:`RequestFailedError`.
+Every request carries a random 64-bit id end to end, so nobody can guess the id of another
+client's request; a request is answered exactly once, by its outputs or by a
+:class:`RequestFailedError`, and only by a frame on the results stream of the last stage.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
@@ -95,7 +95,7 @@ class Pipeline:
         self._nodes = [GrpcWorkerHandle(s.address, s.node, security) for s in plan.stages]
         self._window = asyncio.Semaphore(window)
         self._health_interval_s = health_interval_s
-        self._ids = itertools.count(secrets.randbits(40) << 20)
+        self._stray_answers = 0
         self._pending: dict[int, asyncio.Future[tuple[torch.Tensor, ...]]] = {}
         self._send_lock = asyncio.Lock()
         self._sender: FrameSender | None = None
@@ -138,7 +138,7 @@ class Pipeline:
         """
         tensors = bind_inputs(self.plan.inputs, inputs)
         async with self._window:
-            request_id = next(self._ids)
+            request_id = self._new_id()
             answer = asyncio.get_running_loop().create_future()
             self._pending[request_id] = answer
             try:
@@ -149,6 +149,13 @@ class Pipeline:
                 return await answer
             finally:
                 self._pending.pop(request_id, None)
+
+    def _new_id(self) -> int:
+        """A random 64-bit request id no request in flight has."""
+        request_id = secrets.randbits(64)
+        while request_id in self._pending:  # one chance in 2**64 per request in flight
+            request_id = secrets.randbits(64)
+        return request_id
 
     async def map(self, many: Iterable[Inputs]) -> list[tuple[torch.Tensor, ...]]:
         """Run many requests concurrently (at most ``window`` in flight); outputs in order."""
@@ -188,8 +195,16 @@ class Pipeline:
 
     def _deliver(self, result: Result) -> None:
         answer = self._pending.get(result.request_id)
-        if answer is None or answer.done():
-            return  # another client's request, or one already answered
+        if answer is None:  # no request of ours in flight has that id: drop it
+            self._stray_answers += 1
+            if self._stray_answers == 1:
+                log.warning(
+                    "dropped an answer for request %d, which is not in flight here "
+                    "(counting further ones)", result.request_id,
+                )
+            return
+        if answer.done():
+            return  # already answered (a replay answered twice)
         if result.outputs is not None:
             answer.set_result(tuple(result.outputs[spec.name] for spec in self.plan.outputs))
         else:
@@ -211,3 +226,5 @@ class Pipeline:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(node.close() for node in self._nodes))
+        if self._stray_answers:
+            log.warning("dropped %d answer(s) to requests not in flight", self._stray_answers)

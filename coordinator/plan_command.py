@@ -13,8 +13,8 @@ from partition.cost_builder import node_profiles
 from partition.errors import EdgesplitError
 from partition.layers import LayerGraph
 from partition.loader import LoadedModel
-from partition.optimizer import Objective
-from partition.plan import Plan, plan
+from partition.plan import Objective, Plan
+from partition.planning import plan
 from partition.profile_store import cached_profile
 from partition.profiler import Profile
 

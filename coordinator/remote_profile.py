@@ -6,6 +6,9 @@ import asyncio
 import logging
 from dataclasses import replace
 
+import torch
+from torch.utils import _pytree as pytree
+
 from node.client import GrpcWorkerHandle
 from node.errors import NodeUnreachableError
 from node.profiling import ProfileOptions
@@ -32,7 +35,7 @@ def profile_on_nodes(
     nodes sharing a machine do not disturb each other). Unreachable nodes are skipped with
     a warning; the planner then scales this machine's profile by their ``speed``."""
     # The exported program itself, so a model given as a pickle is profiled as exported.
-    data = program_to_bytes(model.program)
+    data = program_to_bytes(_with_flat_outputs(model.program))
     security = client_security(cluster.security)
     measured: dict[str, Profile] = {}
     for node in cluster.nodes:
@@ -50,6 +53,25 @@ def profile_on_nodes(
         profile.check_matches(model.sha256, layer_graph, f"from node {node.name!r}")
         measured[node.name] = profile
     return measured
+
+
+def _with_flat_outputs(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """``program`` returning a flat tuple of its output tensors, so that a worker loads it
+    without the model's output classes (a ``transformers`` ModelOutput needs transformers,
+    which a worker device does not install)."""
+    entries = [
+        entry if entry.signature is None else replace(entry, signature=replace(
+            entry.signature,
+            out_spec=pytree.tree_structure((0,) * entry.signature.out_spec.num_leaves),
+        ))
+        for entry in program.module_call_graph
+    ]
+    return torch.export.ExportedProgram(
+        root=program.graph_module, graph=program.graph, graph_signature=program.graph_signature,
+        state_dict=program.state_dict, range_constraints=program.range_constraints,
+        module_call_graph=entries, example_inputs=program.example_inputs,
+        constants=program.constants, verifiers=program.verifiers,
+    )
 
 
 async def _profile(

@@ -9,11 +9,20 @@ import socket
 import sys
 from dataclasses import replace
 
-from node.config import Device, NodeConfig, best_device
+from node.config import (
+    RESULTS_STALL_S,
+    UPLOAD_STALL_S,
+    Device,
+    NodeConfig,
+    best_device,
+    default_max_stage_bytes,
+)
+from node.rpc_options import MAX_MESSAGE_BYTES
 from node.security import load_security
 from node.server import serve
 from partition.allocator import keep_large_buffers
 from partition.errors import EdgesplitError
+from partition.units import parse_size
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,6 +44,36 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=1.0,
         help="emulate a slower device: 0.5 makes compute take twice as long (default 1)",
+    )
+    parser.add_argument(
+        "--max-stage-bytes",
+        type=parse_size,
+        default=default_max_stage_bytes(),
+        metavar="SIZE",
+        help="largest stage artifact or model file accepted, e.g. 2GiB (default: half of RAM)",
+    )
+    parser.add_argument(
+        "--max-frame-bytes",
+        type=parse_size,
+        default=MAX_MESSAGE_BYTES,
+        metavar="SIZE",
+        help="largest frame (gRPC message) accepted, e.g. 64MiB; a larger one closes its "
+        f"stream before it is read (default {MAX_MESSAGE_BYTES // 1024**2}MiB)",
+    )
+    parser.add_argument(
+        "--upload-stall-s",
+        type=float,
+        default=UPLOAD_STALL_S,
+        metavar="SECONDS",
+        help=f"cancel an upload that sends no chunk for this long (default {UPLOAD_STALL_S:g})",
+    )
+    parser.add_argument(
+        "--results-stall-s",
+        type=float,
+        default=RESULTS_STALL_S,
+        metavar="SECONDS",
+        help="cut off a Results reader that reads nothing for this long while results wait "
+        f"(default {RESULTS_STALL_S:g})",
     )
     parser.add_argument(
         "--token-file", metavar="PATH", help="the cluster token; every call must carry it"
@@ -69,6 +108,10 @@ def main(argv: list[str] | None = None) -> None:
             threads=args.threads,
             device=args.device,
             speed_factor=args.speed_factor,
+            upload_stall_s=args.upload_stall_s,
+            results_stall_s=args.results_stall_s,
+            max_stage_bytes=args.max_stage_bytes,
+            max_message_bytes=args.max_frame_bytes,
         )
     except ValueError as err:
         parser.error(str(err))

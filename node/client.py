@@ -19,7 +19,7 @@ import grpc
 import torch
 
 from node.channels import open_channel
-from node.codec import decode_frame, encode_frame
+from node.codec import Trace, decode_failure, decode_frame, decode_trace, encode_frame
 from node.data_path import results_stream, submit_stream
 from node.errors import NodeRejectedError, NodeUnreachableError
 from node.link import NO_EMULATION, LinkEmulation
@@ -29,6 +29,7 @@ from node.rpc import edgesplit_pb2 as pb
 from node.rpc import edgesplit_pb2_grpc as pb_grpc
 from node.security import Security
 from partition.errors import EdgesplitError
+from partition.profiler import ProgressCallback
 from partition.spec import StageSpec, TensorSpec
 
 CHUNK_BYTES = 1024 * 1024
@@ -36,9 +37,6 @@ CHUNK_BYTES = 1024 * 1024
 
 CALL_TIMEOUT_S = 30.0
 """Deadline of the short control calls (Describe, Wire)."""
-
-ProgressCallback = Callable[[int, int], None]
-"""Called with ``(bytes_sent, total_bytes)`` as an upload proceeds."""
 
 _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 # How gRPC describes connections that failed in the TLS handshake.
@@ -49,19 +47,24 @@ _HANDSHAKE_FAILED = ("handshake failed", "Hostname Verification", "certificate")
 
 @dataclass(frozen=True)
 class Result:
-    """The answer to one request: its output tensors, or the failure that replaced them."""
+    """The answer to one request: its output tensors, or the failure that replaced them;
+    ``trace`` holds each stage's report if the request was traced."""
 
     request_id: int
     outputs: dict[str, torch.Tensor] | None = None
     failure: Failure | None = None
+    trace: Trace | None = None
 
 
 class FrameSender(ABC):
     """The data path into the first stage: frames go in, in order, until :meth:`close`."""
 
     @abstractmethod
-    async def send(self, request_id: int, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Send one request's input tensors; waits while the pipeline pushes back.
+    async def send(
+        self, request_id: int, tensors: Mapping[str, torch.Tensor], trace: Trace | None = None
+    ) -> None:
+        """Send one request's input tensors (``trace=()`` to trace it through every stage);
+        waits while the pipeline pushes back.
 
         Raises :class:`NodeRejectedError` once the node has closed the stream (for example
         after a malformed frame); earlier acknowledged requests are still answered.
@@ -221,9 +224,11 @@ class _GrpcFrameSender(FrameSender):
         self._call = call
         self._acks = asyncio.create_task(self._read_acks())
 
-    async def send(self, request_id: int, tensors: Mapping[str, torch.Tensor]) -> None:
+    async def send(
+        self, request_id: int, tensors: Mapping[str, torch.Tensor], trace: Trace | None = None
+    ) -> None:
         try:
-            await self._call.write(encode_frame(request_id, tensors))
+            await self._call.write(encode_frame(request_id, tensors, trace))
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             await self._acks  # raises the call's error
             raise  # the call ended without an error, yet refused the write
@@ -255,12 +260,12 @@ class _GrpcResultStream(ResultStream):
     async def __aiter__(self) -> AsyncIterator[Result]:
         with _mapped_errors(self._node, "Results"):
             async for frame in self._call:
-                if frame.failure is not None:
-                    failure = Failure.from_proto(pb.Failure.FromString(frame.failure))
+                failure = decode_failure(frame)
+                if failure is not None:
                     yield Result(failure.request_id, failure=failure)
                 else:
                     request_id, outputs = decode_frame(frame.header, frame.payload, self._expected)
-                    yield Result(request_id, outputs=outputs)
+                    yield Result(request_id, outputs=outputs, trace=decode_trace(frame.header))
 
     async def close(self) -> None:
         self._call.cancel()

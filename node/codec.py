@@ -1,16 +1,22 @@
 """The tensor codec: a frame is a msgpack header plus the tensors' raw bytes.
 
 The header is ``{"id": request_id, "tensors": [[name, dtype, shape, nbytes], ...]}`` with
-dtype names from :mod:`partition.spec`; the payload is every tensor's bytes (C-contiguous,
-native byte order) concatenated in header order. The two are the ``header`` and ``payload``
+dtype names from :mod:`partition.spec`, and on a request the coordinator verifies also
+``"trace": [[stage_index, received, sent], ...]``: each stage it has passed appends the
+fingerprints of the frame it received and of the frame it sent (:class:`StageReport`).
+The payload is every tensor's bytes (C-contiguous, native byte order) concatenated in
+header order. The two are the ``header`` and ``payload``
 fields of the ``Frame`` message: encoding writes the serialized message directly, decoding
 takes the fields of a parsed one, checks every field and builds the tensors as views of the
-payload, without copying.
+payload, without copying. A frame that answers a request with a failure instead carries only
+a ``Failure`` message; :func:`encode_failure` and :func:`decode_failure` are the one place
+such frames are built and read.
 """
 
 from __future__ import annotations
 
 import math
+import reprlib
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,16 +24,41 @@ from typing import Any
 
 import msgpack
 import torch
+from google.protobuf.message import DecodeError
 
 from node.errors import FrameError, FrameSpecError
+from node.messages import Failure
+from node.rpc import edgesplit_pb2 as pb
 from partition.errors import TensorSpecError
 from partition.spec import TensorSpec, dtype_from_name, dtype_name
+
+MAX_HEADER_BYTES = 64 * 1024
+"""Largest frame header a node reads: room for hundreds of tensors' names and shapes."""
+
+MAX_TENSORS = 1024
+"""Most tensors one frame may carry."""
+
+MAX_TRACE = 256
+"""Most stage reports one frame's trace may carry."""
 
 _MAX_REQUEST_ID = 2**64 - 1
 _HEADER_FIELD = 1  # field numbers of Frame.header, .payload and .failure in edgesplit.proto
 _PAYLOAD_FIELD = 2
 _FAILURE_FIELD = 3
 _LENGTH_DELIMITED = 2
+
+
+@dataclass(frozen=True)
+class StageReport:
+    """What stage ``index`` saw of a traced request: fingerprints (short float vectors, see
+    :func:`node.pipeline.fingerprint`) of the frame it received and of the frame it sent."""
+
+    index: int
+    received: tuple[float, ...]
+    sent: tuple[float, ...]
+
+
+Trace = tuple[StageReport, ...]
 
 
 @dataclass(frozen=True)
@@ -86,8 +117,11 @@ def _read_varint(view: memoryview, position: int) -> tuple[int, int]:
     raise FrameError("frame message has a malformed length")
 
 
-def encode_frame(request_id: int, tensors: Mapping[str, torch.Tensor]) -> bytes:
-    """Encode ``tensors`` for request ``request_id`` as a serialized ``Frame`` message.
+def encode_frame(
+    request_id: int, tensors: Mapping[str, torch.Tensor], trace: Trace | None = None
+) -> bytes:
+    """Encode ``tensors`` for request ``request_id`` as a serialized ``Frame`` message;
+    with ``trace`` (even empty) the request is traced: every stage adds its report.
 
     The result is what ``Frame(header=..., payload=...).SerializeToString()`` would give,
     built with one copy of the data. Tensors are moved to the CPU and made contiguous as
@@ -100,11 +134,35 @@ def encode_frame(request_id: int, tensors: Mapping[str, torch.Tensor]) -> bytes:
         raw = memoryview(data.reshape(-1).view(torch.uint8).numpy())
         entries.append([name, dtype_name(data.dtype), list(data.shape), raw.nbytes])
         views.append(raw)
-    header = msgpack.packb({"id": request_id, "tensors": entries})
+    meta: dict[str, Any] = {"id": request_id, "tensors": entries}
+    if trace is not None:
+        meta["trace"] = [[r.index, list(r.received), list(r.sent)] for r in trace]
+    header = msgpack.packb(meta)
     payload_bytes = sum(view.nbytes for view in views)
     return b"".join(
         [_field(_HEADER_FIELD, len(header)), header, _field(_PAYLOAD_FIELD, payload_bytes), *views]
     )
+
+
+def encode_failure(failure: Failure) -> bytes:
+    """A serialized ``Frame`` answering ``failure.request_id`` with ``failure``."""
+    return pb.Frame(failure=failure.to_proto()).SerializeToString()
+
+
+def decode_failure(frame: WireFrame) -> Failure | None:
+    """The failure ``frame`` carries, or ``None`` if it carries tensors.
+
+    Raises
+    ------
+    FrameError
+        If the frame's ``Failure`` message is malformed or has an unknown code.
+    """
+    if frame.failure is None:
+        return None
+    try:
+        return Failure.from_proto(pb.Failure.FromString(frame.failure))
+    except (DecodeError, ValueError) as err:
+        raise FrameError(f"frame carries a malformed failure ({err})") from err
 
 
 Buffer = bytes | memoryview
@@ -120,13 +178,14 @@ def decode_frame(
     Raises
     ------
     FrameError
-        If the frame is malformed: the header is not msgpack of the documented shape, a
+        If the frame is malformed: the header is longer than :data:`MAX_HEADER_BYTES` or
+        not msgpack of the documented shape, it has more than :data:`MAX_TENSORS` tensors, a
         dtype is unknown, a byte length disagrees with its dtype and shape, or the lengths
         do not add up to the payload's size.
     FrameSpecError
         If the frame is well-formed but its tensors are not exactly ``expected``.
     """
-    request_id, specs = _parse_header(header)
+    request_id, specs, _ = _parse_header(header)
     total = sum(nbytes for _, nbytes in specs)
     if total != len(payload):
         raise FrameError(
@@ -137,23 +196,71 @@ def decode_frame(
     return request_id, _tensors(payload, specs)
 
 
-def _parse_header(header: Buffer) -> tuple[int, list[tuple[TensorSpec, int]]]:
+def decode_trace(header: Buffer) -> Trace | None:
+    """The trace of a frame's ``header``, or ``None`` if its request is not traced.
+
+    Raises
+    ------
+    FrameError
+        As :func:`decode_frame`, if the header is malformed.
+    """
+    return _parse_header(header)[2]
+
+
+def _parse_header(header: Buffer) -> tuple[int, list[tuple[TensorSpec, int]], Trace | None]:
+    if len(header) > MAX_HEADER_BYTES:
+        raise FrameError(
+            f"frame header is {len(header)} bytes, more than the {MAX_HEADER_BYTES} a node reads"
+        )
     try:
         meta = msgpack.unpackb(header)
     except (ValueError, TypeError, msgpack.UnpackException) as err:
         raise FrameError(f"frame header is not valid msgpack ({err})") from err
-    if not isinstance(meta, dict) or set(meta) != {"id", "tensors"}:
-        raise FrameError("frame header must be a map with exactly the keys 'id' and 'tensors'")
+    if not isinstance(meta, dict) or set(meta) - {"trace"} != {"id", "tensors"}:
+        raise FrameError(
+            "frame header must be a map with exactly the keys 'id' and 'tensors', and 'trace' "
+            "on a traced request"
+        )
     request_id, entries = meta["id"], meta["tensors"]
     if not _is_int(request_id) or not 0 <= request_id <= _MAX_REQUEST_ID:
         raise FrameError(f"frame request id must be an unsigned 64-bit int, got {request_id!r}")
     if not isinstance(entries, list):
         raise FrameError(f"frame {request_id}: 'tensors' must be a list")
+    if len(entries) > MAX_TENSORS:
+        raise FrameError(
+            f"frame {request_id} carries {len(entries)} tensors, more than the {MAX_TENSORS} "
+            "a node accepts"
+        )
     specs = [_parse_entry(request_id, entry) for entry in entries]
     names = [spec.name for spec, _ in specs]
     if len(set(names)) != len(names):
         raise FrameError(f"frame {request_id}: tensor names repeat: {names}")
-    return request_id, specs
+    trace = meta.get("trace")
+    return request_id, specs, None if trace is None else _parse_trace(request_id, trace)
+
+
+def _parse_trace(request_id: int, trace: Any) -> Trace:
+    if not isinstance(trace, list) or len(trace) > MAX_TRACE:
+        raise FrameError(f"frame {request_id}: 'trace' must be a list of at most {MAX_TRACE}")
+    reports = []
+    for entry in trace:
+        ok = isinstance(entry, list) and len(entry) == 3
+        if ok:
+            index, received, sent = entry
+            ok = _is_int(index) and index >= 0 and _is_floats(received) and _is_floats(sent)
+        if not ok:
+            raise FrameError(
+                f"frame {request_id}: trace entry {reprlib.repr(entry)} is not "
+                "[stage, received, sent]"
+            )
+        reports.append(StageReport(index, tuple(map(float, received)), tuple(map(float, sent))))
+    return tuple(reports)
+
+
+def _is_floats(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(x, int | float) and not isinstance(x, bool) for x in value
+    )
 
 
 def _parse_entry(request_id: int, entry: Any) -> tuple[TensorSpec, int]:

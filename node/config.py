@@ -10,6 +10,13 @@ import torch
 
 from node.rpc_options import MAX_MESSAGE_BYTES
 from node.security import Security
+from node.sysinfo import memory_bytes
+
+UPLOAD_STALL_S = 10.0
+"""Default time an upload may go without a chunk before the node cancels it."""
+
+RESULTS_STALL_S = 10.0
+"""Default time a full results buffer may go unread before the node cuts its reader."""
 
 
 class Device(StrEnum):
@@ -18,6 +25,11 @@ class Device(StrEnum):
     CPU = "cpu"
     CUDA = "cuda"
     MPS = "mps"
+
+
+def default_max_stage_bytes() -> int:
+    """Half of this machine's memory: the largest upload a node accepts by default."""
+    return memory_bytes()[0] // 2
 
 
 def best_device() -> Device:
@@ -35,8 +47,10 @@ class NodeConfig:
 
     ``speed_factor`` emulates a slower device: each stage's compute is stretched to take
     ``1 / speed_factor`` times as long (0.5 = half as fast), by sleeping, not by burning CPU.
-    ``threads`` of ``None`` keeps torch's default thread count. ``security`` of ``None``
-    serves without TLS or token.
+    ``threads`` of ``None`` keeps torch's default thread count. ``max_stage_bytes`` bounds
+    a stage artifact or model file sent to the node, ``upload_stall_s`` how long an upload
+    may go without a chunk, and ``results_stall_s`` how long a full results buffer may go
+    unread before its reader is cut off. ``security`` of ``None`` serves without TLS or token.
     """
 
     listen: str
@@ -45,6 +59,9 @@ class NodeConfig:
     device: Device = field(default_factory=best_device)
     speed_factor: float = 1.0
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_stage_bytes: int = field(default_factory=default_max_stage_bytes)
+    upload_stall_s: float = UPLOAD_STALL_S
+    results_stall_s: float = RESULTS_STALL_S
     security: Security | None = None
 
     def __post_init__(self) -> None:
@@ -55,3 +72,8 @@ class NodeConfig:
             )
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
+        if self.max_stage_bytes < 1:
+            raise ValueError(f"max stage bytes must be positive, got {self.max_stage_bytes}")
+        for label, seconds in (("upload", self.upload_stall_s), ("results", self.results_stall_s)):
+            if not seconds > 0:
+                raise ValueError(f"the {label} stall time must be positive, got {seconds}")

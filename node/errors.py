@@ -29,6 +29,10 @@ class ArtifactError(EdgesplitError):
     """A stage artifact arrived incomplete, oversized, or with the wrong hash."""
 
 
+class LimitError(EdgesplitError):
+    """A call exceeds one of the node's limits: a size, a count, a time, or one at a time."""
+
+
 class ListenError(EdgesplitError):
     """The node cannot listen on the address it was given."""
 

@@ -1,31 +1,90 @@
-"""Receiving a stage artifact in chunks and checking it before it is loaded."""
+"""Receiving a stage artifact (or a model file) in chunks, within the node's limits.
+
+An upload is refused as soon as it breaks a limit: a declared size over ``max_bytes`` before
+any chunk is read, a byte past the declared size (or past ``max_bytes``) as it arrives, and
+an upload that sends no chunk for ``stall_s`` seconds. What was received is dropped with the
+refusal.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import AsyncIterator
+from typing import Protocol, TypeVar
 
-from node.errors import ArtifactError
+from node.errors import ArtifactError, LimitError
 from node.rpc import edgesplit_pb2 as pb
 from partition.spec import StageSpec
 
-MAX_UPLOAD_BYTES = 8 * 1024**3
-"""Largest stage artifact or model file a node accepts."""
+
+class Chunk(Protocol):
+    """A chunk of an upload: ``StageChunk`` or ``ProfileChunk``."""
+
+    data: bytes
+
+
+C = TypeVar("C", bound=Chunk)
+
+
+async def next_chunk(chunks: AsyncIterator[C], stall_s: float) -> C | None:
+    """The next chunk, or ``None`` at the end of the stream.
+
+    Raises
+    ------
+    LimitError
+        If no chunk arrives within ``stall_s`` seconds.
+    """
+    try:
+        return await asyncio.wait_for(anext(chunks, None), stall_s)
+    except TimeoutError:
+        raise LimitError(
+            f"the upload sent nothing for {stall_s:g} s, so the node cancelled it; "
+            "send the chunks without pausing"
+        ) from None
+
+
+async def collect_upload(
+    first: bytes, chunks: AsyncIterator[Chunk], *, max_bytes: int, stall_s: float,
+    too_long: str,
+) -> bytes:
+    """``first`` followed by the data of every remaining chunk, at most ``max_bytes``.
+
+    Raises
+    ------
+    LimitError
+        With the message ``too_long`` if the data grows past ``max_bytes``; if a chunk takes
+        longer than ``stall_s`` seconds to arrive.
+    """
+    parts = [first]
+    received = len(first)
+    try:
+        while (chunk := await next_chunk(chunks, stall_s)) is not None:
+            received += len(chunk.data)
+            if received > max_bytes:
+                raise LimitError(too_long)
+            parts.append(chunk.data)
+        return b"".join(parts)
+    finally:
+        parts.clear()  # a refusal's traceback must not keep what arrived
 
 
 async def receive_artifact(
-    chunks: AsyncIterator[pb.StageChunk], max_bytes: int = MAX_UPLOAD_BYTES
+    chunks: AsyncIterator[pb.StageChunk], *, max_bytes: int, stall_s: float
 ) -> tuple[StageSpec, bytes]:
     """Collect a ``LoadStage`` stream into ``(spec, artifact)``, checking size and hash.
 
     Raises
     ------
+    LimitError
+        If the header declares more than ``max_bytes``, more bytes arrive than it declares,
+        or the stream stalls for ``stall_s`` seconds.
     ArtifactError
-        If the header is missing or unreadable, the artifact is larger than the header
-        says (or than ``max_bytes``), shorter than it says, or its SHA-256 differs.
+        If the header is missing or unreadable, the artifact is shorter than the header
+        says, or its SHA-256 differs.
     """
-    first = await anext(chunks, None)
+    first = await next_chunk(chunks, stall_s)
     if first is None or not first.HasField("header"):
         raise ArtifactError("LoadStage stream must start with a chunk carrying the header")
     header = first.header
@@ -35,12 +94,14 @@ async def receive_artifact(
             f"header hash {header.sha256} differs from the stage spec's {spec.artifact_sha256}"
         )
     if header.total_bytes > max_bytes:
-        raise ArtifactError(f"artifact of {header.total_bytes} bytes exceeds {max_bytes}")
-    data = bytearray(first.data)
-    async for chunk in chunks:
-        data += chunk.data
-        if len(data) > header.total_bytes:
-            raise ArtifactError(f"artifact is longer than the {header.total_bytes} bytes declared")
+        raise LimitError(
+            f"the stage artifact declares {header.total_bytes} bytes, more than this node's "
+            f"limit of {max_bytes} (edge-node --max-stage-bytes); plan for a larger node"
+        )
+    data = await collect_upload(
+        first.data, chunks, max_bytes=header.total_bytes, stall_s=stall_s,
+        too_long=f"the artifact is longer than the {header.total_bytes} bytes its header declares",
+    )
     if len(data) != header.total_bytes:
         raise ArtifactError(
             f"artifact is truncated: {len(data)} of {header.total_bytes} bytes arrived"
@@ -51,7 +112,7 @@ async def receive_artifact(
             f"artifact hash mismatch: expected {header.sha256}, got {digest}; "
             "the file changed or was corrupted in transit"
         )
-    return spec, bytes(data)
+    return spec, data
 
 
 def _parse_spec(spec_json: str) -> StageSpec:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import Enum
+from typing import Any
 
 from node.config import Device
 from node.link import LinkEmulation
@@ -37,17 +38,11 @@ class Failure:
     stage_index: int
 
     def to_proto(self) -> pb.Failure:
-        return pb.Failure(
-            request_id=self.request_id,
-            code=self.code.value,
-            message=self.message,
-            node=self.node,
-            stage_index=self.stage_index,
-        )
+        return pb.Failure(**_field_values(self, Failure) | {"code": self.code.value})
 
     @classmethod
     def from_proto(cls, msg: pb.Failure) -> Failure:
-        return cls(msg.request_id, FailureCode(msg.code), msg.message, msg.node, msg.stage_index)
+        return cls(**_field_values(msg, cls) | {"code": FailureCode(msg.code)})
 
 
 @dataclass(frozen=True)
@@ -59,11 +54,11 @@ class StageInfo:
     size_bytes: int
 
     def to_proto(self) -> pb.LoadedStage:
-        return pb.LoadedStage(index=self.index, sha256=self.sha256, size_bytes=self.size_bytes)
+        return pb.LoadedStage(**_field_values(self, StageInfo))
 
     @classmethod
     def from_proto(cls, msg: pb.LoadedStage) -> StageInfo:
-        return cls(msg.index, msg.sha256, msg.size_bytes)
+        return cls(**_field_values(msg, cls))
 
 
 @dataclass(frozen=True)
@@ -87,45 +82,33 @@ class NodeInfo:
 
     def to_proto(self) -> pb.NodeInfo:
         return pb.NodeInfo(
-            name=self.name,
-            hostname=self.hostname,
-            cpu_model=self.cpu_model,
-            cpu_count=self.cpu_count,
-            torch_threads=self.torch_threads,
-            memory_total_bytes=self.memory_total_bytes,
-            memory_available_bytes=self.memory_available_bytes,
-            torch_version=self.torch_version,
-            device=_DEVICE_TO_PROTO[self.device],
-            speed_factor=self.speed_factor,
-            stage=self.stage.to_proto() if self.stage else None,
-            requests_served=self.requests_served,
-            queue_depth=self.queue_depth,
-            p50_stage_seconds=self.p50_stage_seconds,
+            **_field_values(self, NodeInfo)
+            | {
+                "device": _DEVICE_TO_PROTO[self.device],
+                "stage": self.stage.to_proto() if self.stage else None,
+            }
         )
 
     @classmethod
     def from_proto(cls, msg: pb.NodeInfo) -> NodeInfo:
         return cls(
-            name=msg.name,
-            hostname=msg.hostname,
-            cpu_model=msg.cpu_model,
-            cpu_count=msg.cpu_count,
-            torch_threads=msg.torch_threads,
-            memory_total_bytes=msg.memory_total_bytes,
-            memory_available_bytes=msg.memory_available_bytes,
-            torch_version=msg.torch_version,
-            device=_DEVICE_FROM_PROTO[msg.device],
-            speed_factor=msg.speed_factor,
-            stage=StageInfo.from_proto(msg.stage) if msg.HasField("stage") else None,
-            requests_served=msg.requests_served,
-            queue_depth=msg.queue_depth,
-            p50_stage_seconds=msg.p50_stage_seconds,
+            **_field_values(msg, cls)
+            | {
+                "device": _DEVICE_FROM_PROTO[msg.device],
+                "stage": StageInfo.from_proto(msg.stage) if msg.HasField("stage") else None,
+            }
         )
 
 
 def link_to_proto(link: LinkEmulation) -> pb.LinkEmulation:
-    return pb.LinkEmulation(bytes_per_s=link.bytes_per_s, latency_s=link.latency_s)
+    return pb.LinkEmulation(**_field_values(link, LinkEmulation))
 
 
 def link_from_proto(msg: pb.LinkEmulation) -> LinkEmulation:
-    return LinkEmulation(bytes_per_s=msg.bytes_per_s, latency_s=msg.latency_s)
+    return LinkEmulation(**_field_values(msg, LinkEmulation))
+
+
+def _field_values(source: object, cls: type) -> dict[str, Any]:
+    """``source``'s attributes named like the fields of the dataclass ``cls`` (the messages
+    name their fields like the dataclasses do)."""
+    return {field.name: getattr(source, field.name) for field in fields(cls)}

@@ -15,17 +15,17 @@ import logging
 import statistics
 import time
 from collections import deque
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from node.codec import encode_frame
+from node.codec import StageReport, Trace, encode_failure, encode_frame
 from node.config import Device
 from node.link import EmulatedLink, LinkEmulation
 from node.messages import Failure, FailureCode, StageInfo
-from node.rpc import edgesplit_pb2 as pb
 from partition.artifact import ProgramRunner, run_stage
 from partition.loader import example_tensor
 from partition.spec import StageSpec
@@ -59,12 +59,14 @@ class LoadedStage:
 
 @dataclass(frozen=True)
 class Work:
-    """A frame decoded for ``stage``, or (``failure``) a failure frame to pass on."""
+    """A frame decoded for ``stage``, or (``failure``) a failure frame to pass on;
+    ``trace`` is the frame's trace if its request is traced."""
 
     request_id: int
     stage: LoadedStage | None = None
     tensors: dict[str, torch.Tensor] | None = None
     failure: bytes | None = None
+    trace: Trace | None = None
 
 
 class FrameSink(Protocol):
@@ -165,7 +167,8 @@ class StageRunner:
                 continue
             started = time.perf_counter()
             frame = await loop.run_in_executor(
-                self._executor, self._compute, work.stage, work.request_id, work.tensors
+                self._executor, self._compute, work.stage, work.request_id, work.tensors,
+                work.trace,
             )
             if self._speed_factor < 1:
                 # An emulated device takes its calibrated time over the speed factor, however
@@ -176,12 +179,18 @@ class StageRunner:
             await self._outbox.put((work.request_id, frame))
 
     def _compute(
-        self, stage: LoadedStage, request_id: int, tensors: dict[str, torch.Tensor]
+        self, stage: LoadedStage, request_id: int, tensors: dict[str, torch.Tensor],
+        trace: Trace | None,
     ) -> bytes:
-        """Run the stage on one frame and encode the result (in the worker thread)."""
+        """Run the stage on one frame and encode the result (in the worker thread); a
+        traced request's frame gets this stage's report added to its trace."""
         try:
             frame = {name: t.to(self._device) for name, t in tensors.items()}
-            return encode_frame(request_id, run_stage(stage.program, stage.spec, frame))
+            sends = run_stage(stage.program, stage.spec, frame)
+            if trace is not None:
+                report = StageReport(stage.spec.index, fingerprint(tensors), fingerprint(sends))
+                trace = (*trace, report)
+            return encode_frame(request_id, sends, trace)
         except Exception as err:  # the program raised: answer this request with a failure
             log.warning("stage %d failed on request %d: %r", stage.spec.index, request_id, err)
             return self.failure_frame(
@@ -194,8 +203,7 @@ class StageRunner:
     def failure_frame(self, request_id: int, code: FailureCode, message: str) -> bytes:
         """A serialized frame answering ``request_id`` with a failure at this node's stage."""
         index = self.stage.spec.index if self.stage is not None else -1
-        failure = Failure(request_id, code, message, self.node_name, index)
-        return pb.Frame(failure=failure.to_proto()).SerializeToString()
+        return encode_failure(Failure(request_id, code, message, self.node_name, index))
 
     async def _send_loop(self) -> None:
         while True:
@@ -204,6 +212,30 @@ class StageRunner:
             if self.sink is None:
                 raise RuntimeError("a frame was computed before the node was wired")
             await self.sink.deliver(request_id, frame)
+
+
+FINGERPRINT_WEIGHTS = 7
+"""Period of the position weights (-3..3) of a fingerprint's weighted sum."""
+
+FINGERPRINT_VALUES = 4
+"""Values a fingerprint holds per tensor."""
+
+
+def fingerprint(tensors: Mapping[str, torch.Tensor]) -> tuple[float, ...]:
+    """A few float64 statistics of each tensor, by name: its element count, the sum of its
+    absolute values, its sum and a sum weighted by position. Equal frames give equal
+    fingerprints; frames equal up to float rounding give close ones (compare each value
+    with a tolerance scaled by the absolute sum, which bounds the other sums)."""
+    values: list[float] = []
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu()
+        if tensor.is_complex():
+            tensor = torch.view_as_real(tensor)
+        flat = tensor.reshape(-1).to(torch.float64)
+        weights = torch.arange(flat.numel(), dtype=torch.float64) % FINGERPRINT_WEIGHTS - 3
+        values += [float(flat.numel()), float(flat.abs().sum()), float(flat.sum()),
+                   float((flat * weights).sum())]
+    return tuple(values)
 
 
 def _log_crash(task: asyncio.Task[None]) -> None:

@@ -9,26 +9,28 @@ import signal
 import socket
 import time
 from collections.abc import AsyncIterator
+from typing import NoReturn
 
 import grpc
 import torch
 
 from node.auth import AuthInterceptor, WiredPeers
-from node.codec import WireFrame, decode_frame
+from node.codec import WireFrame, decode_failure, decode_frame, decode_trace
 from node.config import NodeConfig
 from node.data_path import add_servicer
-from node.errors import FrameError, FrameSpecError, ListenError
+from node.errors import FrameError, FrameSpecError, LimitError, ListenError
 from node.loading import receive_artifact
 from node.messages import FailureCode, NodeInfo, link_from_proto
 from node.next_hop import NextHop
 from node.pipeline import QUEUE_DEPTH, StageRunner, Work
-from node.profiling import profile_on_node, receive_model
-from node.results import ResultsHub
+from node.profiling import NodeProfiler
+from node.results import ResultsOwner
 from node.rpc import edgesplit_pb2 as pb
 from node.rpc import edgesplit_pb2_grpc as pb_grpc
 from node.rpc_options import server_options
 from node.security import is_loopback, server_credentials
 from node.sysinfo import cpu_count, cpu_model, memory_bytes
+from partition.allocator import release_free_memory
 from partition.artifact import load_program
 from partition.errors import EdgesplitError
 
@@ -37,16 +39,21 @@ log = logging.getLogger(__name__)
 STOP_GRACE_S = 2.0
 """How long in-flight calls may finish after SIGTERM/SIGINT before they are cancelled."""
 
+RELEASE_ABOVE_BYTES = 16 * 1024 * 1024
+"""A refused frame at least this large has its memory given back to the OS at once."""
+
 
 class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
     """Decode, hand to the stage runner, encode; the logic lives in plain modules."""
 
     def __init__(
-        self, config: NodeConfig, runner: StageRunner, results: ResultsHub, peers: WiredPeers
+        self, config: NodeConfig, runner: StageRunner, results: ResultsOwner,
+        profiler: NodeProfiler, peers: WiredPeers,
     ) -> None:
         self._config = config
         self._runner = runner
         self._results = results
+        self._profiler = profiler
         self._peers = peers
 
     async def Describe(
@@ -75,12 +82,9 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
         self, request_iterator: AsyncIterator[pb.ProfileChunk], context: grpc.aio.ServicerContext
     ) -> pb.ProfileResult:
         try:
-            options, data = await receive_model(request_iterator)
-            profile = await asyncio.to_thread(
-                profile_on_node, data, options, self._config.speed_factor
-            )
+            profile = await self._profiler.profile(request_iterator)
         except EdgesplitError as err:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            await _refuse(context, "a Profile call", err)
         return pb.ProfileResult(profile_json=json.dumps(profile))
 
     async def LoadStage(
@@ -88,13 +92,16 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
     ) -> pb.LoadStageReply:
         started = time.perf_counter()
         try:
-            spec, artifact = await receive_artifact(request_iterator)
+            spec, artifact = await receive_artifact(
+                request_iterator,
+                max_bytes=self._config.max_stage_bytes,
+                stall_s=self._config.upload_stall_s,
+            )
             stage = await asyncio.to_thread(
                 lambda: self._runner.place(load_program(artifact), spec, len(artifact))
             )
-        except EdgesplitError as err:  # ArtifactError, ModelLoadError
-            log.warning("refused a stage: %s", err)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except EdgesplitError as err:  # LimitError, ArtifactError, ModelLoadError
+            await _refuse(context, "a stage", err)
         self._runner.stage = stage
         log.info(
             "stage %d loaded: sha256 %s, %d bytes, %.2f ms a request here",
@@ -126,7 +133,7 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
                     + (f" or its certificate does not name node {request.next_node!r}"
                        if security and security.tls else ""),
                 )
-            sink: NextHop | ResultsHub = hop
+            sink: NextHop | ResultsOwner = hop
         else:
             sink = self._results
         self._peers.previous = request.previous_node or None
@@ -134,7 +141,7 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
         await self._runner.wire(sink, outbound, inbound)
         log.info(
             "wired: next hop %s, outbound %s, inbound %s",
-            request.next_address or "Results subscribers", outbound, inbound,
+            request.next_address or "the Results stream", outbound, inbound,
         )
         return pb.WireReply()
 
@@ -153,43 +160,56 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"node {self._config.name!r} is not wired; call Wire first",
             )
-        async for frame in request_iterator:
-            work = await self._accept(frame, context)
-            await self._runner.submit(work)
-            yield pb.Ack(request_id=work.request_id)
+        # context.read(), not ``async for`` over request_iterator: gRPC's iterator keeps the
+        # last frame alive until the next one arrives, a refused 200 MB frame included.
+        try:
+            while (frame := await context.read()) is not grpc.aio.EOF:
+                size = len(frame.raw) if isinstance(frame, WireFrame) else 0
+                work = await self._accept(frame, context)
+                del frame  # a refused frame's bytes go now, not when the next frame arrives
+                if work.tensors is None and size >= RELEASE_ABOVE_BYTES:
+                    release_free_memory()
+                await self._runner.submit(work)
+                yield pb.Ack(request_id=work.request_id)
+        finally:  # gRPC's buffers of a frame over --max-frame-bytes go with the stream
+            release_free_memory()
 
     async def _accept(
         self, frame: WireFrame | FrameError, context: grpc.aio.ServicerContext
     ) -> Work:
         """Turn one incoming frame into work, or close the stream if it is malformed."""
-        if isinstance(frame, FrameError):
-            log.warning("closed a Submit stream: %s", frame)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(frame))
-        if frame.failure is not None:
-            failure = pb.Failure.FromString(frame.failure)
-            return Work(failure.request_id, failure=frame.raw)
-        header, payload = frame.header, frame.payload
-        await self._runner.inbound.carry(len(header) + len(payload))
-        stage = self._runner.stage
         try:
+            if isinstance(frame, FrameError):
+                raise frame
+            failure = decode_failure(frame)
+            if failure is not None:
+                return Work(failure.request_id, failure=frame.raw)
+            header, payload = frame.header, frame.payload
+            await self._runner.inbound.carry(len(header) + len(payload))
+            stage = self._runner.stage
             request_id, tensors = decode_frame(header, payload, stage.spec.receives)
         except FrameSpecError as err:
-            failure = self._runner.failure_frame(
+            answer = self._runner.failure_frame(
                 err.request_id, FailureCode.INVALID_ARGUMENT, str(err)
             )
-            return Work(err.request_id, failure=failure)
+            return Work(err.request_id, failure=answer)
         except FrameError as err:
             log.warning("closed a Submit stream: %s", err)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        return Work(request_id, stage=stage, tensors=tensors)
+        return Work(request_id, stage=stage, tensors=tensors, trace=decode_trace(header))
 
     async def Results(
         self, request: pb.ResultsRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[bytes]:
-        async with self._results.subscribe() as queue:
-            await context.send_initial_metadata(())
-            while True:
-                yield await queue.get()
+    ) -> None:
+        owner = False
+        try:
+            async with self._results.own():
+                owner = True
+                await context.send_initial_metadata(())
+                await self._results.pump(context.write)
+        except LimitError as err:  # another stream owns the results, or this one stalled
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED if owner else grpc.StatusCode.ALREADY_EXISTS
+            await context.abort(code, str(err))
 
 
 class EdgeNodeServer:
@@ -200,13 +220,20 @@ class EdgeNodeServer:
         self.runner = StageRunner(
             node_name=config.name, device=config.device, speed_factor=config.speed_factor
         )
-        self.results = ResultsHub(QUEUE_DEPTH)
+        self.results = ResultsOwner(QUEUE_DEPTH, config.results_stall_s)
+        profiler = NodeProfiler(
+            speed_factor=config.speed_factor,
+            max_bytes=config.max_stage_bytes,
+            stall_s=config.upload_stall_s,
+        )
         peers = WiredPeers()
         self.server = grpc.aio.server(
             options=server_options(config.max_message_bytes),
             interceptors=[AuthInterceptor(config.security, peers)] if config.security else None,
         )
-        add_servicer(EdgeNodeServicer(config, self.runner, self.results, peers), self.server)
+        add_servicer(
+            EdgeNodeServicer(config, self.runner, self.results, profiler, peers), self.server
+        )
         self.port = 0
 
     async def start(self) -> None:
@@ -257,6 +284,19 @@ async def serve(config: NodeConfig) -> None:
         loop.add_signal_handler(signum, stopping.set)
     await stopping.wait()
     await node.stop()
+
+
+async def _refuse(context: grpc.aio.ServicerContext, what: str, err: EdgesplitError) -> NoReturn:
+    """Log and refuse a call with ``err``'s sentence, after giving back what it received.
+
+    RESOURCE_EXHAUSTED for a :class:`LimitError`, INVALID_ARGUMENT otherwise.
+    """
+    err.__traceback__ = None  # its frames hold the bytes received so far
+    release_free_memory()
+    log.warning("refused %s: %s", what, err)
+    limit = isinstance(err, LimitError)
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED if limit else grpc.StatusCode.INVALID_ARGUMENT
+    await context.abort(code, str(err))
 
 
 def _check_free(listen: str) -> None:

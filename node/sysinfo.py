@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 import os
-import platform
 from pathlib import Path
 
+from partition.machine import cpu_model
 
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux), or the platform's best guess."""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() in ("model name", "Model", "Hardware"):
-                return value.strip()
-    return platform.processor() or platform.machine()
+__all__ = ["cpu_count", "cpu_model", "memory_bytes"]
 
 
 def cpu_count() -> int:

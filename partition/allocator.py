@@ -22,18 +22,38 @@ _THRESHOLD_BYTES = 1 << 30
 
 
 @functools.cache
-def keep_large_buffers() -> bool:
-    """Raise glibc's mmap and trim thresholds to 1 GiB; False where there is no glibc."""
+def _libc() -> ctypes.CDLL | None:
+    """The C library, or None where it cannot be found."""
     name = ctypes.util.find_library("c")
     if name is None:
-        return False
+        return None
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (macOS, musl without mallopt)
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
+@functools.cache
+def keep_large_buffers() -> bool:
+    """Raise glibc's mmap and trim thresholds to 1 GiB; False where there is no glibc."""
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:  # not glibc (macOS, musl without mallopt)
         return False
     done = all(
         mallopt(option, _THRESHOLD_BYTES) == 1 for option in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD)
     )
     log.debug("large buffers kept on the heap: %s", done)
     return done
+
+
+def release_free_memory() -> bool:
+    """Give the heap's free pages back to the OS (glibc ``malloc_trim(0)``).
+
+    With the thresholds above, memory freed after a large refused upload or frame would stay
+    in the process; a node calls this after such a refusal. False where there is no glibc.
+    """
+    malloc_trim = getattr(_libc(), "malloc_trim", None)
+    if malloc_trim is None:
+        return False
+    malloc_trim(0)
+    return True

@@ -10,6 +10,7 @@ from torch.export.graph_signature import InputKind, OutputKind
 
 from partition.archive import load_archive
 from partition.spec import StageSpec
+from partition.weights import program_weights
 
 
 def sha256(data: bytes) -> str:
@@ -34,7 +35,7 @@ class ProgramRunner:
 
     def __init__(self, program: torch.export.ExportedProgram) -> None:
         signature = program.graph_signature
-        state = {**program.state_dict, **program.constants}
+        state = program_weights(program)
         self._bound = [
             None if spec.kind == InputKind.USER_INPUT else state[spec.target]
             for spec in signature.input_specs

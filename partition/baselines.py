@@ -13,7 +13,8 @@ from itertools import pairwise
 import numpy as np
 
 from partition.costs import CostModel
-from partition.optimizer import Objective, Schedule, Span, evaluate
+from partition.optimizer import Schedule, Span, evaluate
+from partition.plan import Objective
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from partition.cluster import ClusterSpec, cost_arrays
 from partition.costs import CostModel
 from partition.layers import LayerGraph
 from partition.profiler import Profile
+from partition.weights import program_weights
 
 
 def node_profiles(
@@ -25,8 +26,7 @@ def stage_memory_matrix(layer_graph: LayerGraph) -> np.ndarray:
     """``[i, j]``: memory of a stage of layers ``[i, j)``: its parameters (a tensor shared by
     two layers counted once per stage), its largest layer's peak activations, and the frames
     it receives and sends."""
-    state = {**layer_graph.program.state_dict, **layer_graph.program.constants}
-    sizes = {name: t.numel() * t.element_size() for name, t in state.items()}
+    sizes = {name: t.nbytes for name, t in program_weights(layer_graph.program).items()}
     boundary = layer_graph.boundary_bytes()
     count = layer_graph.num_layers
     memory = np.zeros((count + 1, count + 1), dtype=np.int64)

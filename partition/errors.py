@@ -21,6 +21,14 @@ class ProfileMismatchError(EdgesplitError):
     """A profile file belongs to another model, granularity or torch version."""
 
 
+class ProfileFormatError(EdgesplitError):
+    """A profile file is unreadable, malformed or of an unsupported version."""
+
+
+class ModelMismatchError(EdgesplitError):
+    """A model file is not the one a plan was made for, or no longer has the plan's layers."""
+
+
 class PlanningError(EdgesplitError):
     """No plan can be made."""
 

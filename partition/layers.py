@@ -19,6 +19,7 @@ from torch import fx
 
 from partition.errors import ModelLoadError
 from partition.spec import TensorSpec
+from partition.weights import program_weights, weight_inputs
 
 AUTO = "auto"
 MARKERS = "markers"  # one layer per span between pipe_split() markers
@@ -59,7 +60,6 @@ class LayerGraph:
     last_use: dict[str, int]
     user_inputs: tuple[str, ...]
     user_outputs: tuple[str, ...]
-    markers: tuple[int, ...] = field(default=())
 
     @property
     def num_layers(self) -> int:
@@ -207,67 +207,107 @@ def _assemble(
     layer_of: dict[str, int],
 ) -> LayerGraph:
     signature = program.graph_signature
-    state_names = {
-        **signature.inputs_to_parameters,
-        **signature.inputs_to_buffers,
-        **signature.inputs_to_lifted_tensor_constants,
-    }
-    state = {**program.state_dict, **program.constants}
-    user_inputs = tuple(signature.user_inputs)
-    user_outputs = tuple(signature.user_outputs)
-    num_layers = max(layer_of.values()) + 1
-    output_layer = num_layers  # the model's outputs are "used" after the last layer
+    flow = _dataflow(program, ops, layer_of)
+    layers = _layers(ops, keys, layer_of, flow, program_weights(program))
+    return LayerGraph(
+        program=program,
+        granularity=granularity,
+        layers=layers,
+        graph=_digraph(layers, flow.edges),
+        values=flow.values,
+        producer=flow.producer,
+        last_use=flow.last_use,
+        user_inputs=tuple(signature.user_inputs),
+        user_outputs=tuple(signature.user_outputs),
+    )
 
-    producer: dict[str, int] = {name: MODEL_INPUT for name in user_inputs}
-    producer.update(layer_of)
-    values: dict[str, TensorSpec] = {}
-    last_use: dict[str, int] = {}
-    edges: dict[tuple[object, object], list[TensorSpec]] = defaultdict(list)
-    params_of: dict[int, set[str]] = defaultdict(set)
-    by_name = {n.name: n for n in program.graph.nodes}
 
-    def use(value: fx.Node, consumer: int) -> None:
-        if value.name in state_names:
-            params_of[consumer].add(state_names[value.name])
+@dataclass
+class _Dataflow:
+    """Who makes and who last reads each value, the tensors on each edge, each layer's weights.
+
+    Consumer ``output_layer`` stands for the model's outputs, "used" after the last layer.
+    """
+
+    weight_inputs: dict[str, str]
+    producer: dict[str, int]
+    output_layer: int
+    values: dict[str, TensorSpec] = field(default_factory=dict)
+    last_use: dict[str, int] = field(default_factory=dict)
+    edges: defaultdict[tuple[object, object], list[TensorSpec]] = field(
+        default_factory=lambda: defaultdict(list)
+    )
+    params_of: defaultdict[int, set[str]] = field(default_factory=lambda: defaultdict(set))
+
+    def use(self, value: fx.Node, consumer: int) -> None:
+        """Record that layer ``consumer`` reads ``value``."""
+        if value.name in self.weight_inputs:
+            self.params_of[consumer].add(self.weight_inputs[value.name])
             return
-        origin = producer[value.name]
+        origin = self.producer[value.name]
         if origin == consumer:
             return
-        spec = _tensor_spec(value)
-        if value.name not in values:
-            values[value.name] = spec
-        last_use[value.name] = max(last_use.get(value.name, consumer), consumer)
+        spec = self.values.setdefault(value.name, _tensor_spec(value))
+        self.last_use[value.name] = max(self.last_use.get(value.name, consumer), consumer)
         source = "input" if origin == MODEL_INPUT else origin
-        target = "output" if consumer == output_layer else consumer
-        if spec not in edges[(source, target)]:
-            edges[(source, target)].append(spec)
+        target = "output" if consumer == self.output_layer else consumer
+        if spec not in self.edges[(source, target)]:
+            self.edges[(source, target)].append(spec)
 
+
+def _dataflow(
+    program: torch.export.ExportedProgram, ops: list[fx.Node], layer_of: dict[str, int]
+) -> _Dataflow:
+    signature = program.graph_signature
+    producer = {name: MODEL_INPUT for name in signature.user_inputs} | layer_of
+    flow = _Dataflow(weight_inputs(program), producer, output_layer=max(layer_of.values()) + 1)
+    by_name = {n.name: n for n in program.graph.nodes}
     for n in ops:
         for value in n.all_input_nodes:
-            use(value, layer_of[n.name])
-    for name in user_outputs:
+            flow.use(value, layer_of[n.name])
+    for name in signature.user_outputs:
         if name in by_name:
-            use(by_name[name], output_layer)
+            flow.use(by_name[name], flow.output_layer)
+    for name in signature.user_inputs:
+        if name not in flow.values:  # an input no op reads still arrives as a tensor
+            flow.values[name] = _tensor_spec(by_name[name])
+            flow.last_use[name] = 0
+    return flow
 
+
+def _layers(
+    ops: list[fx.Node],
+    keys: dict[str, str],
+    layer_of: dict[str, int],
+    flow: _Dataflow,
+    weights: dict[str, torch.Tensor],
+) -> list[Layer]:
     grouped: dict[int, list[fx.Node]] = defaultdict(list)
     for n in ops:
         grouped[layer_of[n.name]].append(n)
-    layers = []
-    for index in range(num_layers):
+    layers: list[Layer] = []
+    for index in range(flow.output_layer):
         members = grouped[index]
-        params = tuple(sorted(params_of[index]))
-        out_bytes = sum(v.nbytes for k, v in values.items() if producer[k] == index)
+        params = tuple(sorted(flow.params_of[index]))
         layers.append(
             Layer(
                 index=index,
-                name=_layer_name(keys[members[0].name], index, layers),
+                name=_layer_name(keys[members[0].name], layers),
                 ops=tuple(n.name for n in members),
                 params=params,
-                param_bytes=sum(_nbytes(state[p]) for p in params),
-                output_bytes=out_bytes,
+                param_bytes=sum(weights[p].nbytes for p in params),
+                output_bytes=sum(
+                    v.nbytes for k, v in flow.values.items() if flow.producer[k] == index
+                ),
                 peak_activation_bytes=_peak_activation_bytes(members),
             )
         )
+    return layers
+
+
+def _digraph(
+    layers: list[Layer], edges: dict[tuple[object, object], list[TensorSpec]]
+) -> nx.DiGraph:
     graph = nx.DiGraph()
     graph.add_node("input")
     for layer in layers:
@@ -281,26 +321,10 @@ def _assemble(
     graph.add_node("output")
     for (source, target), tensors in edges.items():
         graph.add_edge(source, target, tensors=tuple(tensors), bytes=sum(t.nbytes for t in tensors))
-    for name in user_inputs:
-        if name not in values:  # an input no op reads still arrives as a tensor
-            node = by_name[name]
-            values[name] = _tensor_spec(node)
-            last_use[name] = 0
-    return LayerGraph(
-        program=program,
-        granularity=granularity,
-        layers=layers,
-        graph=graph,
-        values=values,
-        producer=producer,
-        last_use=last_use,
-        user_inputs=user_inputs,
-        user_outputs=user_outputs,
-        markers=_pipe_split_boundaries(ops, layer_of),
-    )
+    return graph
 
 
-def _layer_name(key: str, index: int, earlier: list[Layer]) -> str:
+def _layer_name(key: str, earlier: list[Layer]) -> str:
     repeats = sum(1 for layer in earlier if layer.name.split("#")[0] == key)
     return key if repeats == 0 else f"{key}#{repeats + 1}"
 
@@ -315,16 +339,12 @@ def _tensor_spec(value: fx.Node) -> TensorSpec:
     return TensorSpec.of(value.name, meta)
 
 
-def _nbytes(tensor: torch.Tensor) -> int:
-    return tensor.numel() * tensor.element_size()
-
-
 def _value_bytes(node: fx.Node) -> int:
     meta = node.meta.get("val")
     if isinstance(meta, torch.Tensor):
-        return _nbytes(meta)
+        return meta.nbytes
     if isinstance(meta, list | tuple):
-        return sum(_nbytes(m) for m in meta if isinstance(m, torch.Tensor))
+        return sum(m.nbytes for m in meta if isinstance(m, torch.Tensor))
     return 0
 
 
@@ -342,11 +362,6 @@ def _peak_activation_bytes(members: list[fx.Node]) -> int:
         peak = max(peak, live)
         live -= sum(_value_bytes(done) for done in free_after[i])
     return peak
-
-
-def _pipe_split_boundaries(ops: list[fx.Node], layer_of: dict[str, int]) -> tuple[int, ...]:
-    """Boundaries right after each ``torch.distributed.pipelining.pipe_split()`` call."""
-    return tuple(sorted({layer_of[n.name] + 1 for n in ops if _is_marker(n)}))
 
 
 _MATMUL_OPS = {"linear", "mm", "bmm", "matmul", "addmm", "baddbmm"}

@@ -8,6 +8,7 @@ import torch
 from torch import fx
 
 from partition.layers import LayerGraph
+from partition.weights import program_weights, weight_inputs
 
 
 @dataclass(frozen=True)
@@ -32,13 +33,8 @@ class RangeModule:
 def build_range_module(layer_graph: LayerGraph, start: int, end: int) -> RangeModule:
     """Copy the ops of layers ``[start, end)`` into a new graph with their own weights."""
     program = layer_graph.program
-    signature = program.graph_signature
-    state_targets = {
-        **signature.inputs_to_parameters,
-        **signature.inputs_to_buffers,
-        **signature.inputs_to_lifted_tensor_constants,
-    }
-    state = {**program.state_dict, **program.constants}
+    state_targets = weight_inputs(program)
+    state = program_weights(program)
     member_names = {op for layer in layer_graph.layers[start:end] for op in layer.ops}
     members = [n for n in program.graph.nodes if n.name in member_names]
 
@@ -70,9 +66,7 @@ def build_range_module(layer_graph: LayerGraph, start: int, end: int) -> RangeMo
             lookup(value)
         env[node] = graph.node_copy(node, lookup)
     outputs = tuple(
-        name
-        for name, spec in layer_graph.values.items()
-        if start <= layer_graph.producer[name] < end and layer_graph.last_use[name] >= end
+        t.name for t in layer_graph.boundary_tensors(end) if layer_graph.producer[t.name] >= start
     )
     by_name = {n.name: n for n in members}
     graph.output(tuple(env[by_name[name]] for name in outputs))

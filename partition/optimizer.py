@@ -20,7 +20,6 @@ exhaustive; the result then says ``exact=False`` and carries a lower bound on th
 
 from __future__ import annotations
 
-import enum
 import heapq
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ import numpy as np
 
 from partition.costs import CostModel
 from partition.errors import NoFeasiblePlanError, PlanningError
+from partition.plan import Objective
 from partition.units import format_bytes
 
 EXACT_WORK_LIMIT = 4e8
@@ -39,19 +39,6 @@ MAX_NODES = 62
 """Node sets are 64-bit masks."""
 TIE_TOLERANCE = 1e-12
 """Relative slack when keeping only the stages and hops within the minimal bottleneck."""
-
-
-class Objective(enum.Enum):
-    """What a plan is optimized for."""
-
-    LATENCY = "latency"
-    THROUGHPUT = "throughput"
-
-    def key(self, schedule: Schedule) -> tuple[float, float]:
-        """Sort key, smaller is better: the objective's measure, then the other one."""
-        if self is Objective.LATENCY:
-            return (schedule.latency_s, schedule.bottleneck_s)
-        return (schedule.bottleneck_s, schedule.latency_s)
 
 
 @dataclass(frozen=True)

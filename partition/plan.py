@@ -1,29 +1,48 @@
-"""The plan: which node runs which layers, what it costs, and what the baselines would cost.
+"""The plan file: :class:`Plan` and its stable, versioned JSON form (``docs/plan-schema.md``).
 
-``plan(...)`` is the planning entry point; :class:`Plan` has a stable, versioned JSON form
-(``docs/plan-schema.md``) that is the one thing the runtime reads.
+It is the one thing passed from planning to running, so it imports no planning code: the
+runtime reads plans without the optimizer. :func:`partition.planning.plan` makes them.
 """
 
 from __future__ import annotations
 
 import enum
 import json
-from dataclasses import dataclass, field, replace
+import math
+import reprlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
-from partition.baselines import baselines
-from partition.cluster import ClusterSpec, SecuritySpec
-from partition.cost_builder import build_cost_model
-from partition.costs import CostModel
-from partition.errors import PlanFormatError
-from partition.layers import LayerGraph
-from partition.loader import LoadedModel
-from partition.optimizer import Objective, Schedule, optimize
-from partition.profiler import Profile
-from partition.spec import TensorSpec
+from partition.cluster import SecuritySpec
+from partition.errors import PlanFormatError, TensorSpecError
+from partition.spec import TensorSpec, dtype_from_name
 
 SCHEMA = "edgesplit.plan/1"
+
+
+class Priced(Protocol):
+    """Anything with a predicted latency and bottleneck (a schedule, a plan)."""
+
+    @property
+    def latency_s(self) -> float: ...
+
+    @property
+    def bottleneck_s(self) -> float: ...
+
+
+class Objective(enum.Enum):
+    """What a plan is optimized for."""
+
+    LATENCY = "latency"
+    THROUGHPUT = "throughput"
+
+    def key(self, priced: Priced) -> tuple[float, float]:
+        """Sort key, smaller is better: the objective's measure, then the other one."""
+        if self is Objective.LATENCY:
+            return (priced.latency_s, priced.bottleneck_s)
+        return (priced.bottleneck_s, priced.latency_s)
 
 
 class LinkEncoding(enum.Enum):
@@ -194,15 +213,24 @@ class Plan:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Plan:
+    def from_dict(cls, data: Any, origin: str = "plan") -> Plan:
+        """Read a plan's JSON form; ``origin`` names it in error messages.
+
+        Raises
+        ------
+        PlanFormatError
+            If ``data`` is not of this schema, a field is missing or of the wrong kind, or
+            the stages, links and nodes do not fit together (one line naming the field).
+        """
         if not isinstance(data, dict) or data.get("schema") != SCHEMA:
             found = data.get("schema") if isinstance(data, dict) else type(data).__name__
             raise PlanFormatError(
-                f"not an edgesplit plan of schema {SCHEMA!r} (found {found!r}); "
-                "make one with `coordinator plan`"
+                f"{origin}: not an edgesplit plan of schema {SCHEMA!r} (found "
+                f"{reprlib.repr(found)}); make one with `coordinator plan`"
             )
+        _check_fields(origin, data, _PLAN_FIELDS, "")
         model, predicted = data["model"], data["predicted"]
-        return cls(
+        plan = cls(
             model_sha256=model["sha256"], model_path=model["path"],
             granularity=model["granularity"], layer_names=tuple(model["layers"]),
             inputs=tuple(TensorSpec.from_dict(t) for t in model["inputs"]),
@@ -218,148 +246,181 @@ class Plan:
             baselines=tuple(BaselineResult.from_dict(b) for b in data["baselines"]),
             security=SecuritySpec.from_dict(data["security"]) if "security" in data else None,
         )
+        if len(plan.addresses) != len(data["nodes"]):
+            raise _invalid(origin, "nodes", "names a node twice")
+        _check_plan(origin, plan)
+        return plan
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
+        """Read and check ``plan.json``; every problem is one :class:`PlanFormatError`."""
         try:
             data = json.loads(Path(path).read_text())
         except FileNotFoundError:
             raise PlanFormatError(
                 f"plan file '{path}' does not exist; make one with `coordinator plan`"
             ) from None
-        except (OSError, ValueError) as err:
-            raise PlanFormatError(f"cannot read plan '{path}': {err}") from err
-        try:
-            return cls.from_dict(data)
-        except (KeyError, TypeError, ValueError) as err:
-            raise PlanFormatError(f"plan '{path}' is malformed ({err!r}); plan again") from err
+        except (OSError, ValueError, RecursionError) as err:
+            raise PlanFormatError(
+                f"cannot read plan '{path}' ({' '.join(str(err).split())}); "
+                "make one with `coordinator plan`"
+            ) from err
+        return cls.from_dict(data, str(path))
 
 
-def plan(
-    model: LoadedModel,
-    layer_graph: LayerGraph,
-    cluster: ClusterSpec,
-    profiles: dict[str, Profile],
-    objective: Objective = Objective.THROUGHPUT,
-) -> Plan:
-    """Choose the stages that optimize ``objective`` and price the baselines beside them.
+class _Number(NamedTuple):
+    """A JSON number that is at least 0; ``infinite`` also admits +inf (a free link, say)."""
 
-    ``profiles`` holds one profile per node of ``cluster`` (see
-    :func:`partition.cost_builder.node_profiles`).
-    """
-    cost = build_cost_model(layer_graph, cluster, profiles)
-    result = optimize(cost, objective)
-    return plan_from_schedule(
-        model, layer_graph, cluster, cost, result.schedule, objective,
-        exact=result.exact, lower_bound_s=result.lower_bound_s,
-        baseline_results=tuple(
-            _baseline_result(b.name, b.description, b.schedule, b.note, cost, cluster)
-            for b in baselines(cost, objective)
-        ),
-    )
+    infinite: bool = False
 
 
-def plan_from_schedule(
-    model: LoadedModel,
-    layer_graph: LayerGraph,
-    cluster: ClusterSpec,
-    cost: CostModel,
-    schedule: Schedule,
-    objective: Objective,
-    *,
-    exact: bool,
-    lower_bound_s: float,
-    baseline_results: tuple[BaselineResult, ...] = (),
-) -> Plan:
-    """Describe a priced schedule as a :class:`Plan` (also used to deploy a baseline)."""
-    names = cost.node_names
-    stages = tuple(
-        PlannedStage(
-            index=k,
-            node=names[span.node],
-            address=cluster.node(names[span.node]).address,
-            start=span.start,
-            end=span.end,
-            first_layer=layer_graph.layers[span.start].name,
-            last_layer=layer_graph.layers[span.end - 1].name,
-            receives=layer_graph.boundary_tensors(span.start),
-            sends=layer_graph.boundary_tensors(span.end),
-            compute_s=schedule.stage_seconds[k],
-            transfer_in_s=schedule.transfer_seconds[k],
-            memory_bytes=int(cost.stage_memory_bytes[span.start, span.end]),
-            memory_available_bytes=int(cost.node_memory_bytes[span.node]),
-        )
-        for k, span in enumerate(schedule.spans)
-    )
-    links = _links(cluster, [s.node for s in stages])
-    return Plan(
-        model_sha256=model.sha256,
-        model_path=model.source,
-        granularity=layer_graph.granularity,
-        layer_names=tuple(layer.name for layer in layer_graph.layers),
-        inputs=model.input_specs,
-        outputs=tuple(layer_graph.values[name] for name in layer_graph.user_outputs),
-        objective=objective,
-        source=cluster.source,
-        sink=cluster.sink,
-        addresses={node.name: node.address for node in cluster.nodes},
-        stages=stages,
-        links=links,
-        latency_s=schedule.latency_s,
-        bottleneck_s=schedule.bottleneck_s,
-        exact=exact,
-        lower_bound_s=lower_bound_s,
-        baselines=baseline_results,
-        security=cluster.security,
-    )
+class _Optional(NamedTuple):
+    """A field that may be absent."""
+
+    spec: Any
 
 
-def _links(cluster: ClusterSpec, nodes: list[str]) -> tuple[Link, ...]:
-    """The hops source -> each node in turn -> sink."""
-    hops = [cluster.source, *nodes, cluster.sink]
-    return tuple(
-        Link(a, b, cluster.link(a, b).bytes_per_s, cluster.link(a, b).latency_s)
-        for a, b in zip(hops, hops[1:], strict=False)
-    )
+FieldSpec = Any
+"""What a field must be: ``str``, ``bool``, ``int`` (>= 0), a :class:`_Number`, an
+:class:`enum.Enum` (one of its values), ``[spec]`` (a list of spec), ``{key: spec}`` (a
+mapping with those keys; others are ignored) or a function returning a problem or ``None``."""
 
 
-def _baseline_result(
-    name: str, description: str, schedule: Schedule | None, note: str, cost: CostModel,
-    cluster: ClusterSpec,
-) -> BaselineResult:
-    if schedule is None:
-        return BaselineResult(name, description, (), (), float("inf"), 0.0, False, note)
-    nodes = [cost.node_names[s.node] for s in schedule.spans]
-    return BaselineResult(
-        name, description,
-        tuple((node, s.start, s.end) for node, s in zip(nodes, schedule.spans, strict=True)),
-        _links(cluster, nodes),
-        schedule.latency_s, schedule.throughput_per_s, schedule.fits, note,
-    )
+def _dtype(value: Any) -> str | None:
+    try:
+        dtype_from_name(value if isinstance(value, str) else "")
+    except TensorSpecError:
+        return "is not a dtype name such as 'float32' or 'int64'"
+    return None
 
 
-def baseline_plan(plan_: Plan, baseline: BaselineResult, layer_graph: LayerGraph) -> Plan:
-    """A deployable plan that runs ``baseline``'s stages on the same cluster and links."""
-    stages = tuple(
-        PlannedStage(
-            index=k, node=node, address=plan_.addresses[node], start=start, end=end,
-            first_layer=layer_graph.layers[start].name,
-            last_layer=layer_graph.layers[end - 1].name,
-            receives=layer_graph.boundary_tensors(start),
-            sends=layer_graph.boundary_tensors(end),
-            compute_s=float("nan"), transfer_in_s=float("nan"),
-            memory_bytes=0, memory_available_bytes=0,
-        )
-        for k, (node, start, end) in enumerate(baseline.stages)
-    )
-    return replace(
-        plan_,
-        stages=stages,
-        links=baseline.links,
-        latency_s=baseline.latency_s,
-        bottleneck_s=1.0 / baseline.throughput_per_s,
-        baselines=(),
-    )
+_TENSOR = {"name": str, "dtype": _dtype, "shape": [int]}
+_LINK = {"from": str, "to": str, "bytes_per_s": _Number(infinite=True), "latency_s": _Number(),
+         "encoding": LinkEncoding}
+_STAGE = {
+    "index": int, "node": str, "address": str, "start": int, "end": int,
+    "first_layer": str, "last_layer": str, "receives": [_TENSOR], "sends": [_TENSOR],
+    "compute_s": _Number(), "transfer_in_s": _Number(), "memory_bytes": int,
+    "memory_available_bytes": int,
+}
+_BASELINE = {
+    "name": str, "description": str, "stages": [{"node": str, "start": int, "end": int}],
+    "links": [_LINK], "latency_s": _Number(infinite=True),
+    "throughput_per_s": _Number(infinite=True), "fits": bool, "note": _Optional(str),
+}
+_PLAN_FIELDS = {
+    "model": {"sha256": str, "path": str, "granularity": str, "layers": [str],
+              "inputs": [_TENSOR], "outputs": [_TENSOR]},
+    "objective": Objective, "source": str, "sink": str,
+    "nodes": [{"name": str, "address": str}], "stages": [_STAGE], "links": [_LINK],
+    "predicted": {"latency_s": _Number(infinite=True), "bottleneck_s": _Number(infinite=True),
+                  "exact": bool, "lower_bound_s": _Number(infinite=True)},
+    "baselines": [_BASELINE],
+}
+_KINDS = {str: "a string", bool: "true or false", int: "a non-negative integer"}
+
+
+def _check_fields(origin: str, value: Any, spec: FieldSpec, path: str) -> None:
+    """Raise :class:`PlanFormatError` at the first field of ``value`` that breaks ``spec``."""
+    if isinstance(spec, dict):
+        if not isinstance(value, dict):
+            raise _invalid(origin, path or "the plan", "must be a JSON object", value)
+        for key, field_spec in spec.items():
+            where = f"{path}.{key}" if path else key
+            if isinstance(field_spec, _Optional):
+                if key in value:
+                    _check_fields(origin, value[key], field_spec.spec, where)
+            elif key not in value:
+                raise _invalid(origin, where, "is missing")
+            else:
+                _check_fields(origin, value[key], field_spec, where)
+    elif isinstance(spec, list):
+        if not isinstance(value, list):
+            raise _invalid(origin, path, "must be a list", value)
+        for i, item in enumerate(value):
+            _check_fields(origin, item, spec[0], f"{path}[{i}]")
+    elif (problem := _problem(value, spec)) is not None:
+        raise _invalid(origin, path, problem, value)
+
+
+def _problem(value: Any, spec: FieldSpec) -> str | None:
+    """What is wrong with the scalar ``value`` under ``spec``, or ``None``."""
+    if isinstance(spec, type) and issubclass(spec, enum.Enum):
+        known = [member.value for member in spec]
+        return None if value in known else f"must be one of {', '.join(map(repr, known))}"
+    if isinstance(spec, _Number):
+        ok = (isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+              and (spec.infinite or math.isfinite(value)))
+        return None if ok else "must be a non-negative number"
+    if spec in _KINDS:
+        ok = (isinstance(value, spec) and isinstance(value, bool) == (spec is bool)
+              and (spec is not int or value >= 0))
+        return None if ok else f"must be {_KINDS[spec]}"
+    return spec(value)
+
+
+def _check_plan(origin: str, plan: Plan) -> None:
+    """The stages and every baseline cover the layers in order on known nodes, joined by
+    their links, and each stage receives what the one before it sends."""
+    if not plan.stages:
+        raise _invalid(origin, "stages", "is empty, but a plan needs at least one stage")
+    for name, where in ((plan.source, "source"), (plan.sink, "sink")):
+        if name not in plan.addresses:
+            raise _invalid(origin, where, "is not one of nodes[].name", name)
+    _check_chain(origin, "", [(s.node, s.start, s.end) for s in plan.stages], plan.links, plan)
+    for k, stage in enumerate(plan.stages):
+        if stage.index != k:
+            raise _invalid(origin, f"stages[{k}].index", f"must be {k}", stage.index)
+        if plan.addresses[stage.node] != stage.address:
+            raise _invalid(origin, f"stages[{k}].address",
+                           f"must be {stage.node!r}'s address in nodes", stage.address)
+        if k and stage.receives != plan.stages[k - 1].sends:
+            raise _invalid(origin, f"stages[{k}].receives", f"must equal stages[{k - 1}].sends")
+    for b, baseline in enumerate(plan.baselines):
+        if baseline.stages:
+            _check_chain(origin, f"baselines[{b}].", baseline.stages, baseline.links, plan)
+
+
+def _check_chain(
+    origin: str, prefix: str, spans: Sequence[tuple[str, int, int]], links: Sequence[Link],
+    plan: Plan,
+) -> None:
+    """``spans`` (node, start, end) cover every layer in order and ``links`` join the source,
+    the spans' nodes and the sink, in order."""
+    layers = len(plan.layer_names)
+    for k, (node, start, end) in enumerate(spans):
+        at = f"{prefix}stages[{k}]"
+        begin = spans[k - 1][2] if k else 0
+        if node not in plan.addresses:
+            raise _invalid(origin, f"{at}.node", "is not one of nodes[].name", node)
+        if start != begin:
+            where = f"{prefix}stages[{k - 1}] ends" if k else "the model begins"
+            raise _invalid(origin, f"{at}.start", f"must be {begin}, where {where}", start)
+        if end <= start:
+            raise _invalid(origin, f"{at}.end", f"must be greater than start ({start})", end)
+        if end > layers:
+            raise _invalid(origin, f"{at}.end", f"must be at most {layers}, the number of "
+                           "model.layers", end)
+    if spans[-1][2] != layers:
+        raise _invalid(origin, f"{prefix}stages[{len(spans) - 1}].end",
+                       f"must be {layers}, the number of model.layers", spans[-1][2])
+    if len(links) != len(spans) + 1:
+        raise _invalid(origin, f"{prefix}links", f"has {len(links)} entries, but must have "
+                       f"{len(spans) + 1}, one more than {prefix}stages")
+    hops = [plan.source, *(node for node, _, _ in spans), plan.sink]
+    for k, link in enumerate(links):
+        for end_, value, want in (("from", link.src, hops[k]), ("to", link.dst, hops[k + 1])):
+            if value != want:
+                raise _invalid(origin, f"{prefix}links[{k}].{end_}", f"must be {want!r}", value)
+
+
+_NOTHING = object()
+
+
+def _invalid(origin: str, path: str, problem: str, value: Any = _NOTHING) -> PlanFormatError:
+    shown = "" if value is _NOTHING else f" ({reprlib.repr(value)})"
+    return PlanFormatError(f"{origin}: {path}{shown} {problem}; "
+                           "fix it or make a new plan with `coordinator plan`")

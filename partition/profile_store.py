@@ -1,4 +1,4 @@
-"""Profiles cached on disk, keyed by model hash, granularity, device, threads and torch version."""
+"""Profiles cached on disk, keyed by model, granularity, device, threads, torch and profiler."""
 
 from __future__ import annotations
 
@@ -9,10 +9,16 @@ from pathlib import Path
 
 import torch
 
-from partition.errors import ProfileMismatchError
+from partition.errors import ProfileFormatError
 from partition.layers import LayerGraph, build_layer_graph
 from partition.loader import LoadedModel, load_model_bytes
-from partition.profiler import Profile, ProgressCallback, device_name, profile_layers
+from partition.profiler import (
+    PROFILER_VERSION,
+    Profile,
+    ProgressCallback,
+    device_name,
+    profile_layers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +33,7 @@ def _cache_path(
 ) -> Path:
     key = "|".join([
         model.sha256, layer_graph.fingerprint(), device_name(), str(threads), torch.__version__,
-        f"{repeats}x{warmup}",
+        f"{repeats}x{warmup}", f"profiler{PROFILER_VERSION}",
     ])
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
     return cache_dir() / "profiles" / f"{model.sha256[:12]}-{digest}.json"
@@ -48,7 +54,7 @@ def cached_profile(
     if path.is_file() and not refresh:
         try:
             return Profile.load(path), True
-        except ProfileMismatchError:
+        except ProfileFormatError:
             log.warning("ignoring unreadable cached profile %s", path)
     profile = profile_layers(
         layer_graph, model.sha256, model.example_inputs,

@@ -7,7 +7,6 @@ to measure its own hardware.
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -18,11 +17,15 @@ import torch
 
 from partition.allocator import keep_large_buffers
 from partition.artifact import ProgramRunner
-from partition.errors import ProfileMismatchError
+from partition.errors import ProfileFormatError, ProfileMismatchError
 from partition.layers import LayerGraph
+from partition.machine import cpu_model
 from partition.modules import build_range_module
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 1  # of the profile file's format
+# Of the measurement itself: bump it when the profiler's timings change (2: large buffers kept
+# allocated, as a worker does), so profiles cached by an older profiler are measured again.
+PROFILER_VERSION = 2
 ProgressCallback = Callable[[int, int], None]
 
 
@@ -95,7 +98,7 @@ class Profile:
     @classmethod
     def from_dict(cls, data: dict, origin: str = "profile") -> Profile:
         if not isinstance(data, dict) or data.get("version") != PROFILE_VERSION:
-            raise ProfileMismatchError(
+            raise ProfileFormatError(
                 f"{origin} is not an edgesplit profile of version {PROFILE_VERSION}; "
                 "make it with `coordinator profile MODEL --json FILE`"
             )
@@ -104,7 +107,7 @@ class Profile:
             fields["layers"] = tuple(LayerProfile(**layer) for layer in data["layers"])
             return cls(**fields)
         except (KeyError, TypeError) as err:
-            raise ProfileMismatchError(
+            raise ProfileFormatError(
                 f"{origin} is a malformed edgesplit profile ({err!r}); "
                 "make it again with `coordinator profile MODEL --json FILE`"
             ) from err
@@ -117,7 +120,7 @@ class Profile:
         try:
             data = json.loads(Path(path).read_text())
         except (OSError, ValueError) as err:
-            raise ProfileMismatchError(
+            raise ProfileFormatError(
                 f"cannot read profile {path} ({err}); make one with "
                 "`coordinator profile MODEL --json FILE`"
             ) from err
@@ -126,15 +129,7 @@ class Profile:
 
 def device_name() -> str:
     """This machine's processor, e.g. ``cpu:AMD EPYC 7B13``."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu:{model}"
+    return f"cpu:{cpu_model()}"
 
 
 def profile_layers(
@@ -152,28 +147,12 @@ def profile_layers(
     ``progress(done, total)`` is called after each repeat.
     """
     keep_large_buffers()  # allocate as a worker does, or big activations pay page faults
-    modules = [build_range_module(layer_graph, i, i + 1) for i in range(layer_graph.num_layers)]
-    whole = ProgramRunner(layer_graph.program)
-    samples: list[list[float]] = [[] for _ in modules]
-    model_samples: list[float] = []
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
-    total = warmup + repeats
     try:
-        with torch.no_grad():
-            for round_ in range(total):
-                env = dict(zip(layer_graph.user_inputs, example_inputs, strict=True))
-                for index, module in enumerate(modules):
-                    start = time.perf_counter()
-                    env.update(module(env))
-                    if round_ >= warmup:
-                        samples[index].append(time.perf_counter() - start)
-                start = time.perf_counter()
-                whole(*example_inputs)
-                if round_ >= warmup:
-                    model_samples.append(time.perf_counter() - start)
-                if progress:
-                    progress(round_ + 1, total)
+        samples, model_samples = _time_rounds(
+            layer_graph, example_inputs, repeats=repeats, warmup=warmup, progress=progress
+        )
     finally:
         torch.set_num_threads(previous_threads)
     layers = tuple(
@@ -200,6 +179,37 @@ def profile_layers(
         model_median_s=statistics.median(model_samples),
         model_spread_s=_iqr(model_samples),
     )
+
+
+def _time_rounds(
+    layer_graph: LayerGraph,
+    example_inputs: tuple[torch.Tensor, ...],
+    *,
+    repeats: int,
+    warmup: int,
+    progress: ProgressCallback | None,
+) -> tuple[list[list[float]], list[float]]:
+    """Seconds of each timed round: per layer (run one after another), and of the whole model."""
+    modules = [build_range_module(layer_graph, i, i + 1) for i in range(layer_graph.num_layers)]
+    whole = ProgramRunner(layer_graph.program)
+    samples: list[list[float]] = [[] for _ in modules]
+    model_samples: list[float] = []
+    total = warmup + repeats
+    with torch.no_grad():
+        for round_ in range(total):
+            env = dict(zip(layer_graph.user_inputs, example_inputs, strict=True))
+            for index, module in enumerate(modules):
+                start = time.perf_counter()
+                env.update(module(env))
+                if round_ >= warmup:
+                    samples[index].append(time.perf_counter() - start)
+            start = time.perf_counter()
+            whole(*example_inputs)
+            if round_ >= warmup:
+                model_samples.append(time.perf_counter() - start)
+            if progress:
+                progress(round_ + 1, total)
+    return samples, model_samples
 
 
 def _iqr(times: list[float]) -> float:

@@ -90,10 +90,6 @@ class StageSpec:
     sends: tuple[TensorSpec, ...]
     artifact_sha256: str
 
-    @property
-    def is_first(self) -> bool:
-        return self.start == 0
-
     def to_dict(self) -> dict[str, Any]:
         return {
             "index": self.index,

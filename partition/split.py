@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from partition.artifact import program_to_bytes, sha256
-from partition.errors import ExportError
-from partition.layers import LayerGraph
-from partition.loader import example_tensor
+from partition.errors import ExportError, ModelLoadError, ModelMismatchError
+from partition.layers import LayerGraph, build_layer_graph
+from partition.loader import example_tensor, load_model
 from partition.modules import build_range_module
 from partition.plan import Plan, PlannedStage
 from partition.spec import StageSpec
@@ -21,6 +22,48 @@ class StageArtifact:
 
     spec: StageSpec
     data: bytes
+
+
+def stage_artifacts(plan: Plan, model_path: str | None = None) -> list[StageArtifact]:
+    """Load the plan's model (``model_path`` if it moved) and export every stage.
+
+    Raises
+    ------
+    ModelLoadError, ModelMismatchError
+        As :func:`plan_layer_graph`.
+    ExportError
+        If torch.export cannot re-export a stage's ops.
+    """
+    return split(plan, plan_layer_graph(plan, model_path))
+
+
+def plan_layer_graph(plan: Plan, model_path: str | None = None) -> LayerGraph:
+    """The plan's model (``model_path`` if it moved) grouped into the plan's layers.
+
+    Raises
+    ------
+    ModelLoadError
+        If the model file is missing or cannot be loaded.
+    ModelMismatchError
+        If the model file or its layers differ from the ones the plan was made for.
+    """
+    path = model_path or plan.model_path
+    if not Path(path).is_file():
+        raise ModelLoadError(
+            f"the plan's model file '{path}' does not exist here; pass it with --model PATH"
+        )
+    model = load_model(path)
+    if model.sha256 != plan.model_sha256:
+        raise ModelMismatchError(
+            f"'{path}' is not the model this plan was made for (its SHA-256 differs); "
+            "pass the right file with --model, or plan again"
+        )
+    layer_graph = build_layer_graph(model.program, plan.granularity)
+    if tuple(layer.name for layer in layer_graph.layers) != plan.layer_names:
+        raise ModelMismatchError(
+            "the model's layers differ from the plan's (another torch version?); plan again"
+        )
+    return layer_graph
 
 
 def split(plan: Plan, layer_graph: LayerGraph) -> list[StageArtifact]:

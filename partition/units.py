@@ -1,4 +1,4 @@
-"""Human units for sizes, bandwidths and durations, both ways.
+"""Human units: parse sizes, bandwidths and durations; format sizes for tables.
 
 SI prefixes (``k``, ``M``, ``G``, ``T``) are powers of 1000; binary ones (``Ki``, ``Mi``,
 ``Gi``, ``Ti``) powers of 1024. Every parser raises :class:`ValueError` with one sentence that
@@ -29,10 +29,11 @@ BANDWIDTH_EXAMPLES = "100Mbps, 1Gbps, 12.5MB/s"
 DURATION_EXAMPLES = "2ms, 1.5s, 300us"
 
 
-def _split(text: str) -> tuple[float, str] | None:
-    match = _QUANTITY.match(text)
+def _split(value: object, error: ValueError) -> tuple[float, str]:
+    """``(number, unit)`` of a quantity such as ``"2 GiB"``; raise ``error`` if it is none."""
+    match = _QUANTITY.match(value) if isinstance(value, str) else None
     if match is None:
-        return None
+        raise error
     return float(match["number"]), match["unit"] or ""
 
 
@@ -52,16 +53,9 @@ def parse_size(value: object) -> int:
         The value is not a number with a size unit.
     """
     error = ValueError(f"{value!r} is not a size (examples: {SIZE_EXAMPLES})")
-    if isinstance(value, bool):
-        raise error
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if not isinstance(value, str):
-        raise error
-    parts = _split(value)
-    if parts is None:
-        raise error
-    number, unit = parts
+    number, unit = _split(value, error)
     if unit == "":
         if not re.fullmatch(r"\s*[+-]?\d+\s*", value):
             raise error
@@ -90,10 +84,7 @@ def parse_bandwidth(value: object) -> float:
         The value is not a number with a rate unit (a bare number is ambiguous).
     """
     error = ValueError(f"{value!r} is not a bandwidth (examples: {BANDWIDTH_EXAMPLES})")
-    parts = _split(value) if isinstance(value, str) else None
-    if parts is None:
-        raise error
-    number, unit = parts
+    number, unit = _split(value, error)
     match = _RATE_UNIT.match(unit)
     if match is None:
         raise error
@@ -117,14 +108,9 @@ def parse_duration(value: object) -> float:
         The value is not a number with a time unit.
     """
     error = ValueError(f"{value!r} is not a duration (examples: {DURATION_EXAMPLES})")
-    if isinstance(value, bool):
-        raise error
-    if isinstance(value, int | float) and value == 0:
+    if isinstance(value, int | float) and not isinstance(value, bool) and value == 0:
         return 0.0
-    parts = _split(value) if isinstance(value, str) else None
-    if parts is None:
-        raise error
-    number, unit = parts
+    number, unit = _split(value, error)
     if unit == "" and number == 0:
         return 0.0
     if unit not in _SECONDS:
@@ -151,23 +137,3 @@ def format_bytes(nbytes: float) -> str:
         if abs(nbytes) < 1024:
             return f"{nbytes:.1f} {unit}"
     return f"{nbytes / 1024:.1f} TiB"
-
-
-def format_seconds(seconds: float) -> str:
-    """A duration with a readable unit, for tables.
-
-    >>> format_seconds(0.0023)
-    '2.30 ms'
-    >>> format_seconds(1.5)
-    '1.50 s'
-    >>> format_seconds(0.0003)
-    '300 us'
-    """
-    if not math.isfinite(seconds):
-        return str(seconds)
-    magnitude = abs(seconds)
-    if magnitude >= 1 or magnitude == 0:
-        return f"{seconds:.2f} s"
-    if magnitude >= 1e-3:
-        return f"{seconds * 1e3:.2f} ms"
-    return f"{seconds * 1e6:.0f} us"

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 
 from partition.artifact import program_to_bytes, sha256
 from partition.spec import StageSpec, TensorSpec
+from partition.split import StageArtifact
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
@@ -32,25 +34,23 @@ class NodeProcess:
         return self.log_path.read_text(errors="replace")
 
 
-def free_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def node_command(address: str, *args: str) -> list[str]:
     """The command line that runs ``edge-node --listen address``."""
     return [sys.executable, "-m", "node.cli", "--listen", address, "--threads", "1", *args]
 
 
-def spawn_node(name: str, address: str, log_path: Path, *extra_args: str) -> NodeProcess:
-    """Start ``edge-node`` named ``name`` on ``address``, logging to ``log_path``."""
+def spawn_node(
+    name: str, address: str, log_path: Path, *extra_args: str,
+    env: Mapping[str, str] | None = None,
+) -> NodeProcess:
+    """Start ``edge-node`` named ``name`` on ``address``, logging to ``log_path``, in ``env``
+    (default: this process's environment)."""
     with log_path.open("wb") as log:
         process = subprocess.Popen(
             node_command(address, "--name", name, *extra_args),
             stdout=log,
             stderr=subprocess.STDOUT,
+            env=env,
         )
     return NodeProcess(name, address, process, log_path)
 
@@ -79,14 +79,6 @@ def stop_node(node: NodeProcess) -> None:
         except subprocess.TimeoutExpired:
             node.process.kill()
             node.process.wait()
-
-
-@dataclass(frozen=True)
-class StageArtifact:
-    """A stage's spec and its artifact bytes."""
-
-    spec: StageSpec
-    data: bytes
 
 
 def make_stage(

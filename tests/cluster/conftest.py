@@ -11,15 +11,15 @@ from cluster_helpers import (
     NodeProcess,
     Scale,
     Shift,
-    StageArtifact,
-    free_port,
     make_stage,
     spawn_node,
     stop_node,
     wait_listening,
 )
 
+from coordinator.ports import free_ports
 from partition.spec import TensorSpec
+from partition.split import StageArtifact
 
 
 @pytest.fixture
@@ -32,9 +32,9 @@ def start_nodes(tmp_path: Path) -> Iterator[Callable[..., list[NodeProcess]]]:
 
     def start(count: int, *extra_args: str) -> list[NodeProcess]:
         nodes = []
-        for _ in range(count):
+        for port in free_ports(count):
             name = f"node{len(started)}"
-            address = f"127.0.0.1:{free_port()}"
+            address = f"127.0.0.1:{port}"
             log_path = tmp_path / f"{name}.log"
             node = spawn_node(name, address, log_path, *extra_args)
             started.append(node)

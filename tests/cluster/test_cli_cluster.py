@@ -18,11 +18,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
-from cluster_helpers import Shift, free_port, make_stage
+from cluster_helpers import Shift, make_stage
 
 from coordinator.local_cluster import LocalNode, read_state, stop_nodes
+from coordinator.ports import free_ports
 from coordinator.samples import build_sample, skip_dag, write_sample
 from node.client import GrpcWorkerHandle, Result
 from node.link import LinkEmulation
@@ -87,24 +89,18 @@ def nodes_yaml(path: Path, nodes: list[tuple[str, str, str]], **extra: str) -> P
 def edge_node_running(pid: int) -> bool:
     """True while ``pid`` is a running (not zombie) ``edge-node`` process."""
     try:
-        return b"node.cli" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+        process = psutil.Process(pid)
+        return process.status() != psutil.STATUS_ZOMBIE and "node.cli" in process.cmdline()
+    except psutil.Error:
         return False
 
 
 def edge_nodes_listening_on(addresses: set[str]) -> list[int]:
     """Pids of running ``edge-node`` processes started with ``--listen`` one of ``addresses``."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"node.cli" in argv and any(a.encode() in argv for a in addresses):
-            pids.append(int(entry.name))
-    return pids
+    return [
+        process.pid for process in psutil.process_iter(["cmdline"])
+        if "node.cli" in (argv := process.info["cmdline"] or []) and addresses & set(argv)
+    ]
 
 
 def status_rows(output: str) -> dict[str, list[str]]:
@@ -144,7 +140,8 @@ def test_up_plan_deploy_run_status_down(
     tmp_path: Path, cli_env: dict[str, str], up_nodes: list[LocalNode], skip_dag_file: Path
 ) -> None:
     # 60 KiB each: the model (85 KiB) fits on neither node alone, so the plan uses both.
-    addresses = {"alpha": f"127.0.0.1:{free_port()}", "beta": f"127.0.0.1:{free_port()}"}
+    alpha, beta = free_ports(2)
+    addresses = {"alpha": f"127.0.0.1:{alpha}", "beta": f"127.0.0.1:{beta}"}
     nodes = nodes_yaml(tmp_path / "nodes.yaml",
                        [(name, address, "60KiB") for name, address in addresses.items()])
 
@@ -199,7 +196,7 @@ def test_up_plan_deploy_run_status_down(
 def test_deploy_to_an_unreachable_node_is_one_line(
     tmp_path: Path, cli_env: dict[str, str], skip_dag_file: Path
 ) -> None:
-    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    address = f"127.0.0.1:{free_ports(1)[0]}"  # nothing listens there
     nodes = nodes_yaml(tmp_path / "nodes.yaml", [("ghost", address, "1GiB")])
     plan_path = tmp_path / "plan.json"
     ok(coordinator(cli_env, "plan", skip_dag_file, "--nodes", nodes, "-o", plan_path,
@@ -212,7 +209,7 @@ def test_up_with_a_remote_address_is_one_line(
     tmp_path: Path, cli_env: dict[str, str], up_nodes: list[LocalNode]
 ) -> None:
     nodes = nodes_yaml(tmp_path / "nodes.yaml", [
-        ("here", f"127.0.0.1:{free_port()}", "1GiB"), ("there", "10.20.30.40:50051", "1GiB"),
+        ("here", f"127.0.0.1:{free_ports(1)[0]}", "1GiB"), ("there", "10.20.30.40:50051", "1GiB"),
     ])
     line = one_error_line(coordinator(cli_env, "up", nodes))
     assert "'there' has address 10.20.30.40:50051" in line and "127.0.0.1:PORT" in line, line
@@ -316,9 +313,10 @@ async def test_emulated_link_delays_a_megabyte_by_a_second(start_nodes) -> None:
 def test_demo_end_to_end(tmp_path: Path, cli_env: dict[str, str]) -> None:
     example = (REPO / "examples" / "cluster-heterogeneous.yaml").read_text()
     addresses: set[str] = set()
+    ports = iter(free_ports(4))
 
     def fresh(match: re.Match[str]) -> str:
-        address = f"127.0.0.1:{free_port()}"
+        address = f"127.0.0.1:{next(ports)}"
         addresses.add(address)
         return address
 

@@ -9,17 +9,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from cluster_helpers import free_port
 
 from coordinator.deploy import deploy
 from coordinator.local_cluster import LocalCluster
 from coordinator.pipeline import Pipeline, PipelineBrokenError
+from coordinator.ports import free_ports
 from node.errors import NodeUnreachableError
 from partition.cluster import parse_cluster
 from partition.cost_builder import build_cost_model
 from partition.layers import build_layer_graph
 from partition.optimizer import Span, evaluate
-from partition.plan import Objective, plan_from_schedule
+from partition.plan import Objective
+from partition.planning import plan_from_schedule
 from partition.profiler import profile_layers
 from partition.split import split
 
@@ -30,8 +31,8 @@ async def test_requests_in_flight_fail_when_a_node_dies(
 ) -> None:
     sample = sample_exported("skip_dag")
     cluster = parse_cluster({
-        "nodes": [{"name": f"n{i}", "address": f"127.0.0.1:{free_port()}", "memory": "1GiB"}
-                  for i in range(3)],
+        "nodes": [{"name": f"n{i}", "address": f"127.0.0.1:{port}", "memory": "1GiB"}
+                  for i, port in enumerate(free_ports(3))],
         "links": {"default": {"bandwidth": "1Gbps", "latency": "1ms"}},
     }, "test")
     layer_graph = build_layer_graph(sample.model.program)

@@ -16,12 +16,11 @@ from cluster_helpers import (
     STOP_TIMEOUT_S,
     NodeProcess,
     Shift,
-    StageArtifact,
-    free_port,
     make_stage,
     node_command,
 )
 
+from coordinator.ports import free_ports
 from node.client import GrpcWorkerHandle, Result
 from node.codec import encode_frame
 from node.config import Device
@@ -31,6 +30,7 @@ from node.rpc import edgesplit_pb2 as pb
 from node.rpc import edgesplit_pb2_grpc as pb_grpc
 from node.rpc_options import grpc_options
 from partition.spec import TensorSpec
+from partition.split import StageArtifact
 
 
 @pytest.fixture
@@ -81,7 +81,7 @@ async def test_describe(start_nodes, handles) -> None:
 
 
 async def test_unreachable_node_is_reported(handles) -> None:
-    handle = GrpcWorkerHandle(f"127.0.0.1:{free_port()}", "ghost")
+    handle = GrpcWorkerHandle(f"127.0.0.1:{free_ports(1)[0]}", "ghost")
     handles.append(handle)
     with pytest.raises(NodeUnreachableError, match="'ghost' .* is unreachable; is `edge-node"):
         await handle.describe()

@@ -11,20 +11,21 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from cluster_helpers import free_port
 from model_zoo import ExportedSample
 
 import node.client
 from coordinator.deploy import deploy
 from coordinator.local_cluster import LocalCluster
 from coordinator.pipeline import Pipeline
+from coordinator.ports import free_ports
 from partition.artifact import ProgramRunner
 from partition.cluster import ClusterSpec, parse_cluster
 from partition.cost_builder import build_cost_model
 from partition.errors import TensorSpecError
 from partition.layers import LayerGraph, build_layer_graph
-from partition.optimizer import Objective, Span, evaluate
-from partition.plan import Plan, plan_from_schedule
+from partition.optimizer import Span, evaluate
+from partition.plan import Objective, Plan
+from partition.planning import plan_from_schedule
 from partition.profiler import profile_layers
 from partition.spec import TensorSpec, dtype_from_name
 from partition.split import StageArtifact, split
@@ -38,9 +39,9 @@ def three_node_cluster() -> ClusterSpec:
     return parse_cluster(
         {
             "nodes": [
-                {"name": f"node-{i}", "address": f"127.0.0.1:{free_port()}", "memory": "2GiB",
+                {"name": f"node-{i}", "address": f"127.0.0.1:{port}", "memory": "2GiB",
                  "speed": 1.0}
-                for i in range(3)
+                for i, port in enumerate(free_ports(3))
             ],
             "links": {"default": {"bandwidth": "1Gbps", "latency": "1ms"}},
             "source": "node-0",

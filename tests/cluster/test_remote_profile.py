@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cluster_helpers import free_port
-
 from coordinator.cli import main
 from coordinator.local_cluster import LocalCluster
+from coordinator.ports import free_ports
 from coordinator.remote_profile import profile_on_nodes
 from partition.cluster import parse_cluster
 from partition.layers import build_layer_graph
@@ -15,12 +14,12 @@ from partition.layers import build_layer_graph
 
 def test_nodes_profile_themselves_and_the_plan_uses_it(sample_exported, tmp_path: Path) -> None:
     sample = sample_exported("skip_dag")
+    full, half, gone = free_ports(3)
     spec = {
         "nodes": [
-            {"name": "full", "address": f"127.0.0.1:{free_port()}", "memory": "1GiB"},
-            {"name": "half", "address": f"127.0.0.1:{free_port()}", "memory": "1GiB",
-             "speed": 0.5},
-            {"name": "gone", "address": f"127.0.0.1:{free_port()}", "memory": "1GiB"},
+            {"name": "full", "address": f"127.0.0.1:{full}", "memory": "1GiB"},
+            {"name": "half", "address": f"127.0.0.1:{half}", "memory": "1GiB", "speed": 0.5},
+            {"name": "gone", "address": f"127.0.0.1:{gone}", "memory": "1GiB"},
         ],
         "links": {"default": {"bandwidth": "1Gbps", "latency": "1ms"}},
     }

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cluster_helpers import Shift, free_port, make_stage, node_command, spawn_node, stop_node
+from cluster_helpers import Shift, make_stage, node_command, spawn_node, stop_node
 from cluster_helpers import wait_listening as wait_node_listening
 from model_zoo import ExportedSample
 from test_cli_cluster import cli_env, coordinator, ok, status_rows, up_nodes  # noqa: F401
@@ -26,6 +26,7 @@ from coordinator.certs import make_certs, node_files
 from coordinator.deploy import deploy
 from coordinator.local_cluster import LocalCluster, LocalNode
 from coordinator.pipeline import Pipeline
+from coordinator.ports import free_ports
 from coordinator.samples import skip_dag, write_sample
 from node.client import GrpcWorkerHandle
 from node.errors import NodeRejectedError, NodeUnreachableError
@@ -33,8 +34,9 @@ from node.security import Security, client_security, load_security
 from partition.cluster import ClusterSpec, SecuritySpec, parse_cluster
 from partition.cost_builder import build_cost_model
 from partition.layers import build_layer_graph
-from partition.optimizer import Objective, Span, evaluate
-from partition.plan import Plan, plan_from_schedule
+from partition.optimizer import Span, evaluate
+from partition.plan import Objective, Plan
+from partition.planning import plan_from_schedule
 from partition.profiler import profile_layers
 from partition.split import split
 
@@ -43,7 +45,7 @@ ATOL = 1e-5
 
 def three_nodes() -> ClusterSpec:
     return parse_cluster({
-        "nodes": [{"name": f"n{i}", "address": f"127.0.0.1:{free_port()}", "memory": "1GiB"}
+        "nodes": [{"name": f"n{i}", "address": f"127.0.0.1:{free_ports(1)[0]}", "memory": "1GiB"}
                   for i in range(3)],
         "links": {"default": {"bandwidth": "1Gbps", "latency": "1ms"}},
     }, "security test cluster")
@@ -220,7 +222,7 @@ def test_token_only_cluster(sample_exported, tmp_path: Path) -> None:
 
 
 def test_an_exposed_worker_without_security_warns_once(tmp_path: Path) -> None:
-    node = spawn_node("open", f"0.0.0.0:{free_port()}", tmp_path / "open.log")
+    node = spawn_node("open", f"0.0.0.0:{free_ports(1)[0]}", tmp_path / "open.log")
     try:
         wait_node_listening(node)
     finally:
@@ -233,7 +235,7 @@ def test_an_unreadable_credential_is_one_line(tmp_path: Path) -> None:
     garbage = tmp_path / "node.crt"
     garbage.write_text("not a certificate\n")
     done = subprocess.run(
-        node_command(f"127.0.0.1:{free_port()}", "--tls-cert", str(garbage),
+        node_command(f"127.0.0.1:{free_ports(1)[0]}", "--tls-cert", str(garbage),
                      "--tls-key", str(garbage), "--tls-ca", str(garbage)),
         capture_output=True, text=True, timeout=120,
     )
@@ -245,7 +247,7 @@ def test_an_unreadable_credential_is_one_line(tmp_path: Path) -> None:
 def test_up_secure_then_plan_deploy_run_status(
     tmp_path: Path, cli_env: dict[str, str], up_nodes: list[LocalNode],  # noqa: F811
 ) -> None:
-    addresses = {"alpha": f"127.0.0.1:{free_port()}", "beta": f"127.0.0.1:{free_port()}"}
+    addresses = {"alpha": f"127.0.0.1:{free_ports(1)[0]}", "beta": f"127.0.0.1:{free_ports(1)[0]}"}
     nodes = tmp_path / "nodes.yaml"
     nodes.write_text("nodes:\n" + "".join(
         f"  - {{name: {name}, address: '{address}', memory: 60KiB}}\n"

@@ -1,79 +1,78 @@
-"""Archives whose loading would run pickled code are refused before torch sees them."""
+"""No code from an archive ever runs: every kind of crafted archive is refused, through
+``load_model`` (and ``coordinator profile``) and ``load_program``, before it can act."""
 
 from __future__ import annotations
 
 import io
-import json
-import zipfile
+import logging
+import sys
+import warnings
+from pathlib import Path
 
-import model_zoo
+import crafted_archives
 import pytest
 import torch
+from crafted_archives import KINDS, MARKER_MODULE, RUN_BY_TORCH
 
-from partition.archive import refuse_pickled_code
-from partition.artifact import load_program, program_to_bytes
+from coordinator.cli import main
+from partition.archive import load_archive
+from partition.artifact import load_program
 from partition.errors import ModelLoadError
 from partition.loader import load_model
 
 
-def _archive() -> bytes:
-    module = torch.nn.Linear(4, 4)
-    return program_to_bytes(torch.export.export(module, (torch.randn(2, 4),)))
+@pytest.fixture(scope="module")
+def plain() -> bytes:
+    return crafted_archives.plain_archive()
 
 
-def _rewrite(data: bytes, replace: dict) -> bytes:
-    """A copy of the zip ``data`` with members replaced by ``replace[name](old_bytes)``."""
-    out = io.BytesIO()
-    with zipfile.ZipFile(io.BytesIO(data)) as old, zipfile.ZipFile(out, "w") as new:
-        for info in old.infolist():
-            content = old.read(info.filename)
-            for suffix, change in replace.items():
-                if info.filename.endswith(suffix):
-                    content = change(content)
-            new.writestr(info, content)
-    return out.getvalue()
+@pytest.fixture
+def marker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A marker file a crafted archive's code would create; its module is importable."""
+    path = tmp_path / "marker"
+    crafted_archives.write_marker_module(tmp_path, path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, MARKER_MODULE, raising=False)
+    return path
 
 
-def _mark_pickled(config: bytes) -> bytes:
-    document = json.loads(config)
-
-    def mark(item):
-        if isinstance(item, dict):
-            if "use_pickle" in item:
-                item["use_pickle"] = True
-            for value in item.values():
-                mark(value)
-        elif isinstance(item, list):
-            for value in item:
-                mark(value)
-
-    mark(document)
-    return json.dumps(document).encode()
+def test_a_plain_archive_loads(plain: bytes) -> None:
+    program = load_archive(plain, "test")
+    assert [spec.target for spec in program.graph_signature.input_specs[:2]] == [
+        "weight", "bias"
+    ]
 
 
-def test_a_plain_archive_passes() -> None:
-    refuse_pickled_code(_archive(), "test")
+@pytest.mark.parametrize("kind", RUN_BY_TORCH)
+def test_torch_export_load_runs_the_crafted_code(kind: str, plain: bytes, marker: Path) -> None:
+    """The crafted archives are real attacks: torch's own loader runs them."""
+    data = KINDS[kind].make(plain, marker)
+    logging.disable(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.export.load(io.BytesIO(data))
+    except Exception:
+        pass  # many fail after the code ran; only the marker matters
+    finally:
+        logging.disable(logging.NOTSET)
+    assert marker.exists()
 
 
-def test_weights_marked_as_pickles_are_refused(tmp_path) -> None:
-    data = _rewrite(_archive(), {"model_weights_config.json": _mark_pickled})
-    assert b'"use_pickle": true' in data
-    with pytest.raises(ModelLoadError, match="would run code"):
-        load_program(data)
-    path = tmp_path / "model.pt2"
+@pytest.mark.parametrize("kind", KINDS)
+def test_crafted_archive_is_refused_without_running_code(
+    kind: str, plain: bytes, marker: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    data = KINDS[kind].make(plain, marker)
+    path = tmp_path / "crafted.pt2"
     path.write_bytes(data)
-    with pytest.raises(ModelLoadError, match="would run code"):
-        load_model(path)
-
-
-def test_example_inputs_that_need_pickled_code_are_refused_without_running_it() -> None:
-    def pickled_object(_: bytes) -> bytes:
-        buffer = io.BytesIO()
-        torch.save(((model_zoo.Tripwire(),), {}), buffer)
-        return buffer.getvalue()
-
-    data = _rewrite(_archive(), {"sample_inputs/model.pt": pickled_object})
-    model_zoo.UNPICKLED.clear()
-    with pytest.raises(ModelLoadError, match="only loads by running pickled code"):
-        load_program(data)
-    assert model_zoo.UNPICKLED == []
+    for load in (lambda: load_program(data), lambda: load_model(path)):
+        with pytest.raises(ModelLoadError) as caught:
+            load()
+        message = str(caught.value)
+        assert KINDS[kind].names in message and "\n" not in message
+        assert not marker.exists()
+    assert main(["profile", str(path), "--repeats", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and KINDS[kind].names in err
+    assert not marker.exists()

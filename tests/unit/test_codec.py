@@ -1,4 +1,5 @@
-"""The tensor codec: round trips for every dtype and shape kind, and every malformed frame."""
+"""The tensor codec: round trips for every dtype and shape kind, every malformed frame, and
+failure frames."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from node.codec import decode_frame, encode_frame
+from node.codec import decode_failure, decode_frame, encode_failure, encode_frame, read_frame
 from node.errors import FrameError, FrameSpecError
+from node.messages import Failure, FailureCode
 from node.rpc import edgesplit_pb2 as pb
 from partition.errors import TensorSpecError
 from partition.spec import _DTYPES, TensorSpec
@@ -131,3 +133,25 @@ def test_encoded_bytes_are_the_protobuf_serialization(nbytes: int) -> None:
     frame = encode_frame(2**63, {"t": torch.ones(nbytes, dtype=torch.uint8)})
     parsed = pb.Frame.FromString(frame)
     assert frame == pb.Frame(header=parsed.header, payload=parsed.payload).SerializeToString()
+
+
+def test_failure_frame_round_trips() -> None:
+    failure = Failure(2**63, FailureCode.STAGE_FAILED, "stage 1 failed", "gateway", 1)
+    frame = read_frame(encode_failure(failure))
+    assert decode_failure(frame) == failure
+    assert len(frame.header) == len(frame.payload) == 0
+
+
+def test_tensor_frame_carries_no_failure() -> None:
+    assert decode_failure(read_frame(encode_frame(3, {"t": torch.ones(2)}))) is None
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [pb.Failure(request_id=1, code=pb.FAILURE_CODE_UNSPECIFIED).SerializeToString(), b"\xff"],
+    ids=["unknown-code", "not-protobuf"],
+)
+def test_malformed_failure(failure: bytes) -> None:
+    frame = read_frame(bytes([3 << 3 | 2, len(failure)]) + failure)  # Frame.failure, by hand
+    with pytest.raises(FrameError, match="malformed failure"):
+        decode_failure(frame)

@@ -11,8 +11,7 @@ from node.client import WorkerHandle
 from node.errors import NodeUnreachableError
 from node.link import NO_EMULATION, LinkEmulation
 from node.messages import StageInfo
-from partition.optimizer import Objective
-from partition.plan import Link, Plan, PlannedStage
+from partition.plan import Link, Objective, Plan, PlannedStage
 from partition.spec import StageSpec
 from partition.split import StageArtifact
 

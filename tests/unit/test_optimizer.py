@@ -12,7 +12,8 @@ from partition import optimizer
 from partition.baselines import baselines
 from partition.costs import CostModel
 from partition.errors import NoFeasiblePlanError
-from partition.optimizer import Objective, Span, evaluate, optimize
+from partition.optimizer import Span, evaluate, optimize
+from partition.plan import Objective
 
 RELATIVE = 1e-9
 

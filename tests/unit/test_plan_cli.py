@@ -84,6 +84,20 @@ def test_a_profile_file_of_another_model_is_refused(
     assert code == 2 and "another model" in err and len(err.strip().splitlines()) == 1
 
 
+def test_an_unreadable_profile_file_is_one_error_line(
+    sample_exported, tmp_path: Path, capsys
+) -> None:
+    broken = tmp_path / "broken.json"
+    broken.write_text("{ not json")
+    code = main(["plan", str(sample_exported("skip_dag").path), "--nodes",
+                 str(EXAMPLES / "cluster-heterogeneous.yaml"), "-o", str(tmp_path / "p.json"),
+                 "--profile", f"camera={broken}", "--repeats", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"cannot read profile {broken}" in err and "coordinator profile" in err
+    assert not (tmp_path / "p.json").exists()
+
+
 def test_a_profile_file_for_an_unknown_node_is_refused(
     sample_exported, tmp_path: Path, capsys
 ) -> None:

@@ -12,10 +12,11 @@ import torch
 
 from coordinator.cli import main
 from coordinator.samples import SkipDag
-from partition.errors import ProfileMismatchError
+from partition import profile_store
+from partition.errors import ProfileFormatError, ProfileMismatchError
 from partition.layers import build_layer_graph
 from partition.profile_store import cache_dir, cached_profile
-from partition.profiler import PROFILE_VERSION, Profile, profile_layers
+from partition.profiler import PROFILE_VERSION, PROFILER_VERSION, Profile, profile_layers
 
 REPEATS = 3
 WARMUP = 1
@@ -90,18 +91,35 @@ def test_cached_profile_is_reused_and_keyed_by_threads(
     assert not cached_profile(sample.model, coarse, repeats=1, warmup=0)[1]
 
 
-def test_cached_profile_ignores_an_unreadable_cache_file(
-    sample_exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def quick_cached_profile(sample_exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """``cached_profile`` of the skip DAG (one repeat) with an empty cache in ``tmp_path``."""
     monkeypatch.setenv("EDGESPLIT_CACHE", str(tmp_path))
     sample = sample_exported("skip_dag")
     layer_graph = build_layer_graph(sample.model.program)
-    profile, _ = cached_profile(sample.model, layer_graph, repeats=1, warmup=0)
+    return lambda: cached_profile(sample.model, layer_graph, repeats=1, warmup=0)
+
+
+def test_cached_profile_ignores_an_unreadable_cache_file(
+    quick_cached_profile, tmp_path: Path
+) -> None:
+    profile, _ = quick_cached_profile()
     (path,) = (tmp_path / "profiles").glob("*.json")
     path.write_text("{ not json")
-    again, cached = cached_profile(sample.model, layer_graph, repeats=1, warmup=0)
+    again, cached = quick_cached_profile()
     assert not cached and len(again.layers) == len(profile.layers)
     assert Profile.load(path) == again
+
+
+def test_cached_profile_of_another_profiler_version_is_not_reused(
+    quick_cached_profile, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(profile_store, "PROFILER_VERSION", PROFILER_VERSION - 1)
+    assert not quick_cached_profile()[1]
+    assert quick_cached_profile()[1]
+    monkeypatch.setattr(profile_store, "PROFILER_VERSION", PROFILER_VERSION)
+    assert not quick_cached_profile()[1]
+    assert len(list((tmp_path / "profiles").glob("*.json"))) == 2
 
 
 def test_profile_json_round_trip(model_skip_profile, tmp_path: Path) -> None:
@@ -129,13 +147,13 @@ def test_profile_json_round_trip(model_skip_profile, tmp_path: Path) -> None:
 def test_profile_load_refuses_other_files(text: str, tmp_path: Path) -> None:
     path = tmp_path / "other.json"
     path.write_text(text)
-    with pytest.raises(ProfileMismatchError) as caught:
+    with pytest.raises(ProfileFormatError) as caught:
         Profile.load(path)
     assert str(path) in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_profile_load_of_a_missing_file(tmp_path: Path) -> None:
-    with pytest.raises(ProfileMismatchError, match="cannot read profile"):
+    with pytest.raises(ProfileFormatError, match="cannot read profile"):
         Profile.load(tmp_path / "missing.json")
 
 

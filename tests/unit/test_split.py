@@ -21,8 +21,9 @@ from partition.cost_builder import build_cost_model
 from partition.errors import ModelLoadError
 from partition.layers import MARKERS, LayerGraph, build_layer_graph
 from partition.loader import LoadedModel, load_model
-from partition.optimizer import Objective, Span, evaluate
-from partition.plan import Plan, plan_from_schedule
+from partition.optimizer import Span, evaluate
+from partition.plan import Objective, Plan
+from partition.planning import plan_from_schedule
 from partition.profiler import LayerProfile, Profile
 from partition.split import StageArtifact, split
 

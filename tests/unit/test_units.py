@@ -9,7 +9,6 @@ import pytest
 from partition import units
 from partition.units import (
     format_bytes,
-    format_seconds,
     parse_bandwidth,
     parse_duration,
     parse_size,
@@ -85,7 +84,3 @@ def test_formatting() -> None:
     assert format_bytes(1024**2) == "1.0 MiB"
     assert format_bytes(5 * 1024**4) == "5.0 TiB"
     assert format_bytes(float("inf")) == "inf"
-    assert format_seconds(0) == "0.00 s"
-    assert format_seconds(2.5e-5) == "25 us"
-    assert format_seconds(12.0) == "12.00 s"
-    assert format_seconds(float("inf")) == "inf"

@@ -1,4 +1,4 @@
-"""Free TCP ports on 127.0.0.1, for the benchmark scripts' servers and workers."""
+"""Free TCP ports on 127.0.0.1, for local workers started by tests and benchmarks."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import socket
 
 
 def free_ports(count: int) -> list[int]:
-    """``count`` distinct ports that nothing listened on a moment ago."""
+    """``count`` distinct ports on 127.0.0.1 that nothing listened on a moment ago."""
     sockets = [socket.socket() for _ in range(count)]
     try:
         for probe in sockets:

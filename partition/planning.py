@@ -1,0 +1,152 @@
+"""Planning: which node runs which layers, what it costs, and what the baselines would cost.
+
+``plan(...)`` is the planning entry point; it returns a :class:`partition.plan.Plan`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from partition.baselines import baselines
+from partition.cluster import ClusterSpec
+from partition.cost_builder import build_cost_model
+from partition.costs import CostModel
+from partition.layers import LayerGraph
+from partition.loader import LoadedModel
+from partition.optimizer import Schedule, optimize
+from partition.plan import BaselineResult, Link, Objective, Plan, PlannedStage
+from partition.profiler import Profile
+
+
+def plan(
+    model: LoadedModel,
+    layer_graph: LayerGraph,
+    cluster: ClusterSpec,
+    profiles: dict[str, Profile],
+    objective: Objective = Objective.THROUGHPUT,
+) -> Plan:
+    """Choose the stages that optimize ``objective`` and price the baselines beside them.
+
+    ``profiles`` holds one profile per node of ``cluster`` (see
+    :func:`partition.cost_builder.node_profiles`).
+    """
+    cost = build_cost_model(layer_graph, cluster, profiles)
+    result = optimize(cost, objective)
+    return plan_from_schedule(
+        model, layer_graph, cluster, cost, result.schedule, objective,
+        exact=result.exact, lower_bound_s=result.lower_bound_s,
+        baseline_results=tuple(
+            _baseline_result(b.name, b.description, b.schedule, b.note, cost, cluster)
+            for b in baselines(cost, objective)
+        ),
+    )
+
+
+def plan_from_schedule(
+    model: LoadedModel,
+    layer_graph: LayerGraph,
+    cluster: ClusterSpec,
+    cost: CostModel,
+    schedule: Schedule,
+    objective: Objective,
+    *,
+    exact: bool,
+    lower_bound_s: float,
+    baseline_results: tuple[BaselineResult, ...] = (),
+) -> Plan:
+    """Describe a priced schedule as a :class:`Plan` (also used to deploy a baseline)."""
+    addresses = {node.name: node.address for node in cluster.nodes}
+    stages = tuple(
+        _planned_stage(
+            layer_graph, k, cost.node_names[span.node], addresses, span.start, span.end,
+            compute_s=schedule.stage_seconds[k],
+            transfer_in_s=schedule.transfer_seconds[k],
+            memory_bytes=int(cost.stage_memory_bytes[span.start, span.end]),
+            memory_available_bytes=int(cost.node_memory_bytes[span.node]),
+        )
+        for k, span in enumerate(schedule.spans)
+    )
+    return Plan(
+        model_sha256=model.sha256,
+        model_path=model.source,
+        granularity=layer_graph.granularity,
+        layer_names=tuple(layer.name for layer in layer_graph.layers),
+        inputs=model.input_specs,
+        outputs=tuple(layer_graph.values[name] for name in layer_graph.user_outputs),
+        objective=objective,
+        source=cluster.source,
+        sink=cluster.sink,
+        addresses=addresses,
+        stages=stages,
+        links=_links(cluster, [s.node for s in stages]),
+        latency_s=schedule.latency_s,
+        bottleneck_s=schedule.bottleneck_s,
+        exact=exact,
+        lower_bound_s=lower_bound_s,
+        baselines=baseline_results,
+        security=cluster.security,
+    )
+
+
+def baseline_plan(plan_: Plan, baseline: BaselineResult, layer_graph: LayerGraph) -> Plan:
+    """A deployable plan that runs ``baseline``'s stages on the same cluster and links.
+
+    A baseline has no per-stage predictions: its stages carry NaN times and zero memory.
+    """
+    stages = tuple(
+        _planned_stage(
+            layer_graph, k, node, plan_.addresses, start, end,
+            compute_s=float("nan"), transfer_in_s=float("nan"),
+            memory_bytes=0, memory_available_bytes=0,
+        )
+        for k, (node, start, end) in enumerate(baseline.stages)
+    )
+    return replace(
+        plan_,
+        stages=stages,
+        links=baseline.links,
+        latency_s=baseline.latency_s,
+        bottleneck_s=1.0 / baseline.throughput_per_s,
+        baselines=(),
+    )
+
+
+def _planned_stage(
+    layer_graph: LayerGraph, index: int, node: str, addresses: dict[str, str],
+    start: int, end: int, *, compute_s: float, transfer_in_s: float,
+    memory_bytes: int, memory_available_bytes: int,
+) -> PlannedStage:
+    """Stage ``index``: layers ``[start, end)`` of ``layer_graph`` on ``node``."""
+    return PlannedStage(
+        index=index, node=node, address=addresses[node], start=start, end=end,
+        first_layer=layer_graph.layers[start].name,
+        last_layer=layer_graph.layers[end - 1].name,
+        receives=layer_graph.boundary_tensors(start),
+        sends=layer_graph.boundary_tensors(end),
+        compute_s=compute_s, transfer_in_s=transfer_in_s,
+        memory_bytes=memory_bytes, memory_available_bytes=memory_available_bytes,
+    )
+
+
+def _links(cluster: ClusterSpec, nodes: list[str]) -> tuple[Link, ...]:
+    """The hops source -> each node in turn -> sink."""
+    hops = [cluster.source, *nodes, cluster.sink]
+    return tuple(
+        Link(a, b, cluster.link(a, b).bytes_per_s, cluster.link(a, b).latency_s)
+        for a, b in zip(hops, hops[1:], strict=False)
+    )
+
+
+def _baseline_result(
+    name: str, description: str, schedule: Schedule | None, note: str, cost: CostModel,
+    cluster: ClusterSpec,
+) -> BaselineResult:
+    if schedule is None:
+        return BaselineResult(name, description, (), (), float("inf"), 0.0, False, note)
+    nodes = [cost.node_names[s.node] for s in schedule.spans]
+    return BaselineResult(
+        name, description,
+        tuple((node, s.start, s.end) for node, s in zip(nodes, schedule.spans, strict=True)),
+        _links(cluster, nodes),
+        schedule.latency_s, schedule.throughput_per_s, schedule.fits, note,
+    )

@@ -1,0 +1,57 @@
+"""The plan file apart from the planner, and finding a plan's model again for its stages."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from partition.errors import ModelLoadError, ModelMismatchError, PlanFormatError
+from partition.layers import build_layer_graph
+from partition.plan import Objective, Plan
+from partition.split import plan_layer_graph
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_the_runtime_reads_plans_without_importing_the_optimizer() -> None:
+    code = ("import sys, coordinator.pipeline, coordinator.deploy, coordinator.deploy_command; "
+            "print(sorted(m for m in sys.modules if m in "
+            "('partition.optimizer', 'partition.planning', 'partition.baselines')))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def _plan_of(sample) -> Plan:
+    """A plan (without stages) for ``sample``'s file and layers."""
+    layer_graph = build_layer_graph(sample.model.program)
+    return Plan(sample.model.sha256, str(sample.path), layer_graph.granularity,
+                tuple(layer.name for layer in layer_graph.layers), (), (), Objective.THROUGHPUT,
+                "src", "src", {}, (), (), 1.0, 1.0, True, 1.0)
+
+
+def test_plan_layer_graph_finds_the_plans_layers(sample_exported) -> None:
+    plan = _plan_of(sample_exported("skip_dag"))
+    assert tuple(layer.name for layer in plan_layer_graph(plan).layers) == plan.layer_names
+
+
+def test_a_missing_model_file_is_a_model_error_not_a_plan_error(
+    sample_exported, tmp_path: Path
+) -> None:
+    plan = replace(_plan_of(sample_exported("skip_dag")), model_path=str(tmp_path / "gone.pt2"))
+    with pytest.raises(ModelLoadError, match="does not exist here") as caught:
+        plan_layer_graph(plan)
+    assert not isinstance(caught.value, PlanFormatError)
+
+
+def test_another_model_file_or_other_layers_are_refused(sample_exported) -> None:
+    skip_dag = sample_exported("skip_dag")
+    plan = _plan_of(skip_dag)
+    with pytest.raises(ModelMismatchError, match="SHA-256 differs"):
+        plan_layer_graph(plan, str(sample_exported("resnet").path))
+    with pytest.raises(ModelMismatchError, match="layers differ"):
+        plan_layer_graph(replace(plan, layer_names=plan.layer_names[:-1]))
