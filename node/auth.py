@@ -9,6 +9,7 @@ by the handshake) names its holder: :data:`~node.security.COORDINATOR_NAME`, or 
 from __future__ import annotations
 
 import hmac
+import inspect
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -169,7 +170,7 @@ def _guarded(
     kind = (f"{'stream' if handler.request_streaming else 'unary'}_"
             f"{'stream' if handler.response_streaming else 'unary'}")
     behaviour = getattr(handler, kind)
-    if handler.response_streaming:
+    if inspect.isasyncgenfunction(behaviour):  # a streaming reply yielded, not written
         async def guarded(request, context):
             await check(context)
             async for reply in behaviour(request, context):
