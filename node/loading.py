@@ -91,7 +91,8 @@ async def receive_artifact(
     spec = _parse_spec(header.spec_json)
     if header.sha256 != spec.artifact_sha256:
         raise ArtifactError(
-            f"header hash {header.sha256} differs from the stage spec's {spec.artifact_sha256}"
+            f"header hash {header.sha256!r} differs from the stage spec's "
+            f"{spec.artifact_sha256!r}"
         )
     if header.total_bytes > max_bytes:
         raise LimitError(
@@ -109,7 +110,7 @@ async def receive_artifact(
     digest = hashlib.sha256(data).hexdigest()
     if digest != header.sha256:
         raise ArtifactError(
-            f"artifact hash mismatch: expected {header.sha256}, got {digest}; "
+            f"artifact hash mismatch: expected {header.sha256!r}, got {digest!r}; "
             "the file changed or was corrupted in transit"
         )
     return spec, data

@@ -215,7 +215,8 @@ class _Parser:
                                   f"{', '.join(fields)})")
         for key in data:
             if key not in fields:
-                where = f"{path}.{key}" if path else str(key)
+                name = key if isinstance(key, str) and key.isidentifier() else repr(key)
+                where = f"{path}.{name}" if path else name
                 raise self.fail(where, f"unknown field {key!r} (expected one of: "
                                        f"{', '.join(fields)})")
         return data
@@ -277,8 +278,8 @@ class _Parser:
     def node(self, data: object, path: str) -> NodeSpec:
         fields = self.mapping(data, path, _NODE_FIELDS)
         name = self.required(fields, path, "name")
-        if not isinstance(name, str) or not name.strip():
-            raise self.fail(f"{path}.name", f"{name!r} is not a name")
+        if not isinstance(name, str) or not name.strip() or not name.isprintable():
+            raise self.fail(f"{path}.name", f"{name!r} is not a name (printable text)")
         address = self.required(fields, path, "address")
         match = _ADDRESS.match(address) if isinstance(address, str) else None
         if match is None or not 0 < int(match["port"]) < 65536:

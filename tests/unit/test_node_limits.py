@@ -1,0 +1,77 @@
+"""The node's limits below the gRPC seam: one results owner, stalls, frame headers, options."""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgpack
+import pytest
+
+from node.codec import MAX_HEADER_BYTES, MAX_TENSORS, decode_frame
+from node.errors import FrameError, LimitError
+from node.profiling import MAX_REPEATS, ProfileOptions
+from node.results import ResultsOwner
+
+STALL_S = 0.05
+
+
+async def test_results_go_to_one_owner_in_order() -> None:
+    owner = ResultsOwner(depth=2, stall_s=STALL_S)
+    written: list[bytes] = []
+
+    async def write(frame: bytes) -> None:
+        written.append(frame)
+
+    async with owner.own():
+        pumping = asyncio.create_task(owner.pump(write))
+        with pytest.raises(LimitError, match="another client already reads"):
+            async with owner.own():
+                pass
+        for index in range(5):
+            await owner.deliver(index, bytes([index]))
+        while len(written) < 5:
+            await asyncio.sleep(0)
+        pumping.cancel()
+    assert written == [bytes([i]) for i in range(5)]
+
+
+async def test_a_stalled_owner_is_cut_off() -> None:
+    owner = ResultsOwner(depth=1, stall_s=STALL_S)
+
+    async def never(frame: bytes) -> None:
+        await asyncio.Event().wait()
+
+    async with owner.own():
+        await owner.deliver(1, b"a")
+        with pytest.raises(LimitError, match="read nothing"):
+            await owner.pump(never)
+    async with owner.own():  # free again
+        pass
+
+
+async def test_results_nobody_owns_are_dropped_not_waited_on_forever() -> None:
+    owner = ResultsOwner(depth=2, stall_s=STALL_S)
+    for index in range(5):  # returns: the full buffer is dropped after the stall time
+        await owner.deliver(index, bytes([index]))
+
+
+def test_header_limits() -> None:
+    with pytest.raises(FrameError, match="more than the"):
+        decode_frame(bytes(MAX_HEADER_BYTES + 1), b"")
+    entries = [[f"t{i}", "float32", [0], 0] for i in range(MAX_TENSORS + 1)]
+    with pytest.raises(FrameError, match=f"carries {MAX_TENSORS + 1} tensors"):
+        decode_frame(msgpack.packb({"id": 1, "tensors": entries}), b"")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ProfileOptions("auto", 1, MAX_REPEATS + 1, 0),
+        ProfileOptions("auto", 0, 1, 0),
+        ProfileOptions("auto", 3, 1, 0),
+    ],
+)
+def test_profile_options_beyond_bounds(options: ProfileOptions) -> None:
+    with pytest.raises(LimitError, match="Profile option"):
+        options.check(max_threads=2)
+    ProfileOptions("auto", 2, MAX_REPEATS, 0).check(max_threads=2)
