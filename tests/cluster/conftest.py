@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from cli_helpers import edge_node_running
 from cluster_helpers import (
     CHAIN_SHAPE,
     NodeProcess,
@@ -17,7 +19,9 @@ from cluster_helpers import (
     wait_listening,
 )
 
+from coordinator.local_cluster import LocalNode, read_state, stop_nodes
 from coordinator.ports import free_ports
+from partition.errors import EdgesplitError
 from partition.spec import TensorSpec
 from partition.split import StageArtifact
 
@@ -60,3 +64,28 @@ def chain_stages() -> tuple[StageArtifact, StageArtifact]:
         make_stage(Scale(2.0), index=0, receives=x, sends=a),
         make_stage(Shift(3.0), index=1, receives=a, sends=b),
     )
+
+
+@pytest.fixture
+def cli_env(tmp_path: Path, sample_cache_dir: Path) -> dict[str, str]:
+    """The environment of ``coordinator`` subprocesses: a private state dir and cache."""
+    return {
+        **os.environ,
+        "EDGESPLIT_STATE": str(tmp_path / "state"),
+        "EDGESPLIT_CACHE": str(sample_cache_dir),
+    }
+
+
+@pytest.fixture
+def up_nodes(tmp_path: Path) -> Iterator[list[LocalNode]]:
+    """A list for the nodes ``coordinator up`` reports; whatever is still running of them, or
+    of the state directory's record, is stopped when the test ends."""
+    started: list[LocalNode] = []
+    try:
+        yield started
+    finally:
+        try:
+            recorded = read_state(tmp_path / "state")
+        except EdgesplitError:
+            recorded = []
+        stop_nodes([n for n in [*started, *recorded] if edge_node_running(n.pid)])

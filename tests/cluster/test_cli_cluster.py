@@ -12,123 +12,32 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
+from cli_helpers import (
+    REPO,
+    coordinator,
+    edge_node_running,
+    edge_nodes_listening_on,
+    nodes_yaml,
+    ok,
+    one_error_line,
+    status_rows,
+)
 from cluster_helpers import Shift, make_stage
 
-from coordinator.local_cluster import LocalNode, read_state, stop_nodes
+from coordinator.local_cluster import LocalNode, read_state
 from coordinator.ports import free_ports
 from coordinator.samples import build_sample, skip_dag, write_sample
 from node.client import GrpcWorkerHandle, Result
 from node.link import LinkEmulation
-from partition.errors import EdgesplitError
 from partition.spec import TensorSpec
 
-REPO = Path(__file__).resolve().parents[2]
-COMMAND_TIMEOUT_S = 180
 DEMO_TIMEOUT_S = 480
 SKIP_DAG_INPUT = (4, 64)
-
-
-# --- running the CLI -----------------------------------------------------------------------
-
-
-@pytest.fixture
-def cli_env(tmp_path: Path, sample_cache_dir: Path) -> dict[str, str]:
-    """The environment of ``coordinator`` subprocesses: a private state dir and cache."""
-    return {
-        **os.environ,
-        "EDGESPLIT_STATE": str(tmp_path / "state"),
-        "EDGESPLIT_CACHE": str(sample_cache_dir),
-    }
-
-
-def coordinator(
-    env: dict[str, str], *args: str | Path, timeout: float = COMMAND_TIMEOUT_S
-) -> subprocess.CompletedProcess[str]:
-    """Run ``coordinator ARGS`` to completion (as the console script would)."""
-    return subprocess.run(
-        [sys.executable, "-m", "coordinator.cli", *map(str, args)],
-        env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-    )
-
-
-def ok(done: subprocess.CompletedProcess[str]) -> str:
-    """The command's stdout, after checking it succeeded."""
-    assert done.returncode == 0, f"{done.args} exited {done.returncode}:\n{done.stderr}"
-    return done.stdout
-
-
-def one_error_line(done: subprocess.CompletedProcess[str]) -> str:
-    """The single ``coordinator: error:`` line of a command that failed as a user error."""
-    assert done.returncode == 2, f"{done.args} exited {done.returncode}:\n{done.stderr}"
-    assert "Traceback" not in done.stderr, done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("coordinator: error: "), lines[0]
-    return lines[0]
-
-
-def nodes_yaml(path: Path, nodes: list[tuple[str, str, str]], **extra: str) -> Path:
-    """Write a cluster file with ``(name, address, memory)`` nodes on a 1 Gbps LAN."""
-    lines = ["nodes:"]
-    lines += [f"  - {{name: {n}, address: '{a}', memory: {m}}}" for n, a, m in nodes]
-    lines += ["links:", "  default: {bandwidth: 1Gbps, latency: 1ms}"]
-    lines += [f"{key}: {value}" for key, value in extra.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def edge_node_running(pid: int) -> bool:
-    """True while ``pid`` is a running (not zombie) ``edge-node`` process."""
-    try:
-        process = psutil.Process(pid)
-        return process.status() != psutil.STATUS_ZOMBIE and "node.cli" in process.cmdline()
-    except psutil.Error:
-        return False
-
-
-def edge_nodes_listening_on(addresses: set[str]) -> list[int]:
-    """Pids of running ``edge-node`` processes started with ``--listen`` one of ``addresses``."""
-    return [
-        process.pid for process in psutil.process_iter(["cmdline"])
-        if "node.cli" in (argv := process.info["cmdline"] or []) and addresses & set(argv)
-    ]
-
-
-def status_rows(output: str) -> dict[str, list[str]]:
-    """``coordinator status``'s table: node name -> its cells."""
-    rows = {}
-    for line in output.splitlines():
-        cells = [cell.strip() for cell in line.split("│")[1:-1]]
-        if cells and cells[0] != "node":
-            rows[cells[0]] = cells
-    return rows
-
-
-# --- a simulated cluster started by `coordinator up` -----------------------------------------
-
-
-@pytest.fixture
-def up_nodes(tmp_path: Path) -> Iterator[list[LocalNode]]:
-    """A list for the nodes ``coordinator up`` reports; whatever is still running of them, or
-    of the state directory's record, is stopped when the test ends."""
-    started: list[LocalNode] = []
-    try:
-        yield started
-    finally:
-        try:
-            recorded = read_state(tmp_path / "state")
-        except EdgesplitError:
-            recorded = []
-        stop_nodes([n for n in [*started, *recorded] if edge_node_running(n.pid)])
 
 
 @pytest.fixture(scope="module")

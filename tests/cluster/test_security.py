@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import coordinator, ok, status_rows
 from cluster_helpers import Shift, make_stage, node_command, spawn_node, stop_node
 from cluster_helpers import wait_listening as wait_node_listening
 from model_zoo import ExportedSample
-from test_cli_cluster import cli_env, coordinator, ok, status_rows, up_nodes  # noqa: F401
 
 from coordinator.certs import make_certs, node_files
 from coordinator.deploy import deploy

@@ -178,3 +178,16 @@ async def test_lean_workers_profile_and_serve_a_split_gpt2(
     for node in lean_nodes:
         tried = blocked_imports(worker_env, node.process.pid)
         assert tried == [], f"{node.name} tried to import {tried}, which a worker may not have"
+
+
+def test_coordinator_without_its_extra_says_what_to_install(worker_env: dict[str, str]) -> None:
+    """A core-only install still has the ``coordinator`` script: it names the extra to add."""
+    done = subprocess.run(
+        [sys.executable, "-m", "coordinator.cli", "status"],
+        env=worker_env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "coordinator: error: rich is not installed; this command needs "
+        "pip install 'edgesplit[coordinator]' (a worker device needs only edge-node)"
+    ]

@@ -1,0 +1,75 @@
+"""Running the ``coordinator`` command line in subprocesses, and reading what it prints."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[2]
+COMMAND_TIMEOUT_S = 180
+
+
+def coordinator(
+    env: dict[str, str], *args: str | Path, timeout: float = COMMAND_TIMEOUT_S
+) -> subprocess.CompletedProcess[str]:
+    """Run ``coordinator ARGS`` to completion (as the console script would)."""
+    return subprocess.run(
+        [sys.executable, "-m", "coordinator.cli", *map(str, args)],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def ok(done: subprocess.CompletedProcess[str]) -> str:
+    """The command's stdout, after checking it succeeded."""
+    assert done.returncode == 0, f"{done.args} exited {done.returncode}:\n{done.stderr}"
+    return done.stdout
+
+
+def one_error_line(done: subprocess.CompletedProcess[str]) -> str:
+    """The single ``coordinator: error:`` line of a command that failed as a user error."""
+    assert done.returncode == 2, f"{done.args} exited {done.returncode}:\n{done.stderr}"
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("coordinator: error: "), lines[0]
+    return lines[0]
+
+
+def nodes_yaml(path: Path, nodes: list[tuple[str, str, str]], **extra: str) -> Path:
+    """Write a cluster file with ``(name, address, memory)`` nodes on a 1 Gbps LAN."""
+    lines = ["nodes:"]
+    lines += [f"  - {{name: {n}, address: '{a}', memory: {m}}}" for n, a, m in nodes]
+    lines += ["links:", "  default: {bandwidth: 1Gbps, latency: 1ms}"]
+    lines += [f"{key}: {value}" for key, value in extra.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def edge_node_running(pid: int) -> bool:
+    """True while ``pid`` is a running (not zombie) ``edge-node`` process."""
+    try:
+        process = psutil.Process(pid)
+        return process.status() != psutil.STATUS_ZOMBIE and "node.cli" in process.cmdline()
+    except psutil.Error:
+        return False
+
+
+def edge_nodes_listening_on(addresses: set[str]) -> list[int]:
+    """Pids of running ``edge-node`` processes started with ``--listen`` one of ``addresses``."""
+    return [
+        process.pid for process in psutil.process_iter(["cmdline"])
+        if "node.cli" in (argv := process.info["cmdline"] or []) and addresses & set(argv)
+    ]
+
+
+def status_rows(output: str) -> dict[str, list[str]]:
+    """``coordinator status``'s table: node name -> its cells."""
+    rows = {}
+    for line in output.splitlines():
+        cells = [cell.strip() for cell in line.split("│")[1:-1]]
+        if cells and cells[0] != "node":
+            rows[cells[0]] = cells
+    return rows
