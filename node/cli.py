@@ -45,45 +45,8 @@ def _parser() -> argparse.ArgumentParser:
         default=1.0,
         help="emulate a slower device: 0.5 makes compute take twice as long (default 1)",
     )
-    parser.add_argument(
-        "--max-stage-bytes",
-        type=parse_size,
-        default=default_max_stage_bytes(),
-        metavar="SIZE",
-        help="largest stage artifact or model file accepted, e.g. 2GiB (default: half of RAM)",
-    )
-    parser.add_argument(
-        "--max-frame-bytes",
-        type=parse_size,
-        default=MAX_MESSAGE_BYTES,
-        metavar="SIZE",
-        help="largest frame (gRPC message) accepted, e.g. 64MiB; a larger one closes its "
-        f"stream before it is read (default {MAX_MESSAGE_BYTES // 1024**2}MiB)",
-    )
-    parser.add_argument(
-        "--upload-stall-s",
-        type=float,
-        default=UPLOAD_STALL_S,
-        metavar="SECONDS",
-        help=f"cancel an upload that sends no chunk for this long (default {UPLOAD_STALL_S:g})",
-    )
-    parser.add_argument(
-        "--results-stall-s",
-        type=float,
-        default=RESULTS_STALL_S,
-        metavar="SECONDS",
-        help="cut off a Results reader that reads nothing for this long while results wait "
-        f"(default {RESULTS_STALL_S:g})",
-    )
-    parser.add_argument(
-        "--token-file", metavar="PATH", help="the cluster token; every call must carry it"
-    )
-    parser.add_argument("--tls-cert", metavar="PATH", help="this node's certificate (PEM)")
-    parser.add_argument("--tls-key", metavar="PATH", help="this node's private key (PEM)")
-    parser.add_argument(
-        "--tls-ca", metavar="PATH",
-        help="the cluster's CA certificate: callers must show a certificate it signed",
-    )
+    _add_limits(parser.add_argument_group("limits on what callers may send"))
+    _add_security(parser.add_argument_group("security (see README, Security)"))
     parser.add_argument(
         "--log-level",
         default="INFO",
@@ -92,6 +55,51 @@ def _parser() -> argparse.ArgumentParser:
     )
     return parser
 
+
+
+def _add_limits(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--max-stage-bytes",
+        type=parse_size,
+        default=default_max_stage_bytes(),
+        metavar="SIZE",
+        help="largest stage artifact or model file accepted, e.g. 2GiB (default: half of RAM)",
+    )
+    group.add_argument(
+        "--max-frame-bytes",
+        type=parse_size,
+        default=MAX_MESSAGE_BYTES,
+        metavar="SIZE",
+        help="largest frame (gRPC message) accepted, e.g. 64MiB; a larger one closes its "
+        f"stream before it is read (default {MAX_MESSAGE_BYTES // 1024**2}MiB)",
+    )
+    group.add_argument(
+        "--upload-stall-s",
+        type=float,
+        default=UPLOAD_STALL_S,
+        metavar="SECONDS",
+        help=f"cancel an upload that sends no chunk for this long (default {UPLOAD_STALL_S:g})",
+    )
+    group.add_argument(
+        "--results-stall-s",
+        type=float,
+        default=RESULTS_STALL_S,
+        metavar="SECONDS",
+        help="cut off a Results reader that reads nothing for this long while results wait "
+        f"(default {RESULTS_STALL_S:g})",
+    )
+
+
+def _add_security(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--token-file", metavar="PATH", help="the cluster token; every call must carry it"
+    )
+    group.add_argument("--tls-cert", metavar="PATH", help="this node's certificate (PEM)")
+    group.add_argument("--tls-key", metavar="PATH", help="this node's private key (PEM)")
+    group.add_argument(
+        "--tls-ca", metavar="PATH",
+        help="the cluster's CA certificate: callers must show a certificate it signed",
+    )
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``edge-node`` console script."""

@@ -243,10 +243,9 @@ def _search(
     for d in range(n):
         if space.retired >> d & 1:
             continue
-        value = np.full((n, layers + 1), np.inf)
-        value[d, 0] = hop[0, source, d]
-        pending[space.retired | int(closure[d])] = (value, np.full(value.shape, -1, np.int16),
-                                    np.zeros(value.shape, np.int64))
+        arrivals = _no_arrivals(n, layers)
+        arrivals[0][d, 0] = hop[0, source, d]
+        pending[space.retired | int(closure[d])] = arrivals
     queue = list(pending)
     heapq.heapify(queue)
     while queue:
@@ -256,13 +255,7 @@ def _search(
         nodes = np.flatnonzero(np.isfinite(arrive).any(axis=1))
         if nodes.size == 0:
             continue
-        rows = np.flatnonzero(np.isfinite(arrive[nodes]).any(axis=0))
-        # Stage edges: done[k, j] = min over i of combine(arrive[d, i], stage[d, i, j]).
-        through = combine(arrive[np.ix_(nodes, rows)][:, :, None], stage[np.ix_(nodes, rows)])
-        pick = through.argmin(axis=1)
-        done = np.take_along_axis(through, pick[:, None, :], axis=1)[:, 0, :]
-        start = np.zeros((n, layers + 1), np.int16)
-        start[nodes] = rows[pick]
+        done, start = _stage_edges(arrive, nodes, stage, combine)
         trail[mask] = (start, prev_node, prev_mask)
         finish = combine(done[:, layers], hop[layers, nodes, sink])
         k = int(finish.argmin())
@@ -282,9 +275,7 @@ def _search(
                 continue
             target = mask | int(closure[d])
             if target not in pending:
-                pending[target] = (np.full((n, layers + 1), np.inf),
-                                   np.full((n, layers + 1), -1, np.int16),
-                                   np.zeros((n, layers + 1), np.int64))
+                pending[target] = _no_arrivals(n, layers)
                 heapq.heappush(queue, target)
             value, node_from, mask_from = pending[target]
             better &= reach[m] < value[d]
@@ -294,6 +285,28 @@ def _search(
     if best[1] < 0:
         return None
     return best[0], _trace(trail, best[1], best[2], layers)
+
+
+def _no_arrivals(n: int, layers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Arrivals at a node set before any: cost, previous node (-1 at the source), previous
+    set, per (node, layer boundary)."""
+    shape = (n, layers + 1)
+    return np.full(shape, np.inf), np.full(shape, -1, np.int16), np.zeros(shape, np.int64)
+
+
+def _stage_edges(
+    arrive: np.ndarray, nodes: np.ndarray, stage: np.ndarray, combine: np.ufunc
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run a stage from every arrival on ``nodes``: ``done[k, j]``, the best cost of having
+    run layers up to ``j`` on ``nodes[k]`` (min over ``i`` of ``combine(arrive[d, i],
+    stage[d, i, j])``), and ``start[d, j]``, the boundary ``i`` that achieves it."""
+    rows = np.flatnonzero(np.isfinite(arrive[nodes]).any(axis=0))
+    through = combine(arrive[np.ix_(nodes, rows)][:, :, None], stage[np.ix_(nodes, rows)])
+    pick = through.argmin(axis=1)
+    done = np.take_along_axis(through, pick[:, None, :], axis=1)[:, 0, :]
+    start = np.zeros(arrive.shape, np.int16)
+    start[nodes] = rows[pick]
+    return done, start
 
 
 def _trace(trail: dict, mask: int, node: int, end: int) -> tuple[Span, ...]:
