@@ -14,7 +14,7 @@ from node.client import GrpcWorkerHandle, WorkerHandle
 from node.link import NO_EMULATION, LinkEmulation
 from partition.errors import EdgesplitError, PlanFormatError
 from partition.layers import LayerGraph, build_layer_graph
-from partition.loader import load_model
+from partition.loader import LoadedModel, load_model
 from partition.plan import Link, Plan
 from partition.split import StageArtifact, split
 
@@ -61,7 +61,12 @@ def stage_artifacts(plan: Plan, model_path: str | None = None) -> list[StageArti
 
 
 def plan_layer_graph(plan: Plan, model_path: str | None = None) -> LayerGraph:
-    """The plan's model grouped into the plan's layers.
+    """The plan's model grouped into the plan's layers (see :func:`plan_model`)."""
+    return plan_model(plan, model_path)[1]
+
+
+def plan_model(plan: Plan, model_path: str | None = None) -> tuple[LoadedModel, LayerGraph]:
+    """The plan's model, and the model grouped into the plan's layers.
 
     Raises
     ------
@@ -84,7 +89,7 @@ def plan_layer_graph(plan: Plan, model_path: str | None = None) -> LayerGraph:
         raise PlanFormatError(
             "the model's layers differ from the plan's (another torch version?); plan again"
         )
-    return layer_graph
+    return model, layer_graph
 
 
 def link_emulation(link: Link, emulate: bool) -> LinkEmulation:

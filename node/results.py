@@ -21,6 +21,7 @@ class ResultsHub:
         self._depth = depth
         self._subscribers: list[asyncio.Queue[bytes]] = []
         self._changed = asyncio.Condition()
+        self._closed = 0
 
     @contextlib.asynccontextmanager
     async def subscribe(self) -> AsyncIterator[asyncio.Queue[bytes]]:
@@ -40,10 +41,20 @@ class ResultsHub:
         """Put ``frame`` on every subscriber's queue, waiting for a subscriber if none."""
         if not self._subscribers:
             log.info("holding result %d until a Results subscriber connects", request_id)
+            closed = self._closed
             async with self._changed:
-                await self._changed.wait_for(lambda: bool(self._subscribers))
+                await self._changed.wait_for(
+                    lambda: bool(self._subscribers) or self._closed != closed
+                )
+            if not self._subscribers:
+                log.info("dropped result %d: the node was wired elsewhere", request_id)
+                return
         for queue in list(self._subscribers):
             await queue.put(frame)
 
     async def close(self) -> None:
-        """Nothing to release: subscribers end with their calls."""
+        """Stop holding a result for a subscriber (the node was wired elsewhere); the
+        subscribers themselves end with their calls."""
+        async with self._changed:
+            self._closed += 1
+            self._changed.notify_all()

@@ -21,6 +21,7 @@ from partition.layers import LayerGraph
 from partition.loader import LoadedModel
 from partition.optimizer import Objective, Schedule, optimize
 from partition.profiler import Profile
+from partition.replan_inputs import replan_inputs
 from partition.spec import TensorSpec
 
 SCHEMA = "edgesplit.plan/1"
@@ -163,6 +164,8 @@ class Plan:
     exact: bool
     lower_bound_s: float
     baselines: tuple[BaselineResult, ...] = field(default=())
+    replan: dict[str, Any] | None = None
+    """What re-planning needs, as plain JSON data (see :mod:`partition.replan_inputs`)."""
 
     @property
     def throughput_per_s(self) -> float:
@@ -189,6 +192,7 @@ class Plan:
                 "exact": self.exact, "lower_bound_s": self.lower_bound_s,
             },
             "baselines": [b.to_dict() for b in self.baselines],
+            **({"replan": self.replan} if self.replan is not None else {}),
         }
 
     @classmethod
@@ -214,6 +218,7 @@ class Plan:
             bottleneck_s=float(predicted["bottleneck_s"]),
             exact=bool(predicted["exact"]), lower_bound_s=float(predicted["lower_bound_s"]),
             baselines=tuple(BaselineResult.from_dict(b) for b in data["baselines"]),
+            replan=data.get("replan"),
         )
 
     def save(self, path: str | Path) -> None:
@@ -249,7 +254,7 @@ def plan(
     """
     cost = build_cost_model(layer_graph, cluster, profiles)
     result = optimize(cost, objective)
-    return plan_from_schedule(
+    made = plan_from_schedule(
         model, layer_graph, cluster, cost, result.schedule, objective,
         exact=result.exact, lower_bound_s=result.lower_bound_s,
         baseline_results=tuple(
@@ -257,6 +262,7 @@ def plan(
             for b in baselines(cost, objective)
         ),
     )
+    return replace(made, replan=replan_inputs(cluster, profiles))
 
 
 def plan_from_schedule(
