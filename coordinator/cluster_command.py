@@ -8,6 +8,7 @@ import asyncio
 from rich.table import Table
 
 from coordinator.console import console, ms
+from coordinator.events import events_path_for
 from coordinator.local_cluster import (
     clear_state,
     default_state_dir,
@@ -19,6 +20,9 @@ from node.client import GrpcWorkerHandle
 from node.errors import NodeUnreachableError
 from partition.cluster import load_cluster
 from partition.plan import Plan
+
+STATUS_EVENTS = 20
+"""Failover events ``status --plan`` shows (the latest)."""
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
@@ -68,6 +72,13 @@ def run_status(args: argparse.Namespace) -> int:
             console.print("no simulated cluster is up; pass --nodes NODES.yaml or --plan plan.json")
             return 1
     console.print(asyncio.run(status_table(targets)))
+    if args.plan:
+        events = events_path_for(args.plan)
+        lines = events.read_text().splitlines()[-STATUS_EVENTS:] if events.is_file() else []
+        if lines:
+            console.print(f"failover events ({events}):")
+            for line in lines:
+                console.print(line, markup=False)
     return 0
 
 

@@ -26,6 +26,7 @@ from typing import Protocol
 import torch
 
 from coordinator.deploy import link_emulation
+from coordinator.drift import POLL_S, DriftWatch
 from coordinator.events import EventLog, Replan, stage_names
 from coordinator.health_watch import NodeState, NodeWatch
 from coordinator.ledger import Ledger, Request, RequestFailedError
@@ -54,7 +55,10 @@ TIMEOUT_RETRIES = 1
 SWITCH_ATTEMPTS = 5
 """Attempts at switching to a new plan (a node may fail while it is loaded) before giving up."""
 REBALANCE_GAIN = 0.05
-"""A returning node is used again if the plan with it is predicted this much faster."""
+"""A better plan (a node came back, or one drifted) is switched to only if it is predicted
+this much faster..."""
+PAYBACK_S = 60.0
+"""...and if the time it saves over this long exceeds the pause moving the stages costs."""
 
 Inputs = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
 
@@ -172,6 +176,8 @@ class Pipeline:
         self._wake = asyncio.Event()
         self._trouble: set[str] = set()
         self._returned: set[str] = set()
+        self._drift = DriftWatch()
+        self._drifted: dict[str, float] = {}
         self._attempts = 0
         self._broken: EdgesplitError | None = None
         self._recovering: Replan | None = None
@@ -215,6 +221,8 @@ class Pipeline:
         self._ready.set()
         self._tasks.append(asyncio.create_task(self._deadlines()))
         self._tasks.append(asyncio.create_task(self._supervise()))
+        if self._failover:
+            self._tasks.append(asyncio.create_task(self._watch_drift()))
         for handle in self._handles.values():
             watch = NodeWatch(handle, self._on_state)
             self._watches[handle.name] = watch
@@ -359,6 +367,15 @@ class Pipeline:
                                "(restarted?)", warning=True)
         self._wake.set()
 
+    async def _watch_drift(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_S)
+            if self._ready.is_set():
+                drifted = await self._drift.poll(self.plan, self._handles)
+                if drifted:
+                    self._drifted.update(drifted)
+                    self._wake.set()
+
     async def _supervise(self) -> None:
         while True:
             await self._wake.wait()
@@ -379,7 +396,8 @@ class Pipeline:
         lost = [s.node for s in plan.stages
                 if self._watches[s.node].state in (NodeState.DEAD, NodeState.DRAINING)]
         stageless = [s.node for s in plan.stages
-                     if self._watches[s.node].state is NodeState.NO_STAGE]
+                     if self._watches[s.node].state is NodeState.NO_STAGE
+                     and not await self._holds_stage(s.node)]
         if lost or stageless:
             node = (lost or stageless)[0]
             state = self._watches[node].state
@@ -400,12 +418,33 @@ class Pipeline:
             self._returned.clear()
             await self._switch(f"node {', '.join(names)} back", None, exclude=set(),
                                only_if_better=True)
+        elif self._drifted:
+            drifted, self._drifted = self._drifted, {}
+            for node, ratio in drifted.items():
+                self.slowdown[node] = self.slowdown.get(node, 1.0) * ratio
+                self.events.record(f"drift: stage on {node} runs {ratio:.2f}x its time when "
+                                   "deployed, for a sustained while")
+            self._drift.forget(set(drifted))
+            await self._switch("drift on " + ", ".join(
+                f"{n} ({r:.2f}x)" for n, r in sorted(drifted.items())), None, exclude=set(),
+                only_if_better=True)
+
+    async def _holds_stage(self, node: str) -> bool:
+        """True if ``node`` runs the stage it was given last (its health lags behind)."""
+        try:
+            info = await self._handles[node].describe()
+        except EdgesplitError:
+            return False
+        loaded = self._loaded.get(node)
+        return loaded is not None and info.stage is not None and info.stage.sha256 == loaded[2]
 
     async def _reopen(self) -> None:
         """The data path broke but every node answers: reconnect with backoff, replay."""
         troubled, self._trouble = self._trouble, set()
         delay = 0.1
         for _ in range(SWITCH_ATTEMPTS):
+            self._ready.clear()
+            self._ledger.new_version()
             try:
                 await self._switch_data_path(self.plan, force=troubled)
             except EdgesplitError as err:
@@ -441,9 +480,9 @@ class Pipeline:
                 return
             self._break(PipelineBrokenError(f"{cause}, and no plan fits the nodes left: {err}"))
             return
-        if only_if_better and gain < REBALANCE_GAIN:
-            self.events.record(f"kept the plan: the plan with {cause} is predicted "
-                               f"{gain:+.0%} faster")
+        if only_if_better and not self._worth_moving(new, gain):
+            self.events.record(f"kept the plan ({cause}): the best plan now is predicted "
+                               f"{gain:+.0%} faster, not worth moving stages")
             return
         old = self.plan
         try:  # export what the switch ships while the old chain still runs (if it does)
@@ -465,6 +504,7 @@ class Pipeline:
             early = [s for s in self._to_load(new) if s.node not in {x.node for x in old.stages}]
             replan.moved_bytes = await self._load(early)
             self._ready.clear()
+            self._ledger.new_version()  # a failure while switching is the old chain's
             paused = time.monotonic()
             replan.moved_bytes += await self._apply(old, new, {s.node for s in early})
         except EdgesplitError as err:
@@ -497,6 +537,14 @@ class Pipeline:
             replan.recovery_s = time.monotonic() - replan.failed_at
             self.events.record(f"recovered in {replan.recovery_s:.2f} s ({cause})")
 
+    def _worth_moving(self, new: Plan, gain: float) -> bool:
+        """A better plan pays for its switch: faster by :data:`REBALANCE_GAIN` at least, and
+        saving more over :data:`PAYBACK_S` than the pause (the last switch's, or 1 s)."""
+        if not self._to_load(new) and new.stages == self.plan.stages:
+            return False
+        pause = self.replans[-1].pause_s if self.replans else 1.0
+        return gain >= REBALANCE_GAIN and gain / (1 + gain) * PAYBACK_S > pause
+
     async def _gain(self, recovery: Replanning, new: Plan) -> float:
         """How much faster ``new`` is predicted to run than the current plan would now
         (with measured slowdowns; a plan on a lost node counts as stopped)."""
@@ -524,7 +572,6 @@ class Pipeline:
                 next_address, outbound, inbound = wiring
                 await handles[k].wire(next_address, outbound=outbound, inbound=inbound)
                 changed.add(node)
-        self._ledger.new_version()
         await self._switch_data_path(new, force=changed)
         return moved
 

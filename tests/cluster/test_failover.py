@@ -237,3 +237,29 @@ def test_drained_node_loses_nothing(chaos: ChaosCluster) -> None:
     check(result, replans=1)
     assert "drained" in result.replans[0]["cause"]
     assert _left_out(result, victim)
+
+
+def test_slowed_node_is_planned_around(chaos: ChaosCluster) -> None:
+    victim = chaos.plan.stages[1].node
+
+    def slow(pipeline: Pipeline) -> None:
+        node = chaos.node(victim)
+        print(f"{victim} (stage 1) made 4x slower (SIGUSR1 twice)")
+        signal_node(node, signal.SIGUSR1)
+        signal_node(node, signal.SIGUSR1)
+
+    result = asyncio.run(run(
+        chaos, {250: slow},
+        gate=(450, lambda pipeline: any("drift" in r.cause for r in pipeline.replans)),
+    ))
+    check(result, replans=1)
+    drift = next(r for r in result.replans if "drift" in r["cause"])
+    assert victim in drift["cause"] and drift["predicted_gain"] > 0
+    before = next(s for s in drift["old_stages"] if s.startswith(f"{victim}["))
+    after = [s for s in drift["new_stages"] if s.startswith(f"{victim}[")]
+    assert not after or _layers(after[0]) < _layers(before)
+
+
+def _layers(stage: str) -> int:
+    start, end = stage[stage.index("[") + 1 : -1].split(",")
+    return int(end) - int(start)

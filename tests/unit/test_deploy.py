@@ -40,6 +40,12 @@ class FakeWorker(WorkerHandle):
     async def wire(self, next_address, *, outbound=NO_EMULATION, inbound=NO_EMULATION):
         self.calls.append(("wire", self.name, next_address, outbound, inbound))
 
+    async def check_health(self, service="", timeout_s=1.0):
+        raise NotImplementedError
+
+    def watch_health(self, service=""):
+        raise NotImplementedError
+
     async def open_sender(self):
         raise NotImplementedError
 
