@@ -80,22 +80,32 @@ class Reference:
     def inputs(self, index: int) -> dict[str, torch.Tensor]:
         return self._make(index % DISTINCT_INPUTS)
 
-    def outputs(self, index: int) -> tuple[torch.Tensor, ...] | None:
+    def prepare(self) -> None:
+        """Compute every reference output now (blocking), not while requests run."""
         if self._runner is None:
-            return None
-        key = index % DISTINCT_INPUTS
-        if key not in self._outputs:
+            return
+        for key in range(DISTINCT_INPUTS):
             inputs = self._make(key)
             with torch.no_grad():
                 self._outputs[key] = tuple(self._runner(*(inputs[n] for n in self._names)))
-        return self._outputs[key]
+
+    def outputs(self, index: int) -> tuple[torch.Tensor, ...] | None:
+        if self._runner is None:
+            return None
+        if not self._outputs:
+            self.prepare()
+        return self._outputs[index % DISTINCT_INPUTS]
 
 
 async def run_checked(
     pipeline: Pipeline, reference: Reference, *, requests: int, concurrency: int,
     progress: ProgressHook | None = None,
 ) -> CheckedRun:
-    """Send ``requests`` requests with ``concurrency`` in flight; check every answer."""
+    """Send ``requests`` requests with ``concurrency`` in flight; check every answer.
+
+    The reference outputs are computed first, and the pipeline's failover prepared."""
+    await asyncio.to_thread(reference.prepare)
+    await pipeline.prepared()
     run = CheckedRun(requests)
     answers = [0] * requests
     next_index = iter(range(requests))

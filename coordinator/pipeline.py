@@ -489,6 +489,9 @@ class Pipeline:
             for stage in self._to_load(new):
                 await recovery.artifact(stage)
         except EdgesplitError as err:
+            if only_if_better:
+                log.warning("not switching plans (%s): %s", cause, err)
+                return
             self._break(PipelineBrokenError(f"{cause}, and exporting the new stages failed: "
                                             f"{err}"))
             return

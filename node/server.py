@@ -40,8 +40,9 @@ DRAIN_QUIET_S = 1.0
 """A draining node leaves once it has held no frame for this long (the coordinator has
 routed around it)."""
 
-DRAIN_TIMEOUT_S = 15.0
-"""A draining node leaves after this long even if frames still arrive."""
+DRAIN_TIMEOUT_S = 5.0
+"""A draining node leaves after this long even if frames still arrive (or a result waits
+for a subscriber that is gone); the coordinator replays what it did not finish."""
 
 
 class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
