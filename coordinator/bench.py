@@ -46,11 +46,15 @@ def random_inputs(specs: tuple[TensorSpec, ...]) -> InputFactory:
 
 async def measure(
     plan: Plan, make_inputs: InputFactory, *, requests: int, concurrency: int,
-    latency_requests: int = 20, warmup: int = 3,
+    latency_requests: int = 20, warmup: int = 3, rebalance: bool = True,
 ) -> BenchResult:
-    """Warm up, time ``latency_requests`` one at a time, then ``requests`` with
-    ``concurrency`` in flight (requests keep flowing: no drain between them)."""
-    async with await Pipeline.connect(plan, window=max(concurrency, 1)) as pipeline:
+    """Wait until failover is prepared (its background work would slow the run down), warm
+    up, time ``latency_requests`` one at a time, then ``requests`` with ``concurrency`` in
+    flight (requests keep flowing: no drain between them)."""
+    async with await Pipeline.connect(
+        plan, window=max(concurrency, 1), rebalance=rebalance
+    ) as pipeline:
+        await pipeline.prepared()
         for index in range(warmup):
             await pipeline.infer(make_inputs(index))
         latencies = []

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from coordinator.console import console, ms
 from coordinator.deploy import Deployment, deployment_record_path, plan_digest
+from coordinator.events import events_path_for
 from coordinator.local_cluster import (
     SECURE_NODES_FILE,
     clear_state,
@@ -25,6 +26,9 @@ from node.errors import NodeUnreachableError
 from node.security import Security, client_security
 from partition.cluster import SecuritySpec, load_cluster
 from partition.plan import Plan
+
+STATUS_EVENTS = 20
+"""Failover events ``status --plan`` shows (the latest)."""
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
@@ -103,6 +107,13 @@ def run_status(args: argparse.Namespace) -> int:
         secure_nodes = state_dir / SECURE_NODES_FILE
         security = load_cluster(secure_nodes).security if secure_nodes.is_file() else None
     console.print(asyncio.run(status_table(targets, client_security(security), expected)))
+    if args.plan:
+        events = events_path_for(args.plan)
+        lines = events.read_text().splitlines()[-STATUS_EVENTS:] if events.is_file() else []
+        if lines:
+            console.print(f"failover events ({events}):")
+            for line in lines:
+                console.print(line, markup=False)
     return 0
 
 

@@ -10,6 +10,7 @@ import torch
 
 from coordinator.console import console, progress_bar
 from coordinator.deploy import Deployment, deploy, deployment_record_path, is_deployed
+from coordinator.events import events_path_for
 from coordinator.local_cluster import default_state_dir, read_state
 from coordinator.pipeline import Pipeline, bind_inputs
 from partition.errors import EdgesplitError
@@ -27,6 +28,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     add_deploy_arguments(parser)
     parser.add_argument("--input", required=True, help="torch.save of a tensor, tuple or dict")
     parser.add_argument("--output", required=True, help="where to torch.save the outputs")
+    add_failover_arguments(parser)
     parser.set_defaults(run=run_request)
 
 
@@ -37,6 +39,18 @@ def add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--emulate-links", action=argparse.BooleanOptionalAction, default=None,
         help="delay transfers as the plan's links would (default: only on a simulated cluster)",
+    )
+
+
+def add_failover_arguments(parser: argparse.ArgumentParser) -> None:
+    """How the pipeline treats failures (run, bench)."""
+    parser.add_argument(
+        "--no-rebalance", dest="rebalance", action="store_false",
+        help="after a failure, keep the new plan even when the lost node comes back",
+    )
+    parser.add_argument(
+        "--deadline", type=float, metavar="SECONDS",
+        help="fail a request unanswered for this long (default: from the predicted latency)",
     )
 
 
@@ -85,15 +99,18 @@ def run_request(args: argparse.Namespace) -> int:
     plan = Plan.load(args.plan)
     inputs = bind_inputs(plan.inputs, _read_inputs(args.input))  # refused before any deploy
     ensure_deployed(plan, args)
-    outputs = asyncio.run(_infer_once(plan, inputs))
+    outputs = asyncio.run(_infer_once(plan, inputs, args))
     torch.save(outputs[0] if len(outputs) == 1 else outputs, args.output)
     shapes = ", ".join(f"{o.dtype}{list(o.shape)}".replace("torch.", "") for o in outputs)
     console.print(f"wrote {args.output}: {shapes}")
     return 0
 
 
-async def _infer_once(plan: Plan, inputs) -> tuple[torch.Tensor, ...]:
-    async with await Pipeline.connect(plan) as pipeline:
+async def _infer_once(plan: Plan, inputs, args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
+    async with await Pipeline.connect(
+        plan, rebalance=args.rebalance, deadline_s=args.deadline,
+        emulate_links=emulate_links(plan, args), events_path=events_path_for(args.plan),
+    ) as pipeline:
         outputs = await pipeline.infer(inputs)
     return tuple(o.clone() for o in outputs)
 

@@ -122,7 +122,7 @@ def _spawn(
         sys.executable, *_node_arguments(name, address),
         "--speed-factor", str(speed or 1.0), "--threads", str(threads or 1), *extra_args,
     ]
-    with log_path.open("wb") as log_file:
+    with log_path.open("ab") as log_file:
         process = subprocess.Popen(
             command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,  # outlives `coordinator up`; Ctrl-C there does not reach it
@@ -240,3 +240,13 @@ class LocalCluster:
     def __exit__(self, *exc_info: object) -> None:
         stop_nodes(self.nodes)
         clear_state(self.state_dir)
+
+    def restart(self, name: str) -> LocalNode:
+        """Start node ``name`` again (same address and speed) after it stopped; wait until
+        it answers."""
+        spec = self.cluster.node(name)
+        node = _spawn(spec.name, spec.address, spec.speed, spec.threads, self.state_dir)
+        self.nodes = [node if n.name == name else n for n in self.nodes]
+        write_state(self.state_dir, self.nodes)
+        _wait_ready(node)
+        return node

@@ -4,9 +4,13 @@
         outputs = await pipeline.infer(input_ids)            # one request
         many = await pipeline.map(batches)                   # concurrently, in order
 
-Every request carries a random 64-bit id end to end, so nobody can guess the id of another
-client's request; a request is answered exactly once, by its outputs or by a
-:class:`RequestFailedError`, and only by a frame on the results stream of the last stage.
+Every accepted request is answered exactly once, only by a frame on the results stream of
+the last stage and under a random id nobody else can guess: by its outputs, or by an error
+naming the cause (:class:`RequestFailedError`, :class:`RequestTimeoutError`,
+:class:`PipelineBrokenError`). With failover on (the default), a node that dies, hangs or
+leaves is routed around: the plan is re-made over the nodes left, only the stages that
+change are loaded, the chain is rewired and every unanswered request is replayed; a node
+that comes back is used again. See :mod:`coordinator.ledger` for how answers count once.
 """
 
 from __future__ import annotations
@@ -14,36 +18,89 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
+from typing import Protocol
 
 import torch
 
-from node.client import FrameSender, GrpcWorkerHandle, Result, ResultStream
-from node.errors import NodeUnreachableError
+from coordinator.deploy import link_emulation
+from coordinator.drift import POLL_S, DriftWatch
+from coordinator.events import EventLog, Replan, stage_names
+from coordinator.health_watch import NodeState, NodeWatch
+from coordinator.ledger import Ledger, Request, RequestFailedError
+from node.client import FrameSender, GrpcWorkerHandle, Result, ResultStream, WorkerHandle
+from node.link import NO_EMULATION, LinkEmulation
 from node.security import client_security
 from partition.errors import EdgesplitError, TensorSpecError
-from partition.plan import Plan
+from partition.plan import Plan, PlannedStage, Priced
 from partition.spec import TensorSpec
+from partition.split import StageArtifact
+
+__all__ = ["Pipeline", "PipelineBrokenError", "RequestFailedError", "RequestTimeoutError",
+           "Replanning", "bind_inputs"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW = 8
 """Requests in flight at once: enough to keep every stage of a short pipeline busy."""
 
-HEALTH_INTERVAL_S = 2.0
-"""How often the nodes are checked while requests are in flight."""
+DEADLINE_FLOOR_S = 10.0
+"""The shortest default deadline of a request."""
+DEADLINE_FACTOR = 4.0
+"""Default deadline: this many times the predicted time of a full window of requests."""
+TIMEOUT_RETRIES = 1
+"""Resends of a request whose deadline passed while the chain looked healthy."""
+SWITCH_ATTEMPTS = 5
+"""Attempts at switching to a new plan (a node may fail while it is loaded) before giving up."""
+REBALANCE_GAIN = 0.05
+"""A better plan (a node came back, or one drifted) is switched to only if it is predicted
+this much faster..."""
+PAYBACK_S = 60.0
+"""...and if the time it saves over this long exceeds the pause moving the stages costs."""
 
 Inputs = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, torch.Tensor]
 
 
-class RequestFailedError(EdgesplitError):
-    """A node answered a request with a failure instead of outputs."""
-
-
 class PipelineBrokenError(EdgesplitError):
-    """The data path closed while requests were in flight."""
+    """The pipeline lost a node and could not recover (or failover is off)."""
+
+
+class RequestTimeoutError(EdgesplitError):
+    """A request got no answer within its deadline."""
+
+
+class Replanning(Protocol):
+    """The pipeline's seam to the planner (:class:`coordinator.recovery.PlanRecovery`)."""
+
+    async def prepare(self) -> object: ...
+
+    async def prewarm(
+        self, plan: Plan, usable: Collection[str], slowdown: Mapping[str, float] | None = None
+    ) -> None: ...
+
+    async def replan(
+        self, usable: Collection[str], slowdown: Mapping[str, float] | None = None
+    ) -> Plan: ...
+
+    async def price(self, plan: Plan, slowdown: Mapping[str, float] | None = None
+                    ) -> Priced: ...
+
+    async def artifact(self, stage: PlannedStage) -> StageArtifact: ...
+
+
+def default_deadline(plan: Plan, window: int) -> float:
+    """A request's default deadline: generous against the plan's predicted latency."""
+    predicted = plan.latency_s + window * plan.bottleneck_s
+    return max(DEADLINE_FLOOR_S, DEADLINE_FACTOR * predicted)
+
+
+def loopback(plan: Plan) -> bool:
+    """True if every node of the plan is on this machine (a simulated cluster)."""
+    hosts = {address.rpartition(":")[0] for address in plan.addresses.values()}
+    return hosts <= {"127.0.0.1", "localhost", "[::1]"}
 
 
 def bind_inputs(specs: Sequence[TensorSpec], inputs: Inputs) -> dict[str, torch.Tensor]:
@@ -84,43 +141,105 @@ def bind_inputs(specs: Sequence[TensorSpec], inputs: Inputs) -> dict[str, torch.
 class Pipeline:
     """A connection to a deployed plan: submit requests, await their outputs.
 
-    While requests are in flight a watchdog asks every stage's node whether it is alive; if
-    one stops answering, every unanswered request fails with :class:`PipelineBrokenError`
-    instead of waiting forever.
+    Every node of the plan's cluster is watched through its health service. With
+    ``failover``, a stage's node that dies, hangs or drains is replaced by re-planning over
+    the nodes left; without it, the requests waiting fail with :class:`PipelineBrokenError`.
     """
 
-    def __init__(self, plan: Plan, window: int, health_interval_s: float) -> None:
+    def __init__(
+        self, plan: Plan, window: int, *, deadline_s: float | None, failover: bool,
+        rebalance: bool, recovery: Replanning | None, emulate_links: bool | None,
+        events_path: Path | None,
+    ) -> None:
         self.plan = plan
+        self.replans: list[Replan] = []
+        self.events = EventLog(events_path)
+        self.slowdown: dict[str, float] = {}
+        """Measured slowdown of each node against its profile (see :mod:`coordinator.drift`)."""
+        addresses = {**plan.addresses, **{s.node: s.address for s in plan.stages}}
         security = client_security(plan.security)
-        self._nodes = [GrpcWorkerHandle(s.address, s.node, security) for s in plan.stages]
+        self._handles: dict[str, WorkerHandle] = {
+            name: GrpcWorkerHandle(address, name, security)
+            for name, address in addresses.items()
+        }
+        self._ledger = Ledger(plan.outputs)
         self._window = asyncio.Semaphore(window)
-        self._health_interval_s = health_interval_s
-        self._stray_answers = 0
-        self._pending: dict[int, asyncio.Future[tuple[torch.Tensor, ...]]] = {}
+        self._deadline_s = deadline_s or default_deadline(plan, window)
+        self._failover = failover
+        self._rebalance = rebalance
+        self._recovery = recovery
+        self._emulate = loopback(plan) if emulate_links is None else emulate_links
+        self._ready = asyncio.Event()
         self._send_lock = asyncio.Lock()
         self._sender: FrameSender | None = None
-        self._results: ResultStream | None = None
+        self._sender_node: str | None = None
+        self._readers: dict[str, tuple[ResultStream, asyncio.Task[None]]] = {}
+        self._watches: dict[str, NodeWatch] = {}
+        self._loaded: dict[str, tuple[int, int, str]] = {}
+        self._wake = asyncio.Event()
+        self._trouble: set[str] = set()
+        self._returned: set[str] = set()
+        self._drift = DriftWatch()
+        self._drifted: dict[str, float] = {}
+        self._attempts = 0
+        self._broken: EdgesplitError | None = None
+        self._recovering: Replan | None = None
+        self._preparing: asyncio.Task[None] | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod
     async def connect(
-        cls, plan: Plan, window: int = DEFAULT_WINDOW,
-        health_interval_s: float = HEALTH_INTERVAL_S,
+        cls, plan: Plan, window: int = DEFAULT_WINDOW, *, deadline_s: float | None = None,
+        failover: bool = True, rebalance: bool = True, recovery: Replanning | None = None,
+        emulate_links: bool | None = None, events_path: Path | None = None,
     ) -> Pipeline:
-        """Subscribe to the last stage's results and open the data path into the first."""
-        pipeline = cls(plan, window, health_interval_s)
+        """Subscribe to the last stage's results, open the data path into the first, and
+        start watching the nodes.
+
+        ``deadline_s`` bounds each request (default from the plan's predicted latency);
+        ``rebalance`` moves back to a better plan when a lost node returns; ``recovery``
+        re-plans (default: the plan's own cluster spec and profiles); ``emulate_links``
+        says whether rewired hops emulate the plan's links (default: on a cluster of this
+        machine); ``events_path`` also appends failover events to that file.
+        """
+        pipeline = cls(plan, window, deadline_s=deadline_s, failover=failover,
+                       rebalance=rebalance, recovery=recovery, emulate_links=emulate_links,
+                       events_path=events_path)
         try:
-            results = await pipeline._nodes[-1].open_results(plan.outputs)
-            pipeline._results = results
-            pipeline._tasks = [
-                asyncio.create_task(pipeline._read_results(results)),
-                asyncio.create_task(pipeline._watch_nodes()),
-            ]
-            pipeline._sender = await pipeline._nodes[0].open_sender()
+            await pipeline._open()
         except BaseException:
             await pipeline.close()
             raise
         return pipeline
+
+    async def _open(self) -> None:
+        infos = await asyncio.gather(*(self._handles[s.node].describe()
+                                       for s in self.plan.stages))
+        for stage, info in zip(self.plan.stages, infos, strict=True):
+            if info.stage is not None:
+                self._loaded[stage.node] = (stage.start, stage.end, info.stage.sha256)
+        await self._subscribe(self.plan.stages[-1].node)
+        first = self.plan.stages[0].node
+        self._sender, self._sender_node = await self._handles[first].open_sender(), first
+        self._ready.set()
+        self._tasks.append(asyncio.create_task(self._deadlines()))
+        self._tasks.append(asyncio.create_task(self._supervise()))
+        if self._failover:
+            self._tasks.append(asyncio.create_task(self._watch_drift()))
+        for handle in self._handles.values():
+            watch = NodeWatch(handle, self._on_state)
+            self._watches[handle.name] = watch
+            watch.start()
+        if self._failover and (self.plan.replan is not None or self._recovery is not None):
+            self._preparing = asyncio.create_task(self._prepare_recovery())
+            self._tasks.append(self._preparing)
+
+    async def prepared(self) -> None:
+        """Wait until a failure would be recovered from at once (the model is loaded and the
+        plan without each node is made and exported); failures before are recovered too,
+        only more slowly."""
+        if self._preparing is not None:
+            await asyncio.shield(self._preparing)
 
     async def __aenter__(self) -> Pipeline:
         return self
@@ -131,6 +250,11 @@ class Pipeline:
     ) -> None:
         await self.close()
 
+    @property
+    def late_answers(self) -> int:
+        """Answers dropped because their request was answered already (by another chain)."""
+        return self._ledger.late
+
     async def infer(self, inputs: Inputs) -> tuple[torch.Tensor, ...]:
         """Run one request; its outputs in the model's output order.
 
@@ -138,93 +262,428 @@ class Pipeline:
         """
         tensors = bind_inputs(self.plan.inputs, inputs)
         async with self._window:
-            request_id = self._new_id()
-            answer = asyncio.get_running_loop().create_future()
-            self._pending[request_id] = answer
+            if self._broken is not None:
+                raise self._broken
+            request = self._ledger.accept(tensors)
             try:
-                async with self._send_lock:
-                    if self._sender is None:
-                        raise PipelineBrokenError("the pipeline is closed")
-                    await self._sender.send(request_id, tensors)
-                return await answer
+                await self._dispatch(request)
+                return await request.answer
             finally:
-                self._pending.pop(request_id, None)
-
-    def _new_id(self) -> int:
-        """A random 64-bit request id no request in flight has."""
-        request_id = secrets.randbits(64)
-        while request_id in self._pending:  # one chance in 2**64 per request in flight
-            request_id = secrets.randbits(64)
-        return request_id
+                self._ledger.forget(request)
 
     async def map(self, many: Iterable[Inputs]) -> list[tuple[torch.Tensor, ...]]:
         """Run many requests concurrently (at most ``window`` in flight); outputs in order."""
         return list(await asyncio.gather(*(self.infer(inputs) for inputs in many)))
 
-    async def _read_results(self, results: ResultStream) -> None:
-        error: EdgesplitError = PipelineBrokenError(
-            f"the last stage on {self._nodes[-1].address} closed its results stream"
-        )
+    # -- the data path ---------------------------------------------------------------------
+
+    async def _dispatch(self, request: Request, *, again: bool = False) -> None:
+        """Send ``request`` under the current plan version, unless it was already (or, with
+        ``again``, send it once more); while the chain is switching, the switch replays it."""
+        async with self._send_lock:
+            if (request.answer.done() or not self._ready.is_set() or self._sender is None
+                    or (request.sent_version == self._ledger.version and not again)):
+                return
+            wire_id = self._ledger.wire_id(request, self._deadline_s)
+            try:
+                await self._sender.send(wire_id, request.tensors)
+            except EdgesplitError as err:
+                self._data_path_trouble(self._sender_node, f"sending failed: {err}")
+
+    async def _subscribe(self, node: str) -> None:
+        stream = await self._handles[node].open_results(self.plan.outputs)
+        task = asyncio.create_task(self._read_results(node, stream))
+        self._readers[node] = (stream, task)
+
+    async def _read_results(self, node: str, results: ResultStream) -> None:
+        reason = "its results stream closed"
         try:
             async for result in results:
-                self._deliver(result)
-        except NodeUnreachableError as err:
-            error = PipelineBrokenError(f"lost the results stream: {err}")
+                self._on_result(result)
         except EdgesplitError as err:
-            error = err
-        self._fail_pending(error)
+            reason = f"its results stream broke: {err}"
+        if self._readers.get(node, (None,))[0] is results:
+            del self._readers[node]
+            if node == self.plan.stages[-1].node:
+                self._data_path_trouble(node, reason)
 
-    async def _watch_nodes(self) -> None:
+    def _on_result(self, result: Result) -> None:
+        if self._ledger.deliver(result) is None:
+            return
+        replan = self._recovering
+        if replan is not None and self._ready.is_set():
+            self._recovering = None
+            replan.recovery_s = time.monotonic() - replan.failed_at
+            self.events.record(f"recovered: first answer {replan.recovery_s:.2f} s after the "
+                               f"failure ({replan.cause})")
+
+    def _data_path_trouble(self, node: str | None, reason: str) -> None:
+        if node is None or self._broken is not None:
+            return
+        log.info("data path trouble at %s: %s", node, reason)
+        self._trouble.add(node)
+        if node in self._watches:
+            self._watches[node].suspect()
+        self._wake.set()
+
+    async def _deadlines(self) -> None:
+        """Resend a request whose deadline passed once, then fail it; paused while the
+        chain switches (a replay restarts the deadline)."""
         while True:
-            await asyncio.sleep(self._health_interval_s)
-            if not self._pending:
+            await asyncio.sleep(0.2)
+            if not self._ready.is_set():
                 continue
+            now = time.monotonic()
+            for request in self._ledger.unanswered():
+                if request.deadline_at > now:
+                    continue
+                if request.timeouts < TIMEOUT_RETRIES:
+                    request.timeouts += 1
+                    log.info("request %d: no answer in %.1f s, sending it again",
+                             request.number, self._deadline_s)
+                    await self._dispatch(request, again=True)
+                elif not request.answer.done():
+                    request.answer.set_exception(RequestTimeoutError(
+                        f"request got no answer within {self._deadline_s:.1f} s, sent "
+                        f"{request.timeouts + 1} times, though every node answers its health "
+                        f"checks; look for errors in the nodes' logs "
+                        f"({', '.join(s.node for s in self.plan.stages)})"
+                    ))
+
+    # -- watching and switching ------------------------------------------------------------
+
+    def _on_state(self, watch: NodeWatch, state: NodeState) -> None:
+        name = watch.name
+        in_plan = any(s.node == name for s in self.plan.stages)
+        if state is NodeState.DEAD:
+            detected = time.monotonic() - watch.last_ok
+            self.events.record(f"node lost: {name} stopped answering (declared dead "
+                               f"{detected:.2f} s after its last answer)", warning=in_plan)
+        elif state is NodeState.DRAINING:
+            self.events.record(f"node leaving: {name} drains (planned departure)",
+                               warning=in_plan)
+        elif state.usable and watch.was_lost:
+            self.events.record(f"node back: {name} answers again ({state.value})")
+            self._returned.add(name)
+        elif state is NodeState.NO_STAGE and in_plan:
+            self.events.record(f"node lost its stage: {name} answers without one "
+                               "(restarted?)", warning=True)
+        self._wake.set()
+
+    async def _watch_drift(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_S)
+            if self._ready.is_set():
+                drifted = await self._drift.poll(self.plan, self._handles)
+                if drifted:
+                    self._drifted.update(drifted)
+                    self._wake.set()
+
+    async def _supervise(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._broken is not None:
+                return
             try:
-                await asyncio.gather(*(node.describe() for node in self._nodes))
-            except NodeUnreachableError as err:
-                self._fail_pending(PipelineBrokenError(
-                    f"{err} ({len(self._pending)} request(s) in flight got no answer); "
-                    "check it with `coordinator status`, then deploy again"
-                ))
+                await self._check()
+            except Exception:  # a bug: keep the requests from hanging, say why
+                log.exception("failover supervisor failed")
+                self._break(PipelineBrokenError(
+                    "the failover supervisor failed (see the log with --debug); "
+                    "deploy again and retry"))
                 return
 
-    def _fail_pending(self, error: EdgesplitError) -> None:
-        for answer in self._pending.values():
-            if not answer.done():
-                answer.set_exception(error)
+    async def _check(self) -> None:
+        plan = self.plan
+        lost = [s.node for s in plan.stages
+                if self._watches[s.node].state in (NodeState.DEAD, NodeState.DRAINING)]
+        stageless = [s.node for s in plan.stages
+                     if self._watches[s.node].state is NodeState.NO_STAGE
+                     and not await self._holds_stage(s.node)]
+        if lost or stageless:
+            node = (lost or stageless)[0]
+            state = self._watches[node].state
+            cause = {NodeState.DEAD: f"node {node} lost",
+                     NodeState.DRAINING: f"node {node} left (drained)",
+                     NodeState.NO_STAGE: f"node {node} lost its stage"}[state]
+            if not self._failover:
+                self._break(PipelineBrokenError(
+                    f"{cause} and failover is off; {len(self._ledger.unanswered())} waiting "
+                    "request(s) got no answer; check it with `coordinator status`, then "
+                    "deploy again"))
+                return
+            await self._switch(cause, self._watches[node], exclude=set(lost))
+        elif self._trouble:
+            await self._reopen()
+        elif self._returned and self._rebalance and self._failover:
+            names = sorted(self._returned)
+            self._returned.clear()
+            await self._switch(f"node {', '.join(names)} back", None, exclude=set(),
+                               only_if_better=True)
+        elif self._drifted:
+            drifted, self._drifted = self._drifted, {}
+            for node, ratio in drifted.items():
+                self.slowdown[node] = self.slowdown.get(node, 1.0) * ratio
+                self.events.record(f"drift: stage on {node} runs {ratio:.2f}x its time when "
+                                   "deployed, for a sustained while")
+            self._drift.forget(set(drifted))
+            await self._switch("drift on " + ", ".join(
+                f"{n} ({r:.2f}x)" for n, r in sorted(drifted.items())), None, exclude=set(),
+                only_if_better=True)
 
-    def _deliver(self, result: Result) -> None:
-        answer = self._pending.get(result.request_id)
-        if answer is None:  # no request of ours in flight has that id: drop it
-            self._stray_answers += 1
-            if self._stray_answers == 1:
-                log.warning(
-                    "dropped an answer for request %d, which is not in flight here "
-                    "(counting further ones)", result.request_id,
-                )
+    async def _holds_stage(self, node: str) -> bool:
+        """True if ``node`` runs the stage it was given last (its health lags behind)."""
+        try:
+            info = await self._handles[node].describe()
+        except EdgesplitError:
+            return False
+        loaded = self._loaded.get(node)
+        return loaded is not None and info.stage is not None and info.stage.sha256 == loaded[2]
+
+    async def _reopen(self) -> None:
+        """The data path broke but every node answers: reconnect with backoff, replay."""
+        troubled, self._trouble = self._trouble, set()
+        delay = 0.1
+        for _ in range(SWITCH_ATTEMPTS):
+            self._ready.clear()
+            self._ledger.new_version()
+            try:
+                await self._switch_data_path(self.plan, force=troubled)
+            except EdgesplitError as err:
+                log.info("reopening the data path failed (%s); retrying in %.1f s", err, delay)
+                await asyncio.sleep(delay)
+                delay *= 2
+                if any(not self._watches[s.node].state.usable for s in self.plan.stages):
+                    self._wake.set()  # a node died meanwhile: switch plans instead
+                    return
+                continue
+            replayed = await self._replay()
+            self.events.record(f"data path reopened at {', '.join(sorted(troubled))}; "
+                               f"{replayed} request(s) replayed")
             return
-        if answer.done():
-            return  # already answered (a replay answered twice)
-        if result.outputs is not None:
-            answer.set_result(tuple(result.outputs[spec.name] for spec in self.plan.outputs))
-        else:
-            failure = result.failure
-            answer.set_exception(RequestFailedError(
-                f"stage {failure.stage_index} on {failure.node} failed the request: "
-                f"{failure.message}"
-            ))
+        self._wake.set()
+
+    async def _switch(
+        self, cause: str, failed: NodeWatch | None, *, exclude: set[str],
+        only_if_better: bool = False,
+    ) -> None:
+        """Re-plan over the usable nodes, load the stages that change, rewire, replay."""
+        started = time.monotonic()
+        usable = {n for n, w in self._watches.items() if w.state.usable and n not in exclude}
+        recovery = self._get_recovery()
+        if not only_if_better:
+            self._ready.clear()
+        try:
+            new = await recovery.replan(usable, self.slowdown)
+            gain = await self._gain(recovery, new)
+        except EdgesplitError as err:
+            if only_if_better:
+                log.info("not rebalancing: %s", err)
+                return
+            self._break(PipelineBrokenError(f"{cause}, and no plan fits the nodes left: {err}"))
+            return
+        if only_if_better and not self._worth_moving(new, gain):
+            self.events.record(f"kept the plan ({cause}): the best plan now is predicted "
+                               f"{gain:+.0%} faster, not worth moving stages")
+            return
+        old = self.plan
+        try:  # export what the switch ships while the old chain still runs (if it does)
+            for stage in self._to_load(new):
+                await recovery.artifact(stage)
+        except EdgesplitError as err:
+            if only_if_better:
+                log.warning("not switching plans (%s): %s", cause, err)
+                return
+            self._break(PipelineBrokenError(f"{cause}, and exporting the new stages failed: "
+                                            f"{err}"))
+            return
+        replan = Replan(at_s=self.events.elapsed(), cause=cause,
+                        old_stages=stage_names(old.stages), new_stages=stage_names(new.stages),
+                        predicted_gain=gain,
+                        failed_at=failed.last_ok if failed else started)
+        recovering = not only_if_better
+        if failed is not None:
+            replan.detection_s = failed.changed_at - failed.last_ok
+        try:
+            # nodes the old plan leaves idle are loaded while it still runs
+            early = [s for s in self._to_load(new) if s.node not in {x.node for x in old.stages}]
+            replan.moved_bytes = await self._load(early)
+            self._ready.clear()
+            self._ledger.new_version()  # a failure while switching is the old chain's
+            paused = time.monotonic()
+            replan.moved_bytes += await self._apply(old, new, {s.node for s in early})
+        except EdgesplitError as err:
+            self._attempts += 1
+            if self._attempts >= SWITCH_ATTEMPTS:
+                self._break(PipelineBrokenError(f"{cause}, and switching plans failed "
+                                                f"{self._attempts} times: {err}"))
+                return
+            log.warning("switching plans failed (%s); trying again", err)
+            await asyncio.sleep(0.2 * 2 ** self._attempts)
+            self._wake.set()
+            return
+        self._attempts = 0
+        self.plan = new
+        self._trouble.clear()
+        replan.pause_s = time.monotonic() - paused
+        self._recovering = replan if recovering else None
+        self.replans.append(replan)
+        self.events.record(f"re-planned ({cause}): {' '.join(replan.old_stages)} -> "
+                           f"{' '.join(replan.new_stages)}, predicted throughput "
+                           f"{gain:+.0%} against the old plan on these nodes")
+        self.events.record(f"stages moved: {replan.moved_bytes} bytes; stream paused "
+                           f"{replan.pause_s:.2f} s")
+        replan.replayed = await self._replay()
+        self.events.record(f"requests replayed: {replan.replayed}")
+        self._preparing = asyncio.create_task(self._prepare_recovery())
+        self._tasks.append(self._preparing)
+        if recovering and not self._ledger.unanswered() and self._recovering is replan:
+            self._recovering = None
+            replan.recovery_s = time.monotonic() - replan.failed_at
+            self.events.record(f"recovered in {replan.recovery_s:.2f} s ({cause})")
+
+    def _worth_moving(self, new: Plan, gain: float) -> bool:
+        """A better plan pays for its switch: faster by :data:`REBALANCE_GAIN` at least, and
+        saving more over :data:`PAYBACK_S` than the pause (the last switch's, or 1 s)."""
+        if not self._to_load(new) and new.stages == self.plan.stages:
+            return False
+        pause = self.replans[-1].pause_s if self.replans else 1.0
+        return gain >= REBALANCE_GAIN and gain / (1 + gain) * PAYBACK_S > pause
+
+    async def _gain(self, recovery: Replanning, new: Plan) -> float:
+        """How much faster ``new`` is predicted to run than the current plan would now
+        (with measured slowdowns; a plan on a lost node counts as stopped)."""
+        old = await recovery.price(self.plan, self.slowdown)
+        fresh = await recovery.price(new, self.slowdown)
+        if any(not self._watches[s.node].state.usable for s in self.plan.stages):
+            return float("inf")
+        return old.bottleneck_s / fresh.bottleneck_s - 1
+
+    async def _apply(self, old: Plan, new: Plan, fresh: set[str]) -> int:
+        """Load the stages ``new`` changes (but the ``fresh`` nodes, just loaded), wire its
+        chain downstream first and move the data path onto it; the bytes shipped."""
+        handles = [self._handles[s.node] for s in new.stages]
+        infos = await asyncio.gather(*(h.describe() for h in handles))
+        stale = [s for s, info in zip(new.stages, infos, strict=True)  # a restarted node
+                 if s.node not in fresh and s not in self._to_load(new)
+                 and (info.stage is None or info.stage.sha256 != self._loaded[s.node][2])]
+        loading = [s for s in self._to_load(new) if s.node not in fresh] + stale
+        moved = await self._load(loading)
+        changed = fresh | {s.node for s in loading}
+        before = {s.node: _wiring(old, k, self._emulate) for k, s in enumerate(old.stages)}
+        for k in reversed(range(len(new.stages))):
+            node, wiring = new.stages[k].node, _wiring(new, k, self._emulate)
+            if node in changed or before.get(node) != wiring:
+                next_address, outbound, inbound = wiring
+                await handles[k].wire(
+                    next_address, next_node=new.stages[k + 1].node if next_address else None,
+                    previous_node=new.stages[k - 1].node if k > 0 else None,
+                    outbound=outbound, inbound=inbound,
+                )
+                changed.add(node)
+        await self._switch_data_path(new, force=changed)
+        return moved
+
+    async def _load(self, stages: list[PlannedStage]) -> int:
+        """Ship ``stages`` to their nodes at once; the bytes shipped."""
+        recovery = self._get_recovery()
+        artifacts = [await recovery.artifact(s) for s in stages]
+        await asyncio.gather(*(self._handles[s.node].load_stage(a.spec, a.data)
+                               for s, a in zip(stages, artifacts, strict=True)))
+        for s, a in zip(stages, artifacts, strict=True):
+            self._loaded[s.node] = (s.start, s.end, a.spec.artifact_sha256)
+        return sum(len(a.data) for a in artifacts)
+
+    def _to_load(self, plan: Plan) -> list[PlannedStage]:
+        """The stages of ``plan`` whose node does not hold that layer range already."""
+        return [s for s in plan.stages
+                if self._loaded.get(s.node, (None, None))[:2] != (s.start, s.end)]
+
+    async def _switch_data_path(self, plan: Plan, *, force: Collection[str]) -> None:
+        """Results from ``plan``'s last node, frames into its first (reopened if in
+        ``force``); the old results streams of nodes still alive are closed."""
+        last, first = plan.stages[-1].node, plan.stages[0].node
+        if last in force and last in self._readers:
+            self._close_reader(last)
+        if last not in self._readers:
+            await self._subscribe(last)
+        for node in [n for n in self._readers if n != last]:
+            if self._watches[node].state.usable:
+                self._close_reader(node)
+        if self._sender is None or self._sender_node != first or first in force:
+            if self._sender is not None:
+                self._sender.abort()
+            self._sender = None
+            self._sender = await self._handles[first].open_sender()
+            self._sender_node = first
+        self._ready.set()
+
+    def _close_reader(self, node: str) -> None:
+        stream, task = self._readers.pop(node)
+        task.cancel()
+        asyncio.create_task(stream.close())
+
+    async def _replay(self) -> int:
+        """Send every unanswered request again under the new version."""
+        waiting = self._ledger.unanswered()
+        for request in waiting:
+            await self._dispatch(request)
+        return len(waiting)
+
+    def _break(self, error: EdgesplitError) -> None:
+        self._broken = error
+        self.events.record(f"failed: {error}", warning=True)
+        self._ledger.fail_all(error)
+
+    def _get_recovery(self) -> Replanning:
+        if self._recovery is None:
+            from coordinator.recovery import PlanRecovery  # the planner only when needed
+
+            self._recovery = PlanRecovery(self.plan)
+        return self._recovery
+
+    async def _prepare_recovery(self) -> None:
+        """Load the plan's model and make the plans for losing each node, in the
+        background, so that a failure re-plans at once."""
+        try:
+            recovery = self._get_recovery()
+            await recovery.prepare()
+            usable = {n for n, w in self._watches.items() if w.state is not NodeState.DEAD}
+            await recovery.prewarm(self.plan, usable, self.slowdown)
+        except EdgesplitError as err:
+            log.warning("failover will not re-plan: %s", err)
 
     async def close(self) -> None:
-        """Finish sending, stop listening, and release the connections."""
-        if self._sender is not None:
-            sender, self._sender = self._sender, None
-            with contextlib.suppress(EdgesplitError):
-                await sender.close()
-        if self._results is not None:
-            await self._results.close()
+        """Finish sending, stop listening and watching, and release the connections."""
+        self._ready.clear()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await asyncio.gather(*(node.close() for node in self._nodes))
-        if self._stray_answers:
-            log.warning("dropped %d answer(s) to requests not in flight", self._stray_answers)
+        await asyncio.gather(*(w.stop() for w in self._watches.values()))
+        if self._sender is not None:
+            sender, self._sender = self._sender, None
+            try:
+                async with asyncio.timeout(2.0):
+                    await sender.close()
+            except (EdgesplitError, TimeoutError):
+                sender.abort()
+        for node in list(self._readers):
+            stream, task = self._readers.pop(node)
+            await stream.close()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._ledger.fail_all(PipelineBrokenError("the pipeline was closed"))
+        await asyncio.gather(*(h.close() for h in self._handles.values()))
+        if self._ledger.strays:
+            log.warning("dropped %d answer(s) to requests never sent from here",
+                        self._ledger.strays)
+
+
+def _wiring(plan: Plan, k: int, emulate: bool) -> tuple[str | None, LinkEmulation, LinkEmulation]:
+    """Stage ``k``'s next address, outbound link and inbound link, as ``deploy`` wires them."""
+    next_address = plan.stages[k + 1].address if k + 1 < len(plan.stages) else None
+    outbound = link_emulation(plan.links[k + 1], emulate)
+    inbound = link_emulation(plan.links[0], emulate) if k == 0 else NO_EMULATION
+    return next_address, outbound, inbound

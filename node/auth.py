@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from node.rpc import edgesplit_pb2 as pb
 from node.security import COORDINATOR_NAME, Security
@@ -37,6 +38,7 @@ class Role(StrEnum):
 
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["EdgeNode"]
+_HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"]
 
 
 def _by_method(roles: Mapping[str, frozenset[Role]]) -> dict[str, frozenset[Role]]:
@@ -55,7 +57,10 @@ ALLOWED_ROLES: dict[str, frozenset[Role]] = _by_method({
     "Wire": frozenset({Role.COORDINATOR}),
     "Submit": frozenset({Role.COORDINATOR, Role.UPSTREAM}),
     "Results": frozenset({Role.COORDINATOR}),
-})
+}) | {  # the standard health service: whoever may Describe may ask
+    f"/{_HEALTH.full_name}/{method.name}": frozenset({Role.COORDINATOR, Role.NODE})
+    for method in _HEALTH.methods
+}
 """The roles that may call each method (with TLS)."""
 
 

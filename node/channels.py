@@ -16,6 +16,13 @@ import grpc
 from node.rpc_options import MAX_MESSAGE_BYTES, grpc_options
 from node.security import Security
 
+RECONNECT_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+"""Retry a lost connection at least every second, so a node that comes back is seen soon."""
+
 
 def open_channel(
     address: str,
@@ -41,7 +48,7 @@ def channel_options(
     max_message_bytes: int = MAX_MESSAGE_BYTES,
 ) -> list[tuple[str, str | int]]:
     """Message size limits, and with TLS the name the node's certificate must carry."""
-    options: list[tuple[str, str | int]] = list(grpc_options(max_message_bytes))
+    options: list[tuple[str, str | int]] = [*grpc_options(max_message_bytes), *RECONNECT_OPTIONS]
     if security is not None and security.tls and server_name:
         options.append(("grpc.ssl_target_name_override", server_name))
     return options

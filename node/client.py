@@ -17,13 +17,15 @@ from typing import Any
 
 import grpc
 import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from node.channels import open_channel
 from node.codec import Trace, decode_failure, decode_frame, decode_trace, encode_frame
 from node.data_path import results_stream, submit_stream
-from node.errors import NodeRejectedError, NodeUnreachableError
+from node.errors import FrameSpecError, NodeRejectedError, NodeUnreachableError
+from node.health import OVERALL, is_serving
 from node.link import NO_EMULATION, LinkEmulation
-from node.messages import Failure, NodeInfo, StageInfo, link_to_proto
+from node.messages import Failure, FailureCode, NodeInfo, StageInfo, link_to_proto
 from node.profiling import ProfileOptions
 from node.rpc import edgesplit_pb2 as pb
 from node.rpc import edgesplit_pb2_grpc as pb_grpc
@@ -74,6 +76,10 @@ class FrameSender(ABC):
     async def close(self) -> None:
         """Finish sending and wait until every frame is acknowledged."""
 
+    @abstractmethod
+    def abort(self) -> None:
+        """Stop at once (the node is gone or hung); unacknowledged frames may be lost."""
+
 
 class ResultStream(ABC):
     """Results from the last stage, in the order it finished them, until :meth:`close`."""
@@ -122,6 +128,14 @@ class WorkerHandle(ABC):
         """
 
     @abstractmethod
+    async def check_health(self, service: str = OVERALL, timeout_s: float = 1.0) -> bool:
+        """Ask the standard health service: True if ``service`` is SERVING."""
+
+    @abstractmethod
+    def watch_health(self, service: str = OVERALL) -> AsyncIterator[bool]:
+        """Each change of ``service``'s health (True for SERVING), until the stream breaks."""
+
+    @abstractmethod
     async def open_sender(self) -> FrameSender:
         """Open the data path into this node's stage."""
 
@@ -150,6 +164,7 @@ class GrpcWorkerHandle(WorkerHandle):
         self.name = name or address
         self._channel = open_channel(address, security, server_name=name)
         self._stub = pb_grpc.EdgeNodeStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
 
     async def describe(self) -> NodeInfo:
         with _mapped_errors(self, "Describe"):
@@ -203,6 +218,18 @@ class GrpcWorkerHandle(WorkerHandle):
         with _mapped_errors(self, "Wire"):
             await self._stub.Wire(request, timeout=CALL_TIMEOUT_S)
 
+    async def check_health(self, service: str = OVERALL, timeout_s: float = 1.0) -> bool:
+        with _mapped_errors(self, "Check"):
+            reply = await self._health.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
+            )
+        return is_serving(reply)
+
+    async def watch_health(self, service: str = OVERALL) -> AsyncIterator[bool]:
+        with _mapped_errors(self, "Watch"):
+            async for reply in self._health.Watch(health_pb2.HealthCheckRequest(service=service)):
+                yield is_serving(reply)
+
     async def open_sender(self) -> FrameSender:
         return _GrpcFrameSender(self, submit_stream(self._channel))
 
@@ -238,6 +265,10 @@ class _GrpcFrameSender(FrameSender):
             await self._call.done_writing()
         await self._acks
 
+    def abort(self) -> None:
+        self._call.cancel()
+        self._acks.add_done_callback(lambda acks: acks.cancelled() or acks.exception())
+
     async def _read_acks(self) -> None:
         try:
             while await self._call.read() is not grpc.aio.EOF:
@@ -263,9 +294,15 @@ class _GrpcResultStream(ResultStream):
                 failure = decode_failure(frame)
                 if failure is not None:
                     yield Result(failure.request_id, failure=failure)
-                else:
+                    continue
+                try:
                     request_id, outputs = decode_frame(frame.header, frame.payload, self._expected)
-                    yield Result(request_id, outputs=outputs, trace=decode_trace(frame.header))
+                except FrameSpecError as err:  # a frame of another plan: answer it, go on
+                    failure = Failure(err.request_id, FailureCode.INVALID_ARGUMENT, str(err),
+                                      self._node.name, -1)
+                    yield Result(err.request_id, failure=failure)
+                    continue
+                yield Result(request_id, outputs=outputs, trace=decode_trace(frame.header))
 
     async def close(self) -> None:
         self._call.cancel()

@@ -17,6 +17,9 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 10.0
 """How long ``Wire`` waits for the next hop to accept a connection."""
 
+CLOSE_TIMEOUT_S = 2.0
+"""How long closing waits for the next hop to acknowledge; a hung one is cut off."""
+
 
 class NextHop:
     """Forwards frames to the next node over one ``Submit`` stream, reopened after a failure.
@@ -55,7 +58,7 @@ class NextHop:
         self._unacked.append(request_id)
         try:
             await self._call.write(frame)
-        except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as err:
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as err:
             log.error("request %d not forwarded to %s: %s", request_id, self.address, err)
             self._call = None
 
@@ -73,13 +76,18 @@ class NextHop:
                 self._call = None
 
     async def close(self) -> None:
-        """Finish the stream (the next node keeps what it acknowledged) and the channel."""
+        """Finish the stream (the next node keeps what it acknowledged) and the channel;
+        a next hop that does not answer within :data:`CLOSE_TIMEOUT_S` is cut off."""
         call, self._call = self._call, None
-        if call is not None:
-            try:
-                await call.done_writing()
-            except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as err:
-                log.warning("closing the stream to %s: %s", self.address, err)
-        if self._acks is not None:
-            await self._acks
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                if call is not None:
+                    try:
+                        await call.done_writing()
+                    except (grpc.aio.AioRpcError, asyncio.InvalidStateError) as err:
+                        log.warning("closing the stream to %s: %s", self.address, err)
+                if self._acks is not None:
+                    await self._acks
+        except TimeoutError:
+            log.warning("next hop %s did not finish the stream; cut it off", self.address)
         await self._channel.close()

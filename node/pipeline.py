@@ -109,10 +109,21 @@ class StageRunner:
         self._outbox: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue(QUEUE_DEPTH)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
         self._tasks: list[asyncio.Task[None]] = []
+        self.holding = 0
+        """Frames accepted and not yet handed to the sink."""
 
     @property
     def queue_depth(self) -> int:
         return self._inbox.qsize()
+
+    @property
+    def speed_factor(self) -> float:
+        return self._speed_factor
+
+    def set_speed_factor(self, speed_factor: float) -> None:
+        """Emulate another speed from the next request on (a device slowing down)."""
+        log.warning("speed factor %g -> %g", self._speed_factor, speed_factor)
+        self._speed_factor = speed_factor
 
     def start(self) -> None:
         self._tasks = [
@@ -154,7 +165,12 @@ class StageRunner:
 
     async def submit(self, work: Work) -> None:
         """Queue ``work``; waits while the queue is full."""
-        await self._inbox.put(work)
+        self.holding += 1
+        try:
+            await self._inbox.put(work)
+        except BaseException:
+            self.holding -= 1
+            raise
 
     async def _compute_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -211,7 +227,10 @@ class StageRunner:
             await self._outbound.carry(len(frame))
             if self.sink is None:
                 raise RuntimeError("a frame was computed before the node was wired")
-            await self.sink.deliver(request_id, frame)
+            try:
+                await self.sink.deliver(request_id, frame)
+            finally:
+                self.holding -= 1
 
 
 FINGERPRINT_WEIGHTS = 7

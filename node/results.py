@@ -101,7 +101,11 @@ class ResultsOwner:
                     )
 
     async def close(self) -> None:
-        """Nothing to release: the owner's stream ends with its call."""
+        """The node was wired elsewhere: drop the results held here (the coordinator
+        replays their requests), which also frees a delivery waiting on a full buffer."""
+        dropped = self._drop_buffered()
+        if dropped:
+            log.info("dropped %d held result(s): the node was wired elsewhere", dropped)
 
     def _drop_buffered(self) -> int:
         dropped = self._buffer.qsize()

@@ -19,6 +19,7 @@ from node.codec import WireFrame, decode_failure, decode_frame, decode_trace
 from node.config import NodeConfig
 from node.data_path import add_servicer
 from node.errors import FrameError, FrameSpecError, LimitError, ListenError
+from node.health import NodeHealth
 from node.loading import receive_artifact
 from node.messages import FailureCode, NodeInfo, link_from_proto
 from node.next_hop import NextHop
@@ -42,19 +43,28 @@ STOP_GRACE_S = 2.0
 RELEASE_ABOVE_BYTES = 16 * 1024 * 1024
 """A refused frame at least this large has its memory given back to the OS at once."""
 
+DRAIN_QUIET_S = 1.0
+"""A draining node leaves once it has held no frame for this long (the coordinator has
+routed around it)."""
+
+DRAIN_TIMEOUT_S = 5.0
+"""A draining node leaves after this long even if frames still arrive (or a result waits
+for a subscriber that is gone); the coordinator replays what it did not finish."""
+
 
 class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
     """Decode, hand to the stage runner, encode; the logic lives in plain modules."""
 
     def __init__(
         self, config: NodeConfig, runner: StageRunner, results: ResultsOwner,
-        profiler: NodeProfiler, peers: WiredPeers,
+        profiler: NodeProfiler, peers: WiredPeers, health: NodeHealth,
     ) -> None:
         self._config = config
         self._runner = runner
         self._results = results
         self._profiler = profiler
         self._peers = peers
+        self._health = health
 
     async def Describe(
         self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext
@@ -71,7 +81,7 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
             memory_available_bytes=available,
             torch_version=torch.__version__,
             device=self._config.device,
-            speed_factor=self._config.speed_factor,
+            speed_factor=self._runner.speed_factor,
             stage=stage.info if stage else None,
             requests_served=self._runner.stats.requests_served,
             queue_depth=self._runner.queue_depth,
@@ -103,6 +113,7 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
         except EdgesplitError as err:  # LimitError, ArtifactError, ModelLoadError
             await _refuse(context, "a stage", err)
         self._runner.stage = stage
+        await self._health.set_ready(self._runner.sink is not None)
         log.info(
             "stage %d loaded: sha256 %s, %d bytes, %.2f ms a request here",
             spec.index, spec.artifact_sha256, len(artifact), stage.calibrated_s * 1e3,
@@ -139,6 +150,7 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
         self._peers.previous = request.previous_node or None
         outbound, inbound = link_from_proto(request.outbound), link_from_proto(request.inbound)
         await self._runner.wire(sink, outbound, inbound)
+        await self._health.set_ready(self._runner.stage is not None)
         log.info(
             "wired: next hop %s, outbound %s, inbound %s",
             request.next_address or "the Results stream", outbound, inbound,
@@ -227,13 +239,16 @@ class EdgeNodeServer:
             stall_s=config.upload_stall_s,
         )
         peers = WiredPeers()
+        self.health = NodeHealth()
         self.server = grpc.aio.server(
             options=server_options(config.max_message_bytes),
             interceptors=[AuthInterceptor(config.security, peers)] if config.security else None,
         )
         add_servicer(
-            EdgeNodeServicer(config, self.runner, self.results, profiler, peers), self.server
+            EdgeNodeServicer(config, self.runner, self.results, profiler, peers, self.health),
+            self.server,
         )
+        self.health.add_to(self.server)
         self.port = 0
 
     async def start(self) -> None:
@@ -249,6 +264,7 @@ class EdgeNodeServer:
                 self.port = self.server.add_insecure_port(self.config.listen)
         except RuntimeError as err:
             raise _listen_error(self.config.listen, "cannot bind") from err
+        await self.health.set_ready(False)
         await self.server.start()
         self.runner.start()
         log.info(
@@ -265,6 +281,23 @@ class EdgeNodeServer:
                 self.config.listen,
             )
 
+    async def drain(
+        self, quiet_s: float = DRAIN_QUIET_S, timeout_s: float = DRAIN_TIMEOUT_S
+    ) -> None:
+        """Report NOT_SERVING, then finish the frames held until none arrives for
+        ``quiet_s`` (or ``timeout_s`` passes); the coordinator replays what is left."""
+        log.info("node %r draining", self.config.name)
+        await self.health.drain()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        quiet_since = loop.time()
+        while loop.time() < deadline and loop.time() - quiet_since < quiet_s:
+            await asyncio.sleep(0.05)
+            if self.runner.holding:
+                quiet_since = loop.time()
+        if self.runner.holding:
+            log.warning("left with %d frame(s) unfinished", self.runner.holding)
+
     async def stop(self, grace_s: float = STOP_GRACE_S) -> None:
         """Let in-flight calls finish for ``grace_s``, then stop everything."""
         log.info("node %r stopping", self.config.name)
@@ -273,7 +306,10 @@ class EdgeNodeServer:
 
 
 async def serve(config: NodeConfig) -> None:
-    """Run a node until SIGTERM or SIGINT, then stop gracefully."""
+    """Run a node until SIGTERM or SIGINT, then drain and stop gracefully.
+
+    SIGUSR1 halves the emulated speed (a device heating up), SIGUSR2 restores it.
+    """
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     node = EdgeNodeServer(config)
@@ -282,7 +318,14 @@ async def serve(config: NodeConfig) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
+    loop.add_signal_handler(
+        signal.SIGUSR1, lambda: node.runner.set_speed_factor(node.runner.speed_factor / 2)
+    )
+    loop.add_signal_handler(
+        signal.SIGUSR2, lambda: node.runner.set_speed_factor(config.speed_factor)
+    )
     await stopping.wait()
+    await node.drain()
     await node.stop()
 
 

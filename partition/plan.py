@@ -183,6 +183,8 @@ class Plan:
     lower_bound_s: float
     baselines: tuple[BaselineResult, ...] = field(default=())
     security: SecuritySpec | None = None
+    replan: dict[str, Any] | None = None
+    """What re-planning needs, as plain JSON data (see :mod:`partition.replan_inputs`)."""
 
     @property
     def throughput_per_s(self) -> float:
@@ -210,6 +212,7 @@ class Plan:
             },
             "baselines": [b.to_dict() for b in self.baselines],
             **({"security": self.security.to_dict()} if self.security else {}),
+            **({"replan": self.replan} if self.replan is not None else {}),
         }
 
     @classmethod
@@ -245,6 +248,7 @@ class Plan:
             exact=bool(predicted["exact"]), lower_bound_s=float(predicted["lower_bound_s"]),
             baselines=tuple(BaselineResult.from_dict(b) for b in data["baselines"]),
             security=SecuritySpec.from_dict(data["security"]) if "security" in data else None,
+            replan=data.get("replan"),
         )
         if len(plan.addresses) != len(data["nodes"]):
             raise _invalid(origin, "nodes", "names a node twice")

@@ -16,6 +16,7 @@ from partition.loader import LoadedModel
 from partition.optimizer import Schedule, optimize
 from partition.plan import BaselineResult, Link, Objective, Plan, PlannedStage
 from partition.profiler import Profile
+from partition.replan_inputs import replan_inputs
 
 
 def plan(
@@ -32,7 +33,7 @@ def plan(
     """
     cost = build_cost_model(layer_graph, cluster, profiles)
     result = optimize(cost, objective)
-    return plan_from_schedule(
+    made = plan_from_schedule(
         model, layer_graph, cluster, cost, result.schedule, objective,
         exact=result.exact, lower_bound_s=result.lower_bound_s,
         baseline_results=tuple(
@@ -40,6 +41,7 @@ def plan(
             for b in baselines(cost, objective)
         ),
     )
+    return replace(made, replan=replan_inputs(cluster, profiles))
 
 
 def plan_from_schedule(

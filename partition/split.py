@@ -10,7 +10,7 @@ import torch
 from partition.artifact import program_to_bytes, sha256
 from partition.errors import ExportError, ModelLoadError, ModelMismatchError
 from partition.layers import LayerGraph, build_layer_graph
-from partition.loader import example_tensor, load_model
+from partition.loader import LoadedModel, example_tensor, load_model
 from partition.modules import build_range_module
 from partition.plan import Plan, PlannedStage
 from partition.spec import StageSpec
@@ -38,7 +38,14 @@ def stage_artifacts(plan: Plan, model_path: str | None = None) -> list[StageArti
 
 
 def plan_layer_graph(plan: Plan, model_path: str | None = None) -> LayerGraph:
-    """The plan's model (``model_path`` if it moved) grouped into the plan's layers.
+    """The plan's model (``model_path`` if it moved) grouped into the plan's layers (see
+    :func:`plan_model`)."""
+    return plan_model(plan, model_path)[1]
+
+
+def plan_model(plan: Plan, model_path: str | None = None) -> tuple[LoadedModel, LayerGraph]:
+    """The plan's model (``model_path`` if it moved), and the model grouped into the plan's
+    layers.
 
     Raises
     ------
@@ -63,7 +70,7 @@ def plan_layer_graph(plan: Plan, model_path: str | None = None) -> LayerGraph:
         raise ModelMismatchError(
             "the model's layers differ from the plan's (another torch version?); plan again"
         )
-    return layer_graph
+    return model, layer_graph
 
 
 def split(plan: Plan, layer_graph: LayerGraph) -> list[StageArtifact]:

@@ -7,6 +7,7 @@ from collections import namedtuple
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 
 from node.auth import (
     ALLOWED_ROLES,
@@ -51,8 +52,12 @@ def method(name: str) -> str:
     return f"/{SERVICE.full_name}/{SERVICE.methods_by_name[name].name}"
 
 
-def test_role_table_covers_every_method_of_the_service() -> None:
-    assert set(ALLOWED_ROLES) == {method(m.name) for m in SERVICE.methods}
+def test_role_table_covers_every_method_of_the_service_and_of_health() -> None:
+    health = health_pb2.DESCRIPTOR.services_by_name["Health"]
+    assert set(ALLOWED_ROLES) == {method(m.name) for m in SERVICE.methods} | {
+        f"/{health.full_name}/{m.name}" for m in health.methods
+    }
+    assert ALLOWED_ROLES[f"/{health.full_name}/Watch"] == ALLOWED_ROLES[method("Describe")]
 
 
 @pytest.mark.parametrize("name, peer, previous, allowed", [

@@ -41,6 +41,12 @@ class FakeWorker(WorkerHandle):
         self.calls.append(("wire", self.name, next_address, outbound, inbound,
                            next_node, previous_node))
 
+    async def check_health(self, service="", timeout_s=1.0):
+        raise NotImplementedError
+
+    def watch_health(self, service=""):
+        raise NotImplementedError
+
     async def open_sender(self):
         raise NotImplementedError
 

@@ -1,0 +1,92 @@
+"""The pipeline's re-planner: the plan's model loaded once, re-planning and stage export in
+a worker thread, and each exported stage kept for the next switch.
+
+Kept apart from :mod:`coordinator.pipeline`, which imports only the plan format: the
+pipeline constructs this on first need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Collection, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import TypeVar
+
+from partition.errors import EdgesplitError
+from partition.optimizer import Schedule
+from partition.plan import Plan, PlannedStage
+from partition.replanning import Replanner
+from partition.split import StageArtifact, export_stage, plan_model
+
+_T = TypeVar("_T")
+
+
+class PlanRecovery:
+    """Re-plans ``plan`` over the nodes left and exports the stages a new plan needs.
+
+    Plans and exported stages are kept, and :meth:`prewarm` makes them ahead of time for
+    the loss of each node, so that recovering from one is loading and wiring only. The work
+    runs in one worker thread, one piece at a time: ``torch.export`` is not thread-safe.
+    """
+
+    def __init__(self, plan: Plan, model_path: str | None = None) -> None:
+        self._plan = plan
+        self._model_path = model_path
+        self._replanner: Replanner | None = None
+        self._lock = asyncio.Lock()
+        self._artifacts: dict[tuple[int, int], StageArtifact] = {}
+        self._plans: dict[tuple[frozenset[str], tuple[tuple[str, float], ...]], Plan] = {}
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replan")
+
+    async def _run(self, work: Callable[..., _T], *args: object) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, work, *args)
+
+    async def prepare(self) -> Replanner:
+        """Load the model and its layer graph (once); the pipeline calls this early."""
+        async with self._lock:
+            if self._replanner is None:
+                self._replanner = await self._run(self._load)
+        return self._replanner
+
+    def _load(self) -> Replanner:
+        model, layer_graph = plan_model(self._plan, self._model_path)
+        return Replanner(self._plan, model, layer_graph)
+
+    async def replan(
+        self, usable: Collection[str], slowdown: Mapping[str, float] | None = None
+    ) -> Plan:
+        """The best plan over ``usable`` nodes (``NoFeasiblePlanError`` if none fits)."""
+        replanner = await self.prepare()
+        key = (frozenset(usable), tuple(sorted((slowdown or {}).items())))
+        if key not in self._plans:
+            self._plans[key] = await self._run(replanner.replan, usable, slowdown)
+        return self._plans[key]
+
+    async def prewarm(
+        self, plan: Plan, usable: Collection[str], slowdown: Mapping[str, float] | None = None
+    ) -> None:
+        """Make the plan without each of ``plan``'s nodes, and export its new stages."""
+        for stage in plan.stages:
+            try:
+                other = await self.replan(set(usable) - {stage.node}, slowdown)
+            except EdgesplitError:
+                continue  # nothing to prepare: losing that node fails the requests
+            kept = {(s.node, s.start, s.end) for s in plan.stages}
+            for new in other.stages:
+                if (new.node, new.start, new.end) not in kept:
+                    await self.artifact(new)
+
+    async def price(self, plan: Plan, slowdown: Mapping[str, float] | None = None) -> Schedule:
+        """``plan``'s stages priced with measured slowdowns."""
+        replanner = await self.prepare()
+        return await self._run(replanner.price, plan, slowdown)
+
+    async def artifact(self, stage: PlannedStage) -> StageArtifact:
+        """The exported program of ``stage`` (exported once per layer range)."""
+        replanner = await self.prepare()
+        key = (stage.start, stage.end)
+        if key not in self._artifacts:
+            self._artifacts[key] = await self._run(export_stage, stage, replanner.layer_graph)
+        made = self._artifacts[key]
+        return StageArtifact(replace(made.spec, index=stage.index, node=stage.node), made.data)

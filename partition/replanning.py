@@ -1,0 +1,91 @@
+"""Re-planning a running plan: over the nodes left after a failure, or with measured speeds.
+
+The same objective, cluster spec and profiles as the first plan (carried in ``plan.json``,
+see :mod:`partition.replan_inputs`); a node that is gone is given no memory, so no stage
+fits on it, and a node measured slower has its profile scaled by how much slower it runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import replace
+
+import numpy as np
+
+from partition.cluster import ClusterSpec
+from partition.cost_builder import build_cost_model
+from partition.costs import CostModel
+from partition.errors import NoFeasiblePlanError, PlanningError
+from partition.layers import LayerGraph
+from partition.loader import LoadedModel
+from partition.optimizer import Schedule, Span, evaluate, optimize
+from partition.plan import Plan
+from partition.planning import plan_from_schedule
+from partition.profiler import Profile
+from partition.replan_inputs import read_replan_inputs
+
+
+class Replanner:
+    """Plans ``current``'s model again on part of its cluster or with measured slowdowns.
+
+    ``slowdown`` maps a node to how many times slower than its profile it now runs.
+    """
+
+    def __init__(self, current: Plan, model: LoadedModel, layer_graph: LayerGraph) -> None:
+        if current.replan is None:
+            raise PlanningError(
+                "the plan carries no cluster spec and profiles to re-plan with; "
+                "make it again with `coordinator plan`"
+            )
+        self.current = current
+        self.model = model
+        self.layer_graph = layer_graph
+        self.cluster, self.profiles = read_replan_inputs(current.replan)
+
+    def cost(
+        self, usable: Collection[str] | None = None, slowdown: Mapping[str, float] | None = None
+    ) -> tuple[ClusterSpec, CostModel]:
+        """The cluster (nodes outside ``usable`` without memory) and its cost model."""
+        slowdown = slowdown or {}
+        cluster = replace(self.cluster, nodes=tuple(
+            node if usable is None or node.name in usable else replace(node, memory_bytes=0)
+            for node in self.cluster.nodes
+        ))
+        profiles: dict[str, Profile] = {
+            name: profile.scaled(1.0 / slowdown[name]) if name in slowdown else profile
+            for name, profile in self.profiles.items()
+        }
+        return cluster, build_cost_model(self.layer_graph, cluster, profiles)
+
+    def price(self, plan_: Plan, slowdown: Mapping[str, float] | None = None) -> Schedule:
+        """``plan_``'s stages priced with the measured ``slowdown``."""
+        _, cost = self.cost(None, slowdown)
+        spans = [Span(cost.node_names.index(s.node), s.start, s.end) for s in plan_.stages]
+        return evaluate(cost, spans)
+
+    def replan(
+        self, usable: Collection[str], slowdown: Mapping[str, float] | None = None
+    ) -> Plan:
+        """The best plan for the same objective using only the ``usable`` nodes.
+
+        Raises
+        ------
+        NoFeasiblePlanError
+            If no plan fits the nodes left; the message names them and the shortfall.
+        """
+        if not usable:
+            raise NoFeasiblePlanError("no node is left to run the model on")
+        cluster, cost = self.cost(usable, slowdown)
+        try:
+            with np.errstate(divide="ignore", invalid="ignore"):  # nodes without memory
+                result = optimize(cost, self.current.objective)
+        except NoFeasiblePlanError as err:
+            raise NoFeasiblePlanError(
+                f"no plan fits the nodes left ({', '.join(sorted(usable))}): {err}"
+            ) from err
+        made = plan_from_schedule(
+            self.model, self.layer_graph, cluster, cost, result.schedule,
+            self.current.objective, exact=result.exact, lower_bound_s=result.lower_bound_s,
+        )
+        return replace(made, model_path=self.current.model_path, replan=self.current.replan,
+                       addresses=self.current.addresses)

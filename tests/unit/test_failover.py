@@ -1,0 +1,135 @@
+"""Failover's plain parts: how answers count once, what plan.json carries for re-planning,
+and re-planning over the nodes left."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from coordinator.ledger import Ledger, RequestFailedError
+from node.client import Result
+from node.messages import Failure, FailureCode
+from partition.cluster import parse_cluster
+from partition.cost_builder import node_profiles
+from partition.errors import NoFeasiblePlanError, PlanningError
+from partition.layers import build_layer_graph
+from partition.plan import Objective, Plan
+from partition.planning import plan
+from partition.profiler import profile_layers
+from partition.replan_inputs import read_replan_inputs
+from partition.replanning import Replanner
+from partition.spec import TensorSpec
+
+OUT = TensorSpec("y", "float32", (1,))
+
+
+def _failure(wire_id: int) -> Result:
+    return Result(wire_id, failure=Failure(wire_id, FailureCode.STAGE_FAILED, "boom", "n1", 1))
+
+
+async def test_first_answer_counts_and_late_ones_are_dropped() -> None:
+    ledger = Ledger((OUT,))
+    request = ledger.accept({})
+    old = ledger.wire_id(request, 1.0)
+    ledger.new_version()
+    new = ledger.wire_id(request, 1.0)
+    assert old != new
+    assert ledger.deliver(Result(old, outputs={"y": torch.ones(1)})) is request  # old chain
+    assert ledger.deliver(Result(new, outputs={"y": torch.zeros(1)})) is None  # the replay
+    assert (await request.answer)[0].item() == 1.0
+    assert ledger.late == 1
+    assert ledger.deliver(Result(12345, outputs={"y": torch.zeros(1)})) is None  # not ours
+    assert ledger.late == 1
+
+
+async def test_a_failure_from_an_old_plan_version_does_not_answer() -> None:
+    ledger = Ledger((OUT,))
+    request = ledger.accept({})
+    old = ledger.wire_id(request, 1.0)
+    ledger.new_version()
+    new = ledger.wire_id(request, 1.0)
+    assert ledger.deliver(_failure(old)) is None  # a casualty of the switch
+    assert not request.answer.done()
+    assert ledger.deliver(_failure(new)) is request
+    with pytest.raises(RequestFailedError, match="stage 1 on n1 failed the request: boom"):
+        await request.answer
+
+
+async def test_forgotten_requests_are_not_unanswered_and_fail_all_answers_the_rest() -> None:
+    ledger = Ledger((OUT,))
+    done, waiting = ledger.accept({}), ledger.accept({})
+    ledger.deliver(Result(ledger.wire_id(done, 1.0), outputs={"y": torch.ones(1)}))
+    ledger.forget(done)
+    assert ledger.unanswered() == [waiting]
+    ledger.fail_all(PlanningError("no plan fits"))
+    with pytest.raises(PlanningError):
+        await asyncio.wait_for(waiting.answer, 1)
+
+
+@pytest.fixture(scope="module")
+def skip_dag_plan(sample_exported) -> tuple:
+    sample = sample_exported("skip_dag")
+    layer_graph = build_layer_graph(sample.model.program)
+    profile = profile_layers(layer_graph, sample.model.sha256, sample.model.example_inputs,
+                             repeats=1, warmup=0)
+    cluster = parse_cluster({
+        "nodes": [{"name": f"n{i}", "address": f"127.0.0.1:{6000 + i}", "memory": "1GiB",
+                   "speed": 0.05} for i in range(3)],
+        "links": {"default": {"bandwidth": "10Gbps", "latency": "0.01ms"},
+                  "overrides": [{"from": "n0", "to": "n2", "bandwidth": "1Mbps"}]},
+        "source": "n0", "sink": "n0",
+    }, "test")
+    made = plan(sample.model, layer_graph, cluster, node_profiles(cluster, profile, {}),
+                Objective.THROUGHPUT)
+    return sample, layer_graph, cluster, made
+
+
+def test_plan_json_carries_the_cluster_and_profiles(skip_dag_plan) -> None:
+    _, _, cluster, made = skip_dag_plan
+    again = Plan.from_dict(json.loads(json.dumps(made.to_dict())))
+    spec, profiles = read_replan_inputs(again.replan)
+    assert spec == cluster
+    assert set(profiles) == {"n0", "n1", "n2"}
+
+
+def test_a_plan_file_without_replan_inputs_still_loads(skip_dag_plan) -> None:
+    data = skip_dag_plan[3].to_dict()
+    del data["replan"]
+    assert Plan.from_dict(data).replan is None
+
+
+def test_replanning_uses_only_the_nodes_left(skip_dag_plan) -> None:
+    sample, layer_graph, _, made = skip_dag_plan
+    replanner = Replanner(made, sample.model, layer_graph)
+    used = {s.node for s in made.stages}
+    for gone in used:
+        left = replanner.replan({"n0", "n1", "n2"} - {gone})
+        assert gone not in {s.node for s in left.stages}
+        assert left.stages[0].start == 0 and left.stages[-1].end == layer_graph.num_layers
+        assert left.replan == made.replan and left.objective is made.objective
+
+
+def test_a_slower_node_gets_less_work(skip_dag_plan) -> None:
+    sample, layer_graph, _, made = skip_dag_plan
+    replanner = Replanner(made, sample.model, layer_graph)
+    slow = made.stages[0].node
+    before = replanner.price(made)
+    after = replanner.price(made, {slow: 10.0})
+    assert after.bottleneck_s > before.bottleneck_s
+    moved = replanner.replan({"n0", "n1", "n2"}, {slow: 10.0})
+    assert replanner.price(moved, {slow: 10.0}).bottleneck_s < after.bottleneck_s
+
+
+def test_no_plan_fits_names_the_nodes_left(skip_dag_plan) -> None:
+    sample, layer_graph, _, made = skip_dag_plan
+    tiny = replace(made, replan={**made.replan, "cluster": {
+        **made.replan["cluster"],
+        "nodes": [{**n, "memory_bytes": 1} for n in made.replan["cluster"]["nodes"]]}})
+    with pytest.raises(NoFeasiblePlanError, match=r"nodes left \(n1, n2\)"):
+        Replanner(tiny, sample.model, layer_graph).replan({"n1", "n2"})
+    with pytest.raises(PlanningError, match="carries no cluster spec"):
+        Replanner(replace(made, replan=None), sample.model, layer_graph)
