@@ -26,8 +26,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from node.security import COORDINATOR_NAME
-from partition.cluster import ClusterSpec, SecuritySpec
+from partition.cluster import ClusterSpec
 from partition.errors import EdgesplitError
+from partition.security_spec import SecuritySpec
 
 VALID_DAYS = 3650
 """How long the certificates are valid: edge devices are rarely re-provisioned."""

@@ -11,7 +11,8 @@ import yaml
 
 from coordinator.certs import make_certs, node_arguments
 from coordinator.console import console
-from partition.cluster import ClusterSpec, SecuritySpec, load_cluster
+from partition.cluster import ClusterSpec, load_cluster
+from partition.security_spec import SecuritySpec
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:

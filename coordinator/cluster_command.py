@@ -24,8 +24,9 @@ from coordinator.local_cluster import (
 from node.client import GrpcWorkerHandle
 from node.errors import NodeUnreachableError
 from node.security import Security, client_security
-from partition.cluster import SecuritySpec, load_cluster
+from partition.cluster import load_cluster
 from partition.plan import Plan
+from partition.security_spec import SecuritySpec
 
 STATUS_EVENTS = 20
 """Failover events ``status --plan`` shows (the latest)."""

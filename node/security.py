@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from node.errors import SecurityConfigError
-from partition.cluster import SecuritySpec
+from partition.security_spec import SecuritySpec
 
 COORDINATOR_NAME = "edgesplit-coordinator"
 """Common name of the coordinator's certificate; a node may not be called this."""

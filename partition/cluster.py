@@ -17,6 +17,7 @@ import numpy as np
 import yaml
 
 from partition.errors import ClusterSpecError
+from partition.security_spec import SECURITY_FIELDS, SecuritySpec
 from partition.units import parse_bandwidth, parse_duration, parse_size
 
 _T = TypeVar("_T")
@@ -26,7 +27,6 @@ _NODE_FIELDS = ("name", "address", "memory", "speed", "threads")
 _LINKS_FIELDS = ("default", "overrides")
 _DEFAULT_FIELDS = ("bandwidth", "latency")
 _OVERRIDE_FIELDS = ("from", "to", "bandwidth", "latency")
-_SECURITY_FIELDS = ("ca", "cert", "key", "token_file")
 _ADDRESS = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):(?P<port>\d{1,5})$")
 
 
@@ -54,31 +54,6 @@ class LinkSpec:
 
 
 _SELF_LINK = LinkSpec(math.inf, 0.0)
-
-
-@dataclass(frozen=True)
-class SecuritySpec:
-    """Where the coordinator's credentials are: absolute paths, never the secrets themselves.
-
-    ``ca``, ``cert`` and ``key`` (PEM) turn on mutual TLS; ``token_file`` holds the cluster
-    token. The loader requires the three TLS files together, and at least TLS or a token.
-    """
-
-    ca: str | None = None
-    cert: str | None = None
-    key: str | None = None
-    token_file: str | None = None
-
-    @property
-    def tls(self) -> bool:
-        return self.ca is not None
-
-    def to_dict(self) -> dict[str, str]:
-        return {k: v for k, v in vars(self).items() if v is not None}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, str]) -> SecuritySpec:
-        return cls(**{k: data.get(k) for k in _SECURITY_FIELDS})
 
 
 @dataclass(frozen=True)
@@ -254,9 +229,9 @@ class _Parser:
         return ClusterSpec(nodes, default, links, source, sink, security)
 
     def security(self, data: object) -> SecuritySpec:
-        fields = self.mapping(data, "security", _SECURITY_FIELDS)
+        fields = self.mapping(data, "security", SECURITY_FIELDS)
         paths = {key: self.existing_file(fields[key], f"security.{key}")
-                 for key in _SECURITY_FIELDS if fields.get(key) is not None}
+                 for key in SECURITY_FIELDS if fields.get(key) is not None}
         given = [key for key in ("ca", "cert", "key") if key in paths]
         if given and len(given) < 3:
             missing = next(key for key in ("ca", "cert", "key") if key not in paths)

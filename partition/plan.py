@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
-from partition.cluster import SecuritySpec
 from partition.errors import PlanFormatError, TensorSpecError
+from partition.security_spec import SecuritySpec
 from partition.spec import TensorSpec, dtype_from_name
 
 SCHEMA = "edgesplit.plan/1"

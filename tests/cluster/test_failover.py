@@ -16,13 +16,13 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
-from cluster_helpers import free_port
 
 from coordinator.bench import random_inputs
 from coordinator.bench_check import CheckedRun, Reference, run_checked
 from coordinator.deploy import deploy
 from coordinator.local_cluster import LocalCluster, LocalNode, read_state
 from coordinator.pipeline import Pipeline
+from coordinator.ports import free_ports
 from coordinator.recovery import PlanRecovery
 from partition.artifact import ProgramRunner
 from partition.cluster import ClusterSpec, parse_cluster
@@ -47,7 +47,7 @@ Action = Callable[[], Awaitable[None] | None]
 
 def cluster_spec() -> ClusterSpec:
     return parse_cluster({
-        "nodes": [{"name": f"n{i}", "address": f"127.0.0.1:{free_port()}", "memory": "1GiB",
+        "nodes": [{"name": f"n{i}", "address": f"127.0.0.1:{free_ports(1)[0]}", "memory": "1GiB",
                    "speed": SPEED} for i in range(4)],
         "links": {"default": {"bandwidth": "1Gbps", "latency": "1ms"}},
         "source": "n0",

@@ -31,13 +31,14 @@ from coordinator.samples import skip_dag, write_sample
 from node.client import GrpcWorkerHandle
 from node.errors import NodeRejectedError, NodeUnreachableError
 from node.security import Security, client_security, load_security
-from partition.cluster import ClusterSpec, SecuritySpec, parse_cluster
+from partition.cluster import ClusterSpec, parse_cluster
 from partition.cost_builder import build_cost_model
 from partition.layers import build_layer_graph
 from partition.optimizer import Span, evaluate
 from partition.plan import Objective, Plan
 from partition.planning import plan_from_schedule
 from partition.profiler import profile_layers
+from partition.security_spec import SecuritySpec
 from partition.split import split
 
 ATOL = 1e-5
