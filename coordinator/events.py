@@ -28,8 +28,9 @@ class Replan:
     """How long no request could be sent (re-planning, loading, wiring)."""
     moved_bytes: int = 0
     replayed: int = 0
-    predicted_gain: float = 0.0
-    """Predicted throughput of the new plan over the old one's on the nodes it has, minus 1."""
+    predicted_gain: float | None = None
+    """Predicted throughput of the new plan over the old one's, minus 1 (``None`` when the
+    old plan had lost a node)."""
     failed_at: float = field(default=0.0, repr=False)
 
     def to_dict(self) -> dict:

@@ -83,10 +83,7 @@ def start_cluster(cluster: ClusterSpec, state_dir: Path) -> list[LocalNode]:
     started: list[LocalNode] = []
     try:
         for spec in cluster.nodes:
-            extra = node_arguments(cluster.security, spec.name) if cluster.security else []
-            started.append(
-                _spawn(spec.name, spec.address, spec.speed, spec.threads, state_dir, extra)
-            )
+            started.append(_spawn(cluster, spec.name, state_dir))
         write_state(state_dir, started)
         for node in started:
             _wait_ready(node, security)
@@ -113,10 +110,11 @@ def _check_none_up(state_dir: Path) -> None:
         )
 
 
-def _spawn(
-    name: str, address: str, speed: float | None, threads: int | None, state_dir: Path,
-    extra_args: list[str],
-) -> LocalNode:
+def _spawn(cluster: ClusterSpec, name: str, state_dir: Path) -> LocalNode:
+    """Start node ``name`` of ``cluster`` (with its credentials if the cluster has them)."""
+    spec = cluster.node(name)
+    address, speed, threads = spec.address, spec.speed, spec.threads
+    extra_args = node_arguments(cluster.security, name) if cluster.security else []
     log_path = state_dir / f"{name}.log"
     command = [
         sys.executable, *_node_arguments(name, address),
@@ -244,9 +242,8 @@ class LocalCluster:
     def restart(self, name: str) -> LocalNode:
         """Start node ``name`` again (same address and speed) after it stopped; wait until
         it answers."""
-        spec = self.cluster.node(name)
-        node = _spawn(spec.name, spec.address, spec.speed, spec.threads, self.state_dir)
+        node = _spawn(self.cluster, name, self.state_dir)
         self.nodes = [node if n.name == name else n for n in self.nodes]
         write_state(self.state_dir, self.nodes)
-        _wait_ready(node)
+        _wait_ready(node, client_security(self.cluster.security))
         return node

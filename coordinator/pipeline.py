@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -238,8 +239,8 @@ class Pipeline:
         """Wait until a failure would be recovered from at once (the model is loaded and the
         plan without each node is made and exported); failures before are recovered too,
         only more slowly."""
-        if self._preparing is not None:
-            await asyncio.shield(self._preparing)
+        while self._preparing is not None and not self._preparing.done():
+            await asyncio.wait({self._preparing})
 
     async def __aenter__(self) -> Pipeline:
         return self
@@ -387,6 +388,10 @@ class Pipeline:
                 return
             try:
                 await self._check()
+                if self._failover and self._broken is None and self._preparing is not None \
+                        and self._preparing.done():
+                    self._preparing = asyncio.create_task(self._prepare_recovery())
+                    self._tasks.append(self._preparing)
             except Exception:  # a bug: keep the requests from hanging, say why
                 log.exception("failover supervisor failed")
                 self._break(PipelineBrokenError(
@@ -405,8 +410,8 @@ class Pipeline:
             node = (lost or stageless)[0]
             state = self._watches[node].state
             cause = {NodeState.DEAD: f"node {node} lost",
-                     NodeState.DRAINING: f"node {node} left (drained)",
-                     NodeState.NO_STAGE: f"node {node} lost its stage"}[state]
+                     NodeState.DRAINING: f"node {node} left (drained)"}.get(
+                         state, f"node {node} lost its stage")
             if not self._failover:
                 self._break(PipelineBrokenError(
                     f"{cause} and failover is off; {len(self._ledger.unanswered())} waiting "
@@ -472,6 +477,8 @@ class Pipeline:
         started = time.monotonic()
         usable = {n for n, w in self._watches.items() if w.state.usable and n not in exclude}
         recovery = self._get_recovery()
+        if self._preparing is not None:  # this switch's exports go first
+            self._preparing.cancel()
         if not only_if_better:
             self._ready.clear()
         try:
@@ -500,7 +507,7 @@ class Pipeline:
             return
         replan = Replan(at_s=self.events.elapsed(), cause=cause,
                         old_stages=stage_names(old.stages), new_stages=stage_names(new.stages),
-                        predicted_gain=gain,
+                        predicted_gain=gain if math.isfinite(gain) else None,
                         failed_at=failed.last_ok if failed else started)
         recovering = not only_if_better
         if failed is not None:
@@ -527,17 +534,18 @@ class Pipeline:
         self.plan = new
         self._trouble.clear()
         replan.pause_s = time.monotonic() - paused
-        self._recovering = replan if recovering else None
+        if recovering:  # else a recovery still waiting for its first answer goes on
+            self._recovering = replan
         self.replans.append(replan)
+        predicted = (f"{gain:+.0%} against the old plan" if math.isfinite(gain) else
+                     "the old plan had lost a node")
         self.events.record(f"re-planned ({cause}): {' '.join(replan.old_stages)} -> "
-                           f"{' '.join(replan.new_stages)}, predicted throughput "
-                           f"{gain:+.0%} against the old plan on these nodes")
+                           f"{' '.join(replan.new_stages)}, predicted "
+                           f"{new.throughput_per_s:.1f} req/s ({predicted})")
         self.events.record(f"stages moved: {replan.moved_bytes} bytes; stream paused "
                            f"{replan.pause_s:.2f} s")
         replan.replayed = await self._replay()
         self.events.record(f"requests replayed: {replan.replayed}")
-        self._preparing = asyncio.create_task(self._prepare_recovery())
-        self._tasks.append(self._preparing)
         if recovering and not self._ledger.unanswered() and self._recovering is replan:
             self._recovering = None
             replan.recovery_s = time.monotonic() - replan.failed_at

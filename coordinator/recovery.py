@@ -21,6 +21,9 @@ from partition.split import StageArtifact, export_stage, plan_model
 
 _T = TypeVar("_T")
 
+MAX_PLANS = 64
+"""Plans kept for node sets and measured speeds seen before (the most recent)."""
+
 
 class PlanRecovery:
     """Re-plans ``plan`` over the nodes left and exports the stages a new plan needs.
@@ -66,16 +69,23 @@ class PlanRecovery:
     async def prewarm(
         self, plan: Plan, usable: Collection[str], slowdown: Mapping[str, float] | None = None
     ) -> None:
-        """Make the plan without each of ``plan``'s nodes, and export its new stages."""
-        for stage in plan.stages:
+        """Make the plan without each of ``plan``'s nodes and the plan over the whole
+        cluster (where a returning node leads), and export their stages; forget the rest."""
+        replanner = await self.prepare()
+        candidates = [set(usable) - {s.node} for s in plan.stages]
+        candidates.append(set(replanner.cluster.names))
+        needed = {(s.start, s.end) for s in plan.stages}
+        for nodes in candidates:
             try:
-                other = await self.replan(set(usable) - {stage.node}, slowdown)
+                other = await self.replan(nodes, slowdown)
             except EdgesplitError:
                 continue  # nothing to prepare: losing that node fails the requests
-            kept = {(s.node, s.start, s.end) for s in plan.stages}
-            for new in other.stages:
-                if (new.node, new.start, new.end) not in kept:
-                    await self.artifact(new)
+            for stage in other.stages:
+                needed.add((stage.start, stage.end))
+                await self.artifact(stage)
+        self._artifacts = {k: v for k, v in self._artifacts.items() if k in needed}
+        if len(self._plans) > MAX_PLANS:
+            self._plans = dict(list(self._plans.items())[-MAX_PLANS:])
 
     async def price(self, plan: Plan, slowdown: Mapping[str, float] | None = None) -> Schedule:
         """``plan``'s stages priced with measured slowdowns."""

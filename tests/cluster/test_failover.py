@@ -12,10 +12,13 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.bench import random_inputs
 from coordinator.bench_check import CheckedRun, Reference, run_checked
@@ -73,7 +76,14 @@ class ChaosCluster:
         return self.node(pipeline.plan.stages[stage].node)
 
     def heal(self) -> None:
-        """Continue hung nodes, start killed ones again, reset speeds, deploy the plan."""
+        """Continue hung nodes, let draining ones leave, start the killed and the departed
+        again, reset speeds, deploy the plan."""
+        for node in self.local.nodes:
+            signal_node(node, signal.SIGCONT)
+        deadline = time.monotonic() + WAIT_S
+        while any(draining(n) for n in read_state(self.local.state_dir)):
+            assert time.monotonic() < deadline, "a draining node did not leave"
+            time.sleep(0.2)
         alive = {n.name for n in read_state(self.local.state_dir)}
         for node in self.local.nodes:
             if node.name in alive:
@@ -82,6 +92,17 @@ class ChaosCluster:
             else:
                 self.local.restart(node.name)
         asyncio.run(deploy(self.plan, self.artifacts, emulate_links=True))
+
+
+def draining(node: LocalNode) -> bool:
+    """True if ``node`` (running) is leaving: it says NOT_SERVING, or no longer answers."""
+    with grpc.insecure_channel(node.address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=2.0)
+        except grpc.RpcError:
+            return True
+    return reply.status != health_pb2.HealthCheckResponse.SERVING
 
 
 def signal_node(node: LocalNode, signum: int) -> None:
