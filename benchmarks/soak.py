@@ -22,12 +22,14 @@ import logging
 import os
 import signal
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import harness
+import report
 
 from coordinator.bench import random_inputs
 from coordinator.bench_check import CheckedRun, Reference, run_checked
@@ -134,28 +136,33 @@ def summarize(run: CheckedRun, soak: Soak, replans: list[dict]) -> dict:
     }
 
 
-def print_table(s: dict) -> None:
+def table_lines(s: dict) -> list[str]:
+    """The soak's figures as the lines of one table."""
     def sec(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f}"
 
-    print(f"sent {s['sent']}, answered {s['answered']}, failed {s['failed']}, duplicated "
-          f"{s['duplicated']}, mismatched {s['mismatched']} (late answers dropped "
-          f"{s['late_answers_dropped']}); {s['throughput_per_s']:.1f} req/s over "
-          f"{s['elapsed_s']:.0f} s")
-    print("latency ms        p50      p99")
-    print(f"steady state  {s['steady_p50_s'] * 1e3:7.1f}  {s['steady_p99_s'] * 1e3:7.1f}")
-    print(f"near a kill   {s['failure_p50_s'] * 1e3:7.1f}  {s['failure_p99_s'] * 1e3:7.1f}")
-    print("kill at s  node        detection s  recovery s")
-    for kill in s["kills"]:
-        print(f"{kill['at_s']:9.1f}  {kill['node']:<10}  {sec(kill['detection_s']):>11}  "
-              f"{sec(kill['recovery_s']):>10}")
-    print(f"detection: median {sec(s['detection_median_s'])} s, max "
-          f"{sec(s['detection_max_s'])} s; recovery (kill to first answer after the switch): "
-          f"median {sec(s['recovery_median_s'])} s, max {sec(s['recovery_max_s'])} s")
-    print(f"coordinator RSS: {s['coordinator_rss_first_mib']:.0f} MiB after the first "
-          f"{RSS_WINDOW} requests, {s['coordinator_rss_last_mib']:.0f} MiB at the end")
-    print("peak RSS MiB: " + ", ".join(f"{name} {mib:.0f}"
-                                       for name, mib in s["peak_rss_mib"].items()))
+    lines = [
+        f"sent {s['sent']}, answered {s['answered']}, failed {s['failed']}, duplicated "
+        f"{s['duplicated']}, mismatched {s['mismatched']} (late answers dropped "
+        f"{s['late_answers_dropped']}); {s['throughput_per_s']:.1f} req/s over "
+        f"{s['elapsed_s']:.0f} s",
+        "latency ms        p50      p99",
+        f"steady state  {s['steady_p50_s'] * 1e3:7.1f}  {s['steady_p99_s'] * 1e3:7.1f}",
+        f"near a kill   {s['failure_p50_s'] * 1e3:7.1f}  {s['failure_p99_s'] * 1e3:7.1f}",
+        "kill at s  node        detection s  recovery s",
+    ]
+    lines += [f"{kill['at_s']:9.1f}  {kill['node']:<10}  {sec(kill['detection_s']):>11}  "
+              f"{sec(kill['recovery_s']):>10}" for kill in s["kills"]]
+    return [
+        *lines,
+        f"detection: median {sec(s['detection_median_s'])} s, max "
+        f"{sec(s['detection_max_s'])} s; recovery (kill to first answer after the switch): "
+        f"median {sec(s['recovery_median_s'])} s, max {sec(s['recovery_max_s'])} s",
+        f"coordinator RSS: {s['coordinator_rss_first_mib']:.0f} MiB after the first "
+        f"{RSS_WINDOW} requests, {s['coordinator_rss_last_mib']:.0f} MiB at the end",
+        "peak RSS MiB: "
+        + ", ".join(f"{name} {mib:.0f}" for name, mib in s["peak_rss_mib"].items()),
+    ]
 
 
 def main() -> None:
@@ -165,12 +172,24 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1,500 requests, a kill every 10 s")
     parser.add_argument("--json", type=Path, help="also write the figures as JSON")
     parser.add_argument("--log", type=Path, help="write the coordinator's log (INFO) to FILE")
+    report.add_markdown_option(parser)
     args = parser.parse_args()
     if args.log:
         logging.basicConfig(filename=args.log, level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.quick:
         args.requests, args.kill_every = 1500, 10.0
+    with report.usual_output(args.markdown):
+        summary = soak_run(args)
+    lines = table_lines(summary)
+    print(report.markdown(lines) if args.markdown else "\n".join(lines))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=1) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+
+
+def soak_run(args: argparse.Namespace) -> dict:
+    """Run the soak; its summary."""
     print(f"machine: {harness.machine()}")
     folder = Path(tempfile.mkdtemp(prefix="edgesplit-soak-"))
     sample = harness.prepare(DEMO_MODEL, folder, "gpt2")
@@ -209,11 +228,7 @@ def main() -> None:
 
         result, replans = asyncio.run(go())
         note_peaks(soak, local)
-    summary = summarize(result, soak, replans)
-    print_table(summary)
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=1) + "\n")
-        print(f"wrote {args.json}")
+    return summarize(result, soak, replans)
 
 
 if __name__ == "__main__":

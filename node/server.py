@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 2.0
 """How long in-flight calls may finish after SIGTERM/SIGINT before they are cancelled."""
+
+REFUSAL_READ_S = 0.5
+"""How long a refused ``Submit`` waits for the frame a sender may be writing."""
 
 RELEASE_ABOVE_BYTES = 16 * 1024 * 1024
 """A refused frame at least this large has its memory given back to the OS at once."""
@@ -162,15 +166,16 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
         request_iterator: AsyncIterator[WireFrame | FrameError],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.Ack]:
-        if self._runner.stage is None:
+        if self._runner.stage is None or self._runner.sink is None:
+            missing = "has no stage loaded; call LoadStage" if self._runner.stage is None else (
+                "is not wired; call Wire")
+            # Take the frame the sender may be writing first: refusing a stream while a
+            # message is still arriving makes gRPC report INTERNAL instead of this status.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(context.read(), REFUSAL_READ_S)
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"node {self._config.name!r} has no stage loaded; call LoadStage first",
-            )
-        if self._runner.sink is None:
-            await context.abort(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"node {self._config.name!r} is not wired; call Wire first",
+                f"node {self._config.name!r} {missing} first",
             )
         # context.read(), not ``async for`` over request_iterator: gRPC's iterator keeps the
         # last frame alive until the next one arrives, a refused 200 MB frame included.
