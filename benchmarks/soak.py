@@ -105,11 +105,13 @@ async def chaos(pipeline: Pipeline, local: LocalCluster, soak: Soak, every_s: fl
 
 def summarize(run: CheckedRun, soak: Soak, replans: list[dict]) -> dict:
     """Latency in steady state and within 10 s of a kill; each kill's detection/recovery."""
-    for kill in soak.kills:
-        lost = [r for r in replans if kill.node in r["cause"] and "lost" in r["cause"]
-                and r["at_s"] >= kill.at_s - 1]
+    for kill in soak.kills:  # its re-plan: the node declared dead, or back without a stage
+        lost = [r for r in replans if r["at_s"] >= kill.at_s and r["cause"] in (
+            f"node {kill.node} lost", f"node {kill.node} lost its stage")]
         if lost:
-            kill.detection_s, kill.recovery_s = lost[0]["detection_s"], lost[0]["recovery_s"]
+            dead = lost[0]["cause"] == f"node {kill.node} lost"
+            kill.detection_s = lost[0]["detection_s"] if dead else None
+            kill.recovery_s = lost[0]["recovery_s"]
     sent_at = [done - latency for done, latency in zip(run.finished_at, run.latencies_s,
                                                         strict=True)]
     near = [any(k.at_s <= t <= k.at_s + 10 for k in soak.kills) for t in sent_at]
