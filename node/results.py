@@ -25,9 +25,10 @@ from node.errors import LimitError
 
 log = logging.getLogger(__name__)
 
-HANDOVER_S = 2.0
+HANDOVER_S = 10.0
 """How long a new ``Results`` stream waits for the owner before it to go (a client that
-closes its stream and at once opens another, before the node has seen the close)."""
+closes its stream and at once opens another, before the node has seen the close; on a loaded
+machine that can take seconds)."""
 
 
 class ResultsOwner:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
+from coordinator.ports import free_ports
 from partition.artifact import program_to_bytes, sha256
 from partition.spec import StageSpec, TensorSpec
 from partition.split import StageArtifact
@@ -53,6 +55,19 @@ def spawn_node(
             env=env,
         )
     return NodeProcess(name, address, process, log_path)
+
+
+@contextlib.contextmanager
+def running_node(
+    name: str, log_path: Path, *extra_args: str, env: Mapping[str, str] | None = None
+) -> Iterator[NodeProcess]:
+    """``edge-node`` named ``name`` on a free port, listening; stopped when the block ends."""
+    process = spawn_node(name, f"127.0.0.1:{free_ports(1)[0]}", log_path, *extra_args, env=env)
+    try:
+        wait_listening(process)
+        yield process
+    finally:
+        stop_node(process)
 
 
 def wait_listening(node: NodeProcess, timeout_s: float = READY_TIMEOUT_S) -> None:

@@ -15,13 +15,10 @@ from cluster_helpers import (
     CHAIN_SHAPE,
     NodeProcess,
     make_stage,
-    spawn_node,
-    stop_node,
-    wait_listening,
+    running_node,
 )
 from crafted_archives import KINDS
 
-from coordinator.ports import free_ports
 from node.client import GrpcWorkerHandle
 from node.errors import NodeRejectedError
 from node.profiling import ProfileOptions
@@ -41,13 +38,8 @@ def node(marker_dir: Path) -> Iterator[NodeProcess]:
     """One node for every kind: a refusal must leave it serving the next call."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(marker_dir), os.environ.get("PYTHONPATH", "")])}
-    process = spawn_node("target", f"127.0.0.1:{free_ports(1)[0]}", marker_dir / "node.log",
-                         env=env)
-    try:
-        wait_listening(process)
+    with running_node("target", marker_dir / "node.log", env=env) as process:
         yield process
-    finally:
-        stop_node(process)
 
 
 @pytest.fixture(scope="module")

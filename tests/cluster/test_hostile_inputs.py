@@ -18,9 +18,8 @@ from cluster_helpers import (
     NodeProcess,
     Scale,
     make_stage,
+    running_node,
     spawn_node,
-    stop_node,
-    wait_listening,
 )
 
 from coordinator.ports import free_ports
@@ -47,18 +46,13 @@ WAIT_S = 60.0  # a guard against hanging, not a timing assertion
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     """One node for the whole module: short stall times, 8 GiB uploads, 64 MiB frames."""
-    [port] = free_ports(1)
     log_path = tmp_path_factory.mktemp("hostile") / "node.log"
-    process = spawn_node(
-        "target", f"127.0.0.1:{port}", log_path, "--max-stage-bytes", "8GiB",
+    with running_node(
+        "target", log_path, "--max-stage-bytes", "8GiB",
         "--max-frame-bytes", f"{MAX_FRAME_BYTES}", "--upload-stall-s", str(STALL_S),
         "--results-stall-s", str(STALL_S),
-    )
-    try:
-        wait_listening(process)
+    ) as process:
         yield process
-    finally:
-        stop_node(process)
 
 
 @pytest.fixture(scope="module")
