@@ -1,1 +1,2 @@
-"""The edge-node worker: gRPC server, stage execution, tensor codec and next-hop link."""
+"""The ``edge-node`` worker: gRPC server, health service, authentication, limits, stage
+execution, tensor codec and the next-hop link. It never plans."""

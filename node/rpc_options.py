@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+MAX_MESSAGE_BYTES = 128 * 1024 * 1024
 """Largest gRPC message either side sends or accepts: a frame must fit in one."""
 
 
