@@ -116,7 +116,8 @@ class NodeWatch:
             self._update()
             self._kick.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._kick.wait(), PROBE_INTERVAL_S)
+                async with asyncio.timeout(PROBE_INTERVAL_S):
+                    await self._kick.wait()
 
     async def _watch_loop(self) -> None:
         """Changes of the stage service arrive at once (a drain, a lost stage)."""

@@ -37,7 +37,8 @@ async def next_chunk(chunks: AsyncIterator[C], stall_s: float) -> C | None:
         If no chunk arrives within ``stall_s`` seconds.
     """
     try:
-        return await asyncio.wait_for(anext(chunks, None), stall_s)
+        async with asyncio.timeout(stall_s):
+            return await anext(chunks, None)
     except TimeoutError:
         raise LimitError(
             f"the upload sent nothing for {stall_s:g} s, so the node cancelled it; "

@@ -47,7 +47,8 @@ class NextHop:
 
     async def connect(self, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         """Wait until the next node accepts a connection; ``TimeoutError`` if it does not."""
-        await asyncio.wait_for(self._channel.channel_ready(), timeout_s)
+        async with asyncio.timeout(timeout_s):
+            await self._channel.channel_ready()
 
     async def deliver(self, request_id: int, frame: bytes) -> None:
         """Write a serialized frame; waits while gRPC flow control pushes back."""

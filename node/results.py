@@ -76,7 +76,8 @@ class ResultsOwner:
         while True:
             frame = await self._buffer.get()
             try:
-                await asyncio.wait_for(write(frame), self._stall_s)
+                async with asyncio.timeout(self._stall_s):
+                    await write(frame)
             except TimeoutError:
                 log.warning(
                     "cut off a Results reader that read nothing for %g s (%d result(s) dropped)",
@@ -91,7 +92,8 @@ class ResultsOwner:
         """Buffer ``frame``; waits while the buffer is full, at most about the stall time."""
         while True:
             try:
-                await asyncio.wait_for(self._buffer.put(frame), self._stall_s)
+                async with asyncio.timeout(self._stall_s):
+                    await self._buffer.put(frame)
                 return
             except TimeoutError:
                 if self._free.is_set():  # an owner frees the buffer or is cut off by pump()

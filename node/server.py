@@ -172,7 +172,8 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
             # Take the frame the sender may be writing first: refusing a stream while a
             # message is still arriving makes gRPC report INTERNAL instead of this status.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(context.read(), REFUSAL_READ_S)
+                async with asyncio.timeout(REFUSAL_READ_S):
+                    await context.read()
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"node {self._config.name!r} {missing} first",

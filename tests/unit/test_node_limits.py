@@ -49,6 +49,29 @@ async def test_a_stalled_owner_is_cut_off() -> None:
         pass
 
 
+async def test_an_owner_cancelled_as_its_write_completes_lets_go() -> None:
+    """gRPC cancels a Results handler when its client leaves, often just as the last write
+    completes; Python 3.11's ``wait_for`` lost that cancel and the node's results stayed
+    owned by nobody, refusing every later client (a CI failure)."""
+    owner = ResultsOwner(depth=2, stall_s=5.0)
+    written = asyncio.get_running_loop().create_future()
+
+    async def handler() -> None:
+        async with owner.own():
+            await owner.pump(lambda frame: written)
+
+    task = asyncio.create_task(handler())
+    await owner.deliver(1, b"a")
+    await asyncio.sleep(0.01)
+    written.set_result(None)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(1):  # the cancel ends the handler, it does not run on
+            await task
+    async with asyncio.timeout(1), owner.own():  # free at once, not after the handover wait
+        pass
+
+
 async def test_results_nobody_owns_are_dropped_not_waited_on_forever() -> None:
     owner = ResultsOwner(depth=2, stall_s=STALL_S)
     for index in range(5):  # returns: the full buffer is dropped after the stall time
