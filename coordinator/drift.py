@@ -1,15 +1,18 @@
-"""Drift: a stage running slower than when it was deployed, for a sustained while.
+"""Drift: a stage or a link running slower than when it was deployed, for a sustained while.
 
-Each stage's node reports the median time of its recent requests (``Describe``). The first
-median over a full window of requests after a stage is loaded is its baseline; a stage whose
-median stays more than :data:`DRIFT_RATIO` above it for :data:`SUSTAIN_POLLS` polls has
-drifted, by the ratio of the two (a node heating up, sharing its CPU, or slowed on purpose).
+Each stage's node reports the median time of its recent requests and of its outbound link's
+recent frames, counted since the stage was loaded and the link wired (``Describe``; a link
+is measured only on frames the receiver took at once). The first medians over a full window
+are the baselines; a stage or link whose median stays more than :data:`DRIFT_RATIO` off its
+baseline for :data:`SUSTAIN_POLLS` polls has drifted, by the ratio of the two (a node heating
+up or sharing its CPU, a Wi-Fi link losing signal). A link must also be off by
+:data:`LINK_NOISE_S` per frame: on a fast link the time per frame is mostly scheduling noise.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from node.client import WorkerHandle
 from partition.errors import EdgesplitError
@@ -20,48 +23,90 @@ log = logging.getLogger(__name__)
 POLL_S = 1.0
 """Time between two polls of the stages' nodes."""
 DRIFT_RATIO = 1.3
-"""A stage this many times slower than its baseline is off the plan (the issue's 30%)."""
+"""A stage or link this many times slower (or faster) than its baseline is off the plan."""
 SUSTAIN_POLLS = 3
-"""Consecutive polls a stage must be off before it counts as drifted."""
-WINDOW_REQUESTS = 100
-"""Requests a node's median is taken over (``node.pipeline.STATS_WINDOW``)."""
+"""Consecutive polls a stage or link must be off before it counts as drifted."""
+WINDOW = 100
+"""Requests or frames a node's medians are taken over (``node.pipeline.STATS_WINDOW``)."""
+LINK_NOISE_S = 0.002
+"""A link's time per frame must change by more than this to count as off."""
+MIN_TRANSFER_SHARE = 0.1
+"""The least share of a link's time per frame taken as transfer (not latency)."""
+
+
+@dataclass
+class Drift:
+    """What drifted: nodes, and links ``(from, to)``, each with how many times slower it
+    runs than its baseline; ``bandwidth`` is the bandwidth that explains each drifted link's
+    measured time per frame (its time less the planned latency)."""
+
+    nodes: dict[str, float] = field(default_factory=dict)
+    links: dict[tuple[str, str], float] = field(default_factory=dict)
+    bandwidth: dict[tuple[str, str], float] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.nodes or self.links)
+
+    def update(self, other: Drift) -> None:
+        self.nodes.update(other.nodes)
+        self.links.update(other.links)
+        self.bandwidth.update(other.bandwidth)
 
 
 @dataclass
 class _Baseline:
-    served_at_load: int
-    p50_s: float | None = None
+    """One median's baseline and how many polls in a row it has been off."""
+
+    noise_s: float
+    seconds: float | None = None
     off_polls: int = 0
+
+    def drift(self, count: int, seconds: float) -> float | None:
+        """How many times slower than the baseline, once that is sustained; else ``None``."""
+        if count < WINDOW:
+            return None  # not a full window since the stage was loaded or the link wired
+        if self.seconds is None:
+            self.seconds = seconds
+            return None
+        ratio = seconds / self.seconds if self.seconds > 0 else 1.0
+        off = (ratio > DRIFT_RATIO or ratio * DRIFT_RATIO < 1) and \
+            abs(seconds - self.seconds) > self.noise_s
+        self.off_polls = self.off_polls + 1 if off else 0
+        return ratio if self.off_polls >= SUSTAIN_POLLS else None
 
 
 class DriftWatch:
-    """Tracks each stage's median time against its baseline."""
+    """Tracks each stage's and each outbound link's median time against its baseline."""
 
     def __init__(self) -> None:
-        self._baselines: dict[tuple[str, int, int], _Baseline] = {}
+        self._baselines: dict[tuple[str, str, int, int], _Baseline] = {}
 
-    async def poll(self, plan: Plan, handles: dict[str, WorkerHandle]) -> dict[str, float]:
-        """The nodes of ``plan`` that drifted, each with how many times slower it runs."""
-        drifted = {}
-        for stage in plan.stages:
+    async def poll(self, plan: Plan, handles: dict[str, WorkerHandle]) -> Drift:
+        """The stages' nodes and the links of ``plan`` that drifted."""
+        found = Drift()
+        for stage, link in zip(plan.stages, plan.links[1:], strict=True):
             try:
                 info = await handles[stage.node].describe()
             except EdgesplitError:
                 continue  # the health watch handles nodes that do not answer
-            key = (stage.node, stage.start, stage.end)
-            base = self._baselines.setdefault(key, _Baseline(info.requests_served))
-            if info.requests_served < base.served_at_load + WINDOW_REQUESTS:
-                continue  # the median still mixes in requests of an earlier stage
-            if base.p50_s is None:
-                base.p50_s = info.p50_stage_seconds
-                continue
-            ratio = info.p50_stage_seconds / base.p50_s if base.p50_s > 0 else 1.0
-            off = ratio > DRIFT_RATIO or ratio * DRIFT_RATIO < 1
-            base.off_polls = base.off_polls + 1 if off else 0
-            if base.off_polls >= SUSTAIN_POLLS:
-                drifted[stage.node] = ratio
-        return drifted
+            base = self._baselines.setdefault((stage.node, "", stage.start, stage.end),
+                                              _Baseline(0.0))
+            ratio = base.drift(info.requests_served, info.p50_stage_seconds)
+            if ratio is not None:
+                found.nodes[stage.node] = ratio
+            if link.src == link.dst:
+                continue  # the results stay on the node: no link to measure
+            base = self._baselines.setdefault((stage.node, link.dst, stage.start, stage.end),
+                                              _Baseline(LINK_NOISE_S))
+            ratio = base.drift(info.link_frames, info.link_p50_seconds)
+            if ratio is not None:
+                found.links[link.src, link.dst] = ratio
+                transfer_s = max(info.link_p50_seconds - link.latency_s,
+                                 MIN_TRANSFER_SHARE * info.link_p50_seconds)
+                found.bandwidth[link.src, link.dst] = stage.bytes_out / transfer_s
+        return found
 
     def forget(self, nodes: set[str]) -> None:
-        """Start the baselines of ``nodes`` again (after a switch re-measured them)."""
+        """Start the baselines of ``nodes``' stages and outbound links again (after a
+        switch re-measured them)."""
         self._baselines = {k: v for k, v in self._baselines.items() if k[0] not in nodes}

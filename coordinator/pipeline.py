@@ -28,7 +28,7 @@ from typing import Protocol
 import torch
 
 from coordinator.deploy import link_emulation
-from coordinator.drift import POLL_S, DriftWatch
+from coordinator.drift import POLL_S, Drift, DriftWatch
 from coordinator.events import EventLog, Replan, stage_names
 from coordinator.health_watch import NodeState, NodeWatch
 from coordinator.ledger import Ledger, Request, RequestFailedError
@@ -36,9 +36,11 @@ from node.client import FrameSender, GrpcWorkerHandle, Result, ResultStream, Wor
 from node.link import NO_EMULATION, LinkEmulation
 from node.security import client_security
 from partition.errors import EdgesplitError, TensorSpecError
+from partition.measured import AS_PLANNED, Measured
 from partition.plan import Plan, PlannedStage, Priced
 from partition.spec import TensorSpec
 from partition.split import StageArtifact
+from partition.units import format_bytes
 
 __all__ = ["Pipeline", "PipelineBrokenError", "RequestFailedError", "RequestTimeoutError",
            "Replanning", "bind_inputs"]
@@ -79,14 +81,14 @@ class Replanning(Protocol):
     async def prepare(self) -> object: ...
 
     async def prewarm(
-        self, plan: Plan, usable: Collection[str], slowdown: Mapping[str, float] | None = None
+        self, plan: Plan, usable: Collection[str], measured: Measured = AS_PLANNED
     ) -> None: ...
 
     async def replan(
-        self, usable: Collection[str], slowdown: Mapping[str, float] | None = None
+        self, usable: Collection[str], measured: Measured = AS_PLANNED
     ) -> Plan: ...
 
-    async def price(self, plan: Plan, slowdown: Mapping[str, float] | None = None
+    async def price(self, plan: Plan, measured: Measured = AS_PLANNED
                     ) -> Priced: ...
 
     async def artifact(self, stage: PlannedStage) -> StageArtifact: ...
@@ -155,8 +157,9 @@ class Pipeline:
         self.plan = plan
         self.replans: list[Replan] = []
         self.events = EventLog(events_path)
-        self.slowdown: dict[str, float] = {}
-        """Measured slowdown of each node against its profile (see :mod:`coordinator.drift`)."""
+        self.measured = AS_PLANNED
+        """Nodes' slowdowns and links' bandwidths measured off the plan (see
+        :mod:`coordinator.drift`)."""
         addresses = {**plan.addresses, **{s.node: s.address for s in plan.stages}}
         security = client_security(plan.security)
         self._handles: dict[str, WorkerHandle] = {
@@ -181,7 +184,7 @@ class Pipeline:
         self._trouble: set[str] = set()
         self._returned: set[str] = set()
         self._drift = DriftWatch()
-        self._drifted: dict[str, float] = {}
+        self._drifted = Drift()
         self._attempts = 0
         self._broken: EdgesplitError | None = None
         self._recovering: Replan | None = None
@@ -427,15 +430,21 @@ class Pipeline:
             await self._switch(f"node {', '.join(names)} back", None, exclude=set(),
                                only_if_better=True)
         elif self._drifted:
-            drifted, self._drifted = self._drifted, {}
-            for node, ratio in drifted.items():
-                self.slowdown[node] = self.slowdown.get(node, 1.0) * ratio
+            drifted, self._drifted = self._drifted, Drift()
+            self.measured = self.measured.updated(drifted.nodes, drifted.bandwidth)
+            for node, ratio in drifted.nodes.items():
                 self.events.record(f"drift: stage on {node} runs {ratio:.2f}x its time when "
                                    "deployed, for a sustained while")
-            self._drift.forget(set(drifted))
-            await self._switch("drift on " + ", ".join(
-                f"{n} ({r:.2f}x)" for n, r in sorted(drifted.items())), None, exclude=set(),
-                only_if_better=True)
+            for (src, dst), ratio in drifted.links.items():
+                self.events.record(
+                    f"drift: link {src}->{dst} takes {ratio:.2f}x its time per frame when "
+                    "deployed, for a sustained while (re-planning with "
+                    f"{format_bytes(drifted.bandwidth[src, dst])}/s)")
+            self._drift.forget(set(drifted.nodes) | {src for src, _ in drifted.links})
+            named = [f"{n} ({r:.2f}x)" for n, r in sorted(drifted.nodes.items())] + [
+                f"{s}->{d} ({r:.2f}x)" for (s, d), r in sorted(drifted.links.items())]
+            await self._switch("drift on " + ", ".join(named), None, exclude=set(),
+                               only_if_better=True)
 
     async def _holds_stage(self, node: str) -> bool:
         """True if ``node`` runs the stage it was given last (its health lags behind)."""
@@ -482,7 +491,7 @@ class Pipeline:
         if not only_if_better:
             self._ready.clear()
         try:
-            new = await recovery.replan(usable, self.slowdown)
+            new = await recovery.replan(usable, self.measured)
             gain = await self._gain(recovery, new)
         except EdgesplitError as err:
             if only_if_better:
@@ -561,9 +570,9 @@ class Pipeline:
 
     async def _gain(self, recovery: Replanning, new: Plan) -> float:
         """How much faster ``new`` is predicted to run than the current plan would now
-        (with measured slowdowns; a plan on a lost node counts as stopped)."""
-        old = await recovery.price(self.plan, self.slowdown)
-        fresh = await recovery.price(new, self.slowdown)
+        (with the measured figures; a plan on a lost node counts as stopped)."""
+        old = await recovery.price(self.plan, self.measured)
+        fresh = await recovery.price(new, self.measured)
         if any(not self._watches[s.node].state.usable for s in self.plan.stages):
             return float("inf")
         return old.bottleneck_s / fresh.bottleneck_s - 1
@@ -658,7 +667,7 @@ class Pipeline:
             recovery = self._get_recovery()
             await recovery.prepare()
             usable = {n for n, w in self._watches.items() if w.state is not NodeState.DEAD}
-            await recovery.prewarm(self.plan, usable, self.slowdown)
+            await recovery.prewarm(self.plan, usable, self.measured)
         except EdgesplitError as err:
             log.warning("failover will not re-plan: %s", err)
 

@@ -8,12 +8,13 @@ pipeline constructs this on first need.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import TypeVar
 
 from partition.errors import EdgesplitError
+from partition.measured import AS_PLANNED, Measured
 from partition.optimizer import Schedule
 from partition.plan import Plan, PlannedStage
 from partition.replanning import Replanner
@@ -39,7 +40,7 @@ class PlanRecovery:
         self._replanner: Replanner | None = None
         self._lock = asyncio.Lock()
         self._artifacts: dict[tuple[int, int], StageArtifact] = {}
-        self._plans: dict[tuple[frozenset[str], tuple[tuple[str, float], ...]], Plan] = {}
+        self._plans: dict[tuple[frozenset[str], object], Plan] = {}
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replan")
 
     async def _run(self, work: Callable[..., _T], *args: object) -> _T:
@@ -57,17 +58,17 @@ class PlanRecovery:
         return Replanner(self._plan, model, layer_graph)
 
     async def replan(
-        self, usable: Collection[str], slowdown: Mapping[str, float] | None = None
+        self, usable: Collection[str], measured: Measured = AS_PLANNED
     ) -> Plan:
         """The best plan over ``usable`` nodes (``NoFeasiblePlanError`` if none fits)."""
         replanner = await self.prepare()
-        key = (frozenset(usable), tuple(sorted((slowdown or {}).items())))
+        key = (frozenset(usable), measured.key())
         if key not in self._plans:
-            self._plans[key] = await self._run(replanner.replan, usable, slowdown)
+            self._plans[key] = await self._run(replanner.replan, usable, measured)
         return self._plans[key]
 
     async def prewarm(
-        self, plan: Plan, usable: Collection[str], slowdown: Mapping[str, float] | None = None
+        self, plan: Plan, usable: Collection[str], measured: Measured = AS_PLANNED
     ) -> None:
         """Make the plan without each of ``plan``'s nodes and the plan over the whole
         cluster (where a returning node leads), and export their stages; forget the rest."""
@@ -77,7 +78,7 @@ class PlanRecovery:
         needed = {(s.start, s.end) for s in plan.stages}
         for nodes in candidates:
             try:
-                other = await self.replan(nodes, slowdown)
+                other = await self.replan(nodes, measured)
             except EdgesplitError:
                 continue  # nothing to prepare: losing that node fails the requests
             for stage in other.stages:
@@ -87,10 +88,10 @@ class PlanRecovery:
         if len(self._plans) > MAX_PLANS:
             self._plans = dict(list(self._plans.items())[-MAX_PLANS:])
 
-    async def price(self, plan: Plan, slowdown: Mapping[str, float] | None = None) -> Schedule:
-        """``plan``'s stages priced with measured slowdowns."""
+    async def price(self, plan: Plan, measured: Measured = AS_PLANNED) -> Schedule:
+        """``plan``'s stages priced with the ``measured`` figures."""
         replanner = await self.prepare()
-        return await self._run(replanner.price, plan, slowdown)
+        return await self._run(replanner.price, plan, measured)
 
     async def artifact(self, stage: PlannedStage) -> StageArtifact:
         """The exported program of ``stage`` (exported once per layer range)."""

@@ -79,6 +79,9 @@ class NodeInfo:
     requests_served: int
     queue_depth: int
     p50_stage_seconds: float
+    link_frames: int
+    link_bytes_per_s: float
+    link_p50_seconds: float
 
     def to_proto(self) -> pb.NodeInfo:
         return pb.NodeInfo(

@@ -51,17 +51,23 @@ class NextHop:
             await self._channel.channel_ready()
 
     async def deliver(self, request_id: int, frame: bytes) -> None:
-        """Write a serialized frame; waits while gRPC flow control pushes back."""
-        if self._call is None:
-            self._call = submit_stream(self._channel)
-            self._unacked.clear()
-            self._acks = asyncio.create_task(self._read_acks(self._call))
-        self._unacked.append(request_id)
+        """Write a serialized frame; waits while gRPC flow control pushes back. A frame
+        for a hop already closed (the node was wired elsewhere meanwhile) is dropped."""
         try:
+            if self._call is None:
+                self._call = submit_stream(self._channel)
+                self._unacked.clear()
+                self._acks = asyncio.create_task(self._read_acks(self._call))
+            self._unacked.append(request_id)
             await self._call.write(frame)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as err:
             log.error("request %d not forwarded to %s: %s", request_id, self.address, err)
             self._call = None
+
+    @property
+    def backlog(self) -> int:
+        """Frames written to the next node and not yet acknowledged by it."""
+        return len(self._unacked)
 
     async def _read_acks(self, call: grpc.aio.StreamStreamCall) -> None:
         try:

@@ -74,23 +74,43 @@ class FrameSink(Protocol):
 
     async def deliver(self, request_id: int, frame: bytes) -> None: ...
 
+    @property
+    def backlog(self) -> int:
+        """Frames handed over that the receiver has not taken yet."""
+        ...
+
     async def close(self) -> None: ...
 
 
-class StageStats:
-    """Requests served and the median stage time of recent requests."""
+class RecentStats:
+    """How many samples were recorded, and the median of the most recent ones."""
 
     def __init__(self) -> None:
-        self.requests_served = 0
+        self.count = 0
         self._recent: deque[float] = deque(maxlen=STATS_WINDOW)
 
-    def record(self, seconds: float) -> None:
-        self.requests_served += 1
-        self._recent.append(seconds)
+    def record(self, value: float) -> None:
+        self.count += 1
+        self._recent.append(value)
 
     @property
-    def p50_seconds(self) -> float:
+    def p50(self) -> float:
+        """The median of the last :data:`STATS_WINDOW` samples; 0 before the first."""
         return statistics.median(self._recent) if self._recent else 0.0
+
+
+class LinkStats:
+    """The outbound link's throughput and time per frame, over frames the next node took
+    at once (a frame sent while the next node holds back earlier ones measures the next
+    node, not the link)."""
+
+    def __init__(self) -> None:
+        self.bytes_per_s = RecentStats()
+        self.seconds = RecentStats()
+
+    def record(self, nbytes: int, seconds: float) -> None:
+        self.bytes_per_s.record(nbytes / max(seconds, 1e-9))
+        self.seconds.record(seconds)
 
 
 class StageRunner:
@@ -98,7 +118,9 @@ class StageRunner:
 
     def __init__(self, *, node_name: str, device: Device, speed_factor: float) -> None:
         self.node_name = node_name
-        self.stats = StageStats()
+        self.stats = RecentStats()
+        """Stage time (real plus emulated) per request."""
+        self.link_stats = LinkStats()
         self.stage: LoadedStage | None = None
         self.sink: FrameSink | None = None
         self.inbound = EmulatedLink(LinkEmulation())
@@ -155,9 +177,16 @@ class StageRunner:
             times.append(time.perf_counter() - started)
         return LoadedStage(spec, program, size_bytes, min(times))
 
+    def install(self, stage: LoadedStage) -> None:
+        """Run ``stage`` from the next frame on; its statistics start afresh."""
+        self.stage = stage
+        self.stats = RecentStats()
+
     async def wire(self, sink: FrameSink, outbound: LinkEmulation, inbound: LinkEmulation) -> None:
-        """Send output frames to ``sink`` from now on, over the given emulated links."""
+        """Send output frames to ``sink`` from now on, over the given emulated links; the
+        link's statistics start afresh."""
         old, self.sink = self.sink, sink
+        self.link_stats = LinkStats()
         self._outbound = EmulatedLink(outbound)
         self.inbound = EmulatedLink(inbound)
         if old is not None and old is not sink:
@@ -224,13 +253,18 @@ class StageRunner:
     async def _send_loop(self) -> None:
         while True:
             request_id, frame = await self._outbox.get()
-            await self._outbound.carry(len(frame))
             if self.sink is None:
                 raise RuntimeError("a frame was computed before the node was wired")
+            measured, started = self.sink, time.perf_counter()
+            unhindered = measured.backlog <= 1  # one frame may still be crossing the link
             try:
-                await self.sink.deliver(request_id, frame)
+                await self._outbound.carry(len(frame))
+                sink = self.sink  # re-read: a Wire may have closed the one measured
+                await sink.deliver(request_id, frame)
             finally:
                 self.holding -= 1
+            if unhindered and sink is measured is self.sink:
+                self.link_stats.record(len(frame), time.perf_counter() - started)
 
 
 FINGERPRINT_WEIGHTS = 7

@@ -103,6 +103,11 @@ class ResultsOwner:
                         dropped, self._stall_s,
                     )
 
+    @property
+    def backlog(self) -> int:
+        """Result frames waiting for the owner to read them."""
+        return self._buffer.qsize()
+
     async def close(self) -> None:
         """The node was wired elsewhere: drop the results held here (the coordinator
         replays their requests), which also frees a delivery waiting on a full buffer."""

@@ -87,9 +87,12 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
             device=self._config.device,
             speed_factor=self._runner.speed_factor,
             stage=stage.info if stage else None,
-            requests_served=self._runner.stats.requests_served,
+            requests_served=self._runner.stats.count,
             queue_depth=self._runner.queue_depth,
-            p50_stage_seconds=self._runner.stats.p50_seconds,
+            p50_stage_seconds=self._runner.stats.p50,
+            link_frames=self._runner.link_stats.seconds.count,
+            link_bytes_per_s=self._runner.link_stats.bytes_per_s.p50,
+            link_p50_seconds=self._runner.link_stats.seconds.p50,
         ).to_proto()
 
     async def Profile(
@@ -116,7 +119,7 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
             )
         except EdgesplitError as err:  # LimitError, ArtifactError, ModelLoadError
             await _refuse(context, "a stage", err)
-        self._runner.stage = stage
+        self._runner.install(stage)
         await self._health.set_ready(self._runner.sink is not None)
         log.info(
             "stage %d loaded: sha256 %s, %d bytes, %.2f ms a request here",

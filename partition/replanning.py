@@ -2,22 +2,24 @@
 
 The same objective, cluster spec and profiles as the first plan (carried in ``plan.json``,
 see :mod:`partition.replan_inputs`); a node that is gone is given no memory, so no stage
-fits on it, and a node measured slower has its profile scaled by how much slower it runs.
+fits on it, a node measured slower has its profile scaled by how much slower it runs, and a
+link measured off its plan has the bandwidth that explains its measured time per frame.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
 from dataclasses import replace
 
 import numpy as np
 
-from partition.cluster import ClusterSpec
+from partition.cluster import ClusterSpec, LinkSpec
 from partition.cost_builder import build_cost_model
 from partition.costs import CostModel
 from partition.errors import NoFeasiblePlanError, PlanningError
 from partition.layers import LayerGraph
 from partition.loader import LoadedModel
+from partition.measured import AS_PLANNED, Measured
 from partition.optimizer import Schedule, Span, evaluate, optimize
 from partition.plan import Plan
 from partition.planning import plan_from_schedule
@@ -26,10 +28,7 @@ from partition.replan_inputs import read_replan_inputs
 
 
 class Replanner:
-    """Plans ``current``'s model again on part of its cluster or with measured slowdowns.
-
-    ``slowdown`` maps a node to how many times slower than its profile it now runs.
-    """
+    """Plans ``current``'s model again on part of its cluster or with measured figures."""
 
     def __init__(self, current: Plan, model: LoadedModel, layer_graph: LayerGraph) -> None:
         if current.replan is None:
@@ -43,29 +42,34 @@ class Replanner:
         self.cluster, self.profiles = read_replan_inputs(current.replan)
 
     def cost(
-        self, usable: Collection[str] | None = None, slowdown: Mapping[str, float] | None = None
+        self, usable: Collection[str] | None = None, measured: Measured = AS_PLANNED
     ) -> tuple[ClusterSpec, CostModel]:
-        """The cluster (nodes outside ``usable`` without memory) and its cost model."""
-        slowdown = slowdown or {}
-        cluster = replace(self.cluster, nodes=tuple(
-            node if usable is None or node.name in usable else replace(node, memory_bytes=0)
-            for node in self.cluster.nodes
-        ))
+        """The cluster (nodes outside ``usable`` without memory, links at their measured
+        bandwidth) and its cost model."""
+        cluster = replace(
+            self.cluster,
+            nodes=tuple(
+                node if usable is None or node.name in usable else replace(node, memory_bytes=0)
+                for node in self.cluster.nodes
+            ),
+            links={**self.cluster.links, **{
+                pair: LinkSpec(bandwidth, self.cluster.link(*pair).latency_s)
+                for pair, bandwidth in measured.bandwidth.items()}},
+        )
         profiles: dict[str, Profile] = {
-            name: profile.scaled(1.0 / slowdown[name]) if name in slowdown else profile
+            name: profile.scaled(1.0 / measured.slowdown[name]) if name in measured.slowdown
+            else profile
             for name, profile in self.profiles.items()
         }
         return cluster, build_cost_model(self.layer_graph, cluster, profiles)
 
-    def price(self, plan_: Plan, slowdown: Mapping[str, float] | None = None) -> Schedule:
-        """``plan_``'s stages priced with the measured ``slowdown``."""
-        _, cost = self.cost(None, slowdown)
+    def price(self, plan_: Plan, measured: Measured = AS_PLANNED) -> Schedule:
+        """``plan_``'s stages priced with the ``measured`` figures."""
+        _, cost = self.cost(None, measured)
         spans = [Span(cost.node_names.index(s.node), s.start, s.end) for s in plan_.stages]
         return evaluate(cost, spans)
 
-    def replan(
-        self, usable: Collection[str], slowdown: Mapping[str, float] | None = None
-    ) -> Plan:
+    def replan(self, usable: Collection[str], measured: Measured = AS_PLANNED) -> Plan:
         """The best plan for the same objective using only the ``usable`` nodes.
 
         Raises
@@ -75,7 +79,7 @@ class Replanner:
         """
         if not usable:
             raise NoFeasiblePlanError("no node is left to run the model on")
-        cluster, cost = self.cost(usable, slowdown)
+        cluster, cost = self.cost(usable, measured)
         try:
             with np.errstate(divide="ignore", invalid="ignore"):  # nodes without memory
                 result = optimize(cost, self.current.objective)

@@ -1,5 +1,5 @@
 """Chaos tests: nodes of a 4-node simulated cluster are killed, hung, drained, restarted and
-slowed down while 500 requests run with 8 in flight. Every request must be answered once,
+slowed down (a node or a link) while 500 requests run with 8 in flight. Every request must be answered once,
 by outputs equal to the single-process model's; each test prints detection and recovery.
 
 One cluster serves the module: before each test, nodes that were killed are started again,
@@ -22,11 +22,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.bench import random_inputs
 from coordinator.bench_check import CheckedRun, Reference, run_checked
-from coordinator.deploy import deploy
+from coordinator.deploy import deploy, link_emulation
 from coordinator.local_cluster import LocalCluster, LocalNode, read_state
 from coordinator.pipeline import Pipeline
 from coordinator.ports import free_ports
 from coordinator.recovery import PlanRecovery
+from node.client import GrpcWorkerHandle
+from node.link import LinkEmulation
 from partition.artifact import ProgramRunner
 from partition.cluster import ClusterSpec, parse_cluster
 from partition.cost_builder import node_profiles
@@ -42,6 +44,8 @@ SPEED = 0.1
 """Every node's emulated speed: compute sleeps, so four workers fit on two cores."""
 DETECTION_BOUND_S = 5.0
 """A loose sanity bound; the target is 2 s, printed exactly."""
+LINK_SLOWDOWN = 4.0
+"""How many times the plan's bottleneck the degraded link takes per frame."""
 WAIT_S = 60.0
 """Longest wait for the pipeline to notice something (a generous bound against hangs)."""
 
@@ -279,6 +283,35 @@ def test_slowed_node_is_planned_around(chaos: ChaosCluster) -> None:
     before = next(s for s in drift["old_stages"] if s.startswith(f"{victim}["))
     after = [s for s in drift["new_stages"] if s.startswith(f"{victim}[")]
     assert not after or _layers(after[0]) < _layers(before)
+
+
+def test_degraded_link_is_planned_around(chaos: ChaosCluster) -> None:
+    """The link out of the first stage is made so slow (a control call re-wires it) that
+    it takes four times the plan's bottleneck per frame: its node measures that, and the
+    pipeline moves the cut or the nodes so that link carries less or nothing."""
+    first, second = chaos.plan.stages[0], chaos.plan.stages[1]
+    hop = chaos.plan.links[1]
+    slower = LinkEmulation(first.bytes_out / (LINK_SLOWDOWN * chaos.plan.bottleneck_s),
+                           hop.latency_s)
+
+    async def degrade() -> None:
+        print(f"link {hop.src}->{hop.dst} slowed to {slower.bytes_per_s:.0f} B/s "
+              f"({first.bytes_out} B a frame)")
+        handle = GrpcWorkerHandle(first.address, first.node)
+        try:
+            await handle.wire(second.address, next_node=second.node, outbound=slower,
+                              inbound=link_emulation(chaos.plan.links[0], True))
+        finally:
+            await handle.close()
+
+    result = asyncio.run(run(
+        chaos, {250: lambda pipeline: degrade()},
+        gate=(450, lambda pipeline: any("drift" in r.cause for r in pipeline.replans)),
+    ))
+    check(result, replans=1)
+    drift = next(r for r in result.replans if "drift" in r["cause"])
+    assert f"{hop.src}->{hop.dst}" in drift["cause"] and drift["predicted_gain"] > 0
+    assert drift["old_stages"] != drift["new_stages"]
 
 
 def _layers(stage: str) -> int:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from coordinator.drift import LINK_NOISE_S, SUSTAIN_POLLS, WINDOW, Drift, DriftWatch
 from coordinator.ledger import Ledger, RequestFailedError
 from node.client import Result
 from node.messages import Failure, FailureCode
@@ -17,6 +19,7 @@ from partition.cluster import parse_cluster
 from partition.cost_builder import node_profiles
 from partition.errors import NoFeasiblePlanError, PlanningError
 from partition.layers import build_layer_graph
+from partition.measured import Measured
 from partition.plan import Objective, Plan
 from partition.planning import plan
 from partition.profiler import profile_layers
@@ -118,10 +121,33 @@ def test_a_slower_node_gets_less_work(skip_dag_plan) -> None:
     replanner = Replanner(made, sample.model, layer_graph)
     slow = made.stages[0].node
     before = replanner.price(made)
-    after = replanner.price(made, {slow: 10.0})
+    slowed = Measured(slowdown={slow: 10.0})
+    after = replanner.price(made, slowed)
     assert after.bottleneck_s > before.bottleneck_s
-    moved = replanner.replan({"n0", "n1", "n2"}, {slow: 10.0})
-    assert replanner.price(moved, {slow: 10.0}).bottleneck_s < after.bottleneck_s
+    moved = replanner.replan({"n0", "n1", "n2"}, slowed)
+    assert replanner.price(moved, slowed).bottleneck_s < after.bottleneck_s
+
+
+def test_a_slower_link_carries_less(skip_dag_plan) -> None:
+    sample, layer_graph, _, made = skip_dag_plan
+    replanner = Replanner(made, sample.model, layer_graph)
+    hop = next(link for link in made.links[1:-1])
+    slowed = Measured(bandwidth={(hop.src, hop.dst): hop.bytes_per_s / 1e4})
+    _, cost = replanner.cost(None, slowed)
+    src, dst = cost.node_names.index(hop.src), cost.node_names.index(hop.dst)
+    assert cost.link_bytes_per_s[src, dst] == pytest.approx(hop.bytes_per_s / 1e4)
+    assert cost.link_bytes_per_s[dst, src] == pytest.approx(hop.bytes_per_s)  # one way only
+    after = replanner.price(made, slowed)
+    assert after.bottleneck_s > replanner.price(made).bottleneck_s
+    moved = replanner.replan({"n0", "n1", "n2"}, slowed)
+    assert replanner.price(moved, slowed).bottleneck_s < after.bottleneck_s
+
+
+def test_slowdowns_measured_again_multiply_and_bandwidths_replace() -> None:
+    first = Measured({"a": 2.0}, {("a", "b"): 3e6})
+    again = first.updated({"a": 1.5, "c": 2.0}, {("b", "a"): 4e6, ("a", "b"): 1e6})
+    assert again == Measured({"a": 3.0, "c": 2.0}, {("a", "b"): 1e6, ("b", "a"): 4e6})
+    assert again.key() == Measured(dict(reversed(again.slowdown.items())), again.bandwidth).key()
 
 
 def test_no_plan_fits_names_the_nodes_left(skip_dag_plan) -> None:
@@ -133,3 +159,44 @@ def test_no_plan_fits_names_the_nodes_left(skip_dag_plan) -> None:
         Replanner(tiny, sample.model, layer_graph).replan({"n1", "n2"})
     with pytest.raises(PlanningError, match="carries no cluster spec"):
         Replanner(replace(made, replan=None), sample.model, layer_graph)
+
+
+class _Reporting:
+    """A node's ``describe`` as the drift watch reads it: counters and medians set by hand."""
+
+    def __init__(self) -> None:
+        self.info = SimpleNamespace(requests_served=0, p50_stage_seconds=0.010, link_frames=0,
+                                    link_p50_seconds=0.001, link_bytes_per_s=1e7)
+
+    async def describe(self) -> SimpleNamespace:
+        return self.info
+
+
+async def test_drift_is_a_sustained_change_past_the_baseline(skip_dag_plan) -> None:
+    made = skip_dag_plan[3]
+    handles = {name: _Reporting() for name in made.addresses}
+    watch = DriftWatch()
+
+    async def poll(served: int) -> Drift:
+        for handle in handles.values():
+            handle.info.requests_served = handle.info.link_frames = served
+        return await watch.poll(made, handles)
+
+    assert not await poll(WINDOW - 1)  # not a full window since the stage was loaded
+    assert not await poll(WINDOW)  # the baselines
+    first, hop = made.stages[0].node, made.links[1]
+    handles[first].info.p50_stage_seconds = 0.030  # 3x slower
+    handles[first].info.link_p50_seconds = 0.0015  # 1.5x, but within the noise floor
+    found = [await poll(WINDOW + k) for k in range(SUSTAIN_POLLS)]
+    assert [bool(d) for d in found] == [False] * (SUSTAIN_POLLS - 1) + [True]
+    assert found[-1].nodes == {first: pytest.approx(3.0)} and not found[-1].links
+    slow_s = 0.001 + 2 * LINK_NOISE_S
+    handles[first].info.link_p50_seconds = slow_s
+    found = [await poll(2 * WINDOW + k) for k in range(SUSTAIN_POLLS)]
+    assert found[-1].links == {(hop.src, hop.dst): pytest.approx(slow_s / 0.001)}
+    transfer_s = slow_s - hop.latency_s  # the bandwidth explains the time less the latency
+    assert found[-1].bandwidth == {
+        (hop.src, hop.dst): pytest.approx(made.stages[0].bytes_out / transfer_s)}
+    watch.forget({first})  # re-measured after a switch: the slow figures are the new baseline
+    assert not await poll(3 * WINDOW)
+    assert not any([await poll(4 * WINDOW + k) for k in range(SUSTAIN_POLLS)])

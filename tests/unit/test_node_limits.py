@@ -7,8 +7,10 @@ import asyncio
 import msgpack
 import pytest
 
+from coordinator.ports import free_ports
 from node.codec import MAX_HEADER_BYTES, MAX_TENSORS, decode_frame
 from node.errors import FrameError, LimitError
+from node.next_hop import NextHop
 from node.profiling import MAX_REPEATS, ProfileOptions
 from node.results import ResultsOwner
 
@@ -70,6 +72,16 @@ async def test_an_owner_cancelled_as_its_write_completes_lets_go() -> None:
             await task
     async with asyncio.timeout(1), owner.own():  # free at once, not after the handover wait
         pass
+
+
+async def test_a_frame_for_a_closed_next_hop_is_dropped_not_fatal(caplog) -> None:
+    """A Wire closes the old next hop while the send loop still holds a frame for it (an
+    emulated link's delay is long enough); the frame is dropped with a log line, and the
+    send loop lives on (it died with gRPC's UsageError once, leaving the node silent)."""
+    hop = NextHop(f"127.0.0.1:{free_ports(1)[0]}", max_message_bytes=1 << 20)
+    await hop.close()
+    await hop.deliver(7, b"frame")
+    assert "request 7 not forwarded" in caplog.text
 
 
 async def test_results_nobody_owns_are_dropped_not_waited_on_forever() -> None:
