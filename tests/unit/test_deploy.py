@@ -11,6 +11,7 @@ from node.client import WorkerHandle
 from node.errors import NodeUnreachableError
 from node.link import NO_EMULATION, LinkEmulation
 from node.messages import StageInfo
+from partition.compression import LinkEncoding
 from partition.plan import Link, Objective, Plan, PlannedStage
 from partition.spec import StageSpec
 from partition.split import StageArtifact
@@ -37,9 +38,9 @@ class FakeWorker(WorkerHandle):
         return StageInfo(spec.index, spec.artifact_sha256, len(artifact))
 
     async def wire(self, next_address, *, next_node=None, previous_node=None,
-                   outbound=NO_EMULATION, inbound=NO_EMULATION):
+                   outbound=NO_EMULATION, inbound=NO_EMULATION, encoding=LinkEncoding.RAW):
         self.calls.append(("wire", self.name, next_address, outbound, inbound,
-                           next_node, previous_node))
+                           next_node, previous_node, encoding))
 
     async def check_health(self, service="", timeout_s=1.0):
         raise NotImplementedError
@@ -47,7 +48,7 @@ class FakeWorker(WorkerHandle):
     def watch_health(self, service=""):
         raise NotImplementedError
 
-    async def open_sender(self):
+    async def open_sender(self, encoding=LinkEncoding.RAW):
         raise NotImplementedError
 
     async def open_results(self, expected=None):
@@ -92,7 +93,8 @@ async def test_deploy_loads_every_stage_then_wires_downstream_first() -> None:
     assert wires[1][4] == NO_EMULATION
     # Each node learns its neighbours' names: whose certificate it forwards to, and whose
     # frames it accepts.
-    assert [c[5:] for c in wires] == [(None, "b"), ("c", "a"), ("b", None)]
+    assert [c[5:7] for c in wires] == [(None, "b"), ("c", "a"), ("b", None)]
+    assert {c[7] for c in wires} == {LinkEncoding.RAW}
     assert progress[-1] == (600, 600)
     assert record.artifact_sha256 == ("ab" * 32,) * 3 and record.emulated_links
     assert not [c for c in calls if c[0] == "close"]  # handles given are left open
@@ -104,6 +106,21 @@ async def test_deploy_without_emulation_wires_plain_links() -> None:
     handles = {s.address: FakeWorker(s.node, s.address, calls) for s in plan.stages}
     await deploy(plan, _artifacts(plan), emulate_links=False, handles=handles)
     assert all(c[3] == NO_EMULATION and c[4] == NO_EMULATION for c in calls if c[0] == "wire")
+
+
+async def test_each_node_sends_in_its_outbound_links_encoding() -> None:
+    plan = _plan(["a", "b", "c"])
+    encodings = [LinkEncoding.INT8, LinkEncoding.FP16, LinkEncoding.INT8_CHANNEL,
+                 LinkEncoding.BF16]
+    plan = replace(plan, links=tuple(replace(link, encoding=e)
+                                     for link, e in zip(plan.links, encodings, strict=True)))
+    calls: list = []
+    handles = {s.address: FakeWorker(s.node, s.address, calls) for s in plan.stages}
+    await deploy(plan, _artifacts(plan), emulate_links=False, handles=handles)
+    sent_in = {c[1]: c[7] for c in calls if c[0] == "wire"}
+    # the source's link is the coordinator's to encode; each node encodes the link after it
+    assert sent_in == {"a": LinkEncoding.FP16, "b": LinkEncoding.INT8_CHANNEL,
+                       "c": LinkEncoding.BF16}
 
 
 async def test_deploy_checks_every_node_before_shipping_anything() -> None:
