@@ -10,7 +10,8 @@ the tensor's own dtype. Encoded bytes, tensor by tensor:
 * ``int8``, ``int8-channel``: affine uint8 codes ``x ≈ (q - zero_point) * scale``. The
   payload is ``C`` float32 scales, ``C`` uint8 zero points, then one uint8 code per element
   (C-contiguous). Finite values use codes 0..252 over a range stretched to include 0 (so 0
-  is exact), which puts each within ``scale / 2`` of its value; codes 253, 254 and 255 carry
+  is exact), which puts each within ``scale / 2`` of its value (plus the rounding back to
+  a float16 or bfloat16 tensor's dtype); codes 253, 254 and 255 carry
   NaN, +inf and -inf exactly. ``int8`` has one channel (``C = 1``); ``int8-channel`` has one
   per index of the channel axis (:func:`channel_axis`). Values are quantized in float32
   (finite float64 values beyond its range saturate to it).
