@@ -100,6 +100,15 @@ def header_with(**changes: object) -> bytes:
 GOOD_PAYLOAD = bytes(8)
 
 
+def int8_header(**changes: object) -> bytes:
+    """A header whose one entry has a fifth item, its encoding (int8 by default)."""
+    return header_with(**({"shape": [4], "nbytes": 9, "encoding": "int8"} | changes))
+
+
+def int8_payload(scale: float = 0.5, zero: int = 3) -> bytes:
+    return struct.pack("<f", scale) + bytes([zero]) + bytes(4)
+
+
 @pytest.mark.parametrize(
     ("header", "payload", "message"),
     [
@@ -121,11 +130,30 @@ GOOD_PAYLOAD = bytes(8)
             bytes(2),
             "names repeat",
         ),
+        (int8_header(encoding="int4"), int8_payload(), "unknown encoding 'int4'"),
+        (int8_header(encoding="raw"), GOOD_PAYLOAD, "unknown encoding 'raw'"),
+        (int8_header(encoding=7), int8_payload(), "is not \\[name"),
+        (int8_header(dtype="int32", nbytes=16), bytes(16), "never sent in int8"),
+        (int8_header(dtype="float16", encoding="fp16", nbytes=8), bytes(8), "never sent in fp16"),
+        (int8_header(shape=[0], nbytes=0), b"", "never sent in int8"),
+        (int8_header(nbytes=16), bytes(16), "in int8 = 9 bytes, but the header says 16"),
+        (int8_header(), int8_payload()[:-1], "declares 9 payload bytes, body has 8"),
+        (int8_header(), int8_payload(scale=math.nan), "scales must be positive finite"),
+        (int8_header(), int8_payload(scale=-math.inf), "scales must be positive finite"),
+        (int8_header(), int8_payload(scale=0.0), "scales must be positive finite"),
+        (int8_header(), int8_payload(zero=255), "zero points must be at most 252"),
+        (msgpack.packb({"id": 5, "tensors": [["a", "float32", [4], 9, "int8", "x"]]}),
+         int8_payload(), "is not \\[name"),
+        (msgpack.packb({"id": 5, "tensors": [["a", "float32", [2**31, 2**31], 2**63, "fp16"]]}),
+         bytes(8), "declares 9223372036854775808 payload bytes, body has 8"),
     ],
     ids=[
         "length-disagrees", "unknown-dtype", "truncated-body", "extra-bytes", "garbage-header",
         "trailing-header-bytes", "missing-key", "negative-id", "bool-id", "tensors-not-list",
         "short-entry", "negative-dim", "shape-not-list", "duplicate-name",
+        "unknown-encoding", "raw-named", "encoding-not-string", "int-tensor", "float16-in-fp16",
+        "empty-tensor", "int8-length-disagrees", "int8-truncated", "nan-scale", "inf-scale",
+        "zero-scale", "zero-point-out-of-range", "six-items", "huge-shape",
     ],
 )
 def test_malformed_frame(header: bytes, payload: bytes, message: str) -> None:
@@ -216,44 +244,3 @@ def fields_in(request_id: int, tensors: dict[str, torch.Tensor], encoding: LinkE
               ) -> tuple[bytes, bytes]:
     frame = pb.Frame.FromString(encode_frame(request_id, tensors, encoding=encoding))
     return frame.header, frame.payload
-
-
-def int8_header(**changes: object) -> bytes:
-    entry = {"name": "a", "dtype": "float32", "shape": [4], "nbytes": 9,
-             "encoding": "int8"} | changes
-    return msgpack.packb({"id": 5, "tensors": [list(entry.values())]})
-
-
-def int8_payload(scale: float = 0.5, zero: int = 3) -> bytes:
-    return struct.pack("<f", scale) + bytes([zero]) + bytes(4)
-
-
-@pytest.mark.parametrize(
-    ("header", "payload", "message"),
-    [
-        (int8_header(encoding="int4"), int8_payload(), "unknown encoding 'int4'"),
-        (int8_header(encoding="raw"), GOOD_PAYLOAD, "unknown encoding 'raw'"),
-        (int8_header(encoding=7), int8_payload(), "is not \\[name"),
-        (int8_header(dtype="int32", nbytes=16), bytes(16), "never sent in int8"),
-        (int8_header(dtype="float16", encoding="fp16", nbytes=8), bytes(8), "never sent in fp16"),
-        (int8_header(shape=[0], nbytes=0), b"", "never sent in int8"),
-        (int8_header(nbytes=16), bytes(16), "in int8 = 9 bytes, but the header says 16"),
-        (int8_header(), int8_payload()[:-1], "declares 9 payload bytes, body has 8"),
-        (int8_header(), int8_payload(scale=math.nan), "scales must be positive finite"),
-        (int8_header(), int8_payload(scale=-math.inf), "scales must be positive finite"),
-        (int8_header(), int8_payload(scale=0.0), "scales must be positive finite"),
-        (int8_header(), int8_payload(zero=255), "zero points must be at most 252"),
-        (msgpack.packb({"id": 5, "tensors": [["a", "float32", [4], 9, "int8", "x"]]}),
-         int8_payload(), "is not \\[name"),
-        (msgpack.packb({"id": 5, "tensors": [["a", "float32", [2**31, 2**31], 2**63, "fp16"]]}),
-         bytes(8), "declares 9223372036854775808 payload bytes, body has 8"),
-    ],
-    ids=[
-        "unknown-encoding", "raw-named", "encoding-not-string", "int-tensor", "float16-in-fp16",
-        "empty-tensor", "length-disagrees", "truncated", "nan-scale", "inf-scale",
-        "zero-scale", "zero-point-out-of-range", "six-items", "huge-shape",
-    ],
-)
-def test_malformed_compressed_frame(header: bytes, payload: bytes, message: str) -> None:
-    with pytest.raises(FrameError, match=message):
-        check_frame(header, payload)
