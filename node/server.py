@@ -193,7 +193,7 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
                 size = len(frame.raw) if isinstance(frame, WireFrame) else 0
                 work = await self._accept(frame, context)
                 del frame  # a refused frame's bytes go now, not when the next frame arrives
-                if work.tensors is None and size >= RELEASE_ABOVE_BYTES:
+                if work.frame is None and size >= RELEASE_ABOVE_BYTES:
                     release_free_memory()
                 await self._runner.submit(work)
                 yield pb.Ack(request_id=work.request_id)
