@@ -118,7 +118,7 @@ def link_from_proto(msg: pb.LinkEmulation) -> LinkEmulation:
     return LinkEmulation(**_field_values(msg, LinkEmulation))
 
 
-def encoding_to_proto(encoding: LinkEncoding) -> pb.Encoding:
+def encoding_to_proto(encoding: LinkEncoding) -> int:
     return _ENCODING_TO_PROTO[encoding]
 
 

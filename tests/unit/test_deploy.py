@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 
 from coordinator.deploy import deploy, link_emulation
+from coordinator.pipeline import _wiring
 from node.client import WorkerHandle
 from node.errors import NodeUnreachableError
 from node.link import NO_EMULATION, LinkEmulation
@@ -108,19 +109,36 @@ async def test_deploy_without_emulation_wires_plain_links() -> None:
     assert all(c[3] == NO_EMULATION and c[4] == NO_EMULATION for c in calls if c[0] == "wire")
 
 
-async def test_each_node_sends_in_its_outbound_links_encoding() -> None:
+def _encoded_plan() -> Plan:
+    """Three stages whose four links carry four different encodings."""
     plan = _plan(["a", "b", "c"])
     encodings = [LinkEncoding.INT8, LinkEncoding.FP16, LinkEncoding.INT8_CHANNEL,
                  LinkEncoding.BF16]
-    plan = replace(plan, links=tuple(replace(link, encoding=e)
+    return replace(plan, links=tuple(replace(link, encoding=e)
                                      for link, e in zip(plan.links, encodings, strict=True)))
+
+
+ENCODED_AS = {"a": LinkEncoding.FP16, "b": LinkEncoding.INT8_CHANNEL, "c": LinkEncoding.BF16}
+"""What each node of :func:`_encoded_plan` sends in: the link after it (the source's link
+is the coordinator's to encode)."""
+
+
+async def test_each_node_sends_in_its_outbound_links_encoding() -> None:
+    plan = _encoded_plan()
     calls: list = []
     handles = {s.address: FakeWorker(s.node, s.address, calls) for s in plan.stages}
     await deploy(plan, _artifacts(plan), emulate_links=False, handles=handles)
-    sent_in = {c[1]: c[7] for c in calls if c[0] == "wire"}
-    # the source's link is the coordinator's to encode; each node encodes the link after it
-    assert sent_in == {"a": LinkEncoding.FP16, "b": LinkEncoding.INT8_CHANNEL,
-                       "c": LinkEncoding.BF16}
+    assert {c[1]: c[7] for c in calls if c[0] == "wire"} == ENCODED_AS
+
+
+def test_failover_rewires_each_node_in_its_outbound_links_encoding() -> None:
+    plan = _encoded_plan()
+    wirings = {s.node: _wiring(plan, k, emulate=False) for k, s in enumerate(plan.stages)}
+    assert {node: wiring[3] for node, wiring in wirings.items()} == ENCODED_AS
+    recoded = replace(plan, links=(*plan.links[:2], replace(plan.links[2],
+                                                            encoding=LinkEncoding.RAW),
+                                   plan.links[3]))
+    assert _wiring(recoded, 1, emulate=False) != wirings["b"]  # a new encoding rewires "b"
 
 
 async def test_deploy_checks_every_node_before_shipping_anything() -> None:
