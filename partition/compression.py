@@ -10,11 +10,11 @@ the tensor's own dtype. Encoded bytes, tensor by tensor:
 * ``int8``, ``int8-channel``: affine uint8 codes ``x ≈ (q - zero_point) * scale``. The
   payload is ``C`` float32 scales, ``C`` uint8 zero points, then one uint8 code per element
   (C-contiguous). Finite values use codes 0..252 over a range stretched to include 0 (so 0
-  is exact), which puts each within ``scale / 2`` of its value (plus the rounding back to
-  a float16 or bfloat16 tensor's dtype); codes 253, 254 and 255 carry
-  NaN, +inf and -inf exactly. ``int8`` has one channel (``C = 1``); ``int8-channel`` has one
-  per index of the channel axis (:func:`channel_axis`). Values are quantized in float32
-  (finite float64 values beyond its range saturate to it).
+  is exact), which puts each within ``scale / 2`` of its value (plus the rounding back to a
+  float16 or bfloat16 tensor's dtype); codes 253, 254 and 255 carry NaN, +inf and -inf
+  exactly. ``int8`` has one channel (``C = 1``); ``int8-channel`` has one per index of the
+  channel axis (:func:`channel_axis`). Values are quantized in float32 (finite float64
+  values beyond its range saturate to it).
 
 The planner prices a link with :func:`encoded_bytes`, its error with :func:`roundtrip` and
 its time with :func:`codec_seconds`; the node's codec uses :func:`encode_tensor`,
@@ -59,6 +59,7 @@ elements than this each (a scale and a zero point cost 5 bytes: over this, at mo
 PARAM_BYTES = 5
 """Bytes of one channel's float32 scale and uint8 zero point."""
 
+_FIX = "send tensors as partition.compression.encode_tensor encodes them"
 _WIRE_DTYPES = {LinkEncoding.FP16: torch.float16, LinkEncoding.BF16: torch.bfloat16}
 _QUANTIZED = (LinkEncoding.INT8, LinkEncoding.INT8_CHANNEL)
 
@@ -170,15 +171,15 @@ def check_encoded(data: Buffer, spec: TensorSpec, encoding: LinkEncoding) -> Non
     expected = encoded_bytes(spec, encoding)
     if len(data) != expected:
         raise EncodingError(f"{encoding.value} {spec.dtype}{list(spec.shape)} takes {expected} "
-                            f"bytes, got {len(data)}")
+                            f"bytes, got {len(data)}; {_FIX}")
     if encoding in _QUANTIZED:
         scale, zero = _params(data, _channels(spec.shape, encoding))
         if not bool((torch.isfinite(scale) & (scale > 0)).all()):
             raise EncodingError(f"{encoding.value} scales must be positive finite numbers, got "
-                                f"{_sample(scale)}")
+                                f"{_sample(scale)}; {_FIX}")
         if bool((zero >= CODES).any()):
             raise EncodingError(f"{encoding.value} zero points must be at most {CODES - 1}, "
-                                f"got {_sample(zero)}")
+                                f"got {_sample(zero)}; {_FIX}")
 
 
 def decode_tensor(data: Buffer, spec: TensorSpec, encoding: LinkEncoding) -> torch.Tensor:
