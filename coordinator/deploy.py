@@ -67,7 +67,8 @@ async def deploy(
     progress: ProgressCallback | None = None,
     handles: dict[str, WorkerHandle] | None = None,
 ) -> Deployment:
-    """Check every node answers, load each stage, then wire the chain.
+    """Check every node answers, load each stage, then wire the chain (each node sends in
+    its outbound link's encoding).
 
     ``progress(bytes_sent, total_bytes)`` follows the uploads. ``handles`` maps addresses to
     already-open handles (default: a gRPC handle per stage, closed afterwards).
@@ -104,6 +105,7 @@ async def deploy(
                 previous_node=plan.stages[k - 1].node if k > 0 else None,
                 outbound=link_emulation(plan.links[k + 1], emulate_links),
                 inbound=link_emulation(plan.links[0], emulate_links) if k == 0 else NO_EMULATION,
+                encoding=plan.links[k + 1].encoding,
             )
         log.info("deployed %d stage(s)", len(plan.stages))
     finally:

@@ -35,6 +35,7 @@ from coordinator.ledger import Ledger, Request, RequestFailedError
 from node.client import FrameSender, GrpcWorkerHandle, Result, ResultStream, WorkerHandle
 from node.link import NO_EMULATION, LinkEmulation
 from node.security import client_security
+from partition.compression import LinkEncoding
 from partition.errors import EdgesplitError, TensorSpecError
 from partition.measured import AS_PLANNED, Measured
 from partition.plan import Plan, PlannedStage, Priced
@@ -224,7 +225,8 @@ class Pipeline:
                 self._loaded[stage.node] = (stage.start, stage.end, info.stage.sha256)
         await self._subscribe(self.plan.stages[-1].node)
         first = self.plan.stages[0].node
-        self._sender, self._sender_node = await self._handles[first].open_sender(), first
+        sender = await self._handles[first].open_sender(self.plan.links[0].encoding)
+        self._sender, self._sender_node = sender, first
         self._ready.set()
         self._tasks.append(asyncio.create_task(self._deadlines()))
         self._tasks.append(asyncio.create_task(self._supervise()))
@@ -592,11 +594,11 @@ class Pipeline:
         for k in reversed(range(len(new.stages))):
             node, wiring = new.stages[k].node, _wiring(new, k, self._emulate)
             if node in changed or before.get(node) != wiring:
-                next_address, outbound, inbound = wiring
+                next_address, outbound, inbound, encoding = wiring
                 await handles[k].wire(
                     next_address, next_node=new.stages[k + 1].node if next_address else None,
                     previous_node=new.stages[k - 1].node if k > 0 else None,
-                    outbound=outbound, inbound=inbound,
+                    outbound=outbound, inbound=inbound, encoding=encoding,
                 )
                 changed.add(node)
         await self._switch_data_path(new, force=changed)
@@ -628,11 +630,13 @@ class Pipeline:
         for node in [n for n in self._readers if n != last]:
             if self._watches[node].state.usable:
                 self._close_reader(node)
-        if self._sender is None or self._sender_node != first or first in force:
+        encoding = plan.links[0].encoding
+        if (self._sender is None or self._sender_node != first or first in force
+                or self._sender.encoding is not encoding):
             if self._sender is not None:
                 self._sender.abort()
             self._sender = None
-            self._sender = await self._handles[first].open_sender()
+            self._sender = await self._handles[first].open_sender(encoding)
             self._sender_node = first
         self._ready.set()
 
@@ -698,9 +702,12 @@ class Pipeline:
                         self._ledger.strays)
 
 
-def _wiring(plan: Plan, k: int, emulate: bool) -> tuple[str | None, LinkEmulation, LinkEmulation]:
-    """Stage ``k``'s next address, outbound link and inbound link, as ``deploy`` wires them."""
+def _wiring(
+    plan: Plan, k: int, emulate: bool
+) -> tuple[str | None, LinkEmulation, LinkEmulation, LinkEncoding]:
+    """Stage ``k``'s next address, outbound link, inbound link and outbound encoding, as
+    ``deploy`` wires them."""
     next_address = plan.stages[k + 1].address if k + 1 < len(plan.stages) else None
     outbound = link_emulation(plan.links[k + 1], emulate)
     inbound = link_emulation(plan.links[0], emulate) if k == 0 else NO_EMULATION
-    return next_address, outbound, inbound
+    return next_address, outbound, inbound, plan.links[k + 1].encoding

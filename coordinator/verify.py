@@ -7,8 +7,10 @@ count as a difference). The coordinator runs the same stage programs on the same
 after the other, and compares: the first stage whose *received* fingerprint differs got other
 data than the stage before it reported sending (the hop between them, or a node lying in its
 report); the first whose *sent* fingerprint differs computed something else from the same
-input (a faulty or tampered node). A trace is only as honest as the nodes that carry it, so
-the final outputs are compared too: they can never differ unnoticed.
+input (a faulty or tampered node). Frames cross each link here as they do there: in the
+link's encoding, decoded (:func:`partition.compression.roundtrip`). A trace is only as
+honest as the nodes that carry it, so the final outputs are compared too: they can never
+differ unnoticed.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from node.client import GrpcWorkerHandle
 from node.codec import StageReport, Trace
 from node.pipeline import FINGERPRINT_VALUES, fingerprint
 from partition.artifact import ProgramRunner, load_program, run_stage
+from partition.compression import LinkEncoding, roundtrip
 from partition.errors import EdgesplitError
 from partition.plan import Plan
 from partition.spec import StageSpec
@@ -67,7 +70,7 @@ async def verify(
     first = GrpcWorkerHandle(plan.stages[0].address, plan.stages[0].node)
     last = GrpcWorkerHandle(plan.stages[-1].address, plan.stages[-1].node)
     results = await last.open_results(plan.outputs)
-    sender = await first.open_sender()
+    sender = await first.open_sender(plan.links[0].encoding)
     answers = aiter(results)
     found = []
     try:
@@ -78,7 +81,8 @@ async def verify(
             async with asyncio.timeout(ANSWER_TIMEOUT_S):
                 while (result := await anext(answers)).request_id != request_id:
                     pass
-            local, outputs = _local_trace(programs, inputs)
+            encodings = [link.encoding for link in plan.links]
+            local, outputs = _local_trace(programs, inputs, encodings)
             if result.outputs is None:
                 failure = result.failure
                 difference = Difference(index, failure.stage_index, failure.node,
@@ -103,15 +107,22 @@ async def verify(
 
 
 def _local_trace(
-    programs: Sequence[tuple[ProgramRunner, StageSpec]], inputs: dict[str, torch.Tensor]
+    programs: Sequence[tuple[ProgramRunner, StageSpec]], inputs: dict[str, torch.Tensor],
+    encodings: Sequence[LinkEncoding],
 ) -> tuple[list[StageReport], dict[str, torch.Tensor]]:
-    """Each stage's report of running here on ``inputs``, and the last stage's frame."""
-    frame, reports = inputs, []
-    for program, spec in programs:
+    """Each stage's report of running here on ``inputs``, and the last stage's frame as
+    the client gets it; ``encodings`` are the plan's links'."""
+    frame, reports = _across(inputs, encodings[0]), []
+    for (program, spec), encoding in zip(programs, encodings[1:], strict=True):
         sends = run_stage(program, spec, frame)
         reports.append(StageReport(spec.index, fingerprint(frame), fingerprint(sends)))
-        frame = sends
+        frame = _across(sends, encoding)
     return reports, frame
+
+
+def _across(frame: dict[str, torch.Tensor], encoding: LinkEncoding) -> dict[str, torch.Tensor]:
+    """``frame`` as the far end of a link of ``encoding`` gets it."""
+    return {name: roundtrip(tensor, encoding) for name, tensor in frame.items()}
 
 
 def first_difference(

@@ -25,11 +25,19 @@ from node.data_path import results_stream, submit_stream
 from node.errors import FrameSpecError, NodeRejectedError, NodeUnreachableError
 from node.health import OVERALL, is_serving
 from node.link import NO_EMULATION, LinkEmulation
-from node.messages import Failure, FailureCode, NodeInfo, StageInfo, link_to_proto
+from node.messages import (
+    Failure,
+    FailureCode,
+    NodeInfo,
+    StageInfo,
+    encoding_to_proto,
+    link_to_proto,
+)
 from node.profiling import ProfileOptions
 from node.rpc import edgesplit_pb2 as pb
 from node.rpc import edgesplit_pb2_grpc as pb_grpc
 from node.security import Security
+from partition.compression import LinkEncoding
 from partition.errors import EdgesplitError
 from partition.profiler import ProgressCallback
 from partition.spec import StageSpec, TensorSpec
@@ -59,7 +67,10 @@ class Result:
 
 
 class FrameSender(ABC):
-    """The data path into the first stage: frames go in, in order, until :meth:`close`."""
+    """The data path into the first stage: frames go in, in order, until :meth:`close`,
+    their tensors in ``encoding`` (the first link's)."""
+
+    encoding: LinkEncoding
 
     @abstractmethod
     async def send(
@@ -120,8 +131,10 @@ class WorkerHandle(ABC):
         previous_node: str | None = None,
         outbound: LinkEmulation = NO_EMULATION,
         inbound: LinkEmulation = NO_EMULATION,
+        encoding: LinkEncoding = LinkEncoding.RAW,
     ) -> None:
-        """Send outputs to ``next_address``, or (``None``) to Results subscribers here.
+        """Send outputs to ``next_address``, or (``None``) to Results subscribers here, in
+        ``encoding`` (the outbound link's).
 
         With TLS, the next hop's certificate must name ``next_node``, and only
         ``previous_node`` (besides the coordinator) may send frames here.
@@ -136,8 +149,8 @@ class WorkerHandle(ABC):
         """Each change of ``service``'s health (True for SERVING), until the stream breaks."""
 
     @abstractmethod
-    async def open_sender(self) -> FrameSender:
-        """Open the data path into this node's stage."""
+    async def open_sender(self, encoding: LinkEncoding = LinkEncoding.RAW) -> FrameSender:
+        """Open the data path into this node's stage; frames are sent in ``encoding``."""
 
     @abstractmethod
     async def open_results(self, expected: Sequence[TensorSpec] | None = None) -> ResultStream:
@@ -207,6 +220,7 @@ class GrpcWorkerHandle(WorkerHandle):
         previous_node: str | None = None,
         outbound: LinkEmulation = NO_EMULATION,
         inbound: LinkEmulation = NO_EMULATION,
+        encoding: LinkEncoding = LinkEncoding.RAW,
     ) -> None:
         request = pb.WireRequest(
             next_address=next_address or "",
@@ -214,6 +228,7 @@ class GrpcWorkerHandle(WorkerHandle):
             previous_node=previous_node or "",
             outbound=link_to_proto(outbound),
             inbound=link_to_proto(inbound),
+            outbound_encoding=encoding_to_proto(encoding),
         )
         with _mapped_errors(self, "Wire"):
             await self._stub.Wire(request, timeout=CALL_TIMEOUT_S)
@@ -230,8 +245,8 @@ class GrpcWorkerHandle(WorkerHandle):
             async for reply in self._health.Watch(health_pb2.HealthCheckRequest(service=service)):
                 yield is_serving(reply)
 
-    async def open_sender(self) -> FrameSender:
-        return _GrpcFrameSender(self, submit_stream(self._channel))
+    async def open_sender(self, encoding: LinkEncoding = LinkEncoding.RAW) -> FrameSender:
+        return _GrpcFrameSender(self, submit_stream(self._channel), encoding)
 
     async def open_results(self, expected: Sequence[TensorSpec] | None = None) -> ResultStream:
         call = results_stream(self._channel)
@@ -246,7 +261,10 @@ class GrpcWorkerHandle(WorkerHandle):
 
 
 class _GrpcFrameSender(FrameSender):
-    def __init__(self, node: GrpcWorkerHandle, call: grpc.aio.StreamStreamCall) -> None:
+    def __init__(
+        self, node: GrpcWorkerHandle, call: grpc.aio.StreamStreamCall, encoding: LinkEncoding
+    ) -> None:
+        self.encoding = encoding
         self._node = node
         self._call = call
         self._acks = asyncio.create_task(self._read_acks())
@@ -255,7 +273,7 @@ class _GrpcFrameSender(FrameSender):
         self, request_id: int, tensors: Mapping[str, torch.Tensor], trace: Trace | None = None
     ) -> None:
         try:
-            await self._call.write(encode_frame(request_id, tensors, trace))
+            await self._call.write(encode_frame(request_id, tensors, trace, self.encoding))
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
             await self._acks  # raises the call's error
             raise  # the call ended without an error, yet refused the write

@@ -1,11 +1,14 @@
 """The tensor codec: a frame is a msgpack header plus the tensors' raw bytes.
 
 The header is ``{"id": request_id, "tensors": [[name, dtype, shape, nbytes], ...]}`` with
-dtype names from :mod:`partition.spec`, and on a request the coordinator verifies also
+dtype names from :mod:`partition.spec`; a tensor compressed for its link (see
+:mod:`partition.compression`) has a fifth item, the encoding's name (``"fp16"``, ``"int8"``,
+...), and ``nbytes`` counts its encoded bytes (an int8 tensor's scales and zero points lead
+its bytes in the payload, so the header stays small). On a request the coordinator verifies
 ``"trace": [[stage_index, received, sent], ...]``: each stage it has passed appends the
 fingerprints of the frame it received and of the frame it sent (:class:`StageReport`).
-The payload is every tensor's bytes (C-contiguous, native byte order) concatenated in
-header order. The two are the ``header`` and ``payload``
+The payload is every tensor's bytes (C-contiguous, native byte order, as encoded)
+concatenated in header order. The two are the ``header`` and ``payload``
 fields of the ``Frame`` message: encoding writes the serialized message directly, decoding
 takes the fields of a parsed one, checks every field and builds the tensors as views of the
 payload, without copying. A frame that answers a request with a failure instead carries only
@@ -15,9 +18,7 @@ such frames are built and read.
 
 from __future__ import annotations
 
-import math
 import reprlib
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +30,16 @@ from google.protobuf.message import DecodeError
 from node.errors import FrameError, FrameSpecError
 from node.messages import Failure
 from node.rpc import edgesplit_pb2 as pb
-from partition.errors import TensorSpecError
+from partition.compression import (
+    Buffer,
+    LinkEncoding,
+    check_encoded,
+    decode_tensor,
+    encode_tensor,
+    encoded_bytes,
+    tensor_encoding,
+)
+from partition.errors import EncodingError, TensorSpecError
 from partition.spec import TensorSpec, dtype_from_name, dtype_name
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -118,22 +128,26 @@ def _read_varint(view: memoryview, position: int) -> tuple[int, int]:
 
 
 def encode_frame(
-    request_id: int, tensors: Mapping[str, torch.Tensor], trace: Trace | None = None
+    request_id: int, tensors: Mapping[str, torch.Tensor], trace: Trace | None = None,
+    encoding: LinkEncoding = LinkEncoding.RAW,
 ) -> bytes:
-    """Encode ``tensors`` for request ``request_id`` as a serialized ``Frame`` message;
-    with ``trace`` (even empty) the request is traced: every stage adds its report.
+    """Encode ``tensors`` for request ``request_id`` as a serialized ``Frame`` message for a
+    link of ``encoding``; with ``trace`` (even empty) the request is traced: every stage
+    adds its report.
 
     The result is what ``Frame(header=..., payload=...).SerializeToString()`` would give,
-    built with one copy of the data. Tensors are moved to the CPU and made contiguous as
-    needed.
+    built with one copy of the (encoded) data. Tensors are moved to the CPU and made
+    contiguous as needed.
     """
     entries: list[list[Any]] = []
     views: list[memoryview] = []
     for name, tensor in tensors.items():
-        data = tensor.detach().cpu().contiguous()
-        raw = memoryview(data.reshape(-1).view(torch.uint8).numpy())
-        entries.append([name, dtype_name(data.dtype), list(data.shape), raw.nbytes])
-        views.append(raw)
+        encoded = encode_tensor(tensor, encoding)
+        entry = [name, dtype_name(tensor.dtype), list(tensor.shape), encoded.nbytes]
+        if encoded.encoding is not LinkEncoding.RAW:
+            entry.append(encoded.encoding.value)
+        entries.append(entry)
+        views.extend(encoded.views())
     meta: dict[str, Any] = {"id": request_id, "tensors": entries}
     if trace is not None:
         meta["trace"] = [[r.index, list(r.received), list(r.sent)] for r in trace]
@@ -165,35 +179,91 @@ def decode_failure(frame: WireFrame) -> Failure | None:
         raise FrameError(f"frame carries a malformed failure ({err})") from err
 
 
-Buffer = bytes | memoryview
+
+@dataclass(frozen=True)
+class _Entry:
+    """A tensor of a frame's header: its spec, the encoding it was sent in, its bytes."""
+
+    spec: TensorSpec
+    encoding: LinkEncoding
+    nbytes: int
 
 
-def decode_frame(
+@dataclass(frozen=True)
+class ReceivedFrame:
+    """A checked frame of tensors, not yet built: :meth:`tensors` builds them (decoding
+    compressed tensors takes time, so call it off the event loop); ``trace`` is the
+    frame's trace if its request is traced."""
+
+    request_id: int
+    trace: Trace | None
+    payload: memoryview
+    entries: tuple[_Entry, ...]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors by name, in their own dtypes: raw ones are read-only views of the
+        payload (a program must not write into its inputs in place), compressed ones new
+        tensors."""
+        tensors: dict[str, torch.Tensor] = {}
+        offset = 0
+        for entry in self.entries:
+            data = self.payload[offset : offset + entry.nbytes]
+            tensors[entry.spec.name] = decode_tensor(data, entry.spec, entry.encoding)
+            offset += entry.nbytes
+        return tensors
+
+
+def check_frame(
     header: Buffer, payload: Buffer, expected: Sequence[TensorSpec] | None = None
-) -> tuple[int, dict[str, torch.Tensor]]:
-    """Decode a frame into ``(request_id, tensors)``; the tensors are views of ``payload``.
-
-    The tensors are read-only views: a program must not write into its inputs in place.
+) -> ReceivedFrame:
+    """Check a frame's header and payload; the tensors are built later, by the result.
 
     Raises
     ------
     FrameError
         If the frame is malformed: the header is longer than :data:`MAX_HEADER_BYTES` or
         not msgpack of the documented shape, it has more than :data:`MAX_TENSORS` tensors, a
-        dtype is unknown, a byte length disagrees with its dtype and shape, or the lengths
-        do not add up to the payload's size.
+        dtype or encoding is unknown or an encoding does not apply to its tensor, a byte
+        length disagrees with dtype, shape and encoding, the lengths do not add up to the
+        payload's size, or a compressed tensor's scales or zero points are out of range.
     FrameSpecError
         If the frame is well-formed but its tensors are not exactly ``expected``.
     """
-    request_id, specs, _ = _parse_header(header)
-    total = sum(nbytes for _, nbytes in specs)
+    request_id, entries, trace = _parse_header(header)
+    total = sum(entry.nbytes for entry in entries)
     if total != len(payload):
         raise FrameError(
             f"frame {request_id}: header declares {total} payload bytes, body has {len(payload)}"
         )
     if expected is not None:
-        _check_expected(request_id, [spec for spec, _ in specs], expected)
-    return request_id, _tensors(payload, specs)
+        _check_expected(request_id, [entry.spec for entry in entries], expected)
+    view = memoryview(payload)
+    offset = 0
+    for entry in entries:
+        if entry.encoding is not LinkEncoding.RAW:
+            try:
+                check_encoded(view[offset : offset + entry.nbytes], entry.spec, entry.encoding)
+            except EncodingError as err:
+                raise FrameError(
+                    f"frame {request_id}: tensor {entry.spec.name!r}: {err}"
+                ) from err
+        offset += entry.nbytes
+    return ReceivedFrame(request_id, trace, view, tuple(entries))
+
+
+def decode_frame(
+    header: Buffer, payload: Buffer, expected: Sequence[TensorSpec] | None = None
+) -> tuple[int, dict[str, torch.Tensor]]:
+    """Check and decode a frame into ``(request_id, tensors)`` (see
+    :meth:`ReceivedFrame.tensors`).
+
+    Raises
+    ------
+    FrameError, FrameSpecError
+        As :func:`check_frame`.
+    """
+    frame = check_frame(header, payload, expected)
+    return frame.request_id, frame.tensors()
 
 
 def decode_trace(header: Buffer) -> Trace | None:
@@ -202,12 +272,12 @@ def decode_trace(header: Buffer) -> Trace | None:
     Raises
     ------
     FrameError
-        As :func:`decode_frame`, if the header is malformed.
+        As :func:`check_frame`, if the header is malformed.
     """
     return _parse_header(header)[2]
 
 
-def _parse_header(header: Buffer) -> tuple[int, list[tuple[TensorSpec, int]], Trace | None]:
+def _parse_header(header: Buffer) -> tuple[int, list[_Entry], Trace | None]:
     if len(header) > MAX_HEADER_BYTES:
         raise FrameError(
             f"frame header is {len(header)} bytes, more than the {MAX_HEADER_BYTES} a node reads"
@@ -231,12 +301,12 @@ def _parse_header(header: Buffer) -> tuple[int, list[tuple[TensorSpec, int]], Tr
             f"frame {request_id} carries {len(entries)} tensors, more than the {MAX_TENSORS} "
             "a node accepts"
         )
-    specs = [_parse_entry(request_id, entry) for entry in entries]
-    names = [spec.name for spec, _ in specs]
+    parsed = [_parse_entry(request_id, entry) for entry in entries]
+    names = [entry.spec.name for entry in parsed]
     if len(set(names)) != len(names):
         raise FrameError(f"frame {request_id}: tensor names repeat: {names}")
     trace = meta.get("trace")
-    return request_id, specs, None if trace is None else _parse_trace(request_id, trace)
+    return request_id, parsed, None if trace is None else _parse_trace(request_id, trace)
 
 
 def _parse_trace(request_id: int, trace: Any) -> Trace:
@@ -263,32 +333,55 @@ def _is_floats(value: Any) -> bool:
     )
 
 
-def _parse_entry(request_id: int, entry: Any) -> tuple[TensorSpec, int]:
-    shape_ok = isinstance(entry, list) and len(entry) == 4
+def _parse_entry(request_id: int, entry: Any) -> _Entry:
+    shape_ok = isinstance(entry, list) and len(entry) in (4, 5)
     if shape_ok:
-        name, dtype, shape, nbytes = entry
+        name, dtype, shape, nbytes, *encoding = entry
         shape_ok = (
             isinstance(name, str)
             and isinstance(dtype, str)
             and isinstance(shape, list)
             and all(_is_int(d) and d >= 0 for d in shape)
             and _is_int(nbytes)
+            and all(isinstance(e, str) for e in encoding)
         )
     if not shape_ok:
         raise FrameError(
-            f"frame {request_id}: tensor entry {entry!r} is not [name, dtype, shape, nbytes]"
+            f"frame {request_id}: tensor entry {reprlib.repr(entry)} is not "
+            "[name, dtype, shape, nbytes] or [name, dtype, shape, nbytes, encoding]"
         )
     try:
-        itemsize = dtype_from_name(dtype).itemsize
+        dtype_from_name(dtype)
     except TensorSpecError as err:
         raise FrameError(f"frame {request_id}: tensor {name!r}: {err}") from err
     spec = TensorSpec(name, dtype, tuple(shape))
-    if nbytes != math.prod(shape) * itemsize:
+    used = _parse_encoding(request_id, spec, encoding[0]) if encoding else LinkEncoding.RAW
+    expected = encoded_bytes(spec, used)
+    if nbytes != expected:
+        sent_in = "" if used is LinkEncoding.RAW else f" in {used.value}"
         raise FrameError(
-            f"frame {request_id}: tensor {name!r} is {dtype}{shape} = "
-            f"{math.prod(shape) * itemsize} bytes, but the header says {nbytes}"
+            f"frame {request_id}: tensor {name!r} is {dtype}{shape}{sent_in} = {expected} "
+            f"bytes, but the header says {nbytes}"
         )
-    return spec, nbytes
+    return _Entry(spec, used, nbytes)
+
+
+def _parse_encoding(request_id: int, spec: TensorSpec, name: str) -> LinkEncoding:
+    """The compressed encoding ``name`` of a header entry, if it is one ``spec``'s tensor
+    is sent in."""
+    known = [e.value for e in LinkEncoding if e is not LinkEncoding.RAW]
+    if name not in known:
+        raise FrameError(
+            f"frame {request_id}: tensor {spec.name!r} has unknown encoding {name!r}; "
+            f"expected one of {', '.join(known)} (or none for raw)"
+        )
+    encoding = LinkEncoding(name)
+    if tensor_encoding(spec, encoding) is not encoding:
+        raise FrameError(
+            f"frame {request_id}: tensor {spec.name!r} is {spec.dtype}{list(spec.shape)}, "
+            f"which is never sent in {name}; send it raw"
+        )
+    return encoding
 
 
 def _check_expected(
@@ -299,26 +392,6 @@ def _check_expected(
             request_id,
             f"frame {request_id} has tensors {_describe(got)}, expected {_describe(expected)}",
         )
-
-
-def _tensors(payload: Buffer, specs: Sequence[tuple[TensorSpec, int]]) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    offset = 0
-    with warnings.catch_warnings():
-        # The views are read-only because ``payload`` is; the stage programs never write
-        # into their inputs, so torch's warning about it is noise here.
-        warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
-        for spec, nbytes in specs:
-            dtype = dtype_from_name(spec.dtype)
-            if nbytes == 0:
-                tensor = torch.empty(spec.shape, dtype=dtype)
-            else:
-                count = nbytes // dtype.itemsize
-                flat = torch.frombuffer(payload, dtype=dtype, count=count, offset=offset)
-                tensor = flat.view(spec.shape)
-            tensors[spec.name] = tensor
-            offset += nbytes
-    return tensors
 
 
 def _field(number: int, length: int) -> bytes:

@@ -9,6 +9,7 @@ from typing import Any
 from node.config import Device
 from node.link import LinkEmulation
 from node.rpc import edgesplit_pb2 as pb
+from partition.compression import LinkEncoding
 
 _DEVICE_TO_PROTO = {
     Device.CPU: pb.DEVICE_CPU,
@@ -16,6 +17,14 @@ _DEVICE_TO_PROTO = {
     Device.MPS: pb.DEVICE_MPS,
 }
 _DEVICE_FROM_PROTO = {value: device for device, value in _DEVICE_TO_PROTO.items()}
+_ENCODING_TO_PROTO = {
+    LinkEncoding.RAW: pb.ENCODING_RAW,
+    LinkEncoding.FP16: pb.ENCODING_FP16,
+    LinkEncoding.BF16: pb.ENCODING_BF16,
+    LinkEncoding.INT8: pb.ENCODING_INT8,
+    LinkEncoding.INT8_CHANNEL: pb.ENCODING_INT8_CHANNEL,
+}
+_ENCODING_FROM_PROTO = {value: encoding for encoding, value in _ENCODING_TO_PROTO.items()}
 
 
 class FailureCode(Enum):
@@ -82,6 +91,7 @@ class NodeInfo:
     link_frames: int
     link_bytes_per_s: float
     link_p50_seconds: float
+    bytes_sent: int
 
     def to_proto(self) -> pb.NodeInfo:
         return pb.NodeInfo(
@@ -109,6 +119,15 @@ def link_to_proto(link: LinkEmulation) -> pb.LinkEmulation:
 
 def link_from_proto(msg: pb.LinkEmulation) -> LinkEmulation:
     return LinkEmulation(**_field_values(msg, LinkEmulation))
+
+
+def encoding_to_proto(encoding: LinkEncoding) -> int:
+    return _ENCODING_TO_PROTO[encoding]
+
+
+def encoding_from_proto(value: int) -> LinkEncoding | None:
+    """The encoding a proto enum value names, or ``None`` if it is unknown here."""
+    return _ENCODING_FROM_PROTO.get(value)
 
 
 def _field_values(source: object, cls: type) -> dict[str, Any]:

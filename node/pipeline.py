@@ -1,11 +1,12 @@
 """The stage runner: a bounded queue in, a compute loop, and a send loop to the next hop.
 
-Frames are decoded by the receiver and queued (a full queue makes the receiver wait, which
-gRPC flow control turns into backpressure on the sender). The compute loop runs the stage
-in a worker thread, stretches it to the emulated speed (its calibrated time over the speed
-factor), and queues the encoded output; the send loop crosses the emulated outbound link
-and hands the frame to the sink. Compute and send overlap, so consecutive stages work on
-different requests at once, like a pipeline.
+Frames are checked by the receiver and queued (a full queue makes the receiver wait, which
+gRPC flow control turns into backpressure on the sender). The compute loop decodes them,
+runs the stage and encodes its output for the outbound link, all in a worker thread,
+stretches that to the emulated speed (its calibrated time over the speed factor), and
+queues the frame; the send loop crosses the emulated outbound link and hands the frame to
+the sink. Compute and send overlap, so consecutive stages work on different requests at
+once, like a pipeline.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from typing import Protocol
 
 import torch
 
-from node.codec import StageReport, Trace, encode_failure, encode_frame
+from node.codec import ReceivedFrame, StageReport, encode_failure, encode_frame
 from node.config import Device
 from node.link import EmulatedLink, LinkEmulation
 from node.messages import Failure, FailureCode, StageInfo
 from partition.artifact import ProgramRunner, run_stage
+from partition.compression import LinkEncoding
 from partition.loader import example_tensor
 from partition.spec import StageSpec
 
@@ -59,14 +61,13 @@ class LoadedStage:
 
 @dataclass(frozen=True)
 class Work:
-    """A frame decoded for ``stage``, or (``failure``) a failure frame to pass on;
-    ``trace`` is the frame's trace if its request is traced."""
+    """A frame checked for ``stage`` (its tensors are decoded when it runs), or
+    (``failure``) a failure frame to pass on."""
 
     request_id: int
     stage: LoadedStage | None = None
-    tensors: dict[str, torch.Tensor] | None = None
+    frame: ReceivedFrame | None = None
     failure: bytes | None = None
-    trace: Trace | None = None
 
 
 class FrameSink(Protocol):
@@ -125,6 +126,7 @@ class StageRunner:
         self.sink: FrameSink | None = None
         self.inbound = EmulatedLink(LinkEmulation())
         self._outbound = EmulatedLink(LinkEmulation())
+        self._encoding = LinkEncoding.RAW
         self._device = torch.device(device.value)
         self._speed_factor = speed_factor
         self._inbox: asyncio.Queue[Work] = asyncio.Queue(QUEUE_DEPTH)
@@ -132,6 +134,8 @@ class StageRunner:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
         self._tasks: list[asyncio.Task[None]] = []
         self.holding = 0
+        self.bytes_sent = 0
+        """Bytes of the frames sent on since the node started."""
         """Frames accepted and not yet handed to the sink."""
 
     @property
@@ -182,10 +186,14 @@ class StageRunner:
         self.stage = stage
         self.stats = RecentStats()
 
-    async def wire(self, sink: FrameSink, outbound: LinkEmulation, inbound: LinkEmulation) -> None:
-        """Send output frames to ``sink`` from now on, over the given emulated links; the
-        link's statistics start afresh."""
+    async def wire(
+        self, sink: FrameSink, outbound: LinkEmulation, inbound: LinkEmulation,
+        encoding: LinkEncoding = LinkEncoding.RAW,
+    ) -> None:
+        """Send output frames to ``sink`` in ``encoding`` from now on, over the given
+        emulated links; the link's statistics start afresh."""
         old, self.sink = self.sink, sink
+        self._encoding = encoding
         self.link_stats = LinkStats()
         self._outbound = EmulatedLink(outbound)
         self.inbound = EmulatedLink(inbound)
@@ -205,15 +213,14 @@ class StageRunner:
         loop = asyncio.get_running_loop()
         while True:
             work = await self._inbox.get()
-            if work.stage is None or work.tensors is None:
+            if work.stage is None or work.frame is None:
                 if work.failure is None:
                     raise RuntimeError(f"work for request {work.request_id} has nothing to do")
                 await self._outbox.put((work.request_id, work.failure))
                 continue
             started = time.perf_counter()
             frame = await loop.run_in_executor(
-                self._executor, self._compute, work.stage, work.request_id, work.tensors,
-                work.trace,
+                self._executor, self._compute, work.stage, work.frame
             )
             if self._speed_factor < 1:
                 # An emulated device takes its calibrated time over the speed factor, however
@@ -223,19 +230,19 @@ class StageRunner:
             self.stats.record(time.perf_counter() - started)
             await self._outbox.put((work.request_id, frame))
 
-    def _compute(
-        self, stage: LoadedStage, request_id: int, tensors: dict[str, torch.Tensor],
-        trace: Trace | None,
-    ) -> bytes:
-        """Run the stage on one frame and encode the result (in the worker thread); a
-        traced request's frame gets this stage's report added to its trace."""
+    def _compute(self, stage: LoadedStage, received: ReceivedFrame) -> bytes:
+        """Decode one frame, run the stage on it and encode the result for the outbound
+        link (in the worker thread); a traced request's frame gets this stage's report
+        added to its trace."""
+        request_id, trace = received.request_id, received.trace
         try:
+            tensors = received.tensors()
             frame = {name: t.to(self._device) for name, t in tensors.items()}
             sends = run_stage(stage.program, stage.spec, frame)
             if trace is not None:
                 report = StageReport(stage.spec.index, fingerprint(tensors), fingerprint(sends))
                 trace = (*trace, report)
-            return encode_frame(request_id, sends, trace)
+            return encode_frame(request_id, sends, trace, self._encoding)
         except Exception as err:  # the program raised: answer this request with a failure
             log.warning("stage %d failed on request %d: %r", stage.spec.index, request_id, err)
             return self.failure_frame(
@@ -263,6 +270,7 @@ class StageRunner:
                 await sink.deliver(request_id, frame)
             finally:
                 self.holding -= 1
+            self.bytes_sent += len(frame)
             if unhindered and sink is measured is self.sink:
                 self.link_stats.record(len(frame), time.perf_counter() - started)
 

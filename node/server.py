@@ -16,13 +16,13 @@ import grpc
 import torch
 
 from node.auth import AuthInterceptor, WiredPeers
-from node.codec import WireFrame, decode_failure, decode_frame, decode_trace
+from node.codec import WireFrame, check_frame, decode_failure
 from node.config import NodeConfig
 from node.data_path import add_servicer
 from node.errors import FrameError, FrameSpecError, LimitError, ListenError
 from node.health import NodeHealth
 from node.loading import receive_artifact
-from node.messages import FailureCode, NodeInfo, link_from_proto
+from node.messages import FailureCode, NodeInfo, encoding_from_proto, link_from_proto
 from node.next_hop import NextHop
 from node.pipeline import QUEUE_DEPTH, StageRunner, Work
 from node.profiling import NodeProfiler
@@ -93,6 +93,7 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
             link_frames=self._runner.link_stats.seconds.count,
             link_bytes_per_s=self._runner.link_stats.bytes_per_s.p50,
             link_p50_seconds=self._runner.link_stats.seconds.p50,
+            bytes_sent=self._runner.bytes_sent,
         ).to_proto()
 
     async def Profile(
@@ -133,6 +134,13 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
         self, request: pb.WireRequest, context: grpc.aio.ServicerContext
     ) -> pb.WireReply:
         security = self._config.security
+        encoding = encoding_from_proto(request.outbound_encoding)
+        if encoding is None:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"Wire names unknown outbound encoding {request.outbound_encoding}; upgrade "
+                "this node to the coordinator's version",
+            )
         if request.next_address and security and security.tls and not request.next_node:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -156,11 +164,11 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
             sink = self._results
         self._peers.previous = request.previous_node or None
         outbound, inbound = link_from_proto(request.outbound), link_from_proto(request.inbound)
-        await self._runner.wire(sink, outbound, inbound)
+        await self._runner.wire(sink, outbound, inbound, encoding)
         await self._health.set_ready(self._runner.stage is not None)
         log.info(
-            "wired: next hop %s, outbound %s, inbound %s",
-            request.next_address or "the Results stream", outbound, inbound,
+            "wired: next hop %s in %s, outbound %s, inbound %s",
+            request.next_address or "the Results stream", encoding.value, outbound, inbound,
         )
         return pb.WireReply()
 
@@ -188,7 +196,7 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
                 size = len(frame.raw) if isinstance(frame, WireFrame) else 0
                 work = await self._accept(frame, context)
                 del frame  # a refused frame's bytes go now, not when the next frame arrives
-                if work.tensors is None and size >= RELEASE_ABOVE_BYTES:
+                if work.frame is None and size >= RELEASE_ABOVE_BYTES:
                     release_free_memory()
                 await self._runner.submit(work)
                 yield pb.Ack(request_id=work.request_id)
@@ -208,7 +216,7 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
             header, payload = frame.header, frame.payload
             await self._runner.inbound.carry(len(header) + len(payload))
             stage = self._runner.stage
-            request_id, tensors = decode_frame(header, payload, stage.spec.receives)
+            received = check_frame(header, payload, stage.spec.receives)
         except FrameSpecError as err:
             answer = self._runner.failure_frame(
                 err.request_id, FailureCode.INVALID_ARGUMENT, str(err)
@@ -217,7 +225,7 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
         except FrameError as err:
             log.warning("closed a Submit stream: %s", err)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        return Work(request_id, stage=stage, tensors=tensors, trace=decode_trace(header))
+        return Work(received.request_id, stage=stage, frame=received)
 
     async def Results(
         self, request: pb.ResultsRequest, context: grpc.aio.ServicerContext

@@ -43,3 +43,7 @@ class PlanFormatError(EdgesplitError):
 
 class TensorSpecError(EdgesplitError):
     """A tensor does not match the name, dtype or shape a stage expects."""
+
+
+class EncodingError(EdgesplitError):
+    """A compressed tensor's bytes are malformed: wrong length, encoding or parameters."""

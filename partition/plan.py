@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
+from partition.compression import LinkEncoding
 from partition.errors import PlanFormatError, TensorSpecError
 from partition.security_spec import SecuritySpec
 from partition.spec import TensorSpec, dtype_from_name
@@ -43,14 +44,6 @@ class Objective(enum.Enum):
         if self is Objective.LATENCY:
             return (priced.latency_s, priced.bottleneck_s)
         return (priced.bottleneck_s, priced.latency_s)
-
-
-class LinkEncoding(enum.Enum):
-    """How tensors cross a link. A property of the plan, so that compressed encodings
-    (float16, int8 with scale and zero point) can be chosen per link; today every link
-    carries the tensors' raw bytes."""
-
-    RAW = "raw"
 
 
 @dataclass(frozen=True)

@@ -130,8 +130,8 @@ class EdgeNodeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Wire(self, request, context):
-        """Say where this node's output frames go, which node may send it frames, and which links
-        it emulates.
+        """Say where this node's output frames go, in which encoding, which node may send it
+        frames, and which links it emulates. INVALID_ARGUMENT for an unknown encoding.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,6 +1,7 @@
 """Chaos tests: nodes of a 4-node simulated cluster are killed, hung, drained, restarted and
-slowed down (a node or a link) while 500 requests run with 8 in flight. Every request must be answered once,
-by outputs equal to the single-process model's; each test prints detection and recovery.
+slowed down (a node or a link) while 500 requests run with 8 in flight. Every request must be
+answered once, by outputs equal to the single-process model's; each test prints detection and
+recovery.
 
 One cluster serves the module: before each test, nodes that were killed are started again,
 hung ones continued, and the plan deployed afresh.

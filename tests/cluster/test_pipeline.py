@@ -70,31 +70,32 @@ class Split:
     reference: ProgramRunner
 
 
+def split_in_three(cluster: ClusterSpec, sample: ExportedSample) -> Split:
+    """``sample`` split at ``L//3`` and ``2L//3`` onto the cluster's nodes 0, 1, 2, priced on
+    a quick profile of this machine."""
+    model = sample.model
+    layer_graph = build_layer_graph(model.program)
+    profile = profile_layers(layer_graph, model.sha256, model.example_inputs, repeats=1, warmup=1)
+    cost = build_cost_model(layer_graph, cluster, {n: profile for n in cluster.names})
+    count = layer_graph.num_layers
+    cuts = [0, count // 3, 2 * count // 3, count]
+    spans = [Span(index, start, end)
+             for index, (start, end) in enumerate(zip(cuts, cuts[1:], strict=False))]
+    plan = plan_from_schedule(
+        model, layer_graph, cluster, cost, evaluate(cost, spans), Objective.THROUGHPUT,
+        exact=False, lower_bound_s=0.0,
+    )
+    return Split(sample, layer_graph, plan, split(plan, layer_graph), ProgramRunner(model.program))
+
+
 @pytest.fixture(scope="module")
 def three_stages(cluster: ClusterSpec, sample_exported) -> Callable[[str], Split]:
-    """``three_stages(name)``: the sample split at ``L//3`` and ``2L//3`` onto nodes 0, 1, 2,
-    priced on a quick profile of this machine (made once per model)."""
+    """``three_stages(name)``: :func:`split_in_three` of the sample (made once per model)."""
     made: dict[str, Split] = {}
 
     def get(name: str) -> Split:
         if name not in made:
-            sample = sample_exported(name)
-            model = sample.model
-            layer_graph = build_layer_graph(model.program)
-            profile = profile_layers(
-                layer_graph, model.sha256, model.example_inputs, repeats=1, warmup=1
-            )
-            cost = build_cost_model(layer_graph, cluster, {n: profile for n in cluster.names})
-            count = layer_graph.num_layers
-            cuts = [0, count // 3, 2 * count // 3, count]
-            spans = [Span(index, start, end)
-                     for index, (start, end) in enumerate(zip(cuts, cuts[1:], strict=False))]
-            plan = plan_from_schedule(
-                model, layer_graph, cluster, cost, evaluate(cost, spans), Objective.THROUGHPUT,
-                exact=False, lower_bound_s=0.0,
-            )
-            made[name] = Split(sample, layer_graph, plan, split(plan, layer_graph),
-                               ProgramRunner(model.program))
+            made[name] = split_in_three(cluster, sample_exported(name))
         return made[name]
 
     return get

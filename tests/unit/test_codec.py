@@ -4,6 +4,7 @@ failure frames."""
 from __future__ import annotations
 
 import math
+import struct
 import warnings
 
 import msgpack
@@ -11,10 +12,18 @@ import numpy as np
 import pytest
 import torch
 
-from node.codec import decode_failure, decode_frame, encode_failure, encode_frame, read_frame
+from node.codec import (
+    check_frame,
+    decode_failure,
+    decode_frame,
+    encode_failure,
+    encode_frame,
+    read_frame,
+)
 from node.errors import FrameError, FrameSpecError
 from node.messages import Failure, FailureCode
 from node.rpc import edgesplit_pb2 as pb
+from partition.compression import LinkEncoding, encoded_bytes, roundtrip, tensor_encoding
 from partition.errors import TensorSpecError
 from partition.spec import _DTYPES, TensorSpec
 
@@ -91,6 +100,15 @@ def header_with(**changes: object) -> bytes:
 GOOD_PAYLOAD = bytes(8)
 
 
+def int8_header(**changes: object) -> bytes:
+    """A header whose one entry has a fifth item, its encoding (int8 by default)."""
+    return header_with(**({"shape": [4], "nbytes": 9, "encoding": "int8"} | changes))
+
+
+def int8_payload(scale: float = 0.5, zero: int = 3) -> bytes:
+    return struct.pack("<f", scale) + bytes([zero]) + bytes(4)
+
+
 @pytest.mark.parametrize(
     ("header", "payload", "message"),
     [
@@ -112,11 +130,30 @@ GOOD_PAYLOAD = bytes(8)
             bytes(2),
             "names repeat",
         ),
+        (int8_header(encoding="int4"), int8_payload(), "unknown encoding 'int4'"),
+        (int8_header(encoding="raw"), GOOD_PAYLOAD, "unknown encoding 'raw'"),
+        (int8_header(encoding=7), int8_payload(), "is not \\[name"),
+        (int8_header(dtype="int32", nbytes=16), bytes(16), "never sent in int8"),
+        (int8_header(dtype="float16", encoding="fp16", nbytes=8), bytes(8), "never sent in fp16"),
+        (int8_header(shape=[0], nbytes=0), b"", "never sent in int8"),
+        (int8_header(nbytes=16), bytes(16), "in int8 = 9 bytes, but the header says 16"),
+        (int8_header(), int8_payload()[:-1], "declares 9 payload bytes, body has 8"),
+        (int8_header(), int8_payload(scale=math.nan), "scales must be positive finite"),
+        (int8_header(), int8_payload(scale=-math.inf), "scales must be positive finite"),
+        (int8_header(), int8_payload(scale=0.0), "scales must be positive finite"),
+        (int8_header(), int8_payload(zero=255), "zero points must be at most 252"),
+        (msgpack.packb({"id": 5, "tensors": [["a", "float32", [4], 9, "int8", "x"]]}),
+         int8_payload(), "is not \\[name"),
+        (msgpack.packb({"id": 5, "tensors": [["a", "float32", [2**31, 2**31], 2**63, "fp16"]]}),
+         bytes(8), "declares 9223372036854775808 payload bytes, body has 8"),
     ],
     ids=[
         "length-disagrees", "unknown-dtype", "truncated-body", "extra-bytes", "garbage-header",
         "trailing-header-bytes", "missing-key", "negative-id", "bool-id", "tensors-not-list",
         "short-entry", "negative-dim", "shape-not-list", "duplicate-name",
+        "unknown-encoding", "raw-named", "encoding-not-string", "int-tensor", "float16-in-fp16",
+        "empty-tensor", "int8-length-disagrees", "int8-truncated", "nan-scale", "inf-scale",
+        "zero-scale", "zero-point-out-of-range", "six-items", "huge-shape",
     ],
 )
 def test_malformed_frame(header: bytes, payload: bytes, message: str) -> None:
@@ -155,3 +192,55 @@ def test_malformed_failure(failure: bytes) -> None:
     frame = read_frame(bytes([3 << 3 | 2, len(failure)]) + failure)  # Frame.failure, by hand
     with pytest.raises(FrameError, match="malformed failure"):
         decode_failure(frame)
+
+
+# -- frames compressed for their link -------------------------------------------------------
+
+MIXED = {
+    "h": torch.randn(2, 16, 32),
+    "ids": torch.arange(10),
+    "mask": torch.tensor([True, False]),
+    "half": torch.randn(5).half(),
+    "empty": torch.empty(0, 4),
+}
+
+
+@pytest.mark.parametrize("encoding", list(LinkEncoding), ids=lambda e: e.value)
+def test_compressed_frame_round_trips_to_what_the_receiver_sees(encoding: LinkEncoding) -> None:
+    header, payload = fields_in(8, MIXED, encoding)
+    request_id, tensors = decode_frame(header, payload, [TensorSpec.of(n, t)
+                                                         for n, t in MIXED.items()])
+    assert request_id == 8 and list(tensors) == list(MIXED)
+    for name, sent in MIXED.items():
+        assert torch.equal(tensors[name], roundtrip(sent, encoding)), name
+        assert tensors[name].dtype == sent.dtype
+    assert torch.equal(tensors["ids"], MIXED["ids"]) and torch.equal(tensors["mask"],
+                                                                     MIXED["mask"])
+    entries = msgpack.unpackb(header)["tensors"]
+    compressed = {e[0]: e[4] for e in entries if len(e) == 5}
+    expected = {n: encoding.value for n, t in MIXED.items()
+                if tensor_encoding(TensorSpec.of(n, t), encoding) is not LinkEncoding.RAW}
+    assert compressed == expected
+    assert len(payload) == sum(encoded_bytes(TensorSpec.of(n, t), encoding)
+                               for n, t in MIXED.items())
+
+
+def test_compressed_frames_are_smaller() -> None:
+    tensors = {"h": torch.randn(1, 128, 768), "ids": torch.arange(128)}
+    sizes = {e: len(encode_frame(1, tensors, encoding=e)) for e in LinkEncoding}
+    raw = sizes[LinkEncoding.RAW]
+    assert sizes[LinkEncoding.FP16] < 0.51 * raw and sizes[LinkEncoding.BF16] < 0.51 * raw
+    assert sizes[LinkEncoding.INT8] < 0.26 * raw and sizes[LinkEncoding.INT8_CHANNEL] < 0.27 * raw
+
+
+def test_checking_a_frame_builds_no_tensor_until_asked() -> None:
+    header, payload = fields_in(3, {"h": torch.randn(4, 64)}, LinkEncoding.INT8)
+    received = check_frame(header, payload, [TensorSpec("h", "float32", (4, 64))])
+    assert received.request_id == 3 and received.trace is None
+    assert received.tensors()["h"].shape == (4, 64)
+
+
+def fields_in(request_id: int, tensors: dict[str, torch.Tensor], encoding: LinkEncoding
+              ) -> tuple[bytes, bytes]:
+    frame = pb.Frame.FromString(encode_frame(request_id, tensors, encoding=encoding))
+    return frame.header, frame.payload

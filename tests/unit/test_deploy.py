@@ -7,10 +7,12 @@ from dataclasses import replace
 import pytest
 
 from coordinator.deploy import deploy, link_emulation
+from coordinator.pipeline import _wiring
 from node.client import WorkerHandle
 from node.errors import NodeUnreachableError
 from node.link import NO_EMULATION, LinkEmulation
 from node.messages import StageInfo
+from partition.compression import LinkEncoding
 from partition.plan import Link, Objective, Plan, PlannedStage
 from partition.spec import StageSpec
 from partition.split import StageArtifact
@@ -37,9 +39,9 @@ class FakeWorker(WorkerHandle):
         return StageInfo(spec.index, spec.artifact_sha256, len(artifact))
 
     async def wire(self, next_address, *, next_node=None, previous_node=None,
-                   outbound=NO_EMULATION, inbound=NO_EMULATION):
+                   outbound=NO_EMULATION, inbound=NO_EMULATION, encoding=LinkEncoding.RAW):
         self.calls.append(("wire", self.name, next_address, outbound, inbound,
-                           next_node, previous_node))
+                           next_node, previous_node, encoding))
 
     async def check_health(self, service="", timeout_s=1.0):
         raise NotImplementedError
@@ -47,7 +49,7 @@ class FakeWorker(WorkerHandle):
     def watch_health(self, service=""):
         raise NotImplementedError
 
-    async def open_sender(self):
+    async def open_sender(self, encoding=LinkEncoding.RAW):
         raise NotImplementedError
 
     async def open_results(self, expected=None):
@@ -92,7 +94,8 @@ async def test_deploy_loads_every_stage_then_wires_downstream_first() -> None:
     assert wires[1][4] == NO_EMULATION
     # Each node learns its neighbours' names: whose certificate it forwards to, and whose
     # frames it accepts.
-    assert [c[5:] for c in wires] == [(None, "b"), ("c", "a"), ("b", None)]
+    assert [c[5:7] for c in wires] == [(None, "b"), ("c", "a"), ("b", None)]
+    assert {c[7] for c in wires} == {LinkEncoding.RAW}
     assert progress[-1] == (600, 600)
     assert record.artifact_sha256 == ("ab" * 32,) * 3 and record.emulated_links
     assert not [c for c in calls if c[0] == "close"]  # handles given are left open
@@ -104,6 +107,38 @@ async def test_deploy_without_emulation_wires_plain_links() -> None:
     handles = {s.address: FakeWorker(s.node, s.address, calls) for s in plan.stages}
     await deploy(plan, _artifacts(plan), emulate_links=False, handles=handles)
     assert all(c[3] == NO_EMULATION and c[4] == NO_EMULATION for c in calls if c[0] == "wire")
+
+
+def _encoded_plan() -> Plan:
+    """Three stages whose four links carry four different encodings."""
+    plan = _plan(["a", "b", "c"])
+    encodings = [LinkEncoding.INT8, LinkEncoding.FP16, LinkEncoding.INT8_CHANNEL,
+                 LinkEncoding.BF16]
+    return replace(plan, links=tuple(replace(link, encoding=e)
+                                     for link, e in zip(plan.links, encodings, strict=True)))
+
+
+ENCODED_AS = {"a": LinkEncoding.FP16, "b": LinkEncoding.INT8_CHANNEL, "c": LinkEncoding.BF16}
+"""What each node of :func:`_encoded_plan` sends in: the link after it (the source's link
+is the coordinator's to encode)."""
+
+
+async def test_each_node_sends_in_its_outbound_links_encoding() -> None:
+    plan = _encoded_plan()
+    calls: list = []
+    handles = {s.address: FakeWorker(s.node, s.address, calls) for s in plan.stages}
+    await deploy(plan, _artifacts(plan), emulate_links=False, handles=handles)
+    assert {c[1]: c[7] for c in calls if c[0] == "wire"} == ENCODED_AS
+
+
+def test_failover_rewires_each_node_in_its_outbound_links_encoding() -> None:
+    plan = _encoded_plan()
+    wirings = {s.node: _wiring(plan, k, emulate=False) for k, s in enumerate(plan.stages)}
+    assert {node: wiring[3] for node, wiring in wirings.items()} == ENCODED_AS
+    recoded = replace(plan, links=(*plan.links[:2], replace(plan.links[2],
+                                                            encoding=LinkEncoding.RAW),
+                                   plan.links[3]))
+    assert _wiring(recoded, 1, emulate=False) != wirings["b"]  # a new encoding rewires "b"
 
 
 async def test_deploy_checks_every_node_before_shipping_anything() -> None:

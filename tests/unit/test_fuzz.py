@@ -24,6 +24,7 @@ from node.errors import ArtifactError, FrameError, LimitError
 from node.loading import receive_artifact
 from node.rpc import edgesplit_pb2 as pb
 from partition.cluster import ClusterSpec, load_cluster
+from partition.compression import LinkEncoding
 from partition.errors import ClusterSpecError, PlanFormatError, TensorSpecError
 from partition.plan import Link, Objective, Plan, PlannedStage
 from partition.spec import StageSpec, TensorSpec
@@ -34,6 +35,8 @@ FAST = settings(max_examples=150, deadline=2000,
 
 EXPECTED = (TensorSpec("x", "float32", (2, 3)), TensorSpec("ids", "int64", (4,)))
 VALID_FRAME = encode_frame(7, {"x": torch.ones(2, 3), "ids": torch.arange(4)})
+INT8_FRAME = encode_frame(7, {"x": torch.randn(2, 3), "ids": torch.arange(4)},
+                          encoding=LinkEncoding.INT8)
 
 def values(integers: st.SearchStrategy[int]) -> st.SearchStrategy[Any]:
     """Nested lists and maps of null, booleans, ``integers``, floats and short strings."""
@@ -58,8 +61,9 @@ def decode(data: bytes) -> None:
 
 @st.composite
 def mutated_frames(draw: st.DrawFn) -> bytes:
-    """The valid frame with a byte flipped, its end cut off, bytes added or replaced."""
-    data = VALID_FRAME
+    """A valid frame (raw or int8) with a byte flipped, its end cut off, bytes added or
+    replaced."""
+    data = draw(st.sampled_from([VALID_FRAME, INT8_FRAME]))
     edit = draw(st.sampled_from(["flip", "trim", "extend", "splice"]))
     at = draw(st.integers(0, max(len(data) - 1, 0)))
     if edit == "flip":
@@ -76,7 +80,7 @@ def mutated_headers(draw: st.DrawFn) -> bytes:
     """A valid frame whose msgpack header has one field replaced by a random value."""
     meta = {"id": 7, "tensors": [["x", "float32", [2, 3], 24], ["ids", "int64", [4], 32]]}
     target = draw(st.sampled_from(["id", "tensors", "entry", "name", "dtype", "shape",
-                                   "nbytes", "count", "trace", "extra"]))
+                                   "nbytes", "count", "trace", "extra", "encoding"]))
     value = draw(msgpack_values)
     entry = meta["tensors"][draw(st.integers(0, 1))]
     if target in ("id", "tensors", "trace"):
@@ -87,6 +91,8 @@ def mutated_headers(draw: st.DrawFn) -> bytes:
         meta["tensors"][0] = value
     elif target == "count":
         meta["tensors"] = meta["tensors"] * draw(st.integers(0, 3))
+    elif target == "encoding":
+        entry.append(draw(st.sampled_from([e.value for e in LinkEncoding]) | msgpack_values))
     else:
         entry[["name", "dtype", "shape", "nbytes"].index(target)] = value
     header = msgpack.packb(meta)
@@ -101,8 +107,9 @@ def test_frame_decoder_accepts_or_raises_frame_errors(data: bytes) -> None:
         decode(data)
 
 
-def test_the_valid_frame_decodes() -> None:
+def test_the_valid_frames_decode() -> None:
     decode(VALID_FRAME)
+    decode(INT8_FRAME)
 
 
 SPEC = StageSpec(0, "a", 0, 1, EXPECTED, ("x",), (EXPECTED[0],), (EXPECTED[0],), "")
