@@ -101,9 +101,10 @@ class DriftWatch:
             ratio = base.drift(info.link_frames, info.link_p50_seconds)
             if ratio is not None:
                 found.links[link.src, link.dst] = ratio
-                transfer_s = max(info.link_p50_seconds - link.latency_s,
-                                 MIN_TRANSFER_SHARE * info.link_p50_seconds)
-                found.bandwidth[link.src, link.dst] = stage.bytes_out / transfer_s
+                seconds = info.link_p50_seconds
+                frame_bytes = info.link_bytes_per_s * seconds  # as sent: encoded, if it is
+                transfer_s = max(seconds - link.latency_s, MIN_TRANSFER_SHARE * seconds)
+                found.bandwidth[link.src, link.dst] = frame_bytes / transfer_s
         return found
 
     def forget(self, nodes: set[str]) -> None:

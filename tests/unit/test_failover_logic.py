@@ -195,8 +195,8 @@ async def test_drift_is_a_sustained_change_past_the_baseline(skip_dag_plan) -> N
     found = [await poll(2 * WINDOW + k) for k in range(SUSTAIN_POLLS)]
     assert found[-1].links == {(hop.src, hop.dst): pytest.approx(slow_s / 0.001)}
     transfer_s = slow_s - hop.latency_s  # the bandwidth explains the time less the latency
-    assert found[-1].bandwidth == {
-        (hop.src, hop.dst): pytest.approx(made.stages[0].bytes_out / transfer_s)}
+    frame_bytes = handles[first].info.link_bytes_per_s * slow_s
+    assert found[-1].bandwidth == {(hop.src, hop.dst): pytest.approx(frame_bytes / transfer_s)}
     watch.forget({first})  # re-measured after a switch: the slow figures are the new baseline
     assert not await poll(3 * WINDOW)
     assert not any([await poll(4 * WINDOW + k) for k in range(SUSTAIN_POLLS)])
