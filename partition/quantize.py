@@ -246,9 +246,11 @@ def dequantize_int4(
     values = torch.stack(
         (torch.bitwise_and(packed, 15), torch.bitwise_right_shift(packed, 4)), dim=-1
     ).reshape(packed.shape[0], packed.shape[1], INT4_GROUP)
-    matrix = (values.to(torch.float32) * scale + low).reshape(packed.shape[0], -1)
+    matrix = torch.addcmul(low, values.to(torch.float32), scale).reshape(packed.shape[0], -1)
     width = math.prod(shape) // _matrix_shape(torch.Size(shape), transposed)[0]
-    return _restore(matrix[:, :width], shape, transposed)
+    if width < matrix.shape[1]:  # the last group was padded
+        matrix = matrix[:, :width]
+    return _restore(matrix, shape, transposed)
 
 
 _DEQUANTIZE = {WeightFormat.INT8: dequantize_int8, WeightFormat.INT4: dequantize_int4}
