@@ -73,8 +73,9 @@ def show_plan(result: Plan) -> None:
 def gather_profiles(
     args: argparse.Namespace, model: LoadedModel, layer_graph: LayerGraph, cluster: ClusterSpec
 ) -> dict[str, Profile]:
-    """This machine's profile, overridden per node by ``--profile`` files and, with
-    ``--profile-on-nodes``, by measurements taken on the nodes themselves."""
+    """This machine's profile (in each node's weight format), overridden per node by
+    ``--profile`` files and, with ``--profile-on-nodes``, by measurements taken on the nodes
+    themselves (their float32 times)."""
     given: dict[str, Profile] = {}
     for item in args.profile:
         name, sep, path = item.partition("=")
@@ -94,4 +95,12 @@ def gather_profiles(
         local, _ = cached_profile(
             model, layer_graph, threads=args.threads, repeats=args.repeats, progress=update
         )
-    return node_profiles(cluster, local, given)
+    quantized = {}
+    for fmt in sorted({node.quantize for node in cluster.nodes if node.name not in given}
+                      - {None, WeightFormat.NONE}, key=lambda f: f.value):
+        with progress_bar(f"profiling {fmt.value} weights", 3 + args.repeats) as update:
+            quantized[fmt], _ = cached_profile(
+                model, layer_graph, threads=args.threads, repeats=args.repeats,
+                progress=update, weights=fmt,
+            )
+    return node_profiles(cluster, local, given, quantized)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from partition.cluster import ClusterSpec, cost_arrays
@@ -12,12 +14,16 @@ from partition.quantize import WeightFormat, dequantized_bytes, weight_bytes
 
 
 def node_profiles(
-    cluster: ClusterSpec, local: Profile, measured: dict[str, Profile]
+    cluster: ClusterSpec, local: Profile, measured: dict[str, Profile],
+    quantized: Mapping[WeightFormat, Profile] | None = None,
 ) -> dict[str, Profile]:
     """Each node's profile: measured on the node (or given as a file), else this machine's
-    profile divided by the node's relative ``speed`` (1.0 when unset)."""
+    profile divided by the node's relative ``speed`` (1.0 when unset); this machine's profile
+    in the node's ``quantize`` format when ``quantized`` holds one."""
+    quantized = quantized or {}
     return {
-        node.name: measured.get(node.name) or local.scaled(node.speed or 1.0)
+        node.name: measured.get(node.name)
+        or quantized.get(node.quantize, local).scaled(node.speed or 1.0)
         for node in cluster.nodes
     }
 

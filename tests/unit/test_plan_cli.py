@@ -158,6 +158,7 @@ def test_quantized_weights_fit_a_model_on_a_node_too_small_for_float32(
         [stage] = quantized.stages
         assert stage.weights is WeightFormat.INT8
         assert stage.memory_bytes == need[WeightFormat.INT8] <= memory
+        assert quantized.replan["profiles"]["box"]["weights"] == "int8"  # priced quantized
         assert stage.artifact_bytes < 0.3 * sum(
             layer.param_bytes for layer in layer_graph.layers
         )
