@@ -6,10 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from conftest import model_export
-from model_zoo import Mlp
 
 from coordinator.cli import main
 from coordinator.plot import pipeline_timeline
@@ -129,9 +126,9 @@ def test_deploy_names_a_moved_model_file_and_the_option_to_use(
 
 
 def test_quantized_weights_fit_a_model_on_a_node_too_small_for_float32(
-    tmp_path: Path, capsys
+    sample_mlp, tmp_path: Path, capsys
 ) -> None:
-    mlp = model_export(lambda: (Mlp(), (torch.randn(8, 512),)), "mlp", tmp_path)
+    mlp = sample_mlp
     layer_graph = build_layer_graph(mlp.model.program)
     need = {fmt: int(stage_memory_matrix(layer_graph, fmt)[0, -1]) for fmt in WeightFormat}
     assert need[WeightFormat.INT4] < need[WeightFormat.INT8] < need[WeightFormat.NONE]

@@ -10,9 +10,7 @@ from pathlib import Path
 import crafted_archives
 import pytest
 import torch
-from conftest import model_export
 from crafted_archives import KINDS
-from model_zoo import ExportedSample, Mlp
 
 from partition.archive_entries import read_entries
 from partition.artifact import ProgramRunner, load_program
@@ -27,6 +25,9 @@ from partition.planning import plan_from_schedule
 from partition.profiler import profile_layers
 from partition.quantize import (
     WeightFormat,
+    WeightUse,
+    dequantized_bytes,
+    lookup_int4,
     quantize_module,
     quantized_range_module,
     quantized_weights,
@@ -42,21 +43,14 @@ QUANTIZED = (WeightFormat.INT8, WeightFormat.INT4)
 
 
 @pytest.fixture(scope="module")
-def mlp(tmp_path_factory: pytest.TempPathFactory) -> ExportedSample:
-    """Four Linear(512, 512) blocks: 4 MiB of float32 weights, a little graph."""
-    return model_export(lambda: (Mlp(), (torch.randn(8, 512),)), "mlp",
-                        tmp_path_factory.mktemp("mlp"))
-
-
-@pytest.fixture(scope="module")
-def one_stage(sample_exported, mlp) -> Callable[[str, WeightFormat], tuple[Plan, bytes]]:
+def one_stage(sample_exported, sample_mlp) -> Callable[[str, WeightFormat], tuple[Plan, bytes]]:
     """``one_stage(name, fmt)``: the whole model as one stage on a node with ``quantize:
     fmt``, its plan and its artifact."""
     made: dict[tuple[str, WeightFormat], tuple[Plan, bytes]] = {}
 
     def get(name: str, fmt: WeightFormat) -> tuple[Plan, bytes]:
         if (name, fmt) not in made:
-            model = (mlp if name == "mlp" else sample_exported(name)).model
+            model = (sample_mlp if name == "mlp" else sample_exported(name)).model
             layer_graph = build_layer_graph(model.program)
             cluster = parse_cluster({"nodes": [
                 {"name": "n", "address": "127.0.0.1:1", "memory": "4GiB", "quantize": fmt.value}
@@ -83,9 +77,9 @@ def relative_error(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]
 @pytest.mark.parametrize("fmt", QUANTIZED, ids=lambda f: f.value)
 @pytest.mark.parametrize("name", ["mlp", "gpt2", "resnet"])
 def test_a_quantized_stage_stays_close_to_float32(
-    name: str, fmt: WeightFormat, one_stage, sample_exported, mlp
+    name: str, fmt: WeightFormat, one_stage, sample_exported, sample_mlp
 ) -> None:
-    model = (mlp if name == "mlp" else sample_exported(name)).model
+    model = (sample_mlp if name == "mlp" else sample_exported(name)).model
     plan, data = one_stage(name, fmt)
     assert plan.stages[0].weights is fmt
     reference = ProgramRunner(model.program)(*model.example_inputs)
@@ -162,6 +156,18 @@ def test_planned_weight_bytes_are_the_buffers_the_pass_stores(
     assert stored < sum(float_sizes[name] for name in used)
     assert quantized_weights(layer_graph.program)  # something was quantized
     assert quantize_module(module, WeightFormat.NONE) is module
+
+
+def test_embedding_tables_are_looked_up_quantized_not_rebuilt(sample_exported) -> None:
+    layer_graph = build_layer_graph(sample_exported("gpt2").model.program)
+    uses = quantized_weights(layer_graph.program)
+    assert uses["wte.weight"] is WeightUse.TABLE and uses["wpe.weight"] is WeightUse.TABLE
+    assert uses["h.0.mlp.c_fc.weight"] is WeightUse.IN_FIRST  # GPT-2's Conv1D: addmm
+    embeddings = build_range_module(layer_graph, 0, 2)  # wte, wpe
+    quantized = quantize_module(embeddings.module, WeightFormat.INT4)
+    targets = [n.target for n in quantized.graph.nodes if n.op == "call_function"]
+    assert targets.count(lookup_int4) == 2 and torch.ops.aten.embedding.default not in targets
+    assert dequantized_bytes(layer_graph, WeightFormat.INT4)[0] == 0  # no table rebuilt
 
 
 def test_weights_used_otherwise_stay_float() -> None:
