@@ -221,7 +221,7 @@ def _matrix_shape(shape: torch.Size, use: WeightUse) -> tuple[int, int]:
 def _quantize(weight: torch.Tensor, fmt: WeightFormat, use: WeightUse) -> tuple[torch.Tensor, ...]:
     """The buffers that store ``weight`` in ``fmt``, one row per channel."""
     matrix = weight.t() if use is WeightUse.IN_FIRST else weight.reshape(weight.shape[0], -1)
-    matrix = matrix.float()
+    matrix = matrix.float().contiguous()  # so are the buffers (a transposed one saves badly)
     if fmt is WeightFormat.INT8:
         scale = (matrix.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-12)
         return torch.round(matrix / scale).clamp(-127, 127).to(torch.int8), scale
