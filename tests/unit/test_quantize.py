@@ -27,6 +27,7 @@ from partition.quantize import (
     WeightFormat,
     WeightUse,
     dequantized_bytes,
+    layer_param_bytes,
     lookup_int4,
     quantize_module,
     quantized_range_module,
@@ -156,6 +157,9 @@ def test_planned_weight_bytes_are_the_buffers_the_pass_stores(
     assert stored < sum(float_sizes[name] for name in used)
     assert quantized_weights(layer_graph.program)  # something was quantized
     assert quantize_module(module, WeightFormat.NONE) is module
+    per_layer, float32 = (layer_param_bytes(layer_graph, f) for f in (fmt, WeightFormat.NONE))
+    assert float32.tolist() == [layer.param_bytes for layer in layer_graph.layers]
+    assert (per_layer <= float32).all() and per_layer.sum() < float32.sum()
 
 
 def test_embedding_tables_are_looked_up_quantized_not_rebuilt(sample_exported) -> None:
