@@ -8,7 +8,7 @@ from coordinator.console import console, progress_bar
 from coordinator.model_options import add_model_arguments, load_from_arguments
 from coordinator.plan_tables import baselines_table, stages_table, totals_line
 from coordinator.plot import plot_plan
-from partition.cluster import ClusterSpec, load_cluster
+from partition.cluster import ClusterSpec, load_cluster, with_default_quantize
 from partition.cost_builder import node_profiles
 from partition.errors import EdgesplitError
 from partition.layers import LayerGraph
@@ -17,6 +17,7 @@ from partition.plan import Objective, Plan
 from partition.planning import plan
 from partition.profile_store import cached_profile
 from partition.profiler import Profile
+from partition.quantize import WeightFormat
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
@@ -26,6 +27,12 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--objective", choices=[o.value for o in Objective], default=Objective.THROUGHPUT.value,
         help="minimize one request's latency, or maximize requests per second (default)",
+    )
+    parser.add_argument(
+        "--quantize-weights", choices=[f.value for f in WeightFormat],
+        default=WeightFormat.NONE.value, metavar="|".join(f.value for f in WeightFormat),
+        help="how stages store their weights, unless a node's `quantize` in NODES.yaml says "
+        "otherwise (default: none, float32)",
     )
     parser.add_argument("-o", "--output", default="plan.json", help="where to write the plan")
     parser.add_argument("--plot", metavar="PNG", help="also draw the pipeline over time")
@@ -44,7 +51,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     model, layer_graph = load_from_arguments(args)
-    cluster = load_cluster(args.nodes)
+    cluster = with_default_quantize(load_cluster(args.nodes),
+                                    WeightFormat(args.quantize_weights))
     profiles = gather_profiles(args, model, layer_graph, cluster)
     result = plan(model, layer_graph, cluster, profiles, Objective(args.objective))
     result.save(args.output)
@@ -65,8 +73,9 @@ def show_plan(result: Plan) -> None:
 def gather_profiles(
     args: argparse.Namespace, model: LoadedModel, layer_graph: LayerGraph, cluster: ClusterSpec
 ) -> dict[str, Profile]:
-    """This machine's profile, overridden per node by ``--profile`` files and, with
-    ``--profile-on-nodes``, by measurements taken on the nodes themselves."""
+    """This machine's profile (in each node's weight format), overridden per node by
+    ``--profile`` files and, with ``--profile-on-nodes``, by measurements taken on the nodes
+    themselves (their float32 times)."""
     given: dict[str, Profile] = {}
     for item in args.profile:
         name, sep, path = item.partition("=")
@@ -86,4 +95,12 @@ def gather_profiles(
         local, _ = cached_profile(
             model, layer_graph, threads=args.threads, repeats=args.repeats, progress=update
         )
-    return node_profiles(cluster, local, given)
+    quantized = {}
+    for fmt in sorted({node.quantize for node in cluster.nodes if node.name not in given}
+                      - {None, WeightFormat.NONE}, key=lambda f: f.value):
+        with progress_bar(f"profiling {fmt.value} weights", 3 + args.repeats) as update:
+            quantized[fmt], _ = cached_profile(
+                model, layer_graph, threads=args.threads, repeats=args.repeats,
+                progress=update, weights=fmt,
+            )
+    return node_profiles(cluster, local, given, quantized)

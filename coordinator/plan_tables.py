@@ -5,25 +5,33 @@ from __future__ import annotations
 from rich.table import Table
 
 from coordinator.console import ms
-from partition.plan import Plan
+from partition.plan import Plan, PlannedStage
 from partition.units import format_bytes
 
 
 def stages_table(plan: Plan) -> Table:
-    """Stage, node, layers, compute, bytes in/out, transfer in, memory used / available."""
+    """Stage, node, layers, compute, bytes in/out, transfer in, weights, memory used /
+    available."""
     table = Table(title=f"plan ({plan.objective.value}): {len(plan.stages)} stage(s)")
     for column in ("stage", "node", "layers", "compute ms", "in", "transfer in ms", "out",
-                   "memory used / available"):
+                   "weights", "memory used / available"):
         table.add_column(column, justify="left" if column in ("node", "layers") else "right")
     for stage in plan.stages:
         table.add_row(
             str(stage.index), stage.node,
             f"[{stage.start}, {stage.end}) {stage.first_layer} .. {stage.last_layer}",
             ms(stage.compute_s), format_bytes(stage.bytes_in), ms(stage.transfer_in_s),
-            format_bytes(stage.bytes_out),
+            format_bytes(stage.bytes_out), _weights(stage),
             f"{format_bytes(stage.memory_bytes)} / {format_bytes(stage.memory_available_bytes)}",
         )
     return table
+
+
+def _weights(stage: PlannedStage) -> str:
+    """The stage's weight format and, when known, its weights' bytes."""
+    if stage.artifact_bytes is None:
+        return stage.weights.value
+    return f"{stage.weights.value} {format_bytes(stage.artifact_bytes)}"
 
 
 def totals_line(plan: Plan) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
@@ -17,13 +17,14 @@ import numpy as np
 import yaml
 
 from partition.errors import ClusterSpecError
+from partition.quantize import WeightFormat
 from partition.security_spec import SECURITY_FIELDS, SecuritySpec
 from partition.units import parse_bandwidth, parse_duration, parse_size
 
 _T = TypeVar("_T")
 
 _TOP_FIELDS = ("nodes", "links", "source", "sink", "security")
-_NODE_FIELDS = ("name", "address", "memory", "speed", "threads")
+_NODE_FIELDS = ("name", "address", "memory", "speed", "threads", "quantize")
 _LINKS_FIELDS = ("default", "overrides")
 _DEFAULT_FIELDS = ("bandwidth", "latency")
 _OVERRIDE_FIELDS = ("from", "to", "bandwidth", "latency")
@@ -35,7 +36,8 @@ class NodeSpec:
     """One device: where its worker listens, how much memory it offers, how fast it is.
 
     ``speed`` is relative to the planning machine and used only when the node cannot be
-    profiled; ``threads`` is the thread count its worker runs stages with.
+    profiled; ``threads`` is the thread count its worker runs stages with; ``quantize`` is
+    how its stages store weights (``None``: the planner's default).
     """
 
     name: str
@@ -43,6 +45,7 @@ class NodeSpec:
     memory_bytes: int
     threads: int | None = None
     speed: float | None = None
+    quantize: WeightFormat | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,13 @@ def cost_arrays(cluster: ClusterSpec) -> ClusterArrays:
     return ClusterArrays(
         names, memory, bandwidth, latency, names.index(cluster.source), names.index(cluster.sink)
     )
+
+
+def with_default_quantize(cluster: ClusterSpec, default: WeightFormat) -> ClusterSpec:
+    """``cluster`` with ``default`` as the weight format of every node that sets none."""
+    nodes = tuple(node if node.quantize else replace(node, quantize=default)
+                  for node in cluster.nodes)
+    return replace(cluster, nodes=nodes)
 
 
 def load_cluster(path: str | Path) -> ClusterSpec:
@@ -274,8 +284,14 @@ class _Parser:
             or not math.isfinite(speed) or speed <= 0
         ):
             raise self.fail(f"{path}.speed", f"{speed!r} is not a positive number")
+        quantize = fields.get("quantize")
+        formats = [fmt.value for fmt in WeightFormat]
+        if quantize is not None and quantize not in formats:
+            raise self.fail(f"{path}.quantize", f"{quantize!r} is not a weight format "
+                                                f"(one of: {', '.join(formats)})")
         return NodeSpec(name, address, memory, threads,
-                        None if speed is None else float(speed))
+                        None if speed is None else float(speed),
+                        None if quantize is None else WeightFormat(quantize))
 
     def node_ref(self, value: object, path: str, names: list[str]) -> str:
         if value not in names:

@@ -2,31 +2,41 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 from partition.cluster import ClusterSpec, cost_arrays
 from partition.costs import CostModel
 from partition.layers import LayerGraph
 from partition.profiler import Profile
-from partition.weights import program_weights
+from partition.quantize import WeightFormat, dequantized_bytes, weight_bytes
 
 
 def node_profiles(
-    cluster: ClusterSpec, local: Profile, measured: dict[str, Profile]
+    cluster: ClusterSpec, local: Profile, measured: dict[str, Profile],
+    quantized: Mapping[WeightFormat, Profile] | None = None,
 ) -> dict[str, Profile]:
     """Each node's profile: measured on the node (or given as a file), else this machine's
-    profile divided by the node's relative ``speed`` (1.0 when unset)."""
+    profile divided by the node's relative ``speed`` (1.0 when unset); this machine's profile
+    in the node's ``quantize`` format when ``quantized`` holds one."""
+    quantized = quantized or {}
     return {
-        node.name: measured.get(node.name) or local.scaled(node.speed or 1.0)
+        node.name: measured.get(node.name)
+        or quantized.get(node.quantize, local).scaled(node.speed or 1.0)
         for node in cluster.nodes
     }
 
 
-def stage_memory_matrix(layer_graph: LayerGraph) -> np.ndarray:
-    """``[i, j]``: memory of a stage of layers ``[i, j)``: its parameters (a tensor shared by
-    two layers counted once per stage), its largest layer's peak activations, and the frames
-    it receives and sends."""
-    sizes = {name: t.nbytes for name, t in program_weights(layer_graph.program).items()}
+def stage_memory_matrix(
+    layer_graph: LayerGraph, fmt: WeightFormat = WeightFormat.NONE
+) -> np.ndarray:
+    """``[i, j]``: memory of a stage of layers ``[i, j)`` with its weights in ``fmt``: its
+    parameters (a tensor shared by two layers counted once per stage), its largest layer's
+    peak activations plus the float weight it rebuilds, and the frames it receives and
+    sends."""
+    sizes = weight_bytes(layer_graph, fmt)
+    rebuilt = dequantized_bytes(layer_graph, fmt)
     boundary = layer_graph.boundary_bytes()
     count = layer_graph.num_layers
     memory = np.zeros((count + 1, count + 1), dtype=np.int64)
@@ -39,9 +49,19 @@ def stage_memory_matrix(layer_graph: LayerGraph) -> np.ndarray:
                 if name not in params:
                     params.add(name)
                     param_bytes += sizes[name]
-            peak = max(peak, layer.peak_activation_bytes)
+            peak = max(peak, layer.peak_activation_bytes + int(rebuilt[end - 1]))
             memory[start, end] = param_bytes + peak + boundary[start] + boundary[end]
     return memory
+
+
+def node_stage_memory(layer_graph: LayerGraph, cluster: ClusterSpec) -> np.ndarray:
+    """Stage memory for the cost model: :func:`stage_memory_matrix` when every node keeps
+    float weights, else ``(N, L+1, L+1)``, each node's with its own ``quantize`` format."""
+    formats = [node.quantize or WeightFormat.NONE for node in cluster.nodes]
+    if set(formats) == {WeightFormat.NONE}:
+        return stage_memory_matrix(layer_graph)
+    by_format = {fmt: stage_memory_matrix(layer_graph, fmt) for fmt in set(formats)}
+    return np.stack([by_format[fmt] for fmt in formats])
 
 
 def build_cost_model(
@@ -56,7 +76,7 @@ def build_cost_model(
         node_names=arrays.node_names,
         layer_seconds=seconds,
         boundary_bytes=layer_graph.boundary_bytes(),
-        stage_memory_bytes=stage_memory_matrix(layer_graph),
+        stage_memory_bytes=node_stage_memory(layer_graph, cluster),
         node_memory_bytes=arrays.node_memory_bytes,
         link_bytes_per_s=arrays.link_bytes_per_s,
         link_latency_s=arrays.link_latency_s,

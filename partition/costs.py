@@ -23,7 +23,8 @@ class CostModel:
     boundary_bytes : ``(L+1,)`` bytes that cross boundary ``b`` (every live tensor).
     stage_memory_bytes : ``(L+1, L+1)``; entry ``[i, j]`` (``i < j``) is the memory a stage
         of layers ``[i, j)`` needs: its parameters (shared ones counted once) plus its
-        peak activations and its input and output frames.
+        peak activations and its input and output frames. ``(N, L+1, L+1)`` when it
+        differs by node (nodes that store weights quantized).
     node_memory_bytes : ``(N,)`` memory available on each node.
     link_bytes_per_s : ``(N, N)`` bandwidth from node ``a`` to node ``b``.
     link_latency_s : ``(N, N)`` one-way latency from ``a`` to ``b``.
@@ -62,5 +63,16 @@ class CostModel:
         """Compute time of layers ``[start, end)`` on ``node``."""
         return float(self.layer_seconds[node, start:end].sum())
 
+    def node_stage_memory(self) -> np.ndarray:
+        """``(N, L+1, L+1)``: the memory of each stage on each node."""
+        memory = np.asarray(self.stage_memory_bytes)
+        if memory.ndim == 3:
+            return memory
+        return np.broadcast_to(memory, (self.num_nodes, *memory.shape))
+
+    def stage_memory(self, node: int, start: int, end: int) -> int:
+        """Memory of a stage of layers ``[start, end)`` on ``node``."""
+        return int(self.node_stage_memory()[node, start, end])
+
     def stage_fits(self, node: int, start: int, end: int) -> bool:
-        return int(self.stage_memory_bytes[start, end]) <= int(self.node_memory_bytes[node])
+        return self.stage_memory(node, start, end) <= int(self.node_memory_bytes[node])

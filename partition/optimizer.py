@@ -173,8 +173,7 @@ class _Tables:
         prefix = np.concatenate([np.zeros((n, 1)), np.cumsum(seconds, axis=1)], axis=1)
         stage = prefix[:, None, :] - prefix[:, :, None]
         upper = np.triu(np.ones((layers + 1, layers + 1), dtype=bool), k=1)
-        fits = (np.asarray(cost.stage_memory_bytes)[None] <=
-                np.asarray(cost.node_memory_bytes)[:, None, None])
+        fits = cost.node_stage_memory() <= np.asarray(cost.node_memory_bytes)[:, None, None]
         stage = np.where(upper[None] & fits, stage, np.inf)
         nbytes = np.asarray(cost.boundary_bytes, dtype=float)
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -376,10 +375,10 @@ def _shortfall_message(
     cost: CostModel, tables: _Tables, spaces: list[_Space], exact: bool
 ) -> str:
     """Say how far the plan closest to fitting is from fitting, and on which node."""
-    need = np.asarray(cost.stage_memory_bytes, dtype=float)
+    need = cost.node_stage_memory().astype(float)
     have = np.asarray(cost.node_memory_bytes, dtype=float)
-    ratio = need[None] / have[:, None, None]
-    valid = np.triu(np.ones(need.shape, dtype=bool), k=1)[None]
+    ratio = need / have[:, None, None]
+    valid = np.triu(np.ones(need.shape[1:], dtype=bool), k=1)[None]
     ratios = _Tables(np.where(valid, ratio, np.inf), np.zeros_like(tables.hop),
                      np.zeros_like(tables.layer_floor))
     found = [f for f in (_search(ratios, cost.source, cost.sink, np.maximum, c)
@@ -388,10 +387,10 @@ def _shortfall_message(
     if not found:
         return f"no plan fits the nodes' memory{scope}; add memory or nodes"
     _, spans = min(found, key=lambda f: f[0])
-    worst = max(spans, key=lambda s: need[s.start, s.end] / have[s.node])
+    worst = max(spans, key=lambda s: need[s.node, s.start, s.end] / have[s.node])
     return (
         f"no plan fits{scope}: the closest one still needs "
-        f"{format_bytes(need[worst.start, worst.end])} for layers "
+        f"{format_bytes(need[worst.node, worst.start, worst.end])} for layers "
         f"[{worst.start}, {worst.end}) on {cost.node_names[worst.node]!r}, which has "
         f"{format_bytes(have[worst.node])}; add memory or nodes"
     )

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple, Protocol
 
 from partition.compression import LinkEncoding
 from partition.errors import PlanFormatError, TensorSpecError
+from partition.quantize import WeightFormat
 from partition.security_spec import SecuritySpec
 from partition.spec import TensorSpec, dtype_from_name
 
@@ -68,7 +69,11 @@ class Link:
 
 @dataclass(frozen=True)
 class PlannedStage:
-    """One stage of a plan: layers ``[start, end)`` on ``node`` and its predicted costs."""
+    """One stage of a plan: layers ``[start, end)`` on ``node`` and its predicted costs.
+
+    ``weights`` is how the stage's artifact stores its weights; ``artifact_bytes`` the
+    bytes of those weights in it (``None`` in plans made before it was recorded).
+    """
 
     index: int
     node: str
@@ -83,6 +88,8 @@ class PlannedStage:
     transfer_in_s: float
     memory_bytes: int
     memory_available_bytes: int
+    weights: WeightFormat = WeightFormat.NONE
+    artifact_bytes: int | None = None
 
     @property
     def bytes_in(self) -> int:
@@ -103,6 +110,9 @@ class PlannedStage:
             "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
             "memory_bytes": self.memory_bytes,
             "memory_available_bytes": self.memory_available_bytes,
+            "weights": self.weights.value,
+            **({"artifact_bytes": self.artifact_bytes} if self.artifact_bytes is not None
+               else {}),
         }
 
     @classmethod
@@ -116,6 +126,8 @@ class PlannedStage:
             compute_s=float(data["compute_s"]), transfer_in_s=float(data["transfer_in_s"]),
             memory_bytes=int(data["memory_bytes"]),
             memory_available_bytes=int(data["memory_available_bytes"]),
+            weights=WeightFormat(data.get("weights", WeightFormat.NONE.value)),
+            artifact_bytes=int(data["artifact_bytes"]) if "artifact_bytes" in data else None,
         )
 
 
@@ -301,7 +313,8 @@ _STAGE = {
     "index": int, "node": str, "address": str, "start": int, "end": int,
     "first_layer": str, "last_layer": str, "receives": [_TENSOR], "sends": [_TENSOR],
     "compute_s": _Number(), "transfer_in_s": _Number(), "memory_bytes": int,
-    "memory_available_bytes": int,
+    "memory_available_bytes": int, "weights": _Optional(WeightFormat),
+    "artifact_bytes": _Optional(int),
 }
 _BASELINE = {
     "name": str, "description": str, "stages": [{"node": str, "start": int, "end": int}],

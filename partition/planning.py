@@ -16,6 +16,7 @@ from partition.loader import LoadedModel
 from partition.optimizer import Schedule, optimize
 from partition.plan import BaselineResult, Link, Objective, Plan, PlannedStage
 from partition.profiler import Profile
+from partition.quantize import WeightFormat, weight_bytes
 from partition.replan_inputs import replan_inputs
 
 
@@ -58,16 +59,22 @@ def plan_from_schedule(
 ) -> Plan:
     """Describe a priced schedule as a :class:`Plan` (also used to deploy a baseline)."""
     addresses = {node.name: node.address for node in cluster.nodes}
-    stages = tuple(
-        _planned_stage(
-            layer_graph, k, cost.node_names[span.node], addresses, span.start, span.end,
+    formats = {node.name: node.quantize or WeightFormat.NONE for node in cluster.nodes}
+    sizes = {fmt: weight_bytes(layer_graph, fmt) for fmt in set(formats.values())}
+    stages = []
+    for k, span in enumerate(schedule.spans):
+        node = cost.node_names[span.node]
+        stage = _planned_stage(
+            layer_graph, k, node, addresses, span.start, span.end,
             compute_s=schedule.stage_seconds[k],
             transfer_in_s=schedule.transfer_seconds[k],
-            memory_bytes=int(cost.stage_memory_bytes[span.start, span.end]),
+            memory_bytes=cost.stage_memory(span.node, span.start, span.end),
             memory_available_bytes=int(cost.node_memory_bytes[span.node]),
         )
-        for k, span in enumerate(schedule.spans)
-    )
+        params = {name for layer in layer_graph.layers[span.start:span.end]
+                  for name in layer.params}
+        stages.append(replace(stage, weights=formats[node],
+                              artifact_bytes=sum(sizes[formats[node]][n] for n in params)))
     return Plan(
         model_sha256=model.sha256,
         model_path=model.source,
@@ -79,7 +86,7 @@ def plan_from_schedule(
         source=cluster.source,
         sink=cluster.sink,
         addresses=addresses,
-        stages=stages,
+        stages=tuple(stages),
         links=_links(cluster, [s.node for s in stages]),
         latency_s=schedule.latency_s,
         bottleneck_s=schedule.bottleneck_s,

@@ -19,6 +19,7 @@ from partition.profiler import (
     device_name,
     profile_layers,
 )
+from partition.quantize import WeightFormat
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +30,13 @@ def cache_dir() -> Path:
 
 
 def _cache_path(
-    model: LoadedModel, layer_graph: LayerGraph, threads: int, repeats: int, warmup: int
+    model: LoadedModel, layer_graph: LayerGraph, threads: int, repeats: int, warmup: int,
+    weights: WeightFormat,
 ) -> Path:
     key = "|".join([
         model.sha256, layer_graph.fingerprint(), device_name(), str(threads), torch.__version__,
         f"{repeats}x{warmup}", f"profiler{PROFILER_VERSION}",
+        *([] if weights is WeightFormat.NONE else [f"weights={weights.value}"]),
     ])
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
     return cache_dir() / "profiles" / f"{model.sha256[:12]}-{digest}.json"
@@ -48,9 +51,11 @@ def cached_profile(
     warmup: int = 3,
     progress: ProgressCallback | None = None,
     refresh: bool = False,
+    weights: WeightFormat = WeightFormat.NONE,
 ) -> tuple[Profile, bool]:
-    """The model's profile on this machine, and whether it came from the cache."""
-    path = _cache_path(model, layer_graph, threads, repeats, warmup)
+    """The model's profile on this machine with its weights in ``weights``, and whether it
+    came from the cache."""
+    path = _cache_path(model, layer_graph, threads, repeats, warmup, weights)
     if path.is_file() and not refresh:
         try:
             return Profile.load(path), True
@@ -58,7 +63,7 @@ def cached_profile(
             log.warning("ignoring unreadable cached profile %s", path)
     profile = profile_layers(
         layer_graph, model.sha256, model.example_inputs,
-        threads=threads, repeats=repeats, warmup=warmup, progress=progress,
+        threads=threads, repeats=repeats, warmup=warmup, progress=progress, weights=weights,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

@@ -7,6 +7,7 @@ to measure its own hardware.
 from __future__ import annotations
 
 import json
+import reprlib
 import statistics
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from partition.artifact import ProgramRunner
 from partition.errors import ProfileFormatError, ProfileMismatchError
 from partition.layers import LayerGraph
 from partition.machine import cpu_model
-from partition.modules import build_range_module
+from partition.quantize import WeightFormat, quantized_range_module
 
 PROFILE_VERSION = 1  # of the profile file's format
 # Of the measurement itself: bump it when the profiler's timings change (2: large buffers kept
@@ -44,7 +45,9 @@ class LayerProfile:
 
 @dataclass(frozen=True)
 class Profile:
-    """Per-layer timings of one model, at one granularity, on one device and thread count."""
+    """Per-layer timings of one model, at one granularity, on one device and thread count,
+    with its weights stored as ``weights`` (a :class:`~partition.quantize.WeightFormat`
+    value; the whole model's time is always float32's)."""
 
     model_sha256: str
     granularity: str
@@ -56,6 +59,7 @@ class Profile:
     layers: tuple[LayerProfile, ...]
     model_median_s: float
     model_spread_s: float
+    weights: str = WeightFormat.NONE.value
 
     @property
     def layer_sum_s(self) -> float:
@@ -102,6 +106,12 @@ class Profile:
                 f"{origin} is not an edgesplit profile of version {PROFILE_VERSION}; "
                 "make it with `coordinator profile MODEL --json FILE`"
             )
+        formats = [fmt.value for fmt in WeightFormat]
+        if data.get("weights", WeightFormat.NONE.value) not in formats:
+            raise ProfileFormatError(
+                f"{origin}: weights {reprlib.repr(data['weights'])} is not one of "
+                f"{', '.join(formats)}; make it again with `coordinator profile MODEL --json FILE`"
+            )
         try:
             fields = {k: v for k, v in data.items() if k != "version"}
             fields["layers"] = tuple(LayerProfile(**layer) for layer in data["layers"])
@@ -141,8 +151,10 @@ def profile_layers(
     repeats: int = 20,
     warmup: int = 3,
     progress: ProgressCallback | None = None,
+    weights: WeightFormat = WeightFormat.NONE,
 ) -> Profile:
-    """Time every layer and the whole model, running the layers in order as a pipeline would.
+    """Time every layer and the whole model, running the layers in order as a pipeline would;
+    the layers with their weights in ``weights`` (a quantized stage's time).
 
     ``progress(done, total)`` is called after each repeat.
     """
@@ -151,7 +163,8 @@ def profile_layers(
     torch.set_num_threads(threads)
     try:
         samples, model_samples = _time_rounds(
-            layer_graph, example_inputs, repeats=repeats, warmup=warmup, progress=progress
+            layer_graph, example_inputs, repeats=repeats, warmup=warmup, progress=progress,
+            weights=weights,
         )
     finally:
         torch.set_num_threads(previous_threads)
@@ -178,6 +191,7 @@ def profile_layers(
         layers=layers,
         model_median_s=statistics.median(model_samples),
         model_spread_s=_iqr(model_samples),
+        weights=weights.value,
     )
 
 
@@ -188,9 +202,12 @@ def _time_rounds(
     repeats: int,
     warmup: int,
     progress: ProgressCallback | None,
+    weights: WeightFormat,
 ) -> tuple[list[list[float]], list[float]]:
-    """Seconds of each timed round: per layer (run one after another), and of the whole model."""
-    modules = [build_range_module(layer_graph, i, i + 1) for i in range(layer_graph.num_layers)]
+    """Seconds of each timed round: per layer (run one after another, weights in
+    ``weights``), and of the whole model."""
+    modules = [quantized_range_module(layer_graph, i, i + 1, weights)
+               for i in range(layer_graph.num_layers)]
     whole = ProgramRunner(layer_graph.program)
     samples: list[list[float]] = [[] for _ in modules]
     model_samples: list[float] = []

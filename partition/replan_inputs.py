@@ -12,6 +12,7 @@ from typing import Any
 from partition.cluster import ClusterSpec, LinkSpec, NodeSpec
 from partition.errors import PlanFormatError
 from partition.profiler import Profile
+from partition.quantize import WeightFormat
 
 VERSION = 1
 
@@ -23,7 +24,8 @@ def replan_inputs(cluster: ClusterSpec, profiles: dict[str, Profile]) -> dict[st
         "cluster": {
             "nodes": [
                 {"name": n.name, "address": n.address, "memory_bytes": n.memory_bytes,
-                 "threads": n.threads, "speed": n.speed}
+                 "threads": n.threads, "speed": n.speed,
+                 "quantize": n.quantize.value if n.quantize else None}
                 for n in cluster.nodes
             ],
             "default_link": _link(cluster.default_link) if cluster.default_link else None,
@@ -52,7 +54,7 @@ def read_replan_inputs(data: dict[str, Any]) -> tuple[ClusterSpec, dict[str, Pro
         spec = ClusterSpec(
             nodes=tuple(
                 NodeSpec(n["name"], n["address"], int(n["memory_bytes"]), n["threads"],
-                         n["speed"])
+                         n["speed"], WeightFormat(n["quantize"]) if n.get("quantize") else None)
                 for n in cluster["nodes"]
             ),
             default_link=LinkSpec(default["bytes_per_s"], default["latency_s"]) if default

@@ -13,6 +13,7 @@ from partition.layers import LayerGraph, build_layer_graph
 from partition.loader import LoadedModel, example_tensor, load_model
 from partition.modules import build_range_module
 from partition.plan import Plan, PlannedStage
+from partition.quantize import quantize_module
 from partition.spec import StageSpec
 
 
@@ -85,13 +86,15 @@ def split(plan: Plan, layer_graph: LayerGraph) -> list[StageArtifact]:
 
 
 def export_stage(stage: PlannedStage, layer_graph: LayerGraph) -> StageArtifact:
-    """Re-export layers ``[stage.start, stage.end)`` as a standalone program."""
+    """Re-export layers ``[stage.start, stage.end)`` as a standalone program, its weights
+    stored as ``stage.weights`` says (see :mod:`partition.quantize`)."""
     ranged = build_range_module(layer_graph, stage.start, stage.end)
+    module = quantize_module(ranged.module, stage.weights)
     received = {t.name: t for t in stage.receives}
     examples = tuple(example_tensor(received[name]) for name in ranged.inputs)
     try:
         with torch.no_grad():
-            program = torch.export.export(ranged.module, examples)
+            program = torch.export.export(module, examples)
     except Exception as err:
         raise ExportError(
             f"stage {stage.index} (layers {stage.first_layer}..{stage.last_layer}) could not be "

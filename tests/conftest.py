@@ -22,7 +22,7 @@ TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:  # so torch.load finds the classes in tests/model_zoo.py
     sys.path.insert(0, str(TESTS_DIR))
 
-from model_zoo import ExportedSample  # noqa: E402
+from model_zoo import ExportedSample, Mlp  # noqa: E402
 
 
 def model_outputs(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple:
@@ -72,3 +72,11 @@ def sample_exported(
         return built[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def sample_mlp(tmp_path_factory: pytest.TempPathFactory) -> ExportedSample:
+    """A Linear-heavy model (:class:`model_zoo.Mlp`: 4 MiB of float32 weights), exported and
+    loaded once per session."""
+    return model_export(lambda: (Mlp(), (torch.randn(8, 512),)), "mlp",
+                        tmp_path_factory.mktemp("mlp"))

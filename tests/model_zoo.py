@@ -92,6 +92,20 @@ class PipeSplit(torch.nn.Module):
         return self.block3(x)
 
 
+class Mlp(torch.nn.Module):
+    """Linear-heavy: ``depth`` blocks of Linear and GELU, ``width`` wide."""
+
+    def __init__(self, width: int = 512, depth: int = 4) -> None:
+        super().__init__()
+        self.blocks = torch.nn.Sequential(*(
+            torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU())
+            for _ in range(depth)
+        ))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+
 @dataclass(frozen=True)
 class ExportedSample:
     """A sample model, its inputs, its eager outputs, and its export archive loaded back

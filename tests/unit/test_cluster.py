@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from partition.cluster import LinkSpec, cost_arrays, load_cluster
+from partition.cluster import LinkSpec, cost_arrays, load_cluster, with_default_quantize
 from partition.errors import ClusterSpecError
+from partition.quantize import WeightFormat
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -20,6 +21,7 @@ nodes:
     memory: 512MiB
     speed: 0.25
     threads: 1
+    quantize: int8
   - {name: gateway, address: "localhost:50052", memory: 1GiB}
   - {name: box, address: "[::1]:50053", memory: 4GB}
 links:
@@ -44,6 +46,7 @@ def test_full_spec(tmp_path: Path) -> None:
     camera = cluster.node("camera")
     assert (camera.memory_bytes, camera.speed, camera.threads) == (512 * 1024**2, 0.25, 1)
     assert cluster.node("gateway").speed is None and cluster.node("gateway").threads is None
+    assert camera.quantize is WeightFormat.INT8 and cluster.node("gateway").quantize is None
     assert cluster.source == "camera" and cluster.sink == "box"
     assert cluster.link("camera", "gateway") == LinkSpec(1e6, 0.01)
     assert cluster.link("gateway", "camera") == LinkSpec(0.5e6, 0.002)  # bandwidth only
@@ -52,6 +55,13 @@ def test_full_spec(tmp_path: Path) -> None:
     assert cluster.link("box", "box") == LinkSpec(math.inf, 0.0)
     with pytest.raises(KeyError):
         cluster.node("phone")
+
+
+def test_a_nodes_own_quantize_overrides_the_default(tmp_path: Path) -> None:
+    cluster = with_default_quantize(load_cluster(write(tmp_path, GOOD)), WeightFormat.INT4)
+    assert [node.quantize for node in cluster.nodes] == [
+        WeightFormat.INT8, WeightFormat.INT4, WeightFormat.INT4
+    ]
 
 
 def test_cost_arrays(tmp_path: Path) -> None:
@@ -94,6 +104,10 @@ LINKS = "links:\n  default: {bandwidth: 1Gbps, latency: 1ms}\n"
     ("nodes:\n" + NODE_A + NODE_B + LINKS +
      "  overrides: [{from: a, to: b, bandwith: 1Mbps}]\n",
      "links.overrides[0].bandwith: unknown field 'bandwith'"),
+    ("nodes:\n  - {name: a, address: 'h:1', memory: 1GiB, quantize: int3}\n",
+     "nodes[0].quantize: 'int3' is not a weight format (one of: none, int8, int4)"),
+    ("nodes:\n  - {name: a, address: 'h:1', memory: 1GiB, quantize: 8}\n",
+     "nodes[0].quantize: 8 is not a weight format (one of: none, int8, int4)"),
     # bad units
     ("nodes:\n" + NODE_A + "  - {name: b, address: 'h:2', memory: 2 GiBs}\n",
      "nodes[1].memory: '2 GiBs' is not a size (examples: 512MiB, 2GiB, 4GB)"),

@@ -81,7 +81,7 @@ def skip_dag_plan(sample_exported) -> tuple:
                              repeats=1, warmup=0)
     cluster = parse_cluster({
         "nodes": [{"name": f"n{i}", "address": f"127.0.0.1:{6000 + i}", "memory": "1GiB",
-                   "speed": 0.05} for i in range(3)],
+                   "speed": 0.05, "quantize": ("none", "int8", "int4")[i]} for i in range(3)],
         "links": {"default": {"bandwidth": "10Gbps", "latency": "0.01ms"},
                   "overrides": [{"from": "n0", "to": "n2", "bandwidth": "1Mbps"}]},
         "source": "n0", "sink": "n0",
@@ -95,7 +95,7 @@ def test_plan_json_carries_the_cluster_and_profiles(skip_dag_plan) -> None:
     _, _, cluster, made = skip_dag_plan
     again = Plan.from_dict(json.loads(json.dumps(made.to_dict())))
     spec, profiles = read_replan_inputs(again.replan)
-    assert spec == cluster
+    assert spec == cluster  # each node's quantize included
     assert set(profiles) == {"n0", "n1", "n2"}
 
 

@@ -27,6 +27,7 @@ from partition.cluster import ClusterSpec, load_cluster
 from partition.compression import LinkEncoding
 from partition.errors import ClusterSpecError, PlanFormatError, TensorSpecError
 from partition.plan import Link, Objective, Plan, PlannedStage
+from partition.quantize import WeightFormat
 from partition.spec import StageSpec, TensorSpec
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -218,7 +219,9 @@ def valid_plan() -> dict[str, Any]:
 
     def stage(k: int, node: str, start: int, end: int, receives, sends) -> PlannedStage:
         return PlannedStage(k, node, f"127.0.0.1:{5000 + k}", start, end, f"l{start}",
-                            f"l{end - 1}", receives, sends, 0.001, 0.0, 100, 1000)
+                            f"l{end - 1}", receives, sends, 0.001, 0.0, 100, 1000,
+                            weights=(WeightFormat.NONE, WeightFormat.INT4)[k],
+                            artifact_bytes=(400, 60)[k])
 
     return Plan(
         "0" * 64, "model.pt2", "auto", ("l0", "l1", "l2"), (x,), (y,), Objective.THROUGHPUT,
@@ -232,6 +235,20 @@ def valid_plan() -> dict[str, Any]:
 
 def test_the_valid_plan_reads_back() -> None:
     assert Plan.from_dict(valid_plan()).to_dict() == valid_plan()
+    stages = Plan.from_dict(valid_plan()).stages
+    assert [(s.weights, s.artifact_bytes) for s in stages] == [
+        (WeightFormat.NONE, 400), (WeightFormat.INT4, 60)
+    ]
+
+
+def test_a_plan_from_before_weight_formats_reads_as_float_weights() -> None:
+    data = valid_plan()
+    for stage in data["stages"]:
+        del stage["weights"], stage["artifact_bytes"]
+    plan = Plan.from_dict(data)
+    assert [(s.weights, s.artifact_bytes) for s in plan.stages] == [(WeightFormat.NONE, None)] * 2
+    assert all(stage["weights"] == "none" and "artifact_bytes" not in stage
+               for stage in plan.to_dict()["stages"])
 
 
 @FAST
@@ -251,6 +268,10 @@ def test_plan_reader_accepts_or_raises_plan_errors(data: Any) -> None:
     (lambda d: d["stages"][1].update(compute_s="fast"), r"stages\[1\]\.compute_s \('fast'\)"),
     (lambda d: d["links"][1].update(to="a"), r"links\[1\]\.to \('a'\) must be 'b'"),
     (lambda d: d["model"].pop("layers"), r"model\.layers is missing"),
+    (lambda d: d["stages"][1].update(weights="int3"),
+     r"stages\[1\]\.weights \('int3'\) must be one of 'none', 'int8', 'int4'"),
+    (lambda d: d["stages"][0].update(artifact_bytes=-1),
+     r"stages\[0\]\.artifact_bytes \(-1\) must be a non-negative integer"),
 ])
 def test_plan_mistakes_name_the_field(edit, message: str) -> None:
     data = valid_plan()

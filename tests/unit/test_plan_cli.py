@@ -6,11 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from coordinator.cli import main
 from coordinator.plot import pipeline_timeline
+from partition.cost_builder import stage_memory_matrix
+from partition.layers import build_layer_graph
 from partition.plan import Plan
 from partition.profiler import Profile
+from partition.quantize import WeightFormat
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 CLUSTERS = sorted(EXAMPLES.glob("cluster-*.yaml"))
@@ -119,3 +123,43 @@ def test_deploy_names_a_moved_model_file_and_the_option_to_use(
     assert main(["deploy", str(out)]) == 2
     err = capsys.readouterr().err
     assert "does not exist here; pass it with --model" in err and len(err.splitlines()) == 1
+
+
+def test_quantized_weights_fit_a_model_on_a_node_too_small_for_float32(
+    sample_mlp, tmp_path: Path, capsys
+) -> None:
+    mlp = sample_mlp
+    layer_graph = build_layer_graph(mlp.model.program)
+    need = {fmt: int(stage_memory_matrix(layer_graph, fmt)[0, -1]) for fmt in WeightFormat}
+    assert need[WeightFormat.INT4] < need[WeightFormat.INT8] < need[WeightFormat.NONE]
+    memory = (need[WeightFormat.INT8] + need[WeightFormat.NONE]) // 2
+
+    def plan_with(node_quantize: str | None, *options: str) -> Plan | None:
+        node = {"name": "box", "address": "127.0.0.1:50999", "memory": memory}
+        nodes = tmp_path / "nodes.yaml"
+        nodes.write_text(yaml.safe_dump({"nodes": [
+            {**node, "quantize": node_quantize} if node_quantize else node
+        ]}))
+        out = tmp_path / "plan.json"
+        code = main(["plan", str(mlp.path), "--nodes", str(nodes), "-o", str(out),
+                     "--repeats", "2", *options])
+        err = capsys.readouterr().err
+        if code:
+            assert code == 2 and "no plan fits" in err and len(err.strip().splitlines()) == 1
+            return None
+        return Plan.load(out)
+
+    assert plan_with(None) is None
+    assert plan_with("none", "--quantize-weights", "int8") is None  # the node's own wins
+    for quantized in (plan_with(None, "--quantize-weights", "int8"), plan_with("int8")):
+        [stage] = quantized.stages
+        assert stage.weights is WeightFormat.INT8
+        assert stage.memory_bytes == need[WeightFormat.INT8] <= memory
+        assert quantized.replan["profiles"]["box"]["weights"] == "int8"  # priced quantized
+        assert stage.artifact_bytes < 0.3 * sum(
+            layer.param_bytes for layer in layer_graph.layers
+        )
+    with pytest.raises(SystemExit):
+        main(["plan", str(mlp.path), "--nodes", str(tmp_path / "nodes.yaml"),
+              "--quantize-weights", "int3"])
+    assert "--quantize-weights: invalid choice: 'int3'" in capsys.readouterr().err

@@ -12,11 +12,12 @@ import torch
 
 from coordinator.cli import main
 from coordinator.samples import SkipDag
-from partition import profile_store
+from partition import profile_store, profiler
 from partition.errors import ProfileFormatError, ProfileMismatchError
 from partition.layers import build_layer_graph
 from partition.profile_store import cache_dir, cached_profile
 from partition.profiler import PROFILE_VERSION, PROFILER_VERSION, Profile, profile_layers
+from partition.quantize import WeightFormat
 
 REPEATS = 3
 WARMUP = 1
@@ -100,6 +101,29 @@ def quick_cached_profile(sample_exported, tmp_path: Path, monkeypatch: pytest.Mo
     return lambda: cached_profile(sample.model, layer_graph, repeats=1, warmup=0)
 
 
+def test_a_quantized_profile_times_the_quantized_layers_and_is_cached_apart(
+    sample_exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EDGESPLIT_CACHE", str(tmp_path))
+    sample = sample_exported("skip_dag")
+    layer_graph = build_layer_graph(sample.model.program)
+    timed: list[WeightFormat] = []
+    real = profiler.quantized_range_module
+
+    def spy(graph, start, end, fmt):
+        timed.append(fmt)
+        return real(graph, start, end, fmt)
+
+    monkeypatch.setattr(profiler, "quantized_range_module", spy)
+    plain, _ = cached_profile(sample.model, layer_graph, repeats=1, warmup=0)
+    int4, cached = cached_profile(sample.model, layer_graph, repeats=1, warmup=0,
+                                  weights=WeightFormat.INT4)
+    assert not cached and (plain.weights, int4.weights) == ("none", "int4")
+    assert set(timed) == {WeightFormat.NONE, WeightFormat.INT4}
+    assert len(list((tmp_path / "profiles").glob("*.json"))) == 2
+    assert Profile.from_dict(int4.to_dict()) == int4
+
+
 def test_cached_profile_ignores_an_unreadable_cache_file(
     quick_cached_profile, tmp_path: Path
 ) -> None:
@@ -141,8 +165,9 @@ def test_profile_json_round_trip(model_skip_profile, tmp_path: Path) -> None:
         json.dumps([1, 2]),
         json.dumps({"version": PROFILE_VERSION}),
         json.dumps({"version": PROFILE_VERSION, "layers": [{"name": "stem"}]}),
+        json.dumps({"version": PROFILE_VERSION, "layers": [], "weights": "int3"}),
     ],
-    ids=["not-json", "other-version", "a-list", "no-fields", "bad-layer"],
+    ids=["not-json", "other-version", "a-list", "no-fields", "bad-layer", "bad-weights"],
 )
 def test_profile_load_refuses_other_files(text: str, tmp_path: Path) -> None:
     path = tmp_path / "other.json"
