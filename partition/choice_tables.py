@@ -116,12 +116,12 @@ def budget_states(compression: Compression | None) -> int:
 
 def budget_units_that_fit(nodes: int, layers: int, encodings: int, wanted: int) -> int:
     """The finest budget (at most ``wanted`` units) whose tables stay within
-    :data:`TABLE_LIMIT`; 0 when even the coarsest does not fit."""
-    for units in range(wanted, -1, -1):
+    :data:`TABLE_LIMIT`, and 1 when none does (:func:`choice_tables` then refuses)."""
+    for units in range(wanted, 1, -1):
         states = (layers + 1) * (units + 1) * encodings
         if nodes * states * states <= TABLE_LIMIT:
             return units
-    return 0
+    return 1
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,13 @@ from dataclasses import replace
 
 from partition.baselines import baselines
 from partition.cluster import ClusterSpec
+from partition.compression_planning import CompressionRequest, CompressMode, choose
 from partition.cost_builder import build_cost_model
 from partition.costs import CostModel
 from partition.layers import LayerGraph
 from partition.loader import LoadedModel
 from partition.optimizer import Schedule, optimize
-from partition.plan import BaselineResult, Link, Objective, Plan, PlannedStage
+from partition.plan import BaselineResult, Link, LinkEncoding, Objective, Plan, PlannedStage
 from partition.profiler import Profile
 from partition.replan_inputs import replan_inputs
 
@@ -25,23 +26,33 @@ def plan(
     cluster: ClusterSpec,
     profiles: dict[str, Profile],
     objective: Objective = Objective.THROUGHPUT,
+    compression: CompressionRequest | None = None,
 ) -> Plan:
     """Choose the stages that optimize ``objective`` and price the baselines beside them.
 
     ``profiles`` holds one profile per node of ``cluster`` (see
-    :func:`partition.cost_builder.node_profiles`).
+    :func:`partition.cost_builder.node_profiles`). With ``compression``, each link's
+    encoding is chosen with the stages (:mod:`partition.compression_planning`) and the
+    plan records its measured accuracy; the baselines stay raw.
     """
     cost = build_cost_model(layer_graph, cluster, profiles)
-    result = optimize(cost, objective)
+    accuracy, encodings, priced = None, None, cost
+    if compression is None or compression.mode is CompressMode.NONE:
+        result = optimize(cost, objective)
+    else:
+        chosen = choose(cost, layer_graph, objective, compression)
+        result, priced = chosen.result, chosen.cost
+        accuracy, encodings = chosen.accuracy, chosen.encodings
     made = plan_from_schedule(
-        model, layer_graph, cluster, cost, result.schedule, objective,
+        model, layer_graph, cluster, priced, result.schedule, objective,
         exact=result.exact, lower_bound_s=result.lower_bound_s,
         baseline_results=tuple(
             _baseline_result(b.name, b.description, b.schedule, b.note, cost, cluster)
             for b in baselines(cost, objective)
         ),
+        encodings=encodings,
     )
-    return replace(made, replan=replan_inputs(cluster, profiles))
+    return replace(made, replan=replan_inputs(cluster, profiles), accuracy=accuracy)
 
 
 def plan_from_schedule(
@@ -55,8 +66,10 @@ def plan_from_schedule(
     exact: bool,
     lower_bound_s: float,
     baseline_results: tuple[BaselineResult, ...] = (),
+    encodings: tuple[LinkEncoding, ...] | None = None,
 ) -> Plan:
-    """Describe a priced schedule as a :class:`Plan` (also used to deploy a baseline)."""
+    """Describe a priced schedule as a :class:`Plan` (also used to deploy a baseline);
+    ``encodings`` has one per link (default raw)."""
     addresses = {node.name: node.address for node in cluster.nodes}
     stages = tuple(
         _planned_stage(
@@ -80,7 +93,7 @@ def plan_from_schedule(
         sink=cluster.sink,
         addresses=addresses,
         stages=stages,
-        links=_links(cluster, [s.node for s in stages]),
+        links=_links(cluster, [s.node for s in stages], encodings),
         latency_s=schedule.latency_s,
         bottleneck_s=schedule.bottleneck_s,
         exact=exact,
@@ -130,12 +143,15 @@ def _planned_stage(
     )
 
 
-def _links(cluster: ClusterSpec, nodes: list[str]) -> tuple[Link, ...]:
-    """The hops source -> each node in turn -> sink."""
+def _links(
+    cluster: ClusterSpec, nodes: list[str], encodings: tuple[LinkEncoding, ...] | None = None
+) -> tuple[Link, ...]:
+    """The hops source -> each node in turn -> sink, in ``encodings`` (default raw)."""
     hops = [cluster.source, *nodes, cluster.sink]
+    codes = encodings or (LinkEncoding.RAW,) * (len(hops) - 1)
     return tuple(
-        Link(a, b, cluster.link(a, b).bytes_per_s, cluster.link(a, b).latency_s)
-        for a, b in zip(hops, hops[1:], strict=False)
+        Link(a, b, cluster.link(a, b).bytes_per_s, cluster.link(a, b).latency_s, e)
+        for a, b, e in zip(hops, hops[1:], codes, strict=True)
     )
 
 
