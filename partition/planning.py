@@ -151,7 +151,7 @@ def _links(
     codes = encodings or (LinkEncoding.RAW,) * (len(hops) - 1)
     return tuple(
         Link(a, b, cluster.link(a, b).bytes_per_s, cluster.link(a, b).latency_s, e)
-        for a, b, e in zip(hops, hops[1:], codes, strict=True)
+        for a, b, e in zip(hops[:-1], hops[1:], codes, strict=True)
     )
 
 
