@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from partition.costs import LinkChoices
+from partition.costs import LinkChoices, WeightChoices
 from partition.layers import LayerGraph
 from partition.link_codec import LinkCodec
 from partition.loader import LoadedModel
@@ -180,3 +181,27 @@ def link_choices(
             encode[b, k], decode[b, k] = codec.seconds(specs, encoding)
             error[b, k] = meter.link_error(b, lambda t, e=encoding: codec.roundtrip(t, e))
     return LinkChoices(tuple(e.value for e in encodings), nbytes, encode, decode, error, raw)
+
+
+@dataclass(frozen=True)
+class WeightOffer:
+    """Weight formats to choose from: ``quantize(weight, name)`` gives the weight a stage in
+    format ``name`` computes with; ``layer_seconds`` ``(W, N, L)`` and ``stage_memory_bytes``
+    ``(W, L+1, L+1)`` price each format as :class:`~partition.costs.WeightChoices` does."""
+
+    names: tuple[str, ...]
+    quantize: Callable[[torch.Tensor, str], torch.Tensor]
+    layer_seconds: np.ndarray
+    stage_memory_bytes: np.ndarray
+
+    def quantizer(self, option: int) -> Alter:
+        """Format option ``option`` (1-based: 0 is full precision) as a weight map."""
+        return lambda t: self.quantize(t, self.names[option - 1])
+
+
+def weight_choices(meter: ErrorMeter, offer: WeightOffer) -> WeightChoices:
+    """``offer`` with the error of each format at each layer alone."""
+    layers = offer.layer_seconds.shape[2]
+    error = np.array([[meter.layer_error(k, offer.quantizer(w + 1)) for k in range(layers)]
+                      for w in range(len(offer.names))]).reshape(len(offer.names), layers)
+    return WeightChoices(offer.names, offer.layer_seconds, offer.stage_memory_bytes, error)

@@ -12,8 +12,13 @@
    again. A plan with nothing encoded has no error, so this ends, each time with a plan
    whose measured error is within the budget.
 
+Weight formats (a :class:`~partition.compression_choice.WeightOffer`) join the same search
+and the same loop: a stage's format is measured per layer alone, and a stage format that is
+the worst contributor is withheld for that stage's layer range.
+
 With one fixed encoding (``fp16``, ``int8``) every link between two nodes carries it: the
 search has nothing to trade, and a plan whose measured error exceeds ``max_error`` is refused.
+Weight formats are offered only with ``auto`` or ``none``, where the budget is searched.
 """
 
 from __future__ import annotations
@@ -25,9 +30,16 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from partition.choice_tables import budget_units_that_fit
-from partition.compression_choice import Alter, ErrorMeter, Inputs, link_choices
-from partition.costs import Compression, CostModel, LinkChoices
-from partition.errors import AccuracyBudgetError
+from partition.compression_choice import (
+    Alter,
+    ErrorMeter,
+    Inputs,
+    WeightOffer,
+    link_choices,
+    weight_choices,
+)
+from partition.costs import Compression, CostModel
+from partition.errors import AccuracyBudgetError, PlanningError
 from partition.layers import LayerGraph
 from partition.link_codec import LinkCodec, link_codec
 from partition.optimizer import OptimizeResult, Schedule, optimize
@@ -59,16 +71,18 @@ class CompressionRequest:
     inputs: tuple[Inputs, ...]
     max_error: float = math.inf
     budget_units: int = 16
+    weights: WeightOffer | None = None
 
 
 @dataclass(frozen=True)
 class Chosen:
-    """The plan found, the cost model it was priced on, each link's encoding and the
-    plan's measured accuracy."""
+    """The plan found, the cost model it was priced on, each link's encoding, each stage's
+    weight format (``None``: full precision) and the plan's measured accuracy."""
 
     result: OptimizeResult
     cost: CostModel
     encodings: tuple[LinkEncoding, ...]
+    formats: tuple[str | None, ...]
     accuracy: Accuracy
 
 
@@ -82,29 +96,43 @@ def choose(
     ------
     AccuracyBudgetError
         With a fixed encoding, the plan's measured error exceeds ``request.max_error``.
-    NoFeasiblePlanError, PlanningError
-        As :func:`partition.optimizer.optimize`.
+    PlanningError
+        Weight formats offered with a fixed encoding; or as
+        :func:`partition.optimizer.optimize` (``NoFeasiblePlanError`` among them).
     """
     codec = codec or link_codec()
     offered = request.mode.encodings
-    auto = request.mode is CompressMode.AUTO
+    fixed = request.mode in (CompressMode.FP16, CompressMode.INT8)
+    if fixed and request.weights is not None:
+        raise PlanningError(f"weight formats are chosen only with --compress auto or none, not "
+                            f"{request.mode.value}; pass --compress auto")
     meter = ErrorMeter(layer_graph, list(request.inputs))
-    links = link_choices(meter, layer_graph, codec, offered, raw=auto)
-    units = budget_units_that_fit(cost.num_nodes, cost.num_layers, 1 + len(offered),
-                                  request.budget_units)
-    budget = request.max_error if auto else math.inf
+    offer = request.weights
+    compression = Compression(
+        link_choices(meter, layer_graph, codec, offered, raw=not fixed),
+        weight_choices(meter, offer) if offer else None,
+        math.inf if fixed else request.max_error,
+        budget_units_that_fit(cost.num_nodes, cost.num_layers, 1 + len(offered),
+                              request.budget_units),
+    )
     while True:
-        priced = replace(cost, compression=Compression(links, None, budget, units))
+        priced = replace(cost, compression=compression)
         result = optimize(priced, objective)
+        schedule = result.schedule
         encodings = tuple(LinkEncoding.RAW if e == 0 else offered[e - 1]
-                          for e in result.schedule.encodings)
-        accuracy = meter.accuracy(_roundtrips(result.schedule, encodings, codec), {},
-                                  result.schedule.error_bound, request.max_error)
+                          for e in schedule.encodings)
+        quantized = {k: offer.quantizer(w) for s, w in zip(schedule.spans, schedule.formats,
+                                                           strict=True) if w
+                     for k in range(s.start, s.end)} if offer else {}
+        accuracy = meter.accuracy(_roundtrips(schedule, encodings, codec), quantized,
+                                  schedule.error_bound, request.max_error)
         if accuracy.max_rel_error <= request.max_error:
-            return Chosen(result, priced, encodings, accuracy)
-        if not auto or not any(result.schedule.encodings):
+            formats = tuple(offer.names[w - 1] if w else None for w in schedule.formats
+                            ) if offer else (None,) * len(schedule.spans)
+            return Chosen(result, priced, encodings, formats, accuracy)
+        if fixed or not (any(schedule.encodings) or any(schedule.formats)):
             raise AccuracyBudgetError(_over_budget(request, accuracy))
-        links = _without_worst(links, result.schedule)
+        compression = _without_worst(compression, schedule)
 
 
 def _boundaries(schedule: Schedule) -> list[int]:
@@ -123,14 +151,24 @@ def _roundtrips(
     }
 
 
-def _without_worst(links: LinkChoices, schedule: Schedule) -> LinkChoices:
-    """``links`` with the schedule's encoded cut of the largest error alone withheld."""
-    chosen = [(float(links.error[b, e - 1]), b, e - 1)
+def _without_worst(compression: Compression, schedule: Schedule) -> Compression:
+    """``compression`` without the schedule's choice of the largest error alone: that
+    encoding at that cut, or that weight format for that stage's layer range."""
+    links, weights = compression.links, compression.weights
+    chosen = [(float(links.error[b, e - 1]), "link", b, b, e - 1)
               for b, e in zip(_boundaries(schedule), schedule.encodings, strict=True) if e]
-    _, b, e = max(chosen)
-    nbytes = links.nbytes.copy()
-    nbytes[b, e] = np.inf
-    return replace(links, nbytes=nbytes)
+    if weights is not None:
+        chosen += [(float(weights.layer_error[w - 1, s.start:s.end].sum()), "stage", s.start,
+                    s.end, w - 1) for s, w in zip(schedule.spans, schedule.formats, strict=True)
+                   if w]
+    _, kind, start, end, option = max(chosen)
+    if kind == "link":
+        nbytes = links.nbytes.copy()
+        nbytes[start, option] = np.inf
+        return replace(compression, links=replace(links, nbytes=nbytes))
+    memory = weights.stage_memory_bytes.copy()
+    memory[option, start, end] = np.inf
+    return replace(compression, weights=replace(weights, stage_memory_bytes=memory))
 
 
 def _over_budget(request: CompressionRequest, accuracy: Accuracy) -> str:

@@ -137,7 +137,8 @@ def evaluate(
         bottleneck_s=max(stage + transfer),
         stage_seconds=stage,
         transfer_seconds=transfer,
-        fits=all(int(opts.stage_memory[w, s.start, s.end]) <= int(cost.node_memory_bytes[s.node])
+        fits=all(np.floor(opts.stage_memory[w, s.start, s.end])
+                 <= int(cost.node_memory_bytes[s.node])
                  for s, w in zip(spans, kinds, strict=True)),
         encodings=codes,
         formats=kinds,

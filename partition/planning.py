@@ -37,7 +37,8 @@ def plan(
     """
     cost = build_cost_model(layer_graph, cluster, profiles)
     accuracy, encodings, priced = None, None, cost
-    if compression is None or compression.mode is CompressMode.NONE:
+    if compression is None or (compression.mode is CompressMode.NONE
+                               and compression.weights is None):
         result = optimize(cost, objective)
     else:
         chosen = choose(cost, layer_graph, objective, compression)

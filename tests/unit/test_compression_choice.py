@@ -14,10 +14,10 @@ import torch
 
 from coordinator.calibration import read_calibration
 from partition import compression_choice, compression_planning
-from partition.compression_choice import ErrorMeter, calibration_inputs
+from partition.compression_choice import ErrorMeter, WeightOffer, calibration_inputs
 from partition.compression_planning import CompressionRequest, CompressMode, choose
 from partition.costs import CostModel
-from partition.errors import AccuracyBudgetError, EdgesplitError
+from partition.errors import AccuracyBudgetError, EdgesplitError, PlanningError
 from partition.layers import build_layer_graph
 from partition.link_codec import LinkCodec
 from partition.plan import Accuracy, LinkEncoding, Objective
@@ -188,3 +188,42 @@ def test_a_plan_over_the_budget_is_searched_again_without_its_worst_encoding(
     _, b, e = max(used)
     assert math.isinf(again.compression.links.nbytes[b, e - 1])
     assert (b, e) not in zip([0, *(s.end for s in second.spans)], second.encodings, strict=True)
+
+
+def grid(t: torch.Tensor, name: str) -> torch.Tensor:
+    """Weight stand-in: round to multiples of 1/1024."""
+    assert name == "q"
+    return torch.round(t * 1024) / 1024
+
+
+@pytest.mark.parametrize("memory, quantize", [(1e9, False), (0.6, True)])
+def test_weight_formats_are_chosen_when_memory_needs_them(skip_dag, memory, quantize) -> None:
+    """Node b holds a full-precision stage only with ample memory (stage memory is 1 a layer,
+    0.5 quantized); the quantized layers are a little slower."""
+    _, layer_graph, inputs = skip_dag
+    cost = two_nodes(layer_graph, 1e12)
+    layers = layer_graph.num_layers
+    span = np.arange(layers + 1)[None, :] - np.arange(layers + 1)[:, None]
+    per_stage = np.maximum(span, 0).astype(float) / layers
+    cost = CostModel(**{**cost.__dict__, "stage_memory_bytes": per_stage,
+                        "node_memory_bytes": np.array([0.0, memory])})
+    offer = WeightOffer(("q",), grid, np.asarray(cost.layer_seconds)[None] * 1.1,
+                        per_stage[None] / 2)
+    request = CompressionRequest(CompressMode.NONE, tuple(inputs), 0.05, weights=offer)
+    chosen = choose(cost, layer_graph, Objective.LATENCY, request, stand_in_codec())
+    assert [s.node for s in chosen.result.schedule.spans] == [1]
+    assert chosen.formats == (("q",) if quantize else (None,))
+    assert (chosen.accuracy.max_rel_error > 0) == quantize
+    assert chosen.accuracy.max_rel_error <= 0.05
+    assert chosen.accuracy.error_bound == pytest.approx(
+        chosen.cost.compression.weights.layer_error.sum() if quantize else 0.0)
+
+
+def test_weight_formats_need_a_searched_budget(skip_dag) -> None:
+    _, layer_graph, inputs = skip_dag
+    cost = two_nodes(layer_graph, 1e12)
+    offer = WeightOffer(("q",), grid, np.asarray(cost.layer_seconds)[None],
+                        np.asarray(cost.stage_memory_bytes)[None])
+    request = CompressionRequest(CompressMode.FP16, tuple(inputs), 0.05, weights=offer)
+    with pytest.raises(PlanningError, match="only with --compress auto or none"):
+        choose(cost, layer_graph, Objective.LATENCY, request, stand_in_codec())
