@@ -116,18 +116,3 @@ class CostModel:
     @property
     def num_nodes(self) -> int:
         return self.layer_seconds.shape[0]
-
-    def transfer_seconds(self, boundary: int, src: int, dst: int) -> float:
-        """Time to move boundary ``boundary``'s tensors from ``src`` to ``dst`` (0 if same)."""
-        if src == dst:
-            return 0.0
-        nbytes = float(self.boundary_bytes[boundary])
-        bandwidth = float(self.link_bytes_per_s[src, dst])
-        return nbytes / bandwidth + float(self.link_latency_s[src, dst])
-
-    def stage_seconds(self, node: int, start: int, end: int) -> float:
-        """Compute time of layers ``[start, end)`` on ``node``."""
-        return float(self.layer_seconds[node, start:end].sum())
-
-    def stage_fits(self, node: int, start: int, end: int) -> bool:
-        return int(self.stage_memory_bytes[start, end]) <= int(self.node_memory_bytes[node])

@@ -32,7 +32,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from partition.choice_tables import ChoiceTables, Options, StateIndex, choice_tables
+from partition.choice_tables import Options, StateIndex, choice_tables
 from partition.costs import CostModel
 from partition.errors import NoFeasiblePlanError, PlanningError
 from partition.plan import Objective
@@ -241,7 +241,7 @@ class _Tables:
     @classmethod
     def build(cls, cost: CostModel) -> _Tables:
         if cost.compression is not None:
-            made: ChoiceTables = choice_tables(cost)
+            made = choice_tables(cost)
             return cls(made.stage, made.hop, made.layer_floor, made.index, made.stage_format)
         seconds = np.asarray(cost.layer_seconds, dtype=float)
         n, layers = seconds.shape
@@ -428,7 +428,7 @@ def _lower_bound(cost: CostModel, tables: _Tables, objective: Objective) -> floa
     """A bound no plan beats: the best path when nodes may be reused (but not twice in a
     row), and for the bottleneck also all work shared over all nodes at their best speeds."""
     combine = np.add if objective is Objective.LATENCY else np.maximum
-    relaxed = _relaxed_path(tables, cost.source, combine, cost.sink)
+    relaxed = _relaxed_path(tables, cost.source, cost.sink, combine)
     if objective is Objective.LATENCY:
         return relaxed
     seconds = Options.of(cost).layer_seconds.min(axis=0)
@@ -442,9 +442,10 @@ def _lower_bound(cost: CostModel, tables: _Tables, objective: Objective) -> floa
     return float(max(relaxed, shared))
 
 
-def _relaxed_path(tables: _Tables, source: int, combine: np.ufunc, sink: int) -> float:
+def _relaxed_path(tables: _Tables, source: int, sink: int, combine: np.ufunc) -> float:
     """The cheapest path over states (boundary, node) alone, forgetting which nodes were used:
-    a relaxation of :func:`_search` in ``O(L² N + L N²)``."""
+    a relaxation of :func:`_search` in ``O(V² N + V N²)`` for ``V`` state indices (``L+1``
+    without compression)."""
     stage, hop, index = tables.stage, tables.hop.copy(), tables.index
     n, states = stage.shape[0], stage.shape[1]
     last = hop[index.ends][:, :, sink].copy()
