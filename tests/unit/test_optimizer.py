@@ -185,11 +185,13 @@ def test_infeasible_names_the_closest_node() -> None:
             optimize(cost, objective)
 
 
+@pytest.mark.parametrize("choices", [False, True])
 @pytest.mark.parametrize("objective", list(Objective))
 def test_inexact_search_bounds_the_optimum(
-    objective: Objective, monkeypatch: pytest.MonkeyPatch
+    objective: Objective, choices: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    costs = [c for c in instances(40, 99) if brute_force(c)]
+    costs = ([c for c in choice_instances(30, 77) if brute_force_choices(c)] if choices
+             else [c for c in instances(40, 99) if brute_force(c)])
     exact = [optimize(c, objective) for c in costs]
     monkeypatch.setattr(optimizer, "EXACT_WORK_LIMIT", 0)
     for cost, best in zip(costs, exact, strict=True):
@@ -198,6 +200,8 @@ def test_inexact_search_bounds_the_optimum(
         except NoFeasiblePlanError:
             continue
         assert not result.exact and result.schedule.fits
+        if choices:
+            check_admitted(cost, result.schedule)
         answer = (result.schedule.latency_s if objective is Objective.LATENCY
                   else result.schedule.bottleneck_s)
         assert result.lower_bound_s <= best.lower_bound_s * (1 + RELATIVE)
@@ -421,22 +425,3 @@ def test_the_budget_limits_the_encodings_chosen() -> None:
     assert sorted(schedule.encodings) == [0, 1]
     assert schedule.error_bound == pytest.approx(0.03)
 
-
-@pytest.mark.parametrize("objective", list(Objective))
-def test_inexact_search_with_choices_bounds_the_optimum(
-    objective: Objective, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    costs = [c for c in choice_instances(30, 77) if brute_force_choices(c)]
-    exact = [optimize(c, objective) for c in costs]
-    monkeypatch.setattr(optimizer, "EXACT_WORK_LIMIT", 0)
-    for cost, best in zip(costs, exact, strict=True):
-        try:
-            result = optimize(cost, objective)
-        except NoFeasiblePlanError:
-            continue
-        assert not result.exact and result.schedule.fits
-        check_admitted(cost, result.schedule)
-        answer = (result.schedule.latency_s if objective is Objective.LATENCY
-                  else result.schedule.bottleneck_s)
-        assert result.lower_bound_s <= best.lower_bound_s * (1 + RELATIVE)
-        assert best.lower_bound_s <= answer * (1 + RELATIVE)
