@@ -121,14 +121,11 @@ def choose(
         schedule = result.schedule
         encodings = tuple(LinkEncoding.RAW if e == 0 else offered[e - 1]
                           for e in schedule.encodings)
-        quantized = {k: offer.quantizer(w) for s, w in zip(schedule.spans, schedule.formats,
-                                                           strict=True) if w
-                     for k in range(s.start, s.end)} if offer else {}
-        accuracy = meter.accuracy(_roundtrips(schedule, encodings, codec), quantized,
-                                  schedule.error_bound, request.max_error)
+        accuracy = meter.accuracy(_roundtrips(schedule, encodings, codec),
+                                  _quantizers(schedule, offer), schedule.error_bound,
+                                  request.max_error)
         if accuracy.max_rel_error <= request.max_error:
-            formats = tuple(offer.names[w - 1] if w else None for w in schedule.formats
-                            ) if offer else (None,) * len(schedule.spans)
+            formats = tuple(offer.names[w - 1] if w else None for w in schedule.formats)
             return Chosen(result, priced, encodings, formats, accuracy)
         if fixed or not (any(schedule.encodings) or any(schedule.formats)):
             raise AccuracyBudgetError(_over_budget(request, accuracy))
@@ -148,6 +145,15 @@ def _roundtrips(
         b: (lambda t, e=encoding: codec.roundtrip(t, e))
         for b, encoding in zip(_boundaries(schedule), encodings, strict=True)
         if encoding is not LinkEncoding.RAW
+    }
+
+
+def _quantizers(schedule: Schedule, offer: WeightOffer | None) -> dict[int, Alter]:
+    """The weight map of every layer in a stage the schedule quantizes, by layer."""
+    return {
+        k: offer.quantizer(w)
+        for s, w in zip(schedule.spans, schedule.formats, strict=True) if w
+        for k in range(s.start, s.end)
     }
 
 
