@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import math
 
+from coordinator.calibration import read_calibration
 from coordinator.console import console, progress_bar
 from coordinator.model_options import add_model_arguments, load_from_arguments
-from coordinator.plan_tables import baselines_table, stages_table, totals_line
+from coordinator.plan_tables import baselines_table, compression_lines, stages_table, totals_line
 from coordinator.plot import plot_plan
 from partition.cluster import ClusterSpec, load_cluster, with_default_quantize
+from partition.compression_choice import calibration_inputs
+from partition.compression_planning import CompressionRequest, CompressMode
 from partition.cost_builder import node_profiles
 from partition.errors import EdgesplitError
 from partition.layers import LayerGraph
@@ -18,6 +22,11 @@ from partition.planning import plan
 from partition.profile_store import cached_profile
 from partition.profiler import Profile
 from partition.quantize import WeightFormat
+
+DEFAULT_MAX_ERROR = 0.01
+"""Default ``--max-error``: 1% of the largest float32 output."""
+CALIBRATION_INPUTS = 4
+"""Random calibration inputs drawn when no ``--calibration`` file is given."""
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
@@ -44,17 +53,43 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         "--profile-on-nodes", action="store_true",
         help="ask every reachable node to profile the model on its own hardware",
     )
+    parser.add_argument(
+        "--compress", choices=[m.value for m in CompressMode], default=CompressMode.NONE.value,
+        help="link encoding: none (default), fp16 or int8 on every link, or auto: chosen per "
+             "link with the split, within --max-error",
+    )
+    parser.add_argument(
+        "--max-error", type=float, default=DEFAULT_MAX_ERROR, metavar="E",
+        help="largest output difference from float32, relative to the largest output, on the "
+             f"calibration inputs (default {DEFAULT_MAX_ERROR})",
+    )
+    parser.add_argument(
+        "--calibration", metavar="FILE",
+        help="torch.save of a list of inputs to measure errors on (default: "
+             f"{CALIBRATION_INPUTS} random inputs of the model's signature)",
+    )
+    parser.add_argument(
+        "--budget-units", type=int, default=16, metavar="N",
+        help="steps the error budget is divided into for the search (finer is slower)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="threads for the local profile")
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per layer")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if not (math.isfinite(args.max_error) and args.max_error >= 0):
+        raise EdgesplitError(f"--max-error must be a number >= 0, got {args.max_error}; "
+                             f"pass for example --max-error {DEFAULT_MAX_ERROR}")
+    if args.budget_units < 1:
+        raise EdgesplitError(f"--budget-units must be at least 1, got {args.budget_units}; "
+                             "pass for example --budget-units 16")
     model, layer_graph = load_from_arguments(args)
     cluster = with_default_quantize(load_cluster(args.nodes),
                                     WeightFormat(args.quantize_weights))
+    compression = compression_request(args, model)
     profiles = gather_profiles(args, model, layer_graph, cluster)
-    result = plan(model, layer_graph, cluster, profiles, Objective(args.objective))
+    result = plan(model, layer_graph, cluster, profiles, Objective(args.objective), compression)
     result.save(args.output)
     show_plan(result)
     console.print(f"wrote {args.output}")
@@ -67,7 +102,19 @@ def run(args: argparse.Namespace) -> int:
 def show_plan(result: Plan) -> None:
     console.print(stages_table(result))
     console.print(totals_line(result))
+    for line in compression_lines(result):
+        console.print(line)
     console.print(baselines_table(result))
+
+
+def compression_request(args: argparse.Namespace, model: LoadedModel) -> CompressionRequest | None:
+    """What ``--compress`` asks for, with the calibration inputs (``None`` for none)."""
+    mode = CompressMode(args.compress)
+    if mode is CompressMode.NONE:
+        return None
+    inputs = (read_calibration(args.calibration, model) if args.calibration
+              else calibration_inputs(model, CALIBRATION_INPUTS))
+    return CompressionRequest(mode, tuple(inputs), args.max_error, args.budget_units)
 
 
 def gather_profiles(
