@@ -10,10 +10,15 @@ from coordinator.console import console, progress_bar
 from coordinator.model_options import add_model_arguments, load_from_arguments
 from coordinator.plan_tables import baselines_table, compression_lines, stages_table, totals_line
 from coordinator.plot import plot_plan
-from partition.cluster import ClusterSpec, load_cluster, with_default_quantize
-from partition.compression_choice import calibration_inputs
+from partition.cluster import (
+    ClusterSpec,
+    every_node_quantized,
+    load_cluster,
+    with_default_quantize,
+)
+from partition.compression_choice import Inputs, calibration_inputs, weight_offer
 from partition.compression_planning import CompressionRequest, CompressMode
-from partition.cost_builder import node_profiles
+from partition.cost_builder import layer_seconds, node_profiles
 from partition.errors import EdgesplitError
 from partition.layers import LayerGraph
 from partition.loader import LoadedModel
@@ -27,6 +32,8 @@ DEFAULT_MAX_ERROR = 0.01
 """Default ``--max-error``: 1% of the largest float32 output."""
 CALIBRATION_INPUTS = 4
 """Random calibration inputs drawn when no ``--calibration`` file is given."""
+OFFERED_WEIGHTS = (WeightFormat.INT8, WeightFormat.INT4)
+"""Weight formats ``--compress auto`` may choose per stage besides the node's own."""
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
@@ -55,8 +62,9 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--compress", choices=[m.value for m in CompressMode], default=CompressMode.NONE.value,
-        help="link encoding: none (default), fp16 or int8 on every link, or auto: chosen per "
-             "link with the split, within --max-error",
+        help="link encoding: none (default), one encoding on every link, or auto: each "
+             "link's encoding and each stage's weight format (none, int8, int4) chosen with "
+             "the split, within --max-error",
     )
     parser.add_argument(
         "--max-error", type=float, default=DEFAULT_MAX_ERROR, metavar="E",
@@ -87,8 +95,15 @@ def run(args: argparse.Namespace) -> int:
     model, layer_graph = load_from_arguments(args)
     cluster = with_default_quantize(load_cluster(args.nodes),
                                     WeightFormat(args.quantize_weights))
-    compression = compression_request(args, model)
-    profiles = gather_profiles(args, model, layer_graph, cluster)
+    mode = CompressMode(args.compress)
+    inputs = calibration(args, model) if mode is not CompressMode.NONE else ()
+    offered = OFFERED_WEIGHTS if mode is CompressMode.AUTO else ()
+    profiles, by_format = gather_profiles(args, model, layer_graph, cluster, offered)
+    compression = None if mode is CompressMode.NONE else CompressionRequest(
+        mode, tuple(inputs), args.max_error, args.budget_units,
+        weight_offer(layer_graph, {fmt: layer_seconds(cluster, by_format[fmt])
+                                   for fmt in offered}) if offered else None,
+    )
     result = plan(model, layer_graph, cluster, profiles, Objective(args.objective), compression)
     result.save(args.output)
     show_plan(result)
@@ -107,22 +122,21 @@ def show_plan(result: Plan) -> None:
     console.print(baselines_table(result))
 
 
-def compression_request(args: argparse.Namespace, model: LoadedModel) -> CompressionRequest | None:
-    """What ``--compress`` asks for, with the calibration inputs (``None`` for none)."""
-    mode = CompressMode(args.compress)
-    if mode is CompressMode.NONE:
-        return None
-    inputs = (read_calibration(args.calibration, model) if args.calibration
-              else calibration_inputs(model, CALIBRATION_INPUTS))
-    return CompressionRequest(mode, tuple(inputs), args.max_error, args.budget_units)
+def calibration(args: argparse.Namespace, model: LoadedModel) -> list[Inputs]:
+    """The ``--calibration`` inputs, else random ones of the model's signature."""
+    if args.calibration:
+        return read_calibration(args.calibration, model)
+    return calibration_inputs(model, CALIBRATION_INPUTS)
 
 
 def gather_profiles(
-    args: argparse.Namespace, model: LoadedModel, layer_graph: LayerGraph, cluster: ClusterSpec
-) -> dict[str, Profile]:
+    args: argparse.Namespace, model: LoadedModel, layer_graph: LayerGraph, cluster: ClusterSpec,
+    offered: tuple[WeightFormat, ...] = (),
+) -> tuple[dict[str, Profile], dict[WeightFormat, dict[str, Profile]]]:
     """This machine's profile (in each node's weight format), overridden per node by
     ``--profile`` files and, with ``--profile-on-nodes``, by measurements taken on the nodes
-    themselves (their float32 times)."""
+    themselves (their float32 times); and each node's profile in each ``offered`` format,
+    made the same way."""
     given: dict[str, Profile] = {}
     for item in args.profile:
         name, sep, path = item.partition("=")
@@ -143,11 +157,13 @@ def gather_profiles(
             model, layer_graph, threads=args.threads, repeats=args.repeats, progress=update
         )
     quantized = {}
-    for fmt in sorted({node.quantize for node in cluster.nodes if node.name not in given}
-                      - {None, WeightFormat.NONE}, key=lambda f: f.value):
+    wanted = {node.quantize for node in cluster.nodes if node.name not in given} | set(offered)
+    for fmt in sorted(wanted - {None, WeightFormat.NONE}, key=lambda f: f.value):
         with progress_bar(f"profiling {fmt.value} weights", 3 + args.repeats) as update:
             quantized[fmt], _ = cached_profile(
                 model, layer_graph, threads=args.threads, repeats=args.repeats,
                 progress=update, weights=fmt,
             )
-    return node_profiles(cluster, local, given, quantized)
+    by_format = {fmt: node_profiles(every_node_quantized(cluster, fmt), local, given, quantized)
+                 for fmt in offered}
+    return node_profiles(cluster, local, given, quantized), by_format

@@ -3,26 +3,28 @@
 Torch runs here and nowhere else in the choice of compression: the search
 (:mod:`partition.choice_tables`) only sees the numbers this module measures. The model runs
 layer by layer on calibration inputs; an option's error is measured *alone* (only that cut
-encoded, or only that layer's weights quantized, everything else float32), starting from the
+encoded with :func:`partition.compression.roundtrip`, or only that layer's weights in a
+:class:`~partition.quantize.WeightFormat`, everything else float32), starting from the
 float32 activations at that point. The error figure is the largest absolute difference of
 any output over the largest absolute float32 output (``Accuracy.max_rel_error``).
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from partition.compression import LinkEncoding, codec_seconds, encoded_bytes, roundtrip
+from partition.cost_builder import stage_memory_matrix
 from partition.costs import LinkChoices, WeightChoices
 from partition.layers import LayerGraph
-from partition.link_codec import LinkCodec
 from partition.loader import LoadedModel
 from partition.modules import RangeModule, build_range_module
-from partition.plan import Accuracy, LinkEncoding
+from partition.plan import Accuracy
+from partition.quantize import WeightFormat, quantized_range_module
 
 Inputs = tuple[torch.Tensor, ...]
 Alter = Callable[[torch.Tensor], torch.Tensor]
@@ -50,6 +52,7 @@ class ErrorMeter:
                         for k in range(layer_graph.num_layers)]
         self._live: list[list[dict[str, torch.Tensor]]] = []
         self._reference: list[tuple[torch.Tensor, ...]] = []
+        self._formats: dict[tuple[int, WeightFormat], RangeModule] = {}
         for item in inputs:
             env = dict(zip(layer_graph.user_inputs, item, strict=True))
             live = []
@@ -76,19 +79,19 @@ class ErrorMeter:
             for k in range(self.inputs)
         )
 
-    def layer_error(self, layer: int, quantize: Alter) -> float:
-        """The error of passing only layer ``layer``'s weights through ``quantize``."""
-        changed = {layer: quantized(self._layers[layer], quantize)}
+    def layer_error(self, layer: int, fmt: WeightFormat) -> float:
+        """The error of storing only layer ``layer``'s weights in ``fmt``."""
+        changed = {layer: self._quantized(layer, fmt)}
         return max(self._difference(k, self._run(k, layer, {}, changed))[1]
                    for k in range(self.inputs))
 
     def accuracy(
-        self, links: Mapping[int, Alter], layers: Mapping[int, Alter], error_bound: float,
-        max_error: float,
+        self, links: Mapping[int, Alter], layers: Mapping[int, WeightFormat],
+        error_bound: float, max_error: float,
     ) -> Accuracy:
         """Every input run with all of ``links`` (boundary -> roundtrip) and ``layers``
-        (layer -> weight quantizer) at once, against float32."""
-        changed = {k: quantized(self._layers[k], q) for k, q in layers.items()}
+        (layer -> weight format) at once, against float32."""
+        changed = {k: self._quantized(k, fmt) for k, fmt in layers.items()}
         worst, agree, total, kind = 0.0, 0, 0, None
         for k in range(self.inputs):
             outputs = self._run(k, 0, links, changed)
@@ -102,6 +105,13 @@ class ErrorMeter:
             top1_agreement=share if kind == "top1" else None,
             next_token_agreement=share if kind == "next_token" else None,
         )
+
+    def _quantized(self, layer: int, fmt: WeightFormat) -> RangeModule:
+        """Layer ``layer`` with its weights in ``fmt`` (built once per format)."""
+        key = (layer, fmt)
+        if key not in self._formats:
+            self._formats[key] = quantized_range_module(self._graph, layer, layer + 1, fmt)
+        return self._formats[key]
 
     def _at(self, boundary: int, env: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {name: env[name] for name in self._names[boundary]}
@@ -151,57 +161,60 @@ class ErrorMeter:
         return None, 0, 0
 
 
-def quantized(layer: RangeModule, quantize: Alter) -> RangeModule:
-    """A copy of ``layer`` whose floating weights went through ``quantize``."""
-    module = copy.deepcopy(layer.module)
-    with torch.no_grad():
-        for tensor in [*module.parameters(), *module.buffers()]:
-            if tensor.is_floating_point():
-                tensor.copy_(quantize(tensor))
-    return RangeModule(module, layer.start, layer.end, layer.inputs, layer.outputs)
-
-
 def link_choices(
-    meter: ErrorMeter, layer_graph: LayerGraph, codec: LinkCodec,
-    encodings: tuple[LinkEncoding, ...], raw: bool,
+    meter: ErrorMeter, layer_graph: LayerGraph, encodings: tuple[LinkEncoding, ...], raw: bool,
 ) -> LinkChoices:
-    """Bytes, codec seconds and error alone of each encoding at every boundary. With
-    ``raw`` offered too, an encoding that changes nothing at a boundary (no float tensor
-    crosses it) is withheld there."""
+    """Bytes (:func:`~partition.compression.encoded_bytes`), codec seconds on this machine
+    (:func:`~partition.compression.codec_seconds`) and error alone of each encoding at every
+    boundary. With ``raw`` offered too, an encoding that saves no bytes at a boundary is
+    withheld there."""
     shape = (layer_graph.num_layers + 1, len(encodings))
     nbytes, encode, decode, error = (np.zeros(shape) for _ in range(4))
     raw_bytes = layer_graph.boundary_bytes()
     for b in range(shape[0]):
         specs = layer_graph.boundary_tensors(b)
         for k, encoding in enumerate(encodings):
-            nbytes[b, k] = sum(codec.encoded_bytes(spec, encoding) for spec in specs)
+            nbytes[b, k] = sum(encoded_bytes(spec, encoding) for spec in specs)
             if raw and nbytes[b, k] >= raw_bytes[b]:
                 nbytes[b, k] = np.inf
                 continue
-            encode[b, k], decode[b, k] = codec.seconds(specs, encoding)
-            error[b, k] = meter.link_error(b, lambda t, e=encoding: codec.roundtrip(t, e))
+            seconds = codec_seconds(specs, encoding)
+            encode[b, k], decode[b, k] = seconds.encode_s, seconds.decode_s
+            error[b, k] = meter.link_error(b, lambda t, e=encoding: roundtrip(t, e))
     return LinkChoices(tuple(e.value for e in encodings), nbytes, encode, decode, error, raw)
 
 
 @dataclass(frozen=True)
 class WeightOffer:
-    """Weight formats to choose from: ``quantize(weight, name)`` gives the weight a stage in
-    format ``name`` computes with; ``layer_seconds`` ``(W, N, L)`` and ``stage_memory_bytes``
-    ``(W, L+1, L+1)`` price each format as :class:`~partition.costs.WeightChoices` does."""
+    """Weight formats to choose from for each stage, priced as
+    :class:`~partition.costs.WeightChoices` does: ``layer_seconds`` ``(W, N, L)``,
+    ``stage_memory_bytes`` ``(W, L+1, L+1)``."""
 
-    names: tuple[str, ...]
-    quantize: Callable[[torch.Tensor, str], torch.Tensor]
+    formats: tuple[WeightFormat, ...]
     layer_seconds: np.ndarray
     stage_memory_bytes: np.ndarray
 
-    def quantizer(self, option: int) -> Alter:
-        """Format option ``option`` (1-based: 0 is full precision) as a weight map."""
-        return lambda t: self.quantize(t, self.names[option - 1])
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(fmt.value for fmt in self.formats)
+
+
+def weight_offer(
+    layer_graph: LayerGraph, layer_seconds: Mapping[WeightFormat, np.ndarray]
+) -> WeightOffer:
+    """The formats of ``layer_seconds`` (each ``(N, L)``: every node's layer times in that
+    format), their stage memory as :func:`~partition.cost_builder.stage_memory_matrix`
+    prices a stage stored so."""
+    formats = tuple(layer_seconds)
+    return WeightOffer(
+        formats, np.stack([layer_seconds[fmt] for fmt in formats]),
+        np.stack([stage_memory_matrix(layer_graph, fmt) for fmt in formats]),
+    )
 
 
 def weight_choices(meter: ErrorMeter, offer: WeightOffer) -> WeightChoices:
     """``offer`` with the error of each format at each layer alone."""
     layers = offer.layer_seconds.shape[2]
-    error = np.array([[meter.layer_error(k, offer.quantizer(w + 1)) for k in range(layers)]
-                      for w in range(len(offer.names))]).reshape(len(offer.names), layers)
+    error = np.array([[meter.layer_error(k, fmt) for k in range(layers)]
+                      for fmt in offer.formats]).reshape(len(offer.formats), layers)
     return WeightChoices(offer.names, offer.layer_seconds, offer.stage_memory_bytes, error)

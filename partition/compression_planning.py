@@ -12,24 +12,30 @@
    again. A plan with nothing encoded has no error, so this ends, each time with a plan
    whose measured error is within the budget.
 
-Weight formats (a :class:`~partition.compression_choice.WeightOffer`) join the same search
-and the same loop: a stage's format is measured per layer alone, and a stage format that is
-the worst contributor is withheld for that stage's layer range.
+Weight formats (a :class:`~partition.compression_choice.WeightOffer` of
+:class:`~partition.quantize.WeightFormat`) join the same search and the same loop: a stage's
+format is measured per layer alone, and a stage format that is the worst contributor is
+withheld for that stage's layer range. A stage left at option 0 keeps its node's own format
+(``quantize`` in nodes.yaml); the check in step 3 runs it so, but the search counts it as no
+error (it is the operator's choice, not the planner's).
 
-With one fixed encoding (``fp16``, ``int8``) every link between two nodes carries it: the
-search has nothing to trade, and a plan whose measured error exceeds ``max_error`` is refused.
-Weight formats are offered only with ``auto`` or ``none``, where the budget is searched.
+With one fixed encoding (``fp16``, ``bf16``, ``int8``, ``int8-channel``) every link between
+two nodes carries it: the search has nothing to trade, and a plan whose measured error
+exceeds ``max_error`` is refused. Weight formats are offered only with ``auto`` or ``none``,
+where the budget is searched.
 """
 
 from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
 
 from partition.choice_tables import budget_units_that_fit
+from partition.compression import LinkEncoding, roundtrip
 from partition.compression_choice import (
     Alter,
     ErrorMeter,
@@ -41,26 +47,33 @@ from partition.compression_choice import (
 from partition.costs import Compression, CostModel
 from partition.errors import AccuracyBudgetError, PlanningError
 from partition.layers import LayerGraph
-from partition.link_codec import LinkCodec, link_codec
 from partition.optimizer import OptimizeResult, Schedule, optimize
-from partition.plan import Accuracy, LinkEncoding, Objective
+from partition.plan import Accuracy, Objective
+from partition.quantize import WeightFormat
 
 
 class CompressMode(enum.Enum):
     """``coordinator plan --compress``: no encoding, one for every link, or the planner's
-    choice per link."""
+    choice per link (and, offered, per stage weight format)."""
 
     NONE = "none"
     FP16 = "fp16"
+    BF16 = "bf16"
     INT8 = "int8"
+    INT8_CHANNEL = "int8-channel"
     AUTO = "auto"
 
     @property
     def encodings(self) -> tuple[LinkEncoding, ...]:
         """The encodings offered besides raw."""
         if self is CompressMode.AUTO:
-            return (LinkEncoding.FP16, LinkEncoding.INT8)
+            return tuple(e for e in LinkEncoding if e is not LinkEncoding.RAW)
         return () if self is CompressMode.NONE else (LinkEncoding(self.value),)
+
+    @property
+    def fixed(self) -> bool:
+        """One encoding on every link, nothing to search."""
+        return self not in (CompressMode.NONE, CompressMode.AUTO)
 
 
 @dataclass(frozen=True)
@@ -77,20 +90,21 @@ class CompressionRequest:
 @dataclass(frozen=True)
 class Chosen:
     """The plan found, the cost model it was priced on, each link's encoding, each stage's
-    weight format (``None``: full precision) and the plan's measured accuracy."""
+    weight format and the plan's measured accuracy."""
 
     result: OptimizeResult
     cost: CostModel
     encodings: tuple[LinkEncoding, ...]
-    formats: tuple[str | None, ...]
+    formats: tuple[WeightFormat, ...]
     accuracy: Accuracy
 
 
 def choose(
     cost: CostModel, layer_graph: LayerGraph, objective: Objective,
-    request: CompressionRequest, codec: LinkCodec | None = None,
+    request: CompressionRequest, node_weights: Sequence[WeightFormat] = (),
 ) -> Chosen:
-    """The best plan for ``objective`` with compression as ``request`` asks.
+    """The best plan for ``objective`` with compression as ``request`` asks;
+    ``node_weights`` is each node's own weight format (default: none on every node).
 
     Raises
     ------
@@ -100,16 +114,16 @@ def choose(
         Weight formats offered with a fixed encoding; or as
         :func:`partition.optimizer.optimize` (``NoFeasiblePlanError`` among them).
     """
-    codec = codec or link_codec()
     offered = request.mode.encodings
-    fixed = request.mode in (CompressMode.FP16, CompressMode.INT8)
+    fixed = request.mode.fixed
+    own = tuple(node_weights) or (WeightFormat.NONE,) * cost.num_nodes
     if fixed and request.weights is not None:
         raise PlanningError(f"weight formats are chosen only with --compress auto or none, not "
                             f"{request.mode.value}; pass --compress auto")
     meter = ErrorMeter(layer_graph, list(request.inputs))
     offer = request.weights
     compression = Compression(
-        link_choices(meter, layer_graph, codec, offered, raw=not fixed),
+        link_choices(meter, layer_graph, offered, raw=not fixed),
         weight_choices(meter, offer) if offer else None,
         math.inf if fixed else request.max_error,
         budget_units_that_fit(cost.num_nodes, cost.num_layers, 1 + len(offered),
@@ -121,11 +135,12 @@ def choose(
         schedule = result.schedule
         encodings = tuple(LinkEncoding.RAW if e == 0 else offered[e - 1]
                           for e in schedule.encodings)
-        accuracy = meter.accuracy(_roundtrips(schedule, encodings, codec),
-                                  _quantizers(schedule, offer), schedule.error_bound,
+        formats = tuple(offer.formats[w - 1] if w else own[s.node]
+                        for s, w in zip(schedule.spans, schedule.formats, strict=True))
+        accuracy = meter.accuracy(_roundtrips(schedule, encodings),
+                                  _layer_formats(schedule, formats), schedule.error_bound,
                                   request.max_error)
         if accuracy.max_rel_error <= request.max_error:
-            formats = tuple(offer.names[w - 1] if w else None for w in schedule.formats)
             return Chosen(result, priced, encodings, formats, accuracy)
         if fixed or not (any(schedule.encodings) or any(schedule.formats)):
             raise AccuracyBudgetError(_over_budget(request, accuracy))
@@ -137,22 +152,22 @@ def _boundaries(schedule: Schedule) -> list[int]:
     return [0, *(s.end for s in schedule.spans)]
 
 
-def _roundtrips(
-    schedule: Schedule, encodings: tuple[LinkEncoding, ...], codec: LinkCodec
-) -> dict[int, Alter]:
+def _roundtrips(schedule: Schedule, encodings: tuple[LinkEncoding, ...]) -> dict[int, Alter]:
     """What the receiver of each encoded link sees, by boundary."""
     return {
-        b: (lambda t, e=encoding: codec.roundtrip(t, e))
+        b: (lambda t, e=encoding: roundtrip(t, e))
         for b, encoding in zip(_boundaries(schedule), encodings, strict=True)
         if encoding is not LinkEncoding.RAW
     }
 
 
-def _quantizers(schedule: Schedule, offer: WeightOffer | None) -> dict[int, Alter]:
-    """The weight map of every layer in a stage the schedule quantizes, by layer."""
+def _layer_formats(
+    schedule: Schedule, formats: tuple[WeightFormat, ...]
+) -> dict[int, WeightFormat]:
+    """The weight format of every layer in a stage stored quantized, by layer."""
     return {
-        k: offer.quantizer(w)
-        for s, w in zip(schedule.spans, schedule.formats, strict=True) if w
+        k: fmt
+        for s, fmt in zip(schedule.spans, formats, strict=True) if fmt is not WeightFormat.NONE
         for k in range(s.start, s.end)
     }
 
@@ -182,10 +197,12 @@ def _over_budget(request: CompressionRequest, accuracy: Accuracy) -> str:
         ("top-1 agreement", accuracy.top1_agreement),
         ("next-token agreement", accuracy.next_token_agreement)) if value is not None]
     shown = "".join(f", {a}" for a in agreements)
+    fix = ("use --compress auto" if request.mode.fixed else
+           "set a finer `quantize` (or none) on the nodes in nodes.yaml")
     return (
         f"with --compress {request.mode.value} the plan's outputs differ from float32 by "
         f"{accuracy.max_rel_error:.3g} relative (max absolute {accuracy.max_abs_error:.3g}"
         f"{shown}) on {accuracy.inputs} calibration inputs, more than --max-error "
-        f"{request.max_error:g}; raise --max-error or use --compress auto"
+        f"{request.max_error:g}; raise --max-error or {fix}"
     )
 

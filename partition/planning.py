@@ -34,24 +34,18 @@ def plan(
 
     ``profiles`` holds one profile per node of ``cluster`` (see
     :func:`partition.cost_builder.node_profiles`). With ``compression``, each link's
-    encoding is chosen with the stages (:mod:`partition.compression_planning`) and the
-    plan records its measured accuracy; the baselines stay raw.
-
-    Raises
-    ------
-    ValueError
-        ``compression`` offers weight formats, which plan.json cannot record yet.
+    encoding (and, offered, each stage's weight format) is chosen with the stages
+    (:mod:`partition.compression_planning`) and the plan records its measured accuracy; the
+    baselines stay raw.
     """
-    if compression is not None and compression.weights is not None:
-        raise ValueError("plan.json records no per-stage weight format yet; offer weight "
-                         "formats to partition.compression_planning.choose directly")
     cost = build_cost_model(layer_graph, cluster, profiles)
     accuracy, priced = None, cost
     if compression is None or (compression.mode is CompressMode.NONE
                                and compression.weights is None):
         result = optimize(cost, objective)
     else:
-        chosen = choose(cost, layer_graph, objective, compression)
+        own = [node.quantize or WeightFormat.NONE for node in cluster.nodes]
+        chosen = choose(cost, layer_graph, objective, compression, own)
         result, priced, accuracy = chosen.result, chosen.cost, chosen.accuracy
     made = plan_from_schedule(
         model, layer_graph, cluster, priced, result.schedule, objective,

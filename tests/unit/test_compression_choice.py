@@ -1,7 +1,8 @@
 """Measuring compression errors on calibration inputs, and choosing compression with the split.
 
-The encodings here are in-test stand-ins (float16 by a cast, int8 by rounding to 256
-levels), so the tests hold whatever codec ``partition.link_codec`` plugs in.
+The planner measures with the runtime's codec (:mod:`partition.compression`) and weight
+formats (:mod:`partition.quantize`); the error meter's own tests alter tensors with in-test
+maps (float16 by a cast, int8 by rounding to 256 levels).
 """
 
 from __future__ import annotations
@@ -14,13 +15,19 @@ import torch
 
 from coordinator.calibration import read_calibration
 from partition import compression_choice, compression_planning
-from partition.compression_choice import ErrorMeter, WeightOffer, calibration_inputs
+from partition.compression import LinkEncoding, encoded_bytes
+from partition.compression_choice import (
+    ErrorMeter,
+    WeightOffer,
+    calibration_inputs,
+    link_choices,
+)
 from partition.compression_planning import CompressionRequest, CompressMode, choose
 from partition.costs import CostModel
 from partition.errors import AccuracyBudgetError, EdgesplitError, PlanningError
 from partition.layers import build_layer_graph
-from partition.link_codec import LinkCodec
-from partition.plan import Accuracy, LinkEncoding, Objective
+from partition.plan import Accuracy, Objective
+from partition.quantize import WeightFormat
 
 
 def half(t: torch.Tensor) -> torch.Tensor:
@@ -34,18 +41,6 @@ def levels(t: torch.Tensor) -> torch.Tensor:
     low, high = float(t.min()), float(t.max())
     scale = (high - low) / 255 or 1.0
     return torch.round((t - low) / scale) * scale + low
-
-
-def stand_in_codec(seconds: float = 1e-4) -> LinkCodec:
-    def roundtrip(t: torch.Tensor, encoding: LinkEncoding) -> torch.Tensor:
-        return {LinkEncoding.FP16: half, LinkEncoding.INT8: levels}[encoding](t)
-
-    def encoded_bytes(spec, encoding: LinkEncoding) -> int:
-        if spec.dtype != "float32":
-            return spec.nbytes
-        return spec.nbytes // (2 if encoding is LinkEncoding.FP16 else 4)
-
-    return LinkCodec(roundtrip, encoded_bytes, lambda specs, encoding: (seconds, seconds))
 
 
 @pytest.fixture
@@ -72,11 +67,24 @@ def test_errors_alone_match_the_eager_model(skip_dag) -> None:
 def test_weight_errors_alone(skip_dag) -> None:
     _, layer_graph, inputs = skip_dag
     meter = ErrorMeter(layer_graph, inputs)
-    coarse = lambda t: torch.round(t * 8) / 8  # noqa: E731
-    assert meter.layer_error(1, lambda t: t) == 0.0
-    assert meter.layer_error(1, coarse) > meter.layer_error(1, levels) > 0
-    together = meter.accuracy({}, {1: coarse, 2: coarse}, 0.0, 1.0)
+    assert meter.layer_error(1, WeightFormat.NONE) == 0.0
+    assert meter.layer_error(1, WeightFormat.INT4) > meter.layer_error(1, WeightFormat.INT8) > 0
+    together = meter.accuracy({}, {1: WeightFormat.INT4, 2: WeightFormat.INT4}, 0.0, 1.0)
     assert together.max_rel_error > 0 and together.top1_agreement is not None
+
+
+def test_link_choices_price_the_runtime_codec(skip_dag) -> None:
+    _, layer_graph, inputs = skip_dag
+    meter = ErrorMeter(layer_graph, inputs)
+    offered = (LinkEncoding.BF16, LinkEncoding.INT8_CHANNEL)
+    links = link_choices(meter, layer_graph, offered, raw=False)
+    assert links.names == ("bf16", "int8-channel")
+    for b in range(layer_graph.num_layers + 1):
+        for k, encoding in enumerate(offered):
+            specs = layer_graph.boundary_tensors(b)
+            assert links.nbytes[b, k] == sum(encoded_bytes(s, encoding) for s in specs)
+            assert links.encode_s[b, k] > 0 and links.decode_s[b, k] > 0
+            assert 0 < links.error[b, k] < 0.1
 
 
 def test_accuracy_of_everything_together(skip_dag) -> None:
@@ -128,12 +136,10 @@ def two_nodes(layer_graph, bandwidth: float) -> CostModel:
 def test_auto_compresses_a_slow_link_and_not_a_fast_one(skip_dag, objective) -> None:
     _, layer_graph, inputs = skip_dag
     request = CompressionRequest(CompressMode.AUTO, tuple(inputs), max_error=0.05)
-    slow = choose(two_nodes(layer_graph, 1e4), layer_graph, objective, request,
-                  stand_in_codec())
+    slow = choose(two_nodes(layer_graph, 1e4), layer_graph, objective, request)
     assert slow.encodings[0] != LinkEncoding.RAW and slow.result.schedule.spans[0].node == 1
     assert 0 < slow.accuracy.max_rel_error <= 0.05
-    fast = choose(two_nodes(layer_graph, 1e12), layer_graph, objective, request,
-                  stand_in_codec())
+    fast = choose(two_nodes(layer_graph, 1e12), layer_graph, objective, request)
     assert set(fast.encodings) == {LinkEncoding.RAW}
     assert fast.accuracy.max_rel_error == 0.0
 
@@ -141,8 +147,7 @@ def test_auto_compresses_a_slow_link_and_not_a_fast_one(skip_dag, objective) -> 
 def test_a_tight_budget_leaves_the_links_raw(skip_dag) -> None:
     _, layer_graph, inputs = skip_dag
     request = CompressionRequest(CompressMode.AUTO, tuple(inputs), max_error=1e-9)
-    chosen = choose(two_nodes(layer_graph, 1e4), layer_graph, Objective.LATENCY, request,
-                    stand_in_codec())
+    chosen = choose(two_nodes(layer_graph, 1e4), layer_graph, Objective.LATENCY, request)
     assert set(chosen.encodings) == {LinkEncoding.RAW}
 
 
@@ -154,8 +159,7 @@ def test_a_fixed_encoding_over_the_budget_is_refused(skip_dag) -> None:
         r"absolute \S+, top-1 agreement \S+%\) on 3 calibration inputs, more than --max-error "
         r"1e-06; raise --max-error or use --compress auto$"
     )):
-        choose(two_nodes(layer_graph, 1e12), layer_graph, Objective.LATENCY, request,
-               stand_in_codec())
+        choose(two_nodes(layer_graph, 1e12), layer_graph, Objective.LATENCY, request)
 
 
 def test_a_plan_over_the_budget_is_searched_again_without_its_worst_encoding(
@@ -178,8 +182,7 @@ def test_a_plan_over_the_budget_is_searched_again_without_its_worst_encoding(
     monkeypatch.setattr(compression_choice.ErrorMeter, "accuracy", compounding)
     monkeypatch.setattr(compression_planning, "optimize", recorded)
     request = CompressionRequest(CompressMode.AUTO, tuple(inputs), max_error=0.05)
-    chosen = choose(two_nodes(layer_graph, 1e4), layer_graph, Objective.LATENCY, request,
-                    stand_in_codec())
+    chosen = choose(two_nodes(layer_graph, 1e4), layer_graph, Objective.LATENCY, request)
     assert len(checks) == len(searches) == 2 and chosen.accuracy.max_rel_error <= 0.05
     (cost, first), (again, second) = searches
     links = cost.compression.links
@@ -188,12 +191,6 @@ def test_a_plan_over_the_budget_is_searched_again_without_its_worst_encoding(
     _, b, e = max(used)
     assert math.isinf(again.compression.links.nbytes[b, e - 1])
     assert (b, e) not in zip([0, *(s.end for s in second.spans)], second.encodings, strict=True)
-
-
-def grid(t: torch.Tensor, name: str) -> torch.Tensor:
-    """Weight stand-in: round to multiples of 1/1024."""
-    assert name == "q"
-    return torch.round(t * 1024) / 1024
 
 
 @pytest.mark.parametrize("memory, quantize", [(1e9, False), (0.6, True)])
@@ -207,12 +204,12 @@ def test_weight_formats_are_chosen_when_memory_needs_them(skip_dag, memory, quan
     per_stage = np.maximum(span, 0).astype(float) / layers
     cost = CostModel(**{**cost.__dict__, "stage_memory_bytes": per_stage,
                         "node_memory_bytes": np.array([0.0, memory])})
-    offer = WeightOffer(("q",), grid, np.asarray(cost.layer_seconds)[None] * 1.1,
+    offer = WeightOffer((WeightFormat.INT8,), np.asarray(cost.layer_seconds)[None] * 1.1,
                         per_stage[None] / 2)
     request = CompressionRequest(CompressMode.NONE, tuple(inputs), 0.05, weights=offer)
-    chosen = choose(cost, layer_graph, Objective.LATENCY, request, stand_in_codec())
+    chosen = choose(cost, layer_graph, Objective.LATENCY, request)
     assert [s.node for s in chosen.result.schedule.spans] == [1]
-    assert chosen.formats == (("q",) if quantize else (None,))
+    assert chosen.formats == ((WeightFormat.INT8,) if quantize else (WeightFormat.NONE,))
     assert (chosen.accuracy.max_rel_error > 0) == quantize
     assert chosen.accuracy.max_rel_error <= 0.05
     assert chosen.accuracy.error_bound == pytest.approx(
@@ -222,8 +219,22 @@ def test_weight_formats_are_chosen_when_memory_needs_them(skip_dag, memory, quan
 def test_weight_formats_need_a_searched_budget(skip_dag) -> None:
     _, layer_graph, inputs = skip_dag
     cost = two_nodes(layer_graph, 1e12)
-    offer = WeightOffer(("q",), grid, np.asarray(cost.layer_seconds)[None],
+    offer = WeightOffer((WeightFormat.INT8,), np.asarray(cost.layer_seconds)[None],
                         np.asarray(cost.stage_memory_bytes)[None])
     request = CompressionRequest(CompressMode.FP16, tuple(inputs), 0.05, weights=offer)
     with pytest.raises(PlanningError, match="only with --compress auto or none"):
-        choose(cost, layer_graph, Objective.LATENCY, request, stand_in_codec())
+        choose(cost, layer_graph, Objective.LATENCY, request)
+
+
+def test_a_nodes_own_weight_format_is_checked_end_to_end(skip_dag) -> None:
+    """Option 0 keeps the node's ``quantize``: no error in the search, measured in the check."""
+    _, layer_graph, inputs = skip_dag
+    cost = two_nodes(layer_graph, 1e12)
+    own = (WeightFormat.INT4, WeightFormat.INT4)
+    request = CompressionRequest(CompressMode.AUTO, tuple(inputs), 0.5)
+    chosen = choose(cost, layer_graph, Objective.LATENCY, request, own)
+    assert chosen.formats == (WeightFormat.INT4,) and chosen.accuracy.error_bound == 0.0
+    assert chosen.accuracy.max_rel_error > 0
+    tight = CompressionRequest(CompressMode.AUTO, tuple(inputs), 1e-9)
+    with pytest.raises(AccuracyBudgetError, match=r"raise --max-error or set a finer `quantize`"):
+        choose(cost, layer_graph, Objective.LATENCY, tight, own)

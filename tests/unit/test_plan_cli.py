@@ -160,6 +160,11 @@ def test_quantized_weights_fit_a_model_on_a_node_too_small_for_float32(
         assert stage.artifact_bytes < 0.3 * sum(
             layer.param_bytes for layer in layer_graph.layers
         )
+    chosen = plan_with(None, "--compress", "auto", "--max-error", "0.5")  # the planner's pick
+    [stage] = chosen.stages
+    assert stage.weights in (WeightFormat.INT8, WeightFormat.INT4)
+    assert stage.memory_bytes == need[stage.weights] <= memory
+    assert 0 < chosen.accuracy.max_rel_error <= 0.5
     with pytest.raises(SystemExit):
         main(["plan", str(mlp.path), "--nodes", str(tmp_path / "nodes.yaml"),
               "--quantize-weights", "int3"])
