@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from pathlib import Path
 
 import torch
 
@@ -13,7 +12,7 @@ from coordinator.deploy import Deployment, deploy, deployment_record_path, is_de
 from coordinator.events import events_path_for
 from coordinator.local_cluster import default_state_dir, read_state
 from coordinator.pipeline import Pipeline, bind_inputs
-from partition.errors import EdgesplitError
+from coordinator.tensor_file import read_tensor_file
 from partition.plan import Plan
 from partition.split import stage_artifacts
 from partition.units import format_bytes
@@ -116,15 +115,8 @@ async def _infer_once(plan: Plan, inputs, args: argparse.Namespace) -> tuple[tor
 
 
 def _read_inputs(path: str):
-    if not Path(path).is_file():
-        raise EdgesplitError(f"input file '{path}' does not exist")
-    try:
-        value = torch.load(path, weights_only=True)
-    except Exception as err:
-        raise EdgesplitError(
-            f"cannot read '{path}' as tensors ({type(err).__name__}); save a tensor, a tuple "
-            "or a dict of tensors with torch.save"
-        ) from err
+    value = read_tensor_file(path, "input file",
+                             "save a tensor, a tuple or a dict of tensors with torch.save")
     if isinstance(value, list):
         value = tuple(value)
     return value

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import math
 
+from coordinator.calibration import read_calibration
 from coordinator.console import console, progress_bar
 from coordinator.model_options import add_model_arguments, load_from_arguments
-from coordinator.plan_tables import baselines_table, stages_table, totals_line
+from coordinator.plan_tables import baselines_table, compression_lines, stages_table, totals_line
 from coordinator.plot import plot_plan
-from partition.cluster import ClusterSpec, load_cluster, with_default_quantize
-from partition.cost_builder import node_profiles
+from partition.cluster import (
+    ClusterSpec,
+    every_node_quantized,
+    load_cluster,
+    with_default_quantize,
+)
+from partition.compression_choice import Inputs, calibration_inputs, weight_offer
+from partition.compression_planning import CompressionRequest, CompressMode
+from partition.cost_builder import layer_seconds, node_profiles
 from partition.errors import EdgesplitError
 from partition.layers import LayerGraph
 from partition.loader import LoadedModel
@@ -18,6 +27,13 @@ from partition.planning import plan
 from partition.profile_store import cached_profile
 from partition.profiler import Profile
 from partition.quantize import WeightFormat
+
+DEFAULT_MAX_ERROR = 0.01
+"""Default ``--max-error``: 1% of the largest float32 output."""
+CALIBRATION_INPUTS = 4
+"""Random calibration inputs drawn when no ``--calibration`` file is given."""
+OFFERED_WEIGHTS = (WeightFormat.INT8, WeightFormat.INT4)
+"""Weight formats ``--compress auto`` may choose per stage besides the node's own."""
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
@@ -44,17 +60,51 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         "--profile-on-nodes", action="store_true",
         help="ask every reachable node to profile the model on its own hardware",
     )
+    parser.add_argument(
+        "--compress", choices=[m.value for m in CompressMode], default=CompressMode.NONE.value,
+        help="link encoding: none (default), one encoding on every link, or auto: each "
+             "link's encoding and each stage's weight format (none, int8, int4) chosen with "
+             "the split, within --max-error",
+    )
+    parser.add_argument(
+        "--max-error", type=float, default=DEFAULT_MAX_ERROR, metavar="E",
+        help="largest output difference from float32, relative to the largest output, on the "
+             f"calibration inputs (default {DEFAULT_MAX_ERROR})",
+    )
+    parser.add_argument(
+        "--calibration", metavar="FILE",
+        help="torch.save of a list of inputs to measure errors on (default: "
+             f"{CALIBRATION_INPUTS} random inputs of the model's signature)",
+    )
+    parser.add_argument(
+        "--budget-units", type=int, default=16, metavar="N",
+        help="steps the error budget is divided into for the search (finer is slower)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="threads for the local profile")
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per layer")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if not (math.isfinite(args.max_error) and args.max_error >= 0):
+        raise EdgesplitError(f"--max-error must be a number >= 0, got {args.max_error}; "
+                             f"pass for example --max-error {DEFAULT_MAX_ERROR}")
+    if args.budget_units < 1:
+        raise EdgesplitError(f"--budget-units must be at least 1, got {args.budget_units}; "
+                             "pass for example --budget-units 16")
     model, layer_graph = load_from_arguments(args)
     cluster = with_default_quantize(load_cluster(args.nodes),
                                     WeightFormat(args.quantize_weights))
-    profiles = gather_profiles(args, model, layer_graph, cluster)
-    result = plan(model, layer_graph, cluster, profiles, Objective(args.objective))
+    mode = CompressMode(args.compress)
+    inputs = calibration(args, model) if mode is not CompressMode.NONE else ()
+    offered = OFFERED_WEIGHTS if mode is CompressMode.AUTO else ()
+    profiles, by_format = gather_profiles(args, model, layer_graph, cluster, offered)
+    compression = None if mode is CompressMode.NONE else CompressionRequest(
+        mode, tuple(inputs), args.max_error, args.budget_units,
+        weight_offer(layer_graph, {fmt: layer_seconds(cluster, by_format[fmt])
+                                   for fmt in offered}) if offered else None,
+    )
+    result = plan(model, layer_graph, cluster, profiles, Objective(args.objective), compression)
     result.save(args.output)
     show_plan(result)
     console.print(f"wrote {args.output}")
@@ -67,15 +117,26 @@ def run(args: argparse.Namespace) -> int:
 def show_plan(result: Plan) -> None:
     console.print(stages_table(result))
     console.print(totals_line(result))
+    for line in compression_lines(result):
+        console.print(line)
     console.print(baselines_table(result))
 
 
+def calibration(args: argparse.Namespace, model: LoadedModel) -> list[Inputs]:
+    """The ``--calibration`` inputs, else random ones of the model's signature."""
+    if args.calibration:
+        return read_calibration(args.calibration, model)
+    return calibration_inputs(model, CALIBRATION_INPUTS)
+
+
 def gather_profiles(
-    args: argparse.Namespace, model: LoadedModel, layer_graph: LayerGraph, cluster: ClusterSpec
-) -> dict[str, Profile]:
+    args: argparse.Namespace, model: LoadedModel, layer_graph: LayerGraph, cluster: ClusterSpec,
+    offered: tuple[WeightFormat, ...] = (),
+) -> tuple[dict[str, Profile], dict[WeightFormat, dict[str, Profile]]]:
     """This machine's profile (in each node's weight format), overridden per node by
     ``--profile`` files and, with ``--profile-on-nodes``, by measurements taken on the nodes
-    themselves (their float32 times)."""
+    themselves (their float32 times); and each node's profile in each ``offered`` format,
+    made the same way."""
     given: dict[str, Profile] = {}
     for item in args.profile:
         name, sep, path = item.partition("=")
@@ -96,11 +157,13 @@ def gather_profiles(
             model, layer_graph, threads=args.threads, repeats=args.repeats, progress=update
         )
     quantized = {}
-    for fmt in sorted({node.quantize for node in cluster.nodes if node.name not in given}
-                      - {None, WeightFormat.NONE}, key=lambda f: f.value):
+    wanted = {node.quantize for node in cluster.nodes if node.name not in given} | set(offered)
+    for fmt in sorted(wanted - {None, WeightFormat.NONE}, key=lambda f: f.value):
         with progress_bar(f"profiling {fmt.value} weights", 3 + args.repeats) as update:
             quantized[fmt], _ = cached_profile(
                 model, layer_graph, threads=args.threads, repeats=args.repeats,
                 progress=update, weights=fmt,
             )
-    return node_profiles(cluster, local, given, quantized)
+    by_format = {fmt: node_profiles(every_node_quantized(cluster, fmt), local, given, quantized)
+                 for fmt in offered}
+    return node_profiles(cluster, local, given, quantized), by_format

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.table import Table
 
 from coordinator.console import ms
-from partition.plan import Plan, PlannedStage
+from partition.plan import LinkEncoding, Plan, PlannedStage
 from partition.units import format_bytes
 
 
@@ -40,6 +40,24 @@ def totals_line(plan: Plan) -> str:
         f"predicted: latency {ms(plan.latency_s)} ms, throughput {plan.throughput_per_s:.1f} "
         f"req/s (bottleneck {ms(plan.bottleneck_s)} ms){bound}"
     )
+
+
+def compression_lines(plan: Plan) -> list[str]:
+    """Each link's encoding and the measured accuracy, for a plan that chose compression."""
+    if plan.accuracy is None:
+        return []
+    links = ", ".join(f"{link.src} -> {link.dst} {link.encoding.value}" for link in plan.links
+                      if link.src != link.dst or link.encoding is not LinkEncoding.RAW)
+    a = plan.accuracy
+    agreements = "".join(f", {name} {value:.1%}" for name, value in (
+        ("top-1 agreement", a.top1_agreement), ("next-token agreement", a.next_token_agreement),
+    ) if value is not None)
+    return [
+        f"links: {links or 'none between nodes'}",
+        f"accuracy against float32 on {a.inputs} calibration input(s): max absolute error "
+        f"{a.max_abs_error:.3g}, max relative error {a.max_rel_error:.3g} (budget "
+        f"{a.max_error:g}; errors alone sum to {a.error_bound:.3g}){agreements}",
+    ]
 
 
 def baselines_table(plan: Plan) -> Table:

@@ -131,6 +131,11 @@ def with_default_quantize(cluster: ClusterSpec, default: WeightFormat) -> Cluste
     return replace(cluster, nodes=nodes)
 
 
+def every_node_quantized(cluster: ClusterSpec, fmt: WeightFormat) -> ClusterSpec:
+    """``cluster`` with ``fmt`` as every node's weight format."""
+    return replace(cluster, nodes=tuple(replace(node, quantize=fmt) for node in cluster.nodes))
+
+
 def load_cluster(path: str | Path) -> ClusterSpec:
     """Read and check ``nodes.yaml``.
 

@@ -64,17 +64,20 @@ def node_stage_memory(layer_graph: LayerGraph, cluster: ClusterSpec) -> np.ndarr
     return np.stack([by_format[fmt] for fmt in formats])
 
 
+def layer_seconds(cluster: ClusterSpec, profiles: Mapping[str, Profile]) -> np.ndarray:
+    """``(N, L)``: each layer's median time on each node of ``cluster``, from its profile."""
+    return np.array([[layer.median_s for layer in profiles[name].layers]
+                     for name in cluster.names])
+
+
 def build_cost_model(
     layer_graph: LayerGraph, cluster: ClusterSpec, profiles: dict[str, Profile]
 ) -> CostModel:
     """Price every layer on every node of ``cluster`` with ``profiles`` (one per node)."""
     arrays = cost_arrays(cluster)
-    seconds = np.array(
-        [[layer.median_s for layer in profiles[name].layers] for name in arrays.node_names]
-    )
     return CostModel(
         node_names=arrays.node_names,
-        layer_seconds=seconds,
+        layer_seconds=layer_seconds(cluster, profiles),
         boundary_bytes=layer_graph.boundary_bytes(),
         stage_memory_bytes=node_stage_memory(layer_graph, cluster),
         node_memory_bytes=arrays.node_memory_bytes,

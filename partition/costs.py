@@ -3,6 +3,11 @@
 Layers are numbered ``0..L-1`` in one fixed topological order; boundary ``b`` is the cut
 between layer ``b-1`` and layer ``b`` (boundary 0 is the model's input, boundary ``L`` its
 output). A *stage* is a half-open layer range ``[start, end)`` on one node.
+
+Compression is optional: :class:`LinkChoices` offers encodings at each boundary and
+:class:`WeightChoices` weight formats for each stage, each with the output error it causes
+alone; :class:`Compression` bundles them with the error budget (see
+:mod:`partition.choice_tables` for how the search treats them).
 """
 
 from __future__ import annotations
@@ -10,6 +15,65 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class LinkChoices:
+    """Encodings offered at every boundary besides raw (raw is option 0 of a schedule's
+    ``encodings``, these are options ``1..E``).
+
+    Attributes
+    ----------
+    names : each encoding's name, as :class:`partition.plan.LinkEncoding` spells it.
+    nbytes : ``(L+1, E)`` bytes boundary ``b`` takes on a link in encoding ``e``
+        (``inf``: not offered at that boundary).
+    encode_s, decode_s : ``(L+1, E)`` seconds to encode (on the sender) and decode (on the
+        receiver) boundary ``b``'s tensors.
+    error : ``(L+1, E)`` end-to-end output error of encoding only boundary ``b``.
+    raw : whether raw may cross a link between two nodes (where a stage stays on the node
+        that holds its input or must deliver its output, no link is used and raw always is).
+    """
+
+    names: tuple[str, ...]
+    nbytes: np.ndarray
+    encode_s: np.ndarray
+    decode_s: np.ndarray
+    error: np.ndarray
+    raw: bool = True
+
+
+@dataclass(frozen=True)
+class WeightChoices:
+    """Weight formats offered for every stage besides full precision (option 0 of a
+    schedule's ``formats``; these are options ``1..W``).
+
+    Attributes
+    ----------
+    names : each format's name.
+    layer_seconds : ``(W, N, L)`` compute time of layer ``l`` on node ``d`` in format ``w``.
+    stage_memory_bytes : ``(W, L+1, L+1)`` memory of a stage ``[i, j)`` in format ``w``.
+    layer_error : ``(W, L)`` end-to-end output error of quantizing only layer ``l``.
+    """
+
+    names: tuple[str, ...]
+    layer_seconds: np.ndarray
+    stage_memory_bytes: np.ndarray
+    layer_error: np.ndarray
+
+
+@dataclass(frozen=True)
+class Compression:
+    """What the optimizer may compress, and the budget on the sum of the errors chosen.
+
+    ``budget_units``: the budget is split into this many equal units and each option costs
+    its error rounded up to whole units, so every admitted plan's summed error is within
+    ``max_error``.
+    """
+
+    links: LinkChoices | None = None
+    weights: WeightChoices | None = None
+    max_error: float = float("inf")
+    budget_units: int = 16
 
 
 @dataclass(frozen=True)
@@ -30,6 +94,8 @@ class CostModel:
     link_latency_s : ``(N, N)`` one-way latency from ``a`` to ``b``.
     source, sink : indices of the nodes where inputs originate and results are needed.
     layer_param_bytes : optional ``(L,)`` parameter bytes of each layer (for the baselines).
+    compression : optional encodings and weight formats the optimizer may choose, and the
+        error budget; without it every link is raw and every weight full precision.
     """
 
     node_names: tuple[str, ...]
@@ -42,6 +108,7 @@ class CostModel:
     source: int
     sink: int
     layer_param_bytes: np.ndarray | None = None
+    compression: Compression | None = None
 
     @property
     def num_layers(self) -> int:
@@ -51,28 +118,9 @@ class CostModel:
     def num_nodes(self) -> int:
         return self.layer_seconds.shape[0]
 
-    def transfer_seconds(self, boundary: int, src: int, dst: int) -> float:
-        """Time to move boundary ``boundary``'s tensors from ``src`` to ``dst`` (0 if same)."""
-        if src == dst:
-            return 0.0
-        nbytes = float(self.boundary_bytes[boundary])
-        bandwidth = float(self.link_bytes_per_s[src, dst])
-        return nbytes / bandwidth + float(self.link_latency_s[src, dst])
-
-    def stage_seconds(self, node: int, start: int, end: int) -> float:
-        """Compute time of layers ``[start, end)`` on ``node``."""
-        return float(self.layer_seconds[node, start:end].sum())
-
     def node_stage_memory(self) -> np.ndarray:
         """``(N, L+1, L+1)``: the memory of each stage on each node."""
         memory = np.asarray(self.stage_memory_bytes)
         if memory.ndim == 3:
             return memory
         return np.broadcast_to(memory, (self.num_nodes, *memory.shape))
-
-    def stage_memory(self, node: int, start: int, end: int) -> int:
-        """Memory of a stage of layers ``[start, end)`` on ``node``."""
-        return int(self.node_stage_memory()[node, start, end])
-
-    def stage_fits(self, node: int, start: int, end: int) -> bool:
-        return self.stage_memory(node, start, end) <= int(self.node_memory_bytes[node])

@@ -37,6 +37,10 @@ class NoFeasiblePlanError(PlanningError):
     """Every assignment of layers to nodes breaks a memory limit."""
 
 
+class AccuracyBudgetError(PlanningError):
+    """A compressed plan's measured output error exceeds ``--max-error``."""
+
+
 class PlanFormatError(EdgesplitError):
     """plan.json is unreadable or of an unsupported schema version."""
 

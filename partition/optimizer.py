@@ -13,6 +13,10 @@ visited in increasing bit-mask order (adding a node makes the mask larger, so th
 topological order), and each set's stage edges are relaxed at once with numpy. States whose
 cost plus a lower bound on the layers left is no better than the best plan so far are pruned.
 
+With compression offered (:class:`~partition.costs.Compression`), the encoding at each cut,
+the weight format of each stage and the error spent are coordinates of the same states; the
+search is unchanged and :mod:`partition.choice_tables` builds its larger tables.
+
 Past :data:`EXACT_WORK_LIMIT` the same search runs over restricted spaces (every order of the
 fastest nodes the budget allows, and the whole cluster in a few fixed orders), which is not
 exhaustive; the result then says ``exact=False`` and carries a lower bound on the optimum.
@@ -28,6 +32,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from partition.choice_tables import Options, StateIndex, choice_tables
 from partition.costs import CostModel
 from partition.errors import NoFeasiblePlanError, PlanningError
 from partition.plan import Objective
@@ -54,8 +59,11 @@ class Span:
 class Schedule:
     """A priced plan.
 
-    ``transfer_seconds`` has one entry more than ``spans``: source to the first stage,
-    between consecutive stages, and the last stage to the sink.
+    ``transfer_seconds`` and ``encodings`` have one entry more than ``spans``: source to
+    the first stage, between consecutive stages, and the last stage to the sink.
+    ``encodings`` and ``formats`` are option indices (0: raw, full precision) into the cost
+    model's :class:`~partition.choice_tables.Options`; ``error_bound`` is the sum of the
+    errors the chosen options cause alone.
     """
 
     spans: tuple[Span, ...]
@@ -64,6 +72,9 @@ class Schedule:
     stage_seconds: tuple[float, ...]
     transfer_seconds: tuple[float, ...]
     fits: bool
+    encodings: tuple[int, ...] = ()
+    formats: tuple[int, ...] = ()
+    error_bound: float = 0.0
 
     @property
     def throughput_per_s(self) -> float:
@@ -81,31 +92,74 @@ class OptimizeResult:
     lower_bound_s: float
 
 
-def evaluate(cost: CostModel, spans: Iterable[Span]) -> Schedule:
-    """Price an assignment of layer ranges to nodes (memory is checked, not enforced).
+def evaluate(
+    cost: CostModel,
+    spans: Iterable[Span],
+    encodings: Sequence[int] | None = None,
+    formats: Sequence[int] | None = None,
+) -> Schedule:
+    """Price an assignment of layer ranges to nodes (memory is checked, not enforced), with
+    an encoding per link and a weight format per stage (default: raw, full precision).
+
+    A stage's time includes decoding what it receives and encoding what it sends; the
+    source's encoding and the sink's decoding count with their links.
 
     Raises
     ------
     ValueError
-        The spans do not cover the layers in order, one non-empty range per node.
+        The spans do not cover the layers in order, one non-empty range per node, or the
+        choices are not one valid option per link and per stage (raw where no link is used).
     """
     spans = tuple(spans)
     _check_spans(cost, spans)
-    stage = tuple(cost.stage_seconds(s.node, s.start, s.end) for s in spans)
+    opts = Options.of(cost)
     hops = [cost.source, *(s.node for s in spans), cost.sink]
     boundaries = [0, *(s.end for s in spans)]
-    transfer = tuple(
-        cost.transfer_seconds(b, src, dst)
-        for b, (src, dst) in zip(boundaries, pairwise(hops), strict=True)
+    codes = tuple(encodings) if encodings is not None else (0,) * len(hops[1:])
+    kinds = tuple(formats) if formats is not None else (0,) * len(spans)
+    _check_choices(opts, hops, codes, kinds)
+    stage = tuple(
+        float(opts.layer_seconds[w, s.node, s.start:s.end].sum())
+        + float(opts.decode_s[s.start, codes[k]]) + float(opts.encode_s[s.end, codes[k + 1]])
+        for k, (s, w) in enumerate(zip(spans, kinds, strict=True))
     )
+    transfer = tuple(
+        _transfer_seconds(cost, opts, b, src, dst, e)
+        for b, (src, dst), e in zip(boundaries, pairwise(hops), codes, strict=True)
+    )
+    stage_error = opts.stage_error()
+    error = sum(float(opts.link_error[b, e]) for b, (src, dst), e in
+                zip(boundaries, pairwise(hops), codes, strict=True) if src != dst)
+    error += sum(float(stage_error[w, s.start, s.end]) for s, w in zip(spans, kinds, strict=True))
     return Schedule(
         spans=spans,
         latency_s=sum(stage) + sum(transfer),
         bottleneck_s=max(stage + transfer),
         stage_seconds=stage,
         transfer_seconds=transfer,
-        fits=all(cost.stage_fits(s.node, s.start, s.end) for s in spans),
+        fits=all(np.floor(opts.stage_memory[w, s.node, s.start, s.end])
+                 <= int(cost.node_memory_bytes[s.node])
+                 for s, w in zip(spans, kinds, strict=True)),
+        encodings=codes,
+        formats=kinds,
+        error_bound=error,
     )
+
+
+def _transfer_seconds(
+    cost: CostModel, opts: Options, boundary: int, src: int, dst: int, encoding: int
+) -> float:
+    """Boundary ``boundary``'s tensors from ``src`` to ``dst`` in ``encoding`` (0 if same),
+    with the source's encoding of the input and the sink's decoding of the output."""
+    if src == dst:
+        return 0.0
+    seconds = (float(opts.link_bytes[boundary, encoding]) / float(cost.link_bytes_per_s[src, dst])
+               + float(cost.link_latency_s[src, dst]))
+    if boundary == 0:
+        seconds += float(opts.encode_s[0, encoding])
+    if boundary == cost.num_layers:
+        seconds += float(opts.decode_s[boundary, encoding])
+    return seconds
 
 
 def optimize(cost: CostModel, objective: Objective) -> OptimizeResult:
@@ -125,12 +179,13 @@ def optimize(cost: CostModel, objective: Objective) -> OptimizeResult:
     if cost.num_nodes > MAX_NODES:
         raise PlanningError(f"{cost.num_nodes} nodes is more than the planner handles "
                             f"({MAX_NODES}); plan over a subset of them")
-    exact = _work(cost.num_nodes, cost.num_layers) <= EXACT_WORK_LIMIT
     tables = _Tables.build(cost)
-    spaces = [_Space.any_order(cost.num_nodes)] if exact else _restricted_spaces(cost)
+    states = tables.stage.shape[1]
+    exact = _work(cost.num_nodes, states - 1) <= EXACT_WORK_LIMIT
+    spaces = [_Space.any_order(cost.num_nodes)] if exact else _restricted_spaces(cost, states)
     found = [s for s in (_best(cost, tables, objective, sp) for sp in spaces) if s is not None]
     if not found:
-        raise NoFeasiblePlanError(_shortfall_message(cost, tables, spaces, exact))
+        raise NoFeasiblePlanError(_shortfall_message(cost, spaces, exact))
     best = min(found, key=objective.key)
     bound = objective.key(best)[0] if exact else _lower_bound(cost, tables, objective)
     return OptimizeResult(best, exact, bound)
@@ -157,17 +212,37 @@ def _check_spans(cost: CostModel, spans: tuple[Span, ...]) -> None:
         raise ValueError("a node holds more than one stage")
 
 
+def _check_choices(
+    opts: Options, hops: list[int], encodings: tuple[int, ...], formats: tuple[int, ...]
+) -> None:
+    if len(encodings) != len(hops) - 1 or len(formats) != len(hops) - 2:
+        raise ValueError("give one encoding per link and one weight format per stage")
+    if not all(0 <= e < len(opts.encodings) for e in encodings):
+        raise ValueError(f"encodings {encodings} name no option of {opts.encodings}")
+    if not all(0 <= w < len(opts.formats) for w in formats):
+        raise ValueError(f"formats {formats} name no option of {opts.formats}")
+    if any(e and src == dst for e, (src, dst) in zip(encodings, pairwise(hops), strict=True)):
+        raise ValueError("a stage that stays on a node has no link to encode")
+
+
 @dataclass(frozen=True)
 class _Tables:
     """Edge costs of the state graph: ``stage[d, i, j]`` (inf unless ``i < j`` and it fits)
-    and ``hop[b, a, c]``, plus each layer's fastest time for pruning."""
+    and ``hop[b, a, c]``, plus each layer's fastest time for pruning. With compression the
+    indices are state indices (see ``index``) and ``stage_format`` holds each stage edge's
+    weight format."""
 
     stage: np.ndarray
     hop: np.ndarray
     layer_floor: np.ndarray
+    index: StateIndex
+    stage_format: np.ndarray | None = None
 
     @classmethod
     def build(cls, cost: CostModel) -> _Tables:
+        if cost.compression is not None:
+            made = choice_tables(cost)
+            return cls(made.stage, made.hop, made.layer_floor, made.index, made.stage_format)
         seconds = np.asarray(cost.layer_seconds, dtype=float)
         n, layers = seconds.shape
         prefix = np.concatenate([np.zeros((n, 1)), np.cumsum(seconds, axis=1)], axis=1)
@@ -179,12 +254,23 @@ class _Tables:
         with np.errstate(divide="ignore", invalid="ignore"):
             hop = nbytes[:, None, None] / cost.link_bytes_per_s[None] + cost.link_latency_s[None]
         hop[:, np.arange(n), np.arange(n)] = 0.0
-        return cls(stage, hop, seconds.min(axis=0))
+        return cls(stage, hop, seconds.min(axis=0), StateIndex.plain(layers))
 
     def capped(self, limit: float) -> _Tables:
         """The same graph without any edge dearer than ``limit``."""
         return _Tables(np.where(self.stage <= limit, self.stage, np.inf),
-                       np.where(self.hop <= limit, self.hop, np.inf), self.layer_floor)
+                       np.where(self.hop <= limit, self.hop, np.inf), self.layer_floor,
+                       self.index, self.stage_format)
+
+    def priced(self, cost: CostModel, path: tuple[Span, ...]) -> Schedule:
+        """Price a path of :func:`_search`, whose spans run between state indices."""
+        layer, code = self.index.layer_of, self.index.encoding_of
+        spans = [Span(s.node, int(layer[s.start]), int(layer[s.end])) for s in path]
+        encodings = [*(int(code[s.start]) for s in path), int(code[path[-1].end])]
+        formats = None if self.stage_format is None else [
+            int(self.stage_format[s.node, s.start, s.end]) for s in path
+        ]
+        return evaluate(cost, spans, encodings, formats)
 
 
 class _Space(NamedTuple):
@@ -213,13 +299,13 @@ def _best(
 ) -> Schedule | None:
     if objective is Objective.LATENCY:
         found = _search(tables, cost.source, cost.sink, np.add, space)
-        return None if found is None else evaluate(cost, found[1])
+        return None if found is None else tables.priced(cost, found[1])
     found = _search(tables, cost.source, cost.sink, np.maximum, space)
     if found is None:
         return None
     capped = tables.capped(found[0] * (1 + TIE_TOLERANCE))
     tied = _search(capped, cost.source, cost.sink, np.add, space)
-    return evaluate(cost, (tied or found)[1])
+    return tables.priced(cost, (tied or found)[1])
 
 
 def _search(
@@ -230,20 +316,20 @@ def _search(
     ``combine`` is ``np.add`` (shortest path) or ``np.maximum`` (minimax path); all edge
     costs must be non-negative. Only the node sets of ``space`` are visited.
     """
-    stage, hop = tables.stage, tables.hop
+    stage, hop, index = tables.stage, tables.hop, tables.index
     n, layers = stage.shape[0], stage.shape[1] - 1
-    # rest[i]: a lower bound on what layers i.. still add to a path's cost.
-    rest = np.append(combine.accumulate(tables.layer_floor[::-1])[::-1], 0.0)
+    # rest[v]: a lower bound on what the layers after state v's boundary still add.
+    rest = np.append(combine.accumulate(tables.layer_floor[::-1])[::-1], 0.0)[index.layer_of]
     # Arrivals per node set: cost, previous node (-1 at the source), previous set.
     pending: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     trail: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    best = (np.inf, -1, -1)
+    best = (np.inf, -1, -1, -1)
     closure = space.closure
     for d in range(n):
         if space.retired >> d & 1:
             continue
         arrivals = _no_arrivals(n, layers)
-        arrivals[0][d, 0] = hop[0, source, d]
+        arrivals[0][d, index.starts] = hop[index.starts, source, d]
         pending[space.retired | int(closure[d])] = arrivals
     queue = list(pending)
     heapq.heapify(queue)
@@ -256,10 +342,10 @@ def _search(
             continue
         done, start = _stage_edges(arrive, nodes, stage, combine)
         trail[mask] = (start, prev_node, prev_mask)
-        finish = combine(done[:, layers], hop[layers, nodes, sink])
-        k = int(finish.argmin())
-        if finish[k] < best[0]:
-            best = (float(finish[k]), mask, int(nodes[k]))
+        finish = combine(done[:, index.ends], hop[index.ends][:, nodes, sink].T)
+        k, e = np.unravel_index(int(finish.argmin()), finish.shape)
+        if finish[k, e] < best[0]:
+            best = (float(finish[k, e]), mask, int(nodes[k]), int(index.ends[e]))
         free = [d for d in range(n) if not mask >> d & 1]
         if not free:
             continue
@@ -283,7 +369,7 @@ def _search(
             mask_from[d, better] = mask
     if best[1] < 0:
         return None
-    return best[0], _trace(trail, best[1], best[2], layers)
+    return best[0], _trace(trail, best[1], best[2], best[3])
 
 
 def _no_arrivals(n: int, layers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -319,7 +405,7 @@ def _trace(trail: dict, mask: int, node: int, end: int) -> tuple[Span, ...]:
         mask, node, end = int(prev_mask[node, begin]), int(prev_node[node, begin]), begin
 
 
-def _restricted_spaces(cost: CostModel) -> list[_Space]:
+def _restricted_spaces(cost: CostModel, states: int) -> list[_Space]:
     """Spaces for the non-exhaustive search: every order of the fastest nodes (with the
     source and sink) that the exact budget allows, and the whole cluster in a few fixed
     orders (fastest first, source first, sink last, largest memory first)."""
@@ -331,7 +417,7 @@ def _restricted_spaces(cost: CostModel) -> list[_Space]:
     spaces = [_Space.in_order(o) for o in orders]
     keep = list(dict.fromkeys([cost.source, cost.sink, *fastest]))
     size = 1
-    while size < len(keep) and _work(size + 1, cost.num_layers) <= EXACT_WORK_LIMIT:
+    while size < len(keep) and _work(size + 1, states - 1) <= EXACT_WORK_LIMIT:
         size += 1
     retired = sum(1 << d for d in keep[size:])
     return [_Space.any_order(cost.num_nodes, retired), *spaces]
@@ -344,7 +430,7 @@ def _lower_bound(cost: CostModel, tables: _Tables, objective: Objective) -> floa
     relaxed = _relaxed_path(tables, cost.source, cost.sink, combine)
     if objective is Objective.LATENCY:
         return relaxed
-    seconds = np.asarray(cost.layer_seconds, dtype=float)
+    seconds = Options.of(cost).layer_seconds.min(axis=0)
     fastest = seconds.min(axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):
         relative = np.where(seconds > 0, fastest[None] / seconds, 0.0)
@@ -357,30 +443,31 @@ def _lower_bound(cost: CostModel, tables: _Tables, objective: Objective) -> floa
 
 def _relaxed_path(tables: _Tables, source: int, sink: int, combine: np.ufunc) -> float:
     """The cheapest path over states (boundary, node) alone, forgetting which nodes were used:
-    a relaxation of :func:`_search` in ``O(L² N + L N²)``."""
-    stage, hop = tables.stage, tables.hop.copy()
-    n, layers = stage.shape[0], stage.shape[1] - 1
-    first = hop[0, source].copy()
-    last = hop[layers, :, sink].copy()
+    a relaxation of :func:`_search` in ``O(V² N + V N²)`` for ``V`` state indices (``L+1``
+    without compression)."""
+    stage, hop, index = tables.stage, tables.hop.copy(), tables.index
+    n, states = stage.shape[0], stage.shape[1]
+    last = hop[index.ends][:, :, sink].copy()
+    arrive = np.full((states, n), np.inf)
+    arrive[index.starts] = hop[index.starts, source]
     hop[:, np.arange(n), np.arange(n)] = np.inf
-    arrive = np.full((layers + 1, n), np.inf)
-    arrive[0] = first
-    for j in range(1, layers + 1):
-        done = combine(arrive[:j], stage[:, :j, j].T).min(axis=0)
-        arrive[j] = combine(done[:, None], hop[j]).min(axis=0)
-    return float(combine(done, last).min())
+    done = np.full((states, n), np.inf)
+    for j in range(1, states):
+        done[j] = combine(arrive[:j], stage[:, :j, j].T).min(axis=0)
+        arrive[j] = np.minimum(arrive[j], combine(done[j][:, None], hop[j]).min(axis=0))
+    return float(combine(done[index.ends], last).min())
 
 
-def _shortfall_message(
-    cost: CostModel, tables: _Tables, spaces: list[_Space], exact: bool
-) -> str:
-    """Say how far the plan closest to fitting is from fitting, and on which node."""
-    need = cost.node_stage_memory().astype(float)
+def _shortfall_message(cost: CostModel, spaces: list[_Space], exact: bool) -> str:
+    """Say how far the plan closest to fitting is from fitting (each stage in its smallest
+    weight format), and on which node."""
+    need = Options.of(cost).stage_memory.min(axis=0)
     have = np.asarray(cost.node_memory_bytes, dtype=float)
     ratio = need / have[:, None, None]
     valid = np.triu(np.ones(need.shape[1:], dtype=bool), k=1)[None]
-    ratios = _Tables(np.where(valid, ratio, np.inf), np.zeros_like(tables.hop),
-                     np.zeros_like(tables.layer_floor))
+    layers, n = cost.num_layers, cost.num_nodes
+    ratios = _Tables(np.where(valid, ratio, np.inf), np.zeros((layers + 1, n, n)),
+                     np.zeros(layers), StateIndex.plain(layers))
     found = [f for f in (_search(ratios, cost.source, cost.sink, np.maximum, c)
                          for c in spaces) if f is not None]
     scope = "" if exact else " among the node orders searched"

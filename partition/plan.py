@@ -68,6 +68,41 @@ class Link:
 
 
 @dataclass(frozen=True)
+class Accuracy:
+    """A compressed plan's outputs against float32 on ``inputs`` calibration inputs, all of
+    its compressions applied together. ``max_rel_error`` is the largest absolute difference
+    over the largest absolute reference output, the figure ``max_error`` bounds;
+    ``error_bound`` is the sum of the errors the chosen compressions cause alone. The
+    agreements are fractions of argmaxes that match: per row for a classifier's
+    ``(batch, classes)`` output, per position for a language model's ``(batch, tokens,
+    vocabulary)`` logits."""
+
+    inputs: int
+    max_abs_error: float
+    max_rel_error: float
+    error_bound: float
+    max_error: float
+    top1_agreement: float | None = None
+    next_token_agreement: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        optional = {"top1_agreement": self.top1_agreement,
+                    "next_token_agreement": self.next_token_agreement}
+        return {"inputs": self.inputs, "max_abs_error": self.max_abs_error,
+                "max_rel_error": self.max_rel_error, "error_bound": self.error_bound,
+                "max_error": self.max_error,
+                **{k: v for k, v in optional.items() if v is not None}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Accuracy:
+        optional = {k: float(data[k]) for k in ("top1_agreement", "next_token_agreement")
+                    if k in data}
+        return cls(int(data["inputs"]), float(data["max_abs_error"]),
+                   float(data["max_rel_error"]), float(data["error_bound"]),
+                   float(data["max_error"]), **optional)
+
+
+@dataclass(frozen=True)
 class PlannedStage:
     """One stage of a plan: layers ``[start, end)`` on ``node`` and its predicted costs.
 
@@ -190,6 +225,8 @@ class Plan:
     security: SecuritySpec | None = None
     replan: dict[str, Any] | None = None
     """What re-planning needs, as plain JSON data (see :mod:`partition.replan_inputs`)."""
+    accuracy: Accuracy | None = None
+    """Measured output error of a plan with compressed links (``None``: nothing measured)."""
 
     @property
     def throughput_per_s(self) -> float:
@@ -218,6 +255,7 @@ class Plan:
             "baselines": [b.to_dict() for b in self.baselines],
             **({"security": self.security.to_dict()} if self.security else {}),
             **({"replan": self.replan} if self.replan is not None else {}),
+            **({"accuracy": self.accuracy.to_dict()} if self.accuracy else {}),
         }
 
     @classmethod
@@ -254,6 +292,7 @@ class Plan:
             baselines=tuple(BaselineResult.from_dict(b) for b in data["baselines"]),
             security=SecuritySpec.from_dict(data["security"]) if "security" in data else None,
             replan=data.get("replan"),
+            accuracy=Accuracy.from_dict(data["accuracy"]) if "accuracy" in data else None,
         )
         if len(plan.addresses) != len(data["nodes"]):
             raise _invalid(origin, "nodes", "names a node twice")
@@ -329,6 +368,12 @@ _PLAN_FIELDS = {
     "predicted": {"latency_s": _Number(infinite=True), "bottleneck_s": _Number(infinite=True),
                   "exact": bool, "lower_bound_s": _Number(infinite=True)},
     "baselines": [_BASELINE],
+    "accuracy": _Optional({
+        "inputs": int, "max_abs_error": _Number(infinite=True),
+        "max_rel_error": _Number(infinite=True), "error_bound": _Number(infinite=True),
+        "max_error": _Number(infinite=True), "top1_agreement": _Optional(_Number()),
+        "next_token_agreement": _Optional(_Number()),
+    }),
 }
 _KINDS = {str: "a string", bool: "true or false", int: "a non-negative integer"}
 

@@ -8,13 +8,15 @@ from __future__ import annotations
 from dataclasses import replace
 
 from partition.baselines import baselines
+from partition.choice_tables import Options
 from partition.cluster import ClusterSpec
+from partition.compression_planning import CompressionRequest, CompressMode, choose
 from partition.cost_builder import build_cost_model
 from partition.costs import CostModel
 from partition.layers import LayerGraph
 from partition.loader import LoadedModel
 from partition.optimizer import Schedule, optimize
-from partition.plan import BaselineResult, Link, Objective, Plan, PlannedStage
+from partition.plan import BaselineResult, Link, LinkEncoding, Objective, Plan, PlannedStage
 from partition.profiler import Profile
 from partition.quantize import WeightFormat, weight_bytes
 from partition.replan_inputs import replan_inputs
@@ -26,23 +28,34 @@ def plan(
     cluster: ClusterSpec,
     profiles: dict[str, Profile],
     objective: Objective = Objective.THROUGHPUT,
+    compression: CompressionRequest | None = None,
 ) -> Plan:
     """Choose the stages that optimize ``objective`` and price the baselines beside them.
 
     ``profiles`` holds one profile per node of ``cluster`` (see
-    :func:`partition.cost_builder.node_profiles`).
+    :func:`partition.cost_builder.node_profiles`). With ``compression``, each link's
+    encoding (and, offered, each stage's weight format) is chosen with the stages
+    (:mod:`partition.compression_planning`) and the plan records its measured accuracy; the
+    baselines stay raw.
     """
     cost = build_cost_model(layer_graph, cluster, profiles)
-    result = optimize(cost, objective)
+    accuracy, priced = None, cost
+    if compression is None or (compression.mode is CompressMode.NONE
+                               and compression.weights is None):
+        result = optimize(cost, objective)
+    else:
+        own = [node.quantize or WeightFormat.NONE for node in cluster.nodes]
+        chosen = choose(cost, layer_graph, objective, compression, own)
+        result, priced, accuracy = chosen.result, chosen.cost, chosen.accuracy
     made = plan_from_schedule(
-        model, layer_graph, cluster, cost, result.schedule, objective,
+        model, layer_graph, cluster, priced, result.schedule, objective,
         exact=result.exact, lower_bound_s=result.lower_bound_s,
         baseline_results=tuple(
             _baseline_result(b.name, b.description, b.schedule, b.note, cost, cluster)
             for b in baselines(cost, objective)
         ),
     )
-    return replace(made, replan=replan_inputs(cluster, profiles))
+    return replace(made, replan=replan_inputs(cluster, profiles), accuracy=accuracy)
 
 
 def plan_from_schedule(
@@ -57,24 +70,29 @@ def plan_from_schedule(
     lower_bound_s: float,
     baseline_results: tuple[BaselineResult, ...] = (),
 ) -> Plan:
-    """Describe a priced schedule as a :class:`Plan` (also used to deploy a baseline)."""
+    """Describe a priced schedule as a :class:`Plan` (also used to deploy a baseline): each
+    link in the schedule's encoding, each stage in its weight format (option 0: the node's
+    ``quantize``)."""
     addresses = {node.name: node.address for node in cluster.nodes}
-    formats = {node.name: node.quantize or WeightFormat.NONE for node in cluster.nodes}
-    sizes = {fmt: weight_bytes(layer_graph, fmt) for fmt in set(formats.values())}
+    configured = {node.name: node.quantize or WeightFormat.NONE for node in cluster.nodes}
+    opts = Options.of(cost)
+    chosen = schedule.formats or (0,) * len(schedule.spans)
     stages = []
-    for k, span in enumerate(schedule.spans):
+    for k, (span, w) in enumerate(zip(schedule.spans, chosen, strict=True)):
         node = cost.node_names[span.node]
+        fmt = WeightFormat(opts.formats[w]) if w else configured[node]
         stage = _planned_stage(
             layer_graph, k, node, addresses, span.start, span.end,
             compute_s=schedule.stage_seconds[k],
             transfer_in_s=schedule.transfer_seconds[k],
-            memory_bytes=cost.stage_memory(span.node, span.start, span.end),
+            memory_bytes=int(opts.stage_memory[w, span.node, span.start, span.end]),
             memory_available_bytes=int(cost.node_memory_bytes[span.node]),
         )
+        sizes = weight_bytes(layer_graph, fmt)
         params = {name for layer in layer_graph.layers[span.start:span.end]
                   for name in layer.params}
-        stages.append(replace(stage, weights=formats[node],
-                              artifact_bytes=sum(sizes[formats[node]][n] for n in params)))
+        stages.append(replace(stage, weights=fmt, artifact_bytes=sum(sizes[n] for n in params)))
+    encodings = tuple(LinkEncoding(opts.encodings[e]) for e in schedule.encodings) or None
     return Plan(
         model_sha256=model.sha256,
         model_path=model.source,
@@ -87,7 +105,7 @@ def plan_from_schedule(
         sink=cluster.sink,
         addresses=addresses,
         stages=tuple(stages),
-        links=_links(cluster, [s.node for s in stages]),
+        links=_links(cluster, [s.node for s in stages], encodings),
         latency_s=schedule.latency_s,
         bottleneck_s=schedule.bottleneck_s,
         exact=exact,
@@ -137,12 +155,15 @@ def _planned_stage(
     )
 
 
-def _links(cluster: ClusterSpec, nodes: list[str]) -> tuple[Link, ...]:
-    """The hops source -> each node in turn -> sink."""
+def _links(
+    cluster: ClusterSpec, nodes: list[str], encodings: tuple[LinkEncoding, ...] | None = None
+) -> tuple[Link, ...]:
+    """The hops source -> each node in turn -> sink, in ``encodings`` (default raw)."""
     hops = [cluster.source, *nodes, cluster.sink]
+    codes = encodings or (LinkEncoding.RAW,) * (len(hops) - 1)
     return tuple(
-        Link(a, b, cluster.link(a, b).bytes_per_s, cluster.link(a, b).latency_s)
-        for a, b in zip(hops, hops[1:], strict=False)
+        Link(a, b, cluster.link(a, b).bytes_per_s, cluster.link(a, b).latency_s, e)
+        for a, b, e in zip(hops[:-1], hops[1:], codes, strict=True)
     )
 
 

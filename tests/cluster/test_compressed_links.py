@@ -19,8 +19,10 @@ import grpc
 import msgpack
 import pytest
 import torch
+import yaml
 from test_pipeline import Split, make_inputs, split_in_three, three_node_cluster
 
+from coordinator.cli import main
 from coordinator.deploy import deploy
 from coordinator.local_cluster import LocalCluster
 from coordinator.pipeline import Pipeline
@@ -29,9 +31,12 @@ from node.client import GrpcWorkerHandle
 from node.data_path import submit_stream
 from node.rpc import edgesplit_pb2 as pb
 from node.rpc import edgesplit_pb2_grpc as pb_grpc
+from partition.artifact import ProgramRunner
 from partition.cluster import ClusterSpec
 from partition.compression import LinkEncoding
+from partition.layers import build_layer_graph
 from partition.plan import Plan
+from partition.split import split
 
 FP16, INT8 = LinkEncoding.FP16, LinkEncoding.INT8
 ENCODINGS = {
@@ -152,3 +157,44 @@ async def test_a_malformed_int8_tensor_closes_the_stream(
     async with await Pipeline.connect(plan, failover=False) as pipeline:
         [answer] = await pipeline.map([parts.sample.inputs])
     assert relative_error(answer, parts.sample.expected) < RELATIVE_ERROR["int8"]
+
+
+async def test_auto_compression_over_a_slow_link_answers_within_its_budget(
+    cluster: ClusterSpec, sample_exported, tmp_path
+) -> None:
+    """node-0 holds the inputs and wants the results but computes 100x slower, and its links
+    run at 1 Mbps: the plan moves the model off it and encodes what crosses those links."""
+    sample = sample_exported("resnet")
+    slow = [{"from": "node-0", "to": other, "bandwidth": "1Mbps", "latency": "1ms"}
+            for other in ("node-1", "node-2")]  # both directions
+    nodes = tmp_path / "nodes.yaml"
+    nodes.write_text(yaml.safe_dump({
+        "nodes": [{"name": n.name, "address": n.address, "memory": "2GiB",
+                   "speed": 0.01 if n.name == "node-0" else 1.0} for n in cluster.nodes],
+        "links": {"default": {"bandwidth": "1Gbps", "latency": "1ms"}, "overrides": slow},
+        "source": "node-0", "sink": "node-0",
+    }))
+    inputs = [make_inputs(sample.model.input_specs, sample.module, seed)
+              for seed in range(REQUESTS)]
+    calibration, out = tmp_path / "calibration.pt", tmp_path / "plan.json"
+    torch.save([tuple(r.values()) for r in inputs], calibration)
+    assert main(["plan", str(sample.path), "--nodes", str(nodes), "-o", str(out), "--repeats",
+                 "2", "--compress", "auto", "--max-error", "0.05", "--calibration",
+                 str(calibration)]) == 0
+    plan = Plan.load(out)
+    crossing = [link.encoding for link in plan.links if link.src != link.dst]
+    assert any(e is not LinkEncoding.RAW for e in crossing), plan.links
+    assert plan.accuracy.max_rel_error <= plan.accuracy.max_error == 0.05
+
+    await deploy(plan, split(plan, build_layer_graph(sample.model.program)),
+                 emulate_links=False)
+    async with await Pipeline.connect(plan, failover=False) as pipeline:
+        answers = await pipeline.map(inputs)
+    reference = ProgramRunner(sample.model.program)
+    with torch.no_grad():
+        expected = [reference(*r.values()) for r in inputs]
+    scale = max(float(t.abs().max()) for out in expected for t in out)
+    worst = max(float((a.double() - b.double()).abs().max())
+                for got, want in zip(answers, expected, strict=True)
+                for a, b in zip(got, want, strict=True))
+    assert 0 < worst / scale <= plan.accuracy.max_error

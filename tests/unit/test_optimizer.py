@@ -1,4 +1,5 @@
-"""The optimizer against an independent brute force, the pricing by hand, and the baselines."""
+"""The optimizer against an independent brute force (with and without compression choices),
+the pricing by hand, and the baselines."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from partition import optimizer
 from partition.baselines import baselines
-from partition.costs import CostModel
+from partition.costs import Compression, CostModel, LinkChoices, WeightChoices
 from partition.errors import NoFeasiblePlanError
 from partition.optimizer import Span, evaluate, optimize
 from partition.plan import Objective
@@ -34,6 +35,8 @@ def random_cost(rng: np.random.Generator, nodes: int, layers: int, tight: bool) 
     total = memory[0, layers]
     scale = rng.uniform(0.2, 0.9) if tight else rng.uniform(0.8, 1.5)
     node_memory = (rng.uniform(0.3, 1.0, nodes) * total * scale).astype(np.int64) + 1
+    if rng.random() < 0.3:  # some nodes store weights quantized: memory differs by node
+        memory = memory[None] * rng.choice([1.0, 0.5, 0.3], (nodes, 1, 1))
     bandwidth = rng.choice([1e6, 1e7, 1e8, 1e9], (nodes, nodes))
     bandwidth *= rng.uniform(0.5, 2, (nodes, nodes))
     latency = rng.uniform(0, 5e-3, (nodes, nodes))
@@ -70,7 +73,7 @@ def brute_force(cost: CostModel) -> list[tuple[float, float]]:
             edges = (0, *cuts, layers)
             ranges = list(itertools.pairwise(edges))
             for assign in itertools.permutations(range(nodes), k):
-                if any(cost.stage_memory_bytes[a][b] > cost.node_memory_bytes[d]
+                if any(cost.node_stage_memory()[d][a][b] > cost.node_memory_bytes[d]
                        for d, (a, b) in zip(assign, ranges, strict=True)):
                     continue
                 costs = []
@@ -184,11 +187,13 @@ def test_infeasible_names_the_closest_node() -> None:
             optimize(cost, objective)
 
 
+@pytest.mark.parametrize("choices", [False, True])
 @pytest.mark.parametrize("objective", list(Objective))
 def test_inexact_search_bounds_the_optimum(
-    objective: Objective, monkeypatch: pytest.MonkeyPatch
+    objective: Objective, choices: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    costs = [c for c in instances(40, 99) if brute_force(c)]
+    costs = ([c for c in choice_instances(30, 77) if brute_force_choices(c)] if choices
+             else [c for c in instances(40, 99) if brute_force(c)])
     exact = [optimize(c, objective) for c in costs]
     monkeypatch.setattr(optimizer, "EXACT_WORK_LIMIT", 0)
     for cost, best in zip(costs, exact, strict=True):
@@ -197,6 +202,8 @@ def test_inexact_search_bounds_the_optimum(
         except NoFeasiblePlanError:
             continue
         assert not result.exact and result.schedule.fits
+        if choices:
+            check_admitted(cost, result.schedule)
         answer = (result.schedule.latency_s if objective is Objective.LATENCY
                   else result.schedule.bottleneck_s)
         assert result.lower_bound_s <= best.lower_bound_s * (1 + RELATIVE)
@@ -227,3 +234,196 @@ def test_never_worse_than_a_fitting_baseline(objective: Objective) -> None:
                 assert best.latency_s <= schedule.latency_s * (1 + RELATIVE), baseline.name
             else:
                 assert best.bottleneck_s <= schedule.bottleneck_s * (1 + RELATIVE), baseline.name
+
+
+def random_compression(rng: np.random.Generator, cost: CostModel) -> CostModel:
+    """``cost`` with one or two encodings per boundary (some withheld), maybe a weight
+    format, codec times, errors, and a budget that is infinite, zero or finite."""
+    layers, nodes = cost.num_layers, cost.num_nodes
+    codes = int(rng.integers(1, 3))
+    budget = float(rng.choice([np.inf, 0.0, 1.0, 1.0, 1.0]))
+    nbytes = np.asarray(cost.boundary_bytes)[:, None] * rng.uniform(0.05, 0.9, (layers + 1, codes))
+    nbytes[rng.random(nbytes.shape) < 0.15] = np.inf
+    error = rng.uniform(0.0, 0.7, (layers + 1, codes)) * rng.choice([0.0, 1.0], (layers + 1, codes),
+                                                                 p=[0.1, 0.9])
+    links = LinkChoices(
+        names=tuple(f"c{e}" for e in range(codes)), nbytes=nbytes,
+        encode_s=rng.uniform(0, 3e-3, (layers + 1, codes)),
+        decode_s=rng.uniform(0, 3e-3, (layers + 1, codes)),
+        error=error, raw=bool(rng.random() < 0.8),
+    )
+    weights = None
+    if rng.random() < 0.5:
+        memory = cost.node_stage_memory().max(axis=0).astype(float)
+        weights = WeightChoices(
+            names=("q",),
+            layer_seconds=np.asarray(cost.layer_seconds)[None] * rng.uniform(0.4, 1.3,
+                                                                            (1, nodes, layers)),
+            stage_memory_bytes=memory[None] * rng.uniform(0.2, 0.6),
+            layer_error=rng.uniform(0.0, 0.4, (1, layers)),
+        )
+    compression = Compression(links, weights, budget, int(rng.integers(1, 6)))
+    return CostModel(**{**cost.__dict__, "compression": compression})
+
+
+def units(error: float, compression: Compression) -> int:
+    """An error in budget units, rounded up (the discretization the search promises)."""
+    if math.isinf(compression.max_error):
+        return 0
+    if compression.max_error == 0:
+        return 0 if error == 0 else compression.budget_units + 1
+    return math.ceil(error / (compression.max_error / compression.budget_units) * (1 - 1e-12))
+
+
+def _pricers(cost: CostModel):
+    """Functions pricing a link option and a stage option from the raw arrays."""
+    links, weights = cost.compression.links, cost.compression.weights
+
+    def link(b: int, e: int) -> tuple[float, float, float, float]:
+        """bytes, encode, decode, error of boundary b in option e (0 raw)."""
+        if e == 0:
+            return float(cost.boundary_bytes[b]), 0.0, 0.0, 0.0
+        return (links.nbytes[b][e - 1], links.encode_s[b][e - 1], links.decode_s[b][e - 1],
+                links.error[b][e - 1])
+
+    def stage(d: int, a: int, b: int, w: int) -> tuple[float, float, float]:
+        """seconds, memory, error of layers [a, b) on d in format w (0 full precision)."""
+        if w == 0:
+            return math.fsum(cost.layer_seconds[d][a:b]), cost.node_stage_memory()[d][a][b], 0.0
+        return (math.fsum(weights.layer_seconds[w - 1][d][a:b]),
+                weights.stage_memory_bytes[w - 1][a][b],
+                math.fsum(weights.layer_error[w - 1][a:b]))
+
+    return link, stage
+
+
+def brute_force_choices(cost: CostModel) -> list[tuple[float, float]]:
+    """(latency, bottleneck) of every plan, encoding per link and weight format per stage
+    that fits memory and the error budget, priced from scratch."""
+    links, weights = cost.compression.links, cost.compression.weights
+    layers, nodes = cost.num_layers, cost.num_nodes
+    codes = 1 + len(links.names)
+    kinds = 1 + (len(weights.names) if weights else 0)
+    pricers = _pricers(cost)
+    plans = []
+    for k in range(1, min(layers, nodes) + 1):
+        for cuts in itertools.combinations(range(1, layers), k - 1):
+            edges = (0, *cuts, layers)
+            ranges = list(itertools.pairwise(edges))
+            for assign in itertools.permutations(range(nodes), k):
+                chain = [cost.source, *assign, cost.sink]
+                for encs in itertools.product(range(codes), repeat=k + 1):
+                    for fmts in itertools.product(range(kinds), repeat=k):
+                        priced = _price_choices(cost, chain, edges, ranges, encs, fmts, *pricers)
+                        if priced is not None:
+                            plans.append(priced)
+    return plans
+
+
+def _price_choices(cost, chain, edges, ranges, encs, fmts, link, stage):
+    """(latency, bottleneck) of one plan with its choices, or None if it is not admitted."""
+    compression = cost.compression
+    spent = 0
+    items = []
+    for h, (a, b) in enumerate(itertools.pairwise(chain)):
+        boundary, e = edges[h], encs[h]
+        if a == b:
+            if e:
+                return None
+            items.append(0.0)
+            continue
+        if e == 0 and not compression.links.raw:
+            return None
+        nbytes, encode, decode, error = link(boundary, e)
+        spent += units(error, compression)
+        seconds = nbytes / cost.link_bytes_per_s[a][b] + cost.link_latency_s[a][b]
+        seconds += (encode if boundary == 0 else 0.0) + (decode if boundary == cost.num_layers
+                                                         else 0.0)
+        items.append(seconds)
+    stages = []
+    for k, ((a, b), d, w) in enumerate(zip(ranges, chain[1:-1], fmts, strict=True)):
+        seconds, memory, error = stage(d, a, b, w)
+        if memory > cost.node_memory_bytes[d]:
+            return None
+        spent += units(error, compression)
+        stages.append(seconds + link(a, encs[k])[2] + link(b, encs[k + 1])[1])
+    if spent > compression.budget_units and not math.isinf(compression.max_error):
+        return None
+    every = items + stages
+    if not all(math.isfinite(x) for x in every):
+        return None
+    return math.fsum(every), max(every)
+
+
+def choice_instances(count: int, seed: int):
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        nodes = int(rng.integers(2, 5))
+        layers = int(rng.integers(1, 5 if nodes <= 3 else 4))
+        cost = random_cost(rng, nodes, layers, tight=bool(rng.random() < 0.3))
+        yield random_compression(rng, cost)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_optimizer_with_choices_matches_brute_force(seed: int) -> None:
+    for cost in choice_instances(40, 100 + seed):
+        plans = brute_force_choices(cost)
+        if not plans:
+            for objective in Objective:
+                with pytest.raises(NoFeasiblePlanError):
+                    optimize(cost, objective)
+            continue
+        result = optimize(cost, Objective.LATENCY)
+        assert result.exact and result.schedule.fits
+        assert result.schedule.latency_s == pytest.approx(min(p[0] for p in plans), rel=RELATIVE)
+        check_admitted(cost, result.schedule)
+
+        narrowest = min(bottleneck for _, bottleneck in plans)
+        tied = min(lat for lat, neck in plans if neck <= narrowest * (1 + RELATIVE))
+        result = optimize(cost, Objective.THROUGHPUT)
+        assert result.schedule.bottleneck_s == pytest.approx(narrowest, rel=RELATIVE)
+        assert result.schedule.latency_s == pytest.approx(tied, rel=RELATIVE)
+        check_admitted(cost, result.schedule)
+
+
+def check_admitted(cost: CostModel, schedule) -> None:
+    """The schedule's choices fit the budget when priced by the test's own rules."""
+    chain = [cost.source, *(s.node for s in schedule.spans), cost.sink]
+    edges = [0, *(s.end for s in schedule.spans)]
+    ranges = [(s.start, s.end) for s in schedule.spans]
+    priced = _price_choices(cost, chain, edges, ranges, schedule.encodings, schedule.formats,
+                            *_pricers(cost))
+    assert priced is not None
+    assert priced[0] == pytest.approx(schedule.latency_s, rel=RELATIVE)
+
+
+@pytest.mark.parametrize("bandwidth, chosen", [(1e5, 1), (1e10, 0)])
+def test_an_encoding_is_chosen_on_a_slow_link_only(bandwidth: float, chosen: int) -> None:
+    """Source a, sink b: 1 MB must cross; halving it costs 1 ms each side."""
+    cost = tiny_cost()
+    links = LinkChoices(("half",), cost.boundary_bytes[:, None] * 1000 / 2,
+                        np.full((4, 1), 1e-3), np.full((4, 1), 1e-3), np.full((4, 1), 0.01))
+    cost = CostModel(**{**cost.__dict__, "boundary_bytes": cost.boundary_bytes * 1000,
+                        "link_bytes_per_s": np.array([[np.inf, bandwidth], [bandwidth, np.inf]]),
+                        "sink": 1, "compression": Compression(links, max_error=0.05)})
+    for objective in Objective:
+        schedule = optimize(cost, objective).schedule
+        assert max(schedule.encodings) == chosen
+        assert schedule.error_bound == pytest.approx(0.01 * sum(map(bool, schedule.encodings)))
+
+
+def test_the_budget_limits_the_encodings_chosen() -> None:
+    """Each encoded link costs 0.03; a budget of 0.05 admits one of the two links."""
+    cost = tiny_cost()
+    links = LinkChoices(("half",), cost.boundary_bytes[:, None] * 1000 / 2,
+                        np.zeros((4, 1)), np.zeros((4, 1)), np.full((4, 1), 0.03))
+    slow = np.array([[np.inf, 1e5], [1e5, np.inf]])
+    cost = CostModel(**{**cost.__dict__, "boundary_bytes": cost.boundary_bytes * 1000,
+                        "layer_seconds": np.array([[9.0, 9.0, 9.0], [0.5, 1.0, 1.5]]),
+                        "link_bytes_per_s": slow,
+                        "compression": Compression(links, max_error=0.05, budget_units=10)})
+    schedule = optimize(cost, Objective.LATENCY).schedule
+    assert [s.node for s in schedule.spans] == [1]  # a -> b -> a: two links
+    assert sorted(schedule.encodings) == [0, 1]
+    assert schedule.error_bound == pytest.approx(0.03)
+

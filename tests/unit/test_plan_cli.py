@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from coordinator.cli import main
@@ -159,7 +160,54 @@ def test_quantized_weights_fit_a_model_on_a_node_too_small_for_float32(
         assert stage.artifact_bytes < 0.3 * sum(
             layer.param_bytes for layer in layer_graph.layers
         )
+    chosen = plan_with(None, "--compress", "auto", "--max-error", "0.5")  # the planner's pick
+    [stage] = chosen.stages
+    assert stage.weights in (WeightFormat.INT8, WeightFormat.INT4)
+    assert stage.memory_bytes == need[stage.weights] <= memory
+    assert 0 < chosen.accuracy.max_rel_error <= 0.5
     with pytest.raises(SystemExit):
         main(["plan", str(mlp.path), "--nodes", str(tmp_path / "nodes.yaml"),
               "--quantize-weights", "int3"])
     assert "--quantize-weights: invalid choice: 'int3'" in capsys.readouterr().err
+
+
+def test_plan_chooses_compression_and_records_its_accuracy(
+    sample_exported, tmp_path: Path, capsys
+) -> None:
+    sample = sample_exported("skip_dag")
+    calibration = tmp_path / "calibration.pt"
+    torch.save([torch.randn(4, 64) for _ in range(2)], calibration)
+    out = tmp_path / "plan.json"
+    assert main(["plan", str(sample.path), "--nodes", str(EXAMPLES / "cluster-heterogeneous.yaml"),
+                 "-o", str(out), "--repeats", "2", "--compress", "auto", "--max-error", "0.02",
+                 "--calibration", str(calibration)]) == 0
+    printed = capsys.readouterr().out
+    assert "accuracy against float32 on 2 calibration input(s)" in printed
+    plan = Plan.load(out)
+    assert plan.accuracy.inputs == 2 and plan.accuracy.max_error == 0.02
+    assert plan.accuracy.max_rel_error <= 0.02 and plan.accuracy.top1_agreement is not None
+    assert json.loads(out.read_text())["accuracy"]["max_abs_error"] >= 0
+
+
+def test_a_fixed_encoding_over_the_budget_is_one_error_line(
+    sample_exported, tmp_path: Path, capsys
+) -> None:
+    out, nodes = tmp_path / "plan.json", tmp_path / "nodes.yaml"
+    nodes.write_text(  # the camera is too slow to keep the model: tensors must cross a link
+        "nodes:\n"
+        "  - {name: camera, address: 127.0.0.1:1, memory: 1GiB, speed: 0.001}\n"
+        "  - {name: box, address: 127.0.0.1:2, memory: 1GiB, speed: 1}\n"
+        "links:\n  default: {bandwidth: 10Mbps, latency: 1ms}\n"
+        "source: camera\nsink: camera\n"
+    )
+    code = main(["plan", str(sample_exported("skip_dag").path), "--nodes", str(nodes),
+                 "-o", str(out), "--repeats", "2", "--compress", "int8", "--max-error", "1e-9"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and not out.exists()
+    assert "more than --max-error 1e-09; raise --max-error or use --compress auto" in err
+
+
+def test_a_negative_error_budget_is_refused(sample_exported, capsys) -> None:
+    code = main(["plan", str(sample_exported("skip_dag").path), "--nodes",
+                 str(EXAMPLES / "cluster-heterogeneous.yaml"), "--max-error", "-1"])
+    assert code == 2 and "--max-error must be a number >= 0" in capsys.readouterr().err

@@ -11,7 +11,7 @@ import pytest
 
 from partition.errors import ModelLoadError, ModelMismatchError, PlanFormatError
 from partition.layers import build_layer_graph
-from partition.plan import Objective, Plan
+from partition.plan import Accuracy, Objective, Plan
 from partition.split import plan_layer_graph
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,3 +55,26 @@ def test_another_model_file_or_other_layers_are_refused(sample_exported) -> None
         plan_layer_graph(plan, str(sample_exported("resnet").path))
     with pytest.raises(ModelMismatchError, match="layers differ"):
         plan_layer_graph(replace(plan, layer_names=plan.layer_names[:-1]))
+
+
+def test_accuracy_is_optional_and_round_trips(sample_exported, tmp_path: Path) -> None:
+    plan = _plan_of(sample_exported("skip_dag"))
+    data = {**plan.to_dict(), "nodes": [{"name": "src", "address": "a:1"}],
+            "stages": [_stage(len(plan.layer_names))],
+            "links": [{"from": "src", "to": "src", "bytes_per_s": 1.0, "latency_s": 0.0,
+                       "encoding": "raw"}] * 2}
+    assert "accuracy" not in data and Plan.from_dict(data).accuracy is None
+    accuracy = Accuracy(4, 0.5, 0.01, 0.012, 0.02, top1_agreement=0.75)
+    data["accuracy"] = accuracy.to_dict()
+    assert Plan.from_dict(data).accuracy == accuracy
+    data["accuracy"] = {**accuracy.to_dict(), "max_rel_error": -1}
+    with pytest.raises(PlanFormatError, match=r"accuracy\.max_rel_error \(-1\) must be a "
+                                              "non-negative number"):
+        Plan.from_dict(data)
+
+
+def _stage(layers: int) -> dict:
+    return {"index": 0, "node": "src", "address": "a:1", "start": 0, "end": layers,
+            "first_layer": "a", "last_layer": "b", "receives": [], "sends": [],
+            "compute_s": 0.0, "transfer_in_s": 0.0, "memory_bytes": 0,
+            "memory_available_bytes": 0}
