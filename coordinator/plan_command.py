@@ -96,10 +96,12 @@ def run(args: argparse.Namespace) -> int:
     cluster = with_default_quantize(load_cluster(args.nodes),
                                     WeightFormat(args.quantize_weights))
     mode = CompressMode(args.compress)
-    inputs = calibration(args, model) if mode is not CompressMode.NONE else ()
+    quantized = any(node.quantize not in (None, WeightFormat.NONE) for node in cluster.nodes)
+    measure = mode is not CompressMode.NONE or quantized  # every compressed plan's accuracy
+    inputs = calibration(args, model) if measure else ()
     offered = OFFERED_WEIGHTS if mode is CompressMode.AUTO else ()
     profiles, by_format = gather_profiles(args, model, layer_graph, cluster, offered)
-    compression = None if mode is CompressMode.NONE else CompressionRequest(
+    compression = None if not measure else CompressionRequest(
         mode, tuple(inputs), args.max_error, args.budget_units,
         weight_offer(layer_graph, {fmt: layer_seconds(cluster, by_format[fmt])
                                    for fmt in offered}) if offered else None,

@@ -473,7 +473,11 @@ def _shortfall_message(cost: CostModel, spaces: list[_Space], exact: bool) -> st
     scope = "" if exact else " among the node orders searched"
     if not found:
         return f"no plan fits the nodes' memory{scope}; add memory or nodes"
-    _, spans = min(found, key=lambda f: f[0])
+    ratio_found, spans = min(found, key=lambda f: f[0])
+    if ratio_found <= 1 and cost.compression is not None:
+        return (f"no plan fits within the error budget{scope}: plans that fit the nodes' "
+                "memory need weight formats or encodings whose errors alone add up to more "
+                f"than {cost.compression.max_error:g}; raise --max-error or add memory")
     worst = max(spans, key=lambda s: need[s.node, s.start, s.end] / have[s.node])
     return (
         f"no plan fits{scope}: the closest one still needs "

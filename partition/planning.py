@@ -10,7 +10,7 @@ from dataclasses import replace
 from partition.baselines import baselines
 from partition.choice_tables import Options
 from partition.cluster import ClusterSpec
-from partition.compression_planning import CompressionRequest, CompressMode, choose
+from partition.compression_planning import CompressionRequest, choose
 from partition.cost_builder import build_cost_model
 from partition.costs import CostModel
 from partition.layers import LayerGraph
@@ -35,13 +35,13 @@ def plan(
     ``profiles`` holds one profile per node of ``cluster`` (see
     :func:`partition.cost_builder.node_profiles`). With ``compression``, each link's
     encoding (and, offered, each stage's weight format) is chosen with the stages
-    (:mod:`partition.compression_planning`) and the plan records its measured accuracy; the
-    baselines stay raw.
+    (:mod:`partition.compression_planning`) and the plan records its measured accuracy, the
+    nodes' own weight formats included (pass a request with mode ``none`` to measure those
+    alone); the baselines stay raw.
     """
     cost = build_cost_model(layer_graph, cluster, profiles)
     accuracy, priced = None, cost
-    if compression is None or (compression.mode is CompressMode.NONE
-                               and compression.weights is None):
+    if compression is None:
         result = optimize(cost, objective)
     else:
         own = [node.quantize or WeightFormat.NONE for node in cluster.nodes]

@@ -147,8 +147,11 @@ def test_quantized_weights_fit_a_model_on_a_node_too_small_for_float32(
         err = capsys.readouterr().err
         if code:
             assert code == 2 and "no plan fits" in err and len(err.strip().splitlines()) == 1
+            refusals.append(err)
             return None
         return Plan.load(out)
+
+    refusals: list[str] = []
 
     assert plan_with(None) is None
     assert plan_with("none", "--quantize-weights", "int8") is None  # the node's own wins
@@ -157,6 +160,7 @@ def test_quantized_weights_fit_a_model_on_a_node_too_small_for_float32(
         assert stage.weights is WeightFormat.INT8
         assert stage.memory_bytes == need[WeightFormat.INT8] <= memory
         assert quantized.replan["profiles"]["box"]["weights"] == "int8"  # priced quantized
+        assert 0 < quantized.accuracy.max_rel_error <= quantized.accuracy.max_error  # measured
         assert stage.artifact_bytes < 0.3 * sum(
             layer.param_bytes for layer in layer_graph.layers
         )
@@ -165,6 +169,8 @@ def test_quantized_weights_fit_a_model_on_a_node_too_small_for_float32(
     assert stage.weights in (WeightFormat.INT8, WeightFormat.INT4)
     assert stage.memory_bytes == need[stage.weights] <= memory
     assert 0 < chosen.accuracy.max_rel_error <= 0.5
+    assert plan_with(None, "--compress", "auto", "--max-error", "1e-9") is None
+    assert "within the error budget" in refusals[-1] and "raise --max-error" in refusals[-1]
     with pytest.raises(SystemExit):
         main(["plan", str(mlp.path), "--nodes", str(tmp_path / "nodes.yaml"),
               "--quantize-weights", "int3"])
