@@ -22,6 +22,7 @@ import torch
 import yaml
 from test_pipeline import Split, make_inputs, split_in_three, three_node_cluster
 
+from coordinator.bench_check import Reference, run_checked
 from coordinator.cli import main
 from coordinator.deploy import deploy
 from coordinator.local_cluster import LocalCluster
@@ -188,9 +189,14 @@ async def test_auto_compression_over_a_slow_link_answers_within_its_budget(
 
     await deploy(plan, split(plan, build_layer_graph(sample.model.program)),
                  emulate_links=False)
+    reference = ProgramRunner(sample.model.program)
     async with await Pipeline.connect(plan, failover=False) as pipeline:
         answers = await pipeline.map(inputs)
-    reference = ProgramRunner(sample.model.program)
+        checked = await run_checked(  # what `bench --check` runs: within the plan's budget
+            pipeline, Reference(reference, lambda i: inputs[i % len(inputs)],
+                                [spec.name for spec in plan.inputs]),
+            requests=2 * REQUESTS, concurrency=4)
+    assert (checked.answered, checked.failed, checked.mismatches) == (2 * REQUESTS, 0, 0)
     with torch.no_grad():
         expected = [reference(*r.values()) for r in inputs]
     scale = max(float(t.abs().max()) for out in expected for t in out)
