@@ -10,8 +10,8 @@ emulated) and measure it.
 
 Clusters: ``slow-links``, ``examples/cluster-homogeneous.yaml`` with every link at 10 Mbps;
 ``heterogeneous``, the demo's cluster; ``memory-tight``, the homogeneous cluster with each
-node holding the largest layer plus 40% of the rest of what the whole model needs in int8
-(so float32 fits no set of the nodes, and int8 does).
+node's memory halfway between the least a split over the four nodes needs per node with int8
+weights and with float32 ones (so float32 fits no plan, and int8 does).
 
 Columns: measured and predicted throughput, p50 latency, the stages' artifact bytes (their
 weights, as plan.json records them), the largest worker's resident memory after the run,
@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import harness
+import numpy as np
 import psutil
 import report
 
@@ -62,7 +63,6 @@ MODELS = {  # sample builder name and arguments
     "resnet": ("resnet", {"image": 224, "batch": 4}),
 }
 SLOW_LINK = parse_bandwidth("10Mbps")
-TIGHT_SHARE = 0.4
 CALIBRATION_INPUTS = 4
 
 
@@ -93,13 +93,24 @@ def slow_links(base: ClusterSpec) -> ClusterSpec:
 
 
 def memory_tight(base: ClusterSpec, layer_graph: LayerGraph) -> ClusterSpec:
-    """Each node: the largest layer's need plus :data:`TIGHT_SHARE` of the rest, in int8."""
-    memory = stage_memory_matrix(layer_graph, WeightFormat.INT8)
-    count = layer_graph.num_layers
-    whole = int(memory[0, count])
-    largest = max(int(memory[i, i + 1]) for i in range(count))
-    size = largest + int(TIGHT_SHARE * (whole - largest))
+    """``base`` with every node's memory halfway between the least a split over its nodes
+    needs per node in int8 and in float32: float32 fits no plan, int8 does."""
+    need = {fmt: least_per_node(stage_memory_matrix(layer_graph, fmt), len(base.nodes))
+            for fmt in (WeightFormat.NONE, WeightFormat.INT8)}
+    size = (need[WeightFormat.NONE] + need[WeightFormat.INT8]) // 2
     return replace(base, nodes=tuple(replace(n, memory_bytes=size) for n in base.nodes))
+
+
+def least_per_node(memory: np.ndarray, parts: int) -> int:
+    """The least memory each node needs to hold the model in at most ``parts`` contiguous
+    stages (``memory[i, j]``: a stage of layers ``[i, j)``)."""
+    count = memory.shape[0] - 1
+    best = memory[0].astype(float).copy()  # best[j]: layers [0, j) in the stages so far
+    best[0] = np.inf
+    for _ in range(parts - 1):
+        best = np.array([min([best[j]] + [max(best[i], memory[i, j]) for i in range(1, j)])
+                         for j in range(count + 1)])
+    return int(best[count])
 
 
 def make_plan(sample: harness.Sample, cluster: ClusterSpec, variant: Variant) -> Plan:

@@ -1,6 +1,7 @@
 """Weight quantization per stage: artifact bytes, worker memory, stage time and output error.
 
-    python benchmarks/quantization.py [--repeats 20] [--json results.json]
+    .venv/bin/python benchmarks/quantization.py [--repeats 20] [--json results.json]
+        [--markdown]
 
 For each sample (GPT-2, ResNet and a wider GPT-2) the whole model is one stage, exported in
 each weight format. A fresh process loads the artifact the way a worker does
@@ -19,6 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import report
 import torch
 
 from coordinator.samples import SAMPLES, build_sample, gpt2
@@ -99,18 +101,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per stage")
     parser.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    report.add_markdown_option(parser)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as folder:
+    with report.usual_output(args.markdown), tempfile.TemporaryDirectory() as folder:
         rows = [row for name in SAMPLE_MODELS for row in measure(name, args.repeats,
                                                                   Path(folder))]
-    header = (f"{'model':<9} {'weights':<7} {'artifact':>10} {'% f32':>6} {'worker RSS':>11} "
-              f"{'stage ms':>9} {'max abs err':>11} {'max rel err':>11} {'rel L2 err':>10}")
-    print(header)
-    for row in rows:
-        print(f"{row['model']:<9} {row['weights']:<7} {format_bytes(row['artifact_bytes']):>10} "
-              f"{100 * row['artifact_share']:>5.1f}% {format_bytes(row['rss_bytes']):>11} "
-              f"{1000 * row['median_s']:>9.2f} {row['max_abs_error']:>11.2e} "
-              f"{row['max_rel_error']:>11.2e} {row['rel_l2_error']:>10.2e}")
+        table = [f"{'model':<9} {'weights':<7} {'artifact':>10} {'% f32':>6} "
+                 f"{'worker RSS':>11} {'stage ms':>9} {'max abs err':>11} "
+                 f"{'max rel err':>11} {'rel L2 err':>10}"]
+        table += [f"{row['model']:<9} {row['weights']:<7} "
+                  f"{format_bytes(row['artifact_bytes']):>10} "
+                  f"{100 * row['artifact_share']:>5.1f}% {format_bytes(row['rss_bytes']):>11} "
+                  f"{1000 * row['median_s']:>9.2f} {row['max_abs_error']:>11.2e} "
+                  f"{row['max_rel_error']:>11.2e} {row['rel_l2_error']:>10.2e}" for row in rows]
+        print("\n".join(table))
+    if args.markdown:
+        print(report.markdown(table))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
 
