@@ -191,10 +191,13 @@ class StageRunner:
         encoding: LinkEncoding = LinkEncoding.RAW,
     ) -> None:
         """Send output frames to ``sink`` in ``encoding`` from now on, over the given
-        emulated links; the link's statistics start afresh."""
+        emulated links; the link's statistics start afresh if it goes elsewhere or carries
+        another encoding (a re-wire of the same link keeps them, so a change shows)."""
         old, self.sink = self.sink, sink
+        if (getattr(old, "address", None), self._encoding) != (
+                getattr(sink, "address", None), encoding):
+            self.link_stats = LinkStats()
         self._encoding = encoding
-        self.link_stats = LinkStats()
         self._outbound = EmulatedLink(outbound)
         self.inbound = EmulatedLink(inbound)
         if old is not None and old is not sink:

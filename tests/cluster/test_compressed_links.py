@@ -99,7 +99,7 @@ async def run(parts: Split, plan: Plan, requests: list[dict]) -> tuple[list, lis
 def relative_error(got: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...]) -> float:
     difference = math.sqrt(sum(float((a.double() - b.double()).detach().square().sum())
                                for a, b in zip(got, expected, strict=True)))
-    scale = math.sqrt(sum(float(b.double().square().sum()) for b in expected))
+    scale = math.sqrt(sum(float(b.double().detach().square().sum()) for b in expected))
     return difference / scale
 
 

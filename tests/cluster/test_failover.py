@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from coordinator.bench import random_inputs
 from coordinator.bench_check import CheckedRun, Reference, run_checked
 from coordinator.deploy import deploy, link_emulation
+from coordinator.drift import POLL_S, WINDOW
 from coordinator.local_cluster import LocalCluster, LocalNode, read_state
 from coordinator.pipeline import Pipeline
 from coordinator.ports import free_ports
@@ -296,17 +297,21 @@ def test_degraded_link_is_planned_around(chaos: ChaosCluster) -> None:
                            hop.latency_s)
 
     async def degrade() -> None:
-        print(f"link {hop.src}->{hop.dst} slowed to {slower.bytes_per_s:.0f} B/s "
-              f"({first.bytes_out} B a frame)")
         handle = GrpcWorkerHandle(first.address, first.node)
-        try:
+        try:  # a link that is slow before its baseline is taken is the baseline: wait for it
+            async with asyncio.timeout(WAIT_S):
+                while (await handle.describe()).link_frames < WINDOW:
+                    await asyncio.sleep(0.1)
+            await asyncio.sleep(1.5 * POLL_S)  # the pipeline's drift watch polls meanwhile
+            print(f"link {hop.src}->{hop.dst} slowed to {slower.bytes_per_s:.0f} B/s "
+                  f"({first.bytes_out} B a frame)")
             await handle.wire(second.address, next_node=second.node, outbound=slower,
                               inbound=link_emulation(chaos.plan.links[0], True))
         finally:
             await handle.close()
 
     result = asyncio.run(run(
-        chaos, {250: lambda pipeline: degrade()},
+        chaos, {100: lambda pipeline: degrade()},
         gate=(450, lambda pipeline: any("drift" in r.cause for r in pipeline.replans)),
     ))
     check(result, replans=1)
