@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         mode, tuple(inputs), args.max_error, args.budget_units,
         weight_offer(layer_graph, {fmt: layer_seconds(cluster, by_format[fmt])
                                    for fmt in offered}) if offered else None,
+        args.calibration,
     )
     result = plan(model, layer_graph, cluster, profiles, Objective(args.objective), compression)
     result.save(args.output)

@@ -15,9 +15,11 @@ from coordinator.drift import LINK_NOISE_S, SUSTAIN_POLLS, WINDOW, Drift, DriftW
 from coordinator.ledger import Ledger, RequestFailedError
 from node.client import Result
 from node.messages import Failure, FailureCode
-from partition.cluster import parse_cluster
+from partition.cluster import LinkSpec, parse_cluster
+from partition.compression_choice import calibration_inputs
+from partition.compression_planning import CompressionRequest, CompressMode
 from partition.cost_builder import node_profiles
-from partition.errors import NoFeasiblePlanError, PlanningError
+from partition.errors import EdgesplitError, NoFeasiblePlanError, PlanningError
 from partition.layers import build_layer_graph
 from partition.measured import Measured
 from partition.plan import Objective, Plan
@@ -94,7 +96,8 @@ def skip_dag_plan(sample_exported) -> tuple:
 def test_plan_json_carries_the_cluster_and_profiles(skip_dag_plan) -> None:
     _, _, cluster, made = skip_dag_plan
     again = Plan.from_dict(json.loads(json.dumps(made.to_dict())))
-    spec, profiles = read_replan_inputs(again.replan)
+    inputs = read_replan_inputs(again.replan)
+    spec, profiles = inputs.cluster, inputs.profiles
     assert spec == cluster  # each node's quantize included
     assert set(profiles) == {"n0", "n1", "n2"}
 
@@ -159,6 +162,67 @@ def test_no_plan_fits_names_the_nodes_left(skip_dag_plan) -> None:
         Replanner(tiny, sample.model, layer_graph).replan({"n1", "n2"})
     with pytest.raises(PlanningError, match="carries no cluster spec"):
         Replanner(replace(made, replan=None), sample.model, layer_graph)
+
+
+@pytest.fixture(scope="module")
+def compressed_plan(skip_dag_plan, tmp_path_factory) -> tuple:
+    """The skip DAG over slow links, planned with ``--compress auto`` on calibration inputs
+    saved to a file."""
+    sample, layer_graph, cluster, _ = skip_dag_plan
+    slow = replace(cluster, default_link=LinkSpec(125_000.0, 1e-5), links={},
+                   nodes=tuple(replace(n, quantize=None) for n in cluster.nodes))
+    inputs = calibration_inputs(sample.model, 4)
+    path = tmp_path_factory.mktemp("calibration") / "inputs.pt"
+    torch.save([list(item) for item in inputs], path)
+    request = CompressionRequest(CompressMode.AUTO, tuple(inputs), 5e-2,
+                                 calibration_file=str(path))
+    profile = profile_layers(layer_graph, sample.model.sha256, sample.model.example_inputs,
+                             repeats=1, warmup=0)
+    made = plan(sample.model, layer_graph, slow, node_profiles(slow, profile, {}),
+                Objective.THROUGHPUT, request)
+    again = Plan.from_dict(json.loads(json.dumps(made.to_dict())))
+    return sample, layer_graph, again, inputs, path
+
+
+def _encoded(made: Plan) -> list[str]:
+    return [link.encoding.value for link in made.links if link.encoding.value != "raw"]
+
+
+def test_a_compressed_plan_is_replanned_compressed_within_its_budget(compressed_plan) -> None:
+    sample, layer_graph, made, inputs, path = compressed_plan
+    assert _encoded(made) and made.accuracy is not None
+    settings = read_replan_inputs(made.replan).compression
+    assert settings is not None and settings.calibration_file == str(path)
+    assert (settings.mode, settings.max_error, settings.calibration_count) == (
+        CompressMode.AUTO, 5e-2, 4)
+    read: list[str] = []
+
+    def reader(where: str) -> list:
+        read.append(where)
+        return inputs
+
+    replanner = Replanner(made, sample.model, layer_graph, reader)
+    for gone in {s.node for s in made.stages}:
+        left = replanner.replan({"n0", "n1", "n2"} - {gone})
+        assert gone not in {s.node for s in left.stages}
+        assert left.accuracy is not None and left.accuracy.max_rel_error <= 5e-2
+        assert left.accuracy.inputs == 4
+        if len(left.stages) > 1 or left.stages[0].node != "n0":
+            assert _encoded(left), "a re-plan over slow links sends compressed again"
+    assert read == [str(path)]  # measured once, on the first re-plan
+
+
+def test_replanning_without_the_calibration_file_uses_random_inputs(
+    compressed_plan, caplog
+) -> None:
+    sample, layer_graph, made, _, path = compressed_plan
+
+    def unreadable(where: str) -> list:
+        raise EdgesplitError(f"--calibration '{where}' does not exist")
+
+    left = Replanner(made, sample.model, layer_graph, unreadable).replan({"n1", "n2"})
+    assert left.accuracy is not None and left.accuracy.inputs == 4
+    assert "re-plans measure compression on random inputs" in caplog.text
 
 
 class _Reporting:
