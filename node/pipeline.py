@@ -76,6 +76,11 @@ class FrameSink(Protocol):
     async def deliver(self, request_id: int, frame: bytes) -> None: ...
 
     @property
+    def destination(self) -> str:
+        """Where frames go: the next node's address, or the Results subscribers."""
+        ...
+
+    @property
     def backlog(self) -> int:
         """Frames handed over that the receiver has not taken yet."""
         ...
@@ -194,8 +199,7 @@ class StageRunner:
         emulated links; the link's statistics start afresh if it goes elsewhere or carries
         another encoding (a re-wire of the same link keeps them, so a change shows)."""
         old, self.sink = self.sink, sink
-        if (getattr(old, "address", None), self._encoding) != (
-                getattr(sink, "address", None), encoding):
+        if old is None or (old.destination, self._encoding) != (sink.destination, encoding):
             self.link_stats = LinkStats()
         self._encoding = encoding
         self._outbound = EmulatedLink(outbound)

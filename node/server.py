@@ -168,7 +168,7 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
         await self._health.set_ready(self._runner.stage is not None)
         log.info(
             "wired: next hop %s in %s, outbound %s, inbound %s",
-            request.next_address or "the Results stream", encoding.value, outbound, inbound,
+            sink.destination, encoding.value, outbound, inbound,
         )
         return pb.WireReply()
 
