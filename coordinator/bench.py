@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from coordinator.host_cpu import HostCpu
 from coordinator.pipeline import Pipeline
 from partition.plan import Plan
 from partition.spec import TensorSpec, dtype_from_name
@@ -25,6 +26,8 @@ class BenchResult:
     throughput_per_s: float
     requests: int
     concurrency: int
+    host_cpu: float = 0.0
+    """Share of the host's CPU time busy while the requests in flight ran."""
 
 
 def random_inputs(specs: tuple[TensorSpec, ...]) -> InputFactory:
@@ -65,7 +68,8 @@ async def measure(
             latencies.append(time.perf_counter() - start)
         batch = [make_inputs(index) for index in range(requests)]
         start = time.perf_counter()
-        await pipeline.map(batch)
+        with HostCpu() as host:
+            await pipeline.map(batch)
         elapsed = time.perf_counter() - start
     quantiles = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else latencies * 19
     return BenchResult(
@@ -74,4 +78,5 @@ async def measure(
         throughput_per_s=requests / elapsed,
         requests=requests,
         concurrency=concurrency,
+        host_cpu=host.busy,
     )

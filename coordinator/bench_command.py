@@ -23,6 +23,7 @@ from coordinator.deploy_command import (
     ensure_deployed,
 )
 from coordinator.events import events_path_for
+from coordinator.host_cpu import host_cpu_line
 from coordinator.pipeline import Pipeline
 from coordinator.verify import Difference, verify
 from partition.artifact import ProgramRunner
@@ -64,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         ours = _measure(plan, args)
         console.print(prediction_table(plan, ours))
+        console.print(host_cpu_line(ours.host_cpu))
         status = 0
     differences = _verify(plan, args) if args.verify_fraction > 0 else []
     if args.baselines:  # last: it leaves the nodes holding a baseline
@@ -145,6 +147,7 @@ def _run_checked(plan: Plan, args: argparse.Namespace) -> int:
     with console.status(f"{args.requests} requests, {args.concurrency} in flight"):
         result = asyncio.run(go())
     console.print(checked_table(result, args.check))
+    console.print(host_cpu_line(result.host_cpu))
     for replan in result.replans:
         console.print(replan_line(replan))
     if args.json:
@@ -202,13 +205,13 @@ def baselines_measured_table(rows: list[tuple[str, Plan, BenchResult]]) -> Table
     ours = rows[0][2]
     table = Table(title="measured on the same cluster")
     for column in ("strategy", "stages", "latency p50 ms", "throughput req/s",
-                   "predicted req/s", "ours / it"):
+                   "predicted req/s", "ours / it", "host CPU"):
         table.add_column(column, justify="left" if column in ("strategy", "stages") else "right")
     for name, plan, result in rows:
         table.add_row(
             name, " ".join(f"{s.node}[{s.start},{s.end})" for s in plan.stages),
             ms(result.latency_p50_s), f"{result.throughput_per_s:.1f}",
             f"{plan.throughput_per_s:.1f}",
-            f"{ours.throughput_per_s / result.throughput_per_s:.2f}x",
+            f"{ours.throughput_per_s / result.throughput_per_s:.2f}x", f"{result.host_cpu:.0%}",
         )
     return table
