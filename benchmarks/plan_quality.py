@@ -47,7 +47,7 @@ TIGHT_SHARES = (0.35, 0.55, 0.3, 0.45)
 """Memory of each node of the memory-tight cluster: its largest layer's need plus this share
 of the rest of what the whole model needs (so no node holds the whole model)."""
 MEASURED = (f"{'req/s meas':>10} {'pred':>7} {'err':>7} {'p50 ms':>8} {'pred':>8} {'err':>7} "
-            f"{'ours/it':>8}")
+            f"{'ours/it':>8} {'host CPU':>8}")
 """The header of the measured columns, which every table shares."""
 
 
@@ -89,6 +89,7 @@ def measure_case(model: str, cluster_name: str, cluster: ClusterSpec, sample: ha
             "measured_throughput": result.throughput_per_s,
             "predicted_latency_ms": p.latency_s * 1e3,
             "measured_latency_p50_ms": result.latency_p50_s * 1e3,
+            "host_cpu_busy": result.host_cpu,
         })
     rows += [{"model": model, "cluster": cluster_name, "strategy": name,
               "stages": "does not fit memory"} for name in skipped]
@@ -103,7 +104,8 @@ def measured(row: dict, rows: list[dict]) -> str:
     t, pt = row["measured_throughput"], row["predicted_throughput"]
     lat, plat = row["measured_latency_p50_ms"], row["predicted_latency_ms"]
     return (f"{t:10.1f} {pt:7.1f} {(t - pt) / pt:+7.0%} {lat:8.1f} {plat:8.1f} "
-            f"{(lat - plat) / plat:+7.0%} {ours['measured_throughput'] / t:7.2f}x")
+            f"{(lat - plat) / plat:+7.0%} {ours['measured_throughput'] / t:7.2f}x "
+            f"{row['host_cpu_busy']:8.0%}")
 
 
 def print_table(model: str, rows: list[dict]) -> None:
