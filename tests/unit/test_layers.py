@@ -95,6 +95,7 @@ def test_boundary_bytes_are_the_tensors_that_really_cross(model_chain: ChainRun)
         assert {t.name for t in lg.boundary_tensors(boundary)} == set(real), boundary
         real_bytes = sum(t.numel() * t.element_size() for t in real.values())
         assert planned[boundary] == real_bytes, boundary
+    assert (lg.value_flow().boundary_bytes() == planned).all()
     assert planned[0] == sum(t.numel() * t.element_size() for t in model_chain.sample.inputs)
     assert planned[-1] == sum(t.numel() * t.element_size() for t in model_chain.sample.expected)
 
