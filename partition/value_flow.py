@@ -69,7 +69,13 @@ class ValueFlow:
 
     def boundary_bytes(self, order: Sequence[int] | None = None) -> np.ndarray:
         """``(L+1,)`` bytes live at each boundary when the layers run in ``order`` (default
-        ``0..L-1``): every value made before the boundary and read at or after it."""
+        ``0..L-1``): every value made before the boundary and read at or after it.
+
+        >>> once = frozenset({0, 1}), frozenset({2}), frozenset({2})
+        >>> flow = ValueFlow(2, (10, 100, 1), (INPUT, 0, 1), once)
+        >>> flow.boundary_bytes().tolist(), flow.boundary_bytes((1, 0)).tolist()
+        ([10, 110, 101], [10, 11, 101])
+        """
         count = self.num_layers
         position = dict(enumerate(range(count))) if order is None else {
             layer: k for k, layer in enumerate(order)
