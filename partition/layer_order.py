@@ -11,9 +11,12 @@ sum of boundary bytes is the shortest path when each down-set costs its live byt
 That lattice is small for chains and a few parallel branches, and exponential for many
 independent layers (minimizing cut width over topological orders is NP-hard in general).
 :func:`choose_order` builds it with networkx and takes ``nx.shortest_path`` while it has at
-most :data:`MAX_ORDER_STATES` down-sets; past that it takes a greedy order (run next the
-ready layer that leaves the fewest bytes live, the lowest index on ties). Either way the
-result is compared with the program's own order and kept only if its sum is smaller.
+most :data:`MAX_ORDER_STEPS` edges (one per down-set and layer that can run next); past
+that it takes the better of two greedy orders: run next the ready layer that leaves the
+fewest bytes live, or finish each branch once started and start first the branch with the
+fewest output bytes per layer (Smith's rule: while a branch runs, the outputs of the
+branches finished before it stay live). Either way the result is compared with the
+program's own order and kept only if its sum is smaller.
 """
 
 from __future__ import annotations
@@ -24,17 +27,18 @@ import networkx as nx
 
 from partition.value_flow import INPUT, ValueFlow
 
-MAX_ORDER_STATES = 20_000
-"""Most down-sets of the layer DAG the exact order search builds before going greedy."""
+MAX_ORDER_STEPS = 50_000
+"""Most edges of the down-set lattice the exact order search builds before going greedy."""
 
 
 def choose_order(flow: ValueFlow) -> tuple[int, ...]:
     """A topological order of ``flow``'s layers whose boundary bytes sum to as little as
     the search finds, and never more than the order ``0..L-1`` (kept on ties)."""
-    naive = tuple(range(flow.num_layers))
     live = _Liveness(flow)
-    found = _shortest_order(live) or _greedy_order(live)
-    return min((naive, found), key=lambda order: int(flow.boundary_bytes(order).sum()))
+    exact = _shortest_order(live)
+    found = [exact] if exact is not None else [_greedy_order(live), _branch_order(flow, live)]
+    return min((tuple(range(flow.num_layers)), *found),
+               key=lambda order: int(flow.boundary_bytes(order).sum()))
 
 
 class _Liveness:
@@ -81,19 +85,19 @@ class _Liveness:
 
 def _shortest_order(live: _Liveness) -> tuple[int, ...] | None:
     """The order with the fewest summed boundary bytes (shortest path through the down-set
-    lattice), or ``None`` if the lattice has more than :data:`MAX_ORDER_STATES` sets."""
+    lattice), or ``None`` if the lattice has more than :data:`MAX_ORDER_STEPS` edges."""
     lattice = nx.DiGraph()
     level: dict[int, tuple[int, tuple[int, ...]]] = {0: (live.start, tuple(live.ready()))}
-    states = 1
+    steps = 0
     while level:
         following: dict[int, tuple[int, tuple[int, ...]]] = {}
         for done, (bytes_live, ready) in level.items():
             for layer in ready:
                 after = done | 1 << layer
+                steps += 1
+                if steps > MAX_ORDER_STEPS:
+                    return None
                 if after not in following:
-                    states += 1
-                    if states > MAX_ORDER_STATES:
-                        return None
                     rest = tuple(sorted({*ready, *live.newly_ready(done, layer)} - {layer}))
                     following[after] = (live.step(done, bytes_live, layer), rest)
                 # the last boundary is the same for every order: it costs nothing here
@@ -114,3 +118,24 @@ def _greedy_order(live: _Liveness) -> tuple[int, ...]:
         done |= 1 << layer
         order.append(layer)
     return tuple(order)
+
+
+def _branch_order(flow: ValueFlow, live: _Liveness) -> tuple[int, ...]:
+    """``nx.lexicographical_topological_sort`` keyed by branch: a *branch* is a maximal
+    chain of layers each the only reader of the one before; branches with fewer output
+    bytes per layer go first, and a branch once started runs to its end."""
+    dag = flow.dag()
+    key: dict[int, tuple[float, int, int]] = {}
+    for head in nx.topological_sort(dag):
+        if head in key:
+            continue
+        chain = [head]
+        while dag.out_degree(chain[-1]) == 1:
+            (following,) = dag.successors(chain[-1])
+            if dag.in_degree(following) != 1:
+                break
+            chain.append(following)
+        ratio = live.made[chain[-1]] / len(chain)
+        for step, layer in enumerate(chain):
+            key[layer] = (ratio, head, step)
+    return tuple(nx.lexicographical_topological_sort(dag, key=key.__getitem__))

@@ -59,13 +59,41 @@ def test_order_has_the_fewest_boundary_bytes_of_all_topological_orders(seed: int
 def test_greedy_order_past_the_state_limit_is_topological_and_no_worse(
     seed: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(layer_order, "MAX_ORDER_STATES", 3)
+    monkeypatch.setattr(layer_order, "MAX_ORDER_STEPS", 3)
     rng = np.random.default_rng(seed)
     for _ in range(40):
         flow = random_flow(rng, int(rng.integers(1, 12)))
         order = choose_order(flow)
         assert is_topological(flow, order)
         assert total(flow, order) <= total(flow, None)
+
+
+def test_past_the_state_limit_a_branch_runs_whole_fewest_output_bytes_per_layer_first(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Branches read the input (layer numbers in brackets) and meet at layer 6:
+    A = [0] makes 1000 B, B = [1, 2, 3] makes 10 B at each layer, C = [4, 5] 100 B each."""
+    monkeypatch.setattr(layer_order, "MAX_ORDER_STEPS", 3)
+    made = {0: 1000, 1: 10, 2: 10, 3: 10, 4: 100, 5: 100, 6: 1}
+    readers = {0: {6}, 1: {2}, 2: {3}, 3: {6}, 4: {5}, 5: {6}, 6: {7}}
+    flow = ValueFlow(7, (50, *made.values()), (INPUT, *made),
+                     (frozenset({0, 1, 4}), *map(frozenset, readers.values())))
+    order = choose_order(flow)
+    assert order == (1, 2, 3, 4, 5, 0, 6)
+    assert total(flow, order) < total(flow, None)
+
+
+def test_past_the_state_limit_a_branch_that_shrinks_late_still_goes_first(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Branch A = [1, 2] makes 1000 B then 1 B, branch B = [0] makes 50 B, both read the
+    50 B input and meet at layer 3. Running B first (as listed) leaves fewer bytes live after
+    one step, but finishing A first frees more over the whole block."""
+    monkeypatch.setattr(layer_order, "MAX_ORDER_STEPS", 3)
+    flow = ValueFlow(4, (50, 50, 1000, 1, 8), (INPUT, 0, 1, 2, 3),
+                     tuple(map(frozenset, ({0, 1}, {3}, {2}, {3}, {4}))))
+    assert choose_order(flow) == (1, 2, 0, 3)
+    assert total(flow, (1, 2, 0, 3)) < total(flow, None)
 
 
 def test_many_parallel_branches_run_smallest_output_first() -> None:
