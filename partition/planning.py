@@ -54,7 +54,7 @@ def plan(
         exact=result.exact, lower_bound_s=result.lower_bound_s,
         baseline_results=tuple(
             _baseline_result(b.name, b.description, b.schedule, b.note, cost, cluster)
-            for b in baselines(cost, objective)
+            for b in baselines(cost, objective, layer_graph.value_flow())
         ),
     )
     return replace(made, replan=replan_inputs(cluster, profiles, compression),

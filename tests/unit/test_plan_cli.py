@@ -38,11 +38,13 @@ def test_plan_works_on_every_example_cluster(
         assert plan.stages[0].start == 0 and plan.stages[-1].end == len(plan.layer_names)
         for before, after in zip(plan.stages, plan.stages[1:], strict=False):
             assert before.end == after.start and before.sends == after.receives
+        assert "DADS min cut" in {baseline.name for baseline in plan.baselines}
         for baseline in plan.baselines:  # exact: never worse than a rule that fits
             if baseline.fits:
                 assert plan.throughput_per_s >= baseline.throughput_per_s * (1 - 1e-9)
     printed = capsys.readouterr().out
     assert "baselines on the same cost model" in printed and "predicted: latency" in printed
+    assert "DADS min cut" in printed
 
 
 def test_plan_writes_a_versioned_json_and_a_picture(sample_exported, tmp_path: Path) -> None:
