@@ -134,11 +134,12 @@ def test_a_slower_node_gets_less_work(skip_dag_plan) -> None:
 def test_a_slower_link_carries_less(skip_dag_plan) -> None:
     sample, layer_graph, _, made = skip_dag_plan
     replanner = Replanner(made, sample.model, layer_graph)
-    hop = next(link for link in made.links[1:-1])
-    slowed = Measured(bandwidth={(hop.src, hop.dst): hop.bytes_per_s / 1e4})
+    hop = made.links[1]
+    slower = made.stages[0].bytes_out / (10 * made.bottleneck_s)  # 10x the bottleneck a frame
+    slowed = Measured(bandwidth={(hop.src, hop.dst): slower})
     _, cost = replanner.cost(None, slowed)
     src, dst = cost.node_names.index(hop.src), cost.node_names.index(hop.dst)
-    assert cost.link_bytes_per_s[src, dst] == pytest.approx(hop.bytes_per_s / 1e4)
+    assert cost.link_bytes_per_s[src, dst] == pytest.approx(slower)
     assert cost.link_bytes_per_s[dst, src] == pytest.approx(hop.bytes_per_s)  # one way only
     after = replanner.price(made, slowed)
     assert after.bottleneck_s > replanner.price(made).bottleneck_s
