@@ -3,7 +3,7 @@
 The same objective, cluster spec and profiles as the first plan (carried in ``plan.json``,
 see :mod:`partition.replan_inputs`); a node that is gone is given no memory, so no stage
 fits on it, a node measured slower has its profile scaled by how much slower it runs, and a
-link measured off its plan has the bandwidth that explains its measured time per frame.
+link measured off its plan has the bandwidth its measured busy time per frame implies.
 """
 
 from __future__ import annotations
