@@ -10,7 +10,8 @@ import torch
 import yaml
 
 from coordinator.bench import BENCH_CONCURRENCY, BenchResult
-from coordinator.bench_command import prediction_table
+from coordinator.bench_check import CheckedRun
+from coordinator.bench_command import checked_table, prediction_table
 from coordinator.cli import main
 from coordinator.console import ms
 from coordinator.plot import pipeline_timeline
@@ -69,6 +70,10 @@ def test_plan_writes_a_versioned_json_and_a_picture(
     rows = table_rows(prediction_table(plan, measured))
     assert rows["latency p50 ms, 3 in flight"][1] == ms(plan.latency_under_load(3))
     assert rows["latency p50 ms, 1 in flight"][1] == ms(plan.latency_s)
+    checked = CheckedRun(requests=2, answered=2, elapsed_s=1.0, latencies_s=[0.1, 0.3])
+    table = checked_table(checked, False, plan.latency_under_load(2))
+    assert {c.header: next(iter(c.cells)) for c in table.columns}["predicted p50 ms"] == ms(
+        plan.latency_under_load(2))
 
 
 def table_rows(table) -> dict[str, list[str]]:
