@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from coordinator.bench import BenchResult, measure, random_inputs
+from coordinator.bench import BENCH_CONCURRENCY, BenchResult, measure, random_inputs
 from coordinator.bench_check import CheckedRun, Reference, run_checked
 from coordinator.console import console, ms
 from coordinator.deploy import deploy
@@ -37,7 +37,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("bench", help="measure a deployed plan against its prediction")
     add_deploy_arguments(parser)
     parser.add_argument("-n", "--requests", type=int, default=200, help="requests (default 200)")
-    parser.add_argument("-c", "--concurrency", type=int, default=8, help="in flight (default 8)")
+    parser.add_argument("-c", "--concurrency", type=int, default=BENCH_CONCURRENCY,
+                        help=f"in flight (default {BENCH_CONCURRENCY})")
     parser.add_argument("--baselines", action="store_true",
                         help="also deploy and measure every baseline that fits")
     parser.add_argument(
@@ -146,7 +147,7 @@ def _run_checked(plan: Plan, args: argparse.Namespace) -> int:
 
     with console.status(f"{args.requests} requests, {args.concurrency} in flight"):
         result = asyncio.run(go())
-    console.print(checked_table(result, args.check))
+    console.print(checked_table(result, args.check, plan.latency_under_load(args.concurrency)))
     console.print(host_cpu_line(result.host_cpu))
     for replan in result.replans:
         console.print(replan_line(replan))
@@ -156,18 +157,19 @@ def _run_checked(plan: Plan, args: argparse.Namespace) -> int:
     return 1 if result.failed or result.mismatches or result.duplicates else 0
 
 
-def checked_table(result: CheckedRun, checked: bool) -> Table:
-    """What happened to every request of a run."""
+def checked_table(result: CheckedRun, checked: bool, predicted_p50_s: float) -> Table:
+    """What happened to every request of a run, and its median latency beside the plan's
+    prediction for as many requests in flight."""
     table = Table(title=f"{result.requests} requests" + (", every output checked against "
                                                           "the single-process model"
                                                           if checked else ""))
     for column in ("answered", "failed", "duplicates", "mismatches", "re-plans",
-                   "req/s", "p50 ms", "p99 ms"):
+                   "req/s", "p50 ms", "predicted p50 ms", "p99 ms"):
         table.add_column(column, justify="right")
     table.add_row(str(result.answered), str(result.failed), str(result.duplicates),
                   str(result.mismatches) if checked else "-", str(len(result.replans)),
                   f"{result.throughput_per_s:.1f}", ms(result.percentile(0.5)),
-                  ms(result.percentile(0.99)))
+                  ms(predicted_p50_s), ms(result.percentile(0.99)))
     return table
 
 
@@ -185,15 +187,20 @@ def _error(measured: float, predicted: float) -> str:
 
 
 def prediction_table(plan: Plan, result: BenchResult) -> Table:
-    """Measured p50/p95 latency and throughput beside the plan's prediction."""
+    """Measured latency (one request alone, and p50 with the run's requests in flight)
+    and throughput beside the plan's prediction."""
     table = Table(title=f"measured vs predicted ({result.requests} requests, "
                         f"{result.concurrency} in flight)")
     for column in ("metric", "measured", "predicted", "error"):
         table.add_column(column, justify="left" if column == "metric" else "right")
-    table.add_row("latency p50 ms", ms(result.latency_p50_s), ms(plan.latency_s),
+    table.add_row("latency p50 ms, 1 in flight", ms(result.latency_p50_s), ms(plan.latency_s),
                   _error(result.latency_p50_s, plan.latency_s))
-    table.add_row("latency p95 ms", ms(result.latency_p95_s), ms(plan.latency_s),
+    table.add_row("latency p95 ms, 1 in flight", ms(result.latency_p95_s), ms(plan.latency_s),
                   _error(result.latency_p95_s, plan.latency_s))
+    loaded = plan.latency_under_load(result.concurrency)
+    table.add_row(f"latency p50 ms, {result.concurrency} in flight",
+                  ms(result.loaded_latency_p50_s), ms(loaded),
+                  _error(result.loaded_latency_p50_s, loaded))
     table.add_row("throughput req/s", f"{result.throughput_per_s:.1f}",
                   f"{plan.throughput_per_s:.1f}",
                   _error(result.throughput_per_s, plan.throughput_per_s))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from coordinator.bench import BENCH_CONCURRENCY
 from coordinator.console import ms
 from partition.plan import LinkEncoding, Plan, PlannedStage
 from partition.units import format_bytes
@@ -35,9 +36,13 @@ def _weights(stage: PlannedStage) -> str:
 
 
 def totals_line(plan: Plan) -> str:
+    """The plan's predictions: latency alone and with `bench`'s requests in flight, and
+    throughput."""
     bound = "" if plan.exact else f" (not exhaustive; optimum >= {ms(plan.lower_bound_s)} ms)"
     return (
-        f"predicted: latency {ms(plan.latency_s)} ms, throughput {plan.throughput_per_s:.1f} "
+        f"predicted: latency {ms(plan.latency_s)} ms alone, "
+        f"{ms(plan.latency_under_load(BENCH_CONCURRENCY))} ms with {BENCH_CONCURRENCY} in "
+        f"flight (bench's default), throughput {plan.throughput_per_s:.1f} "
         f"req/s (bottleneck {ms(plan.bottleneck_s)} ms){bound}"
     )
 

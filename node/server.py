@@ -214,7 +214,7 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
             if failure is not None:
                 return Work(failure.request_id, failure=frame.raw)
             header, payload = frame.header, frame.payload
-            await self._runner.inbound.carry(len(header) + len(payload))
+            due = await self._runner.inbound.send(len(header) + len(payload))
             stage = self._runner.stage
             received = check_frame(header, payload, stage.spec.receives)
         except FrameSpecError as err:
@@ -225,7 +225,7 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
         except FrameError as err:
             log.warning("closed a Submit stream: %s", err)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        return Work(received.request_id, stage=stage, frame=received)
+        return Work(received.request_id, stage=stage, frame=received, due=due)
 
     async def Results(
         self, request: pb.ResultsRequest, context: grpc.aio.ServicerContext

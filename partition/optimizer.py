@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import pairwise
 from typing import NamedTuple
 
@@ -59,8 +59,11 @@ class Span:
 class Schedule:
     """A priced plan.
 
-    ``transfer_seconds`` and ``encodings`` have one entry more than ``spans``: source to
-    the first stage, between consecutive stages, and the last stage to the sink.
+    ``transfer_seconds``, ``delay_seconds`` and ``encodings`` have one entry more than
+    ``spans``: source to the first stage, between consecutive stages, and the last stage to
+    the sink. A link's transfer time is how long it is busy with a request (its bytes over
+    the bandwidth, with the source's encoding and the sink's decoding); its delay, the
+    latency, adds to the request's latency only (0 where no link is used).
     ``encodings`` and ``formats`` are option indices (0: raw, full precision) into the cost
     model's :class:`~partition.choice_tables.Options`; ``error_bound`` is the sum of the
     errors the chosen options cause alone.
@@ -71,6 +74,7 @@ class Schedule:
     bottleneck_s: float
     stage_seconds: tuple[float, ...]
     transfer_seconds: tuple[float, ...]
+    delay_seconds: tuple[float, ...]
     fits: bool
     encodings: tuple[int, ...] = ()
     formats: tuple[int, ...] = ()
@@ -102,7 +106,8 @@ def evaluate(
     an encoding per link and a weight format per stage (default: raw, full precision).
 
     A stage's time includes decoding what it receives and encoding what it sends; the
-    source's encoding and the sink's decoding count with their links.
+    source's encoding and the sink's decoding count with their links. The bottleneck is the
+    busiest stage or link; the latency adds every stage, transfer and link latency.
 
     Raises
     ------
@@ -127,16 +132,19 @@ def evaluate(
         _transfer_seconds(cost, opts, b, src, dst, e)
         for b, (src, dst), e in zip(boundaries, pairwise(hops), codes, strict=True)
     )
+    delay = tuple(0.0 if src == dst else float(cost.link_latency_s[src, dst])
+                  for src, dst in pairwise(hops))
     stage_error = opts.stage_error()
     error = sum(float(opts.link_error[b, e]) for b, (src, dst), e in
                 zip(boundaries, pairwise(hops), codes, strict=True) if src != dst)
     error += sum(float(stage_error[w, s.start, s.end]) for s, w in zip(spans, kinds, strict=True))
     return Schedule(
         spans=spans,
-        latency_s=sum(stage) + sum(transfer),
+        latency_s=sum(stage) + sum(transfer) + sum(delay),
         bottleneck_s=max(stage + transfer),
         stage_seconds=stage,
         transfer_seconds=transfer,
+        delay_seconds=delay,
         fits=all(np.floor(opts.stage_memory[w, s.node, s.start, s.end])
                  <= int(cost.node_memory_bytes[s.node])
                  for s, w in zip(spans, kinds, strict=True)),
@@ -149,12 +157,12 @@ def evaluate(
 def _transfer_seconds(
     cost: CostModel, opts: Options, boundary: int, src: int, dst: int, encoding: int
 ) -> float:
-    """Boundary ``boundary``'s tensors from ``src`` to ``dst`` in ``encoding`` (0 if same),
-    with the source's encoding of the input and the sink's decoding of the output."""
+    """How long the link from ``src`` to ``dst`` is busy with boundary ``boundary``'s
+    tensors in ``encoding`` (0 if same node), with the source's encoding of the input and
+    the sink's decoding of the output; its latency is not busy time."""
     if src == dst:
         return 0.0
-    seconds = (float(opts.link_bytes[boundary, encoding]) / float(cost.link_bytes_per_s[src, dst])
-               + float(cost.link_latency_s[src, dst]))
+    seconds = float(opts.link_bytes[boundary, encoding]) / float(cost.link_bytes_per_s[src, dst])
     if boundary == 0:
         seconds += float(opts.encode_s[0, encoding])
     if boundary == cost.num_layers:
@@ -228,21 +236,26 @@ def _check_choices(
 @dataclass(frozen=True)
 class _Tables:
     """Edge costs of the state graph: ``stage[d, i, j]`` (inf unless ``i < j`` and it fits)
-    and ``hop[b, a, c]``, plus each layer's fastest time for pruning. With compression the
-    indices are state indices (see ``index``) and ``stage_format`` holds each stage edge's
-    weight format."""
+    and ``hop[b, a, c]``, the time a hop keeps its link busy, plus ``delay[a, c]``, the
+    latency a hop adds on top of that to a request's latency (see :meth:`with_delays`), and
+    each layer's fastest time for pruning. With compression the indices are state indices
+    (see ``index``) and ``stage_format`` holds each stage edge's weight format."""
 
     stage: np.ndarray
     hop: np.ndarray
+    delay: np.ndarray
     layer_floor: np.ndarray
     index: StateIndex
     stage_format: np.ndarray | None = None
 
     @classmethod
     def build(cls, cost: CostModel) -> _Tables:
+        delay = np.array(cost.link_latency_s, dtype=float)
+        np.fill_diagonal(delay, 0.0)
         if cost.compression is not None:
             made = choice_tables(cost)
-            return cls(made.stage, made.hop, made.layer_floor, made.index, made.stage_format)
+            return cls(made.stage, made.hop, delay, made.layer_floor, made.index,
+                       made.stage_format)
         seconds = np.asarray(cost.layer_seconds, dtype=float)
         n, layers = seconds.shape
         prefix = np.concatenate([np.zeros((n, 1)), np.cumsum(seconds, axis=1)], axis=1)
@@ -252,15 +265,19 @@ class _Tables:
         stage = np.where(upper[None] & fits, stage, np.inf)
         nbytes = np.asarray(cost.boundary_bytes, dtype=float)
         with np.errstate(divide="ignore", invalid="ignore"):
-            hop = nbytes[:, None, None] / cost.link_bytes_per_s[None] + cost.link_latency_s[None]
+            hop = nbytes[:, None, None] / cost.link_bytes_per_s[None]
         hop[:, np.arange(n), np.arange(n)] = 0.0
-        return cls(stage, hop, seconds.min(axis=0), StateIndex.plain(layers))
+        return cls(stage, hop, delay, seconds.min(axis=0), StateIndex.plain(layers))
 
     def capped(self, limit: float) -> _Tables:
-        """The same graph without any edge dearer than ``limit``."""
-        return _Tables(np.where(self.stage <= limit, self.stage, np.inf),
-                       np.where(self.hop <= limit, self.hop, np.inf), self.layer_floor,
-                       self.index, self.stage_format)
+        """The same graph without any stage or hop busier than ``limit``."""
+        return replace(self, stage=np.where(self.stage <= limit, self.stage, np.inf),
+                       hop=np.where(self.hop <= limit, self.hop, np.inf))
+
+    def with_delays(self) -> _Tables:
+        """The same graph with each hop also costing its latency: edge costs whose sum along
+        a path is a request's latency."""
+        return replace(self, hop=self.hop + self.delay[None], delay=np.zeros_like(self.delay))
 
     def priced(self, cost: CostModel, path: tuple[Span, ...]) -> Schedule:
         """Price a path of :func:`_search`, whose spans run between state indices."""
@@ -298,12 +315,12 @@ def _best(
     cost: CostModel, tables: _Tables, objective: Objective, space: _Space
 ) -> Schedule | None:
     if objective is Objective.LATENCY:
-        found = _search(tables, cost.source, cost.sink, np.add, space)
+        found = _search(tables.with_delays(), cost.source, cost.sink, np.add, space)
         return None if found is None else tables.priced(cost, found[1])
     found = _search(tables, cost.source, cost.sink, np.maximum, space)
     if found is None:
         return None
-    capped = tables.capped(found[0] * (1 + TIE_TOLERANCE))
+    capped = tables.capped(found[0] * (1 + TIE_TOLERANCE)).with_delays()
     tied = _search(capped, cost.source, cost.sink, np.add, space)
     return tables.priced(cost, (tied or found)[1])
 
@@ -426,10 +443,9 @@ def _restricted_spaces(cost: CostModel, states: int) -> list[_Space]:
 def _lower_bound(cost: CostModel, tables: _Tables, objective: Objective) -> float:
     """A bound no plan beats: the best path when nodes may be reused (but not twice in a
     row), and for the bottleneck also all work shared over all nodes at their best speeds."""
-    combine = np.add if objective is Objective.LATENCY else np.maximum
-    relaxed = _relaxed_path(tables, cost.source, cost.sink, combine)
     if objective is Objective.LATENCY:
-        return relaxed
+        return _relaxed_path(tables.with_delays(), cost.source, cost.sink, np.add)
+    relaxed = _relaxed_path(tables, cost.source, cost.sink, np.maximum)
     seconds = Options.of(cost).layer_seconds.min(axis=0)
     fastest = seconds.min(axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -467,7 +483,7 @@ def _shortfall_message(cost: CostModel, spaces: list[_Space], exact: bool) -> st
     valid = np.triu(np.ones(need.shape[1:], dtype=bool), k=1)[None]
     layers, n = cost.num_layers, cost.num_nodes
     ratios = _Tables(np.where(valid, ratio, np.inf), np.zeros((layers + 1, n, n)),
-                     np.zeros(layers), StateIndex.plain(layers))
+                     np.zeros((n, n)), np.zeros(layers), StateIndex.plain(layers))
     found = [f for f in (_search(ratios, cost.source, cost.sink, np.maximum, c)
                          for c in spaces) if f is not None]
     scope = "" if exact else " among the node orders searched"

@@ -3,8 +3,8 @@
 The same objective, cluster spec, profiles and compression request as the first plan
 (carried in ``plan.json``, see :mod:`partition.replan_inputs`); a node that is gone is given
 no memory, so no stage fits on it, a node measured slower has its profile scaled by how much
-slower it runs, and a link measured off its plan has the bandwidth that explains its
-measured time per frame. A compressed plan's re-plans choose encodings and weight formats
+slower it runs, and a link measured off its plan has the bandwidth its measured busy time
+per frame implies. A compressed plan's re-plans choose encodings and weight formats
 again within the same error budget, and each is measured end to end like the first.
 """
 

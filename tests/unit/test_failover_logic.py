@@ -255,13 +255,13 @@ async def test_drift_is_a_sustained_change_past_the_baseline(skip_dag_plan) -> N
     found = [await poll(WINDOW + k) for k in range(SUSTAIN_POLLS)]
     assert [bool(d) for d in found] == [False] * (SUSTAIN_POLLS - 1) + [True]
     assert found[-1].nodes == {first: pytest.approx(3.0)} and not found[-1].links
-    slow_s = 0.001 + 2 * LINK_NOISE_S
+    slow_s, frame_bytes = 0.001 + 2 * LINK_NOISE_S, 1e4
     handles[first].info.link_p50_seconds = slow_s
+    handles[first].info.link_bytes_per_s = frame_bytes / slow_s
     found = [await poll(2 * WINDOW + k) for k in range(SUSTAIN_POLLS)]
     assert found[-1].links == {(hop.src, hop.dst): pytest.approx(slow_s / 0.001)}
-    transfer_s = slow_s - hop.latency_s  # the bandwidth explains the time less the latency
-    frame_bytes = handles[first].info.link_bytes_per_s * slow_s
-    assert found[-1].bandwidth == {(hop.src, hop.dst): pytest.approx(frame_bytes / transfer_s)}
+    # the link's busy time per frame holds no latency: the bandwidth is bytes over it
+    assert found[-1].bandwidth == {(hop.src, hop.dst): pytest.approx(frame_bytes / slow_s)}
     watch.forget({first})  # re-measured after a switch: the slow figures are the new baseline
     assert not await poll(3 * WINDOW)
     assert not any([await poll(4 * WINDOW + k) for k in range(SUSTAIN_POLLS)])

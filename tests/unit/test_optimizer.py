@@ -63,10 +63,13 @@ def brute_force(cost: CostModel) -> list[tuple[float, float]]:
     plans = []
 
     def hop(boundary: int, a: int, b: int) -> float:
+        """The link's busy time: a frame's latency delays it but keeps no link busy."""
         if a == b:
             return 0.0
-        return (cost.boundary_bytes[boundary] / cost.link_bytes_per_s[a][b]
-                + cost.link_latency_s[a][b])
+        return cost.boundary_bytes[boundary] / cost.link_bytes_per_s[a][b]
+
+    def delay(a: int, b: int) -> float:
+        return 0.0 if a == b else cost.link_latency_s[a][b]
 
     for k in range(1, min(layers, nodes) + 1):
         for cuts in itertools.combinations(range(1, layers), k - 1):
@@ -76,14 +79,16 @@ def brute_force(cost: CostModel) -> list[tuple[float, float]]:
                 if any(cost.node_stage_memory()[d][a][b] > cost.node_memory_bytes[d]
                        for d, (a, b) in zip(assign, ranges, strict=True)):
                     continue
-                costs = []
+                costs, delays = [], []
                 where = cost.source
                 for d, (a, b) in zip(assign, ranges, strict=True):
                     costs.append(hop(a, where, d))
+                    delays.append(delay(where, d))
                     costs.append(math.fsum(seconds[d][a:b]))
                     where = d
                 costs.append(hop(layers, where, cost.sink))
-                plans.append((math.fsum(costs), max(costs)))
+                delays.append(delay(where, cost.sink))
+                plans.append((math.fsum(costs + delays), max(costs)))
     return plans
 
 
@@ -136,10 +141,11 @@ def tiny_cost() -> CostModel:
 
 def test_evaluate_by_hand() -> None:
     schedule = evaluate(tiny_cost(), [Span(0, 0, 2), Span(1, 2, 3)])
-    # a runs layers 0-1 (3 s), ships 500 B (0.5 + 0.5 s), b runs layer 2 (1.5 s),
-    # ships 100 B back (0.1 + 0.5 s).
+    # a runs layers 0-1 (3 s), ships 500 B (0.5 s busy, then 0.5 s latency), b runs layer
+    # 2 (1.5 s), ships 100 B back (0.1 s busy, 0.5 s latency).
     assert schedule.stage_seconds == (3.0, 1.5)
-    assert schedule.transfer_seconds == pytest.approx((0.0, 1.0, 0.6))
+    assert schedule.transfer_seconds == pytest.approx((0.0, 0.5, 0.1))
+    assert schedule.delay_seconds == (0.0, 0.5, 0.5)
     assert schedule.latency_s == pytest.approx(6.1)
     assert schedule.bottleneck_s == 3.0
     assert schedule.throughput_per_s == pytest.approx(1 / 3)
@@ -148,8 +154,24 @@ def test_evaluate_by_hand() -> None:
 
 def test_evaluate_single_node_off_source() -> None:
     schedule = evaluate(tiny_cost(), [Span(1, 0, 3)])
-    assert schedule.transfer_seconds == pytest.approx((1.5, 0.6))
-    assert schedule.latency_s == pytest.approx(1.5 + 3.0 + 0.6)
+    assert schedule.transfer_seconds == pytest.approx((1.0, 0.1))
+    assert schedule.latency_s == pytest.approx(1.0 + 0.5 + 3.0 + 0.1 + 0.5)
+    assert schedule.bottleneck_s == 3.0
+
+
+def test_latency_delays_a_request_but_keeps_no_link_busy() -> None:
+    """Over a link of 10 s latency, a alone (6 s a request) is the fastest plan for one
+    request, but a frame still crosses the link in its bytes over the bandwidth, so
+    splitting over a and b keeps each busy at most 2.5 s a request."""
+    cost = CostModel(**{**tiny_cost().__dict__, "link_latency_s": np.array([[0, 10.0],
+                                                                           [10.0, 0]])})
+    schedule = evaluate(cost, [Span(0, 0, 2), Span(1, 2, 3)])
+    assert schedule.bottleneck_s == 3.0
+    assert schedule.latency_s == pytest.approx(3.0 + 0.5 + 10.0 + 1.5 + 0.1 + 10.0)
+    widest = optimize(cost, Objective.THROUGHPUT).schedule
+    assert widest.spans == (Span(0, 0, 1), Span(1, 1, 3))
+    assert widest.bottleneck_s == pytest.approx(2.5)  # b's compute; 2000 B take 2 s
+    assert optimize(cost, Objective.LATENCY).schedule.spans == (Span(0, 0, 3),)
 
 
 @pytest.mark.parametrize("spans, message", [
@@ -324,7 +346,7 @@ def _price_choices(cost, chain, edges, ranges, encs, fmts, link, stage):
     """(latency, bottleneck) of one plan with its choices, or None if it is not admitted."""
     compression = cost.compression
     spent = 0
-    items = []
+    items, delays = [], []
     for h, (a, b) in enumerate(itertools.pairwise(chain)):
         boundary, e = edges[h], encs[h]
         if a == b:
@@ -336,7 +358,8 @@ def _price_choices(cost, chain, edges, ranges, encs, fmts, link, stage):
             return None
         nbytes, encode, decode, error = link(boundary, e)
         spent += units(error, compression)
-        seconds = nbytes / cost.link_bytes_per_s[a][b] + cost.link_latency_s[a][b]
+        seconds = nbytes / cost.link_bytes_per_s[a][b]
+        delays.append(cost.link_latency_s[a][b])
         seconds += (encode if boundary == 0 else 0.0) + (decode if boundary == cost.num_layers
                                                          else 0.0)
         items.append(seconds)
@@ -352,7 +375,7 @@ def _price_choices(cost, chain, edges, ranges, encs, fmts, link, stage):
     every = items + stages
     if not all(math.isfinite(x) for x in every):
         return None
-    return math.fsum(every), max(every)
+    return math.fsum(every + delays), max(every)
 
 
 def choice_instances(count: int, seed: int):

@@ -9,7 +9,11 @@ import pytest
 import torch
 import yaml
 
+from coordinator.bench import BENCH_CONCURRENCY, BenchResult
+from coordinator.bench_check import CheckedRun
+from coordinator.bench_command import checked_table, prediction_table
 from coordinator.cli import main
+from coordinator.console import ms
 from coordinator.plot import pipeline_timeline
 from partition.cost_builder import stage_memory_matrix
 from partition.layers import build_layer_graph
@@ -47,7 +51,9 @@ def test_plan_works_on_every_example_cluster(
     assert "DADS min cut" in printed
 
 
-def test_plan_writes_a_versioned_json_and_a_picture(sample_exported, tmp_path: Path) -> None:
+def test_plan_writes_a_versioned_json_and_a_picture(
+    sample_exported, tmp_path: Path, capsys
+) -> None:
     sample = sample_exported("skip_dag")
     out, png = tmp_path / "plan.json", tmp_path / "plan.png"
     assert main(["plan", str(sample.path), "--nodes", str(EXAMPLES / "cluster-heterogeneous.yaml"),
@@ -58,6 +64,24 @@ def test_plan_writes_a_versioned_json_and_a_picture(sample_exported, tmp_path: P
     assert {n["name"] for n in data["nodes"]} == {"camera", "gateway", "jetson", "laptop"}
     assert len(data["links"]) == len(data["stages"]) + 1
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plan = Plan.load(out)
+    loaded = max(plan.latency_s, BENCH_CONCURRENCY * plan.bottleneck_s)
+    assert f"{ms(loaded)} ms with {BENCH_CONCURRENCY} in flight" in capsys.readouterr().out
+    measured = BenchResult(latency_p50_s=1.0, latency_p95_s=1.0, throughput_per_s=1.0,
+                           requests=10, concurrency=3, loaded_latency_p50_s=1.0)
+    rows = table_rows(prediction_table(plan, measured))
+    assert rows["latency p50 ms, 3 in flight"][1] == ms(plan.latency_under_load(3))
+    assert rows["latency p50 ms, 1 in flight"][1] == ms(plan.latency_s)
+    checked = CheckedRun(requests=2, answered=2, elapsed_s=1.0, latencies_s=[0.1, 0.3])
+    table = checked_table(checked, False, plan.latency_under_load(2))
+    assert {c.header: next(iter(c.cells)) for c in table.columns}["predicted p50 ms"] == ms(
+        plan.latency_under_load(2))
+
+
+def table_rows(table) -> dict[str, list[str]]:
+    """A rich table's cells by the first column's text."""
+    columns = [list(column.cells) for column in table.columns]
+    return {row[0]: row[1:] for row in zip(*columns, strict=True)}
 
 
 def test_timeline_never_runs_two_requests_on_one_resource_at_once(
