@@ -3,10 +3,12 @@
 States are those of :mod:`partition.optimizer`: ``("at", i, d, used)`` (boundary ``i``'s
 tensors are on ``d``, which runs the next stage) and ``("ran", j, d, used)`` (``d`` just ran
 a stage ending at ``j``); ``"source"`` holds the input and ``"sink"`` wants the result.
-Edges are priced from scratch, as ``test_optimizer.brute_force`` prices a plan. Latency is
-``nx.shortest_path_length``; the throughput bottleneck is the smallest edge threshold under
-which ``nx.has_path`` still finds a path (binary search over the edge weights), and its
-latency the shortest path among the edges within it.
+Edges are priced from scratch, as ``test_optimizer.brute_force`` prices a plan: ``busy`` is
+the time an edge occupies its node or link (a hop's bytes over bandwidth), ``weight`` that
+plus a hop's latency (a delay on one request only). Latency is ``nx.shortest_path_length``
+over ``weight``; the throughput bottleneck is the smallest ``busy`` threshold under which
+``nx.has_path`` still finds a path (binary search over the busy times), and its latency the
+shortest path among the edges within it.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from partition.optimizer import optimize
 from partition.plan import Objective
 
 
-def hop_seconds(cost: CostModel, boundary: int, a: int, b: int) -> float:
+def hop(cost: CostModel, boundary: int, a: int, b: int) -> dict[str, float]:
+    """A hop's edge attributes: its link's busy time, and that plus the link's latency."""
     if a == b:
-        return 0.0
-    return (float(cost.boundary_bytes[boundary]) / float(cost.link_bytes_per_s[a, b])
-            + float(cost.link_latency_s[a, b]))
+        return {"busy": 0.0, "weight": 0.0}
+    busy = float(cost.boundary_bytes[boundary]) / float(cost.link_bytes_per_s[a, b])
+    return {"busy": busy, "weight": busy + float(cost.link_latency_s[a, b])}
 
 
 def state_graph(cost: CostModel) -> nx.DiGraph:
@@ -38,8 +41,7 @@ def state_graph(cost: CostModel) -> nx.DiGraph:
     memory = cost.node_stage_memory()
     graph = nx.DiGraph()
     for d in range(nodes):
-        graph.add_edge("source", ("at", 0, d, frozenset()),
-                       weight=hop_seconds(cost, 0, cost.source, d))
+        graph.add_edge("source", ("at", 0, d, frozenset()), **hop(cost, 0, cost.source, d))
     for size in range(nodes + 1):
         for used in map(frozenset, combinations(range(nodes), size)):
             for d in set(range(nodes)) - used:
@@ -47,26 +49,27 @@ def state_graph(cost: CostModel) -> nx.DiGraph:
                     for j in range(i + 1, layers + 1):
                         if memory[d, i, j] > cost.node_memory_bytes[d]:
                             continue
+                        seconds = math.fsum(cost.layer_seconds[d, i:j].tolist())
                         graph.add_edge(("at", i, d, used), ("ran", j, d, used | {d}),
-                                       weight=math.fsum(cost.layer_seconds[d, i:j].tolist()))
+                                       busy=seconds, weight=seconds)
             for d in used:
                 for e in set(range(nodes)) - used:
                     for j in range(1, layers):
                         graph.add_edge(("ran", j, d, used), ("at", j, e, used),
-                                       weight=hop_seconds(cost, j, d, e))
+                                       **hop(cost, j, d, e))
                 graph.add_edge(("ran", layers, d, used), "sink",
-                               weight=hop_seconds(cost, layers, d, cost.sink))
+                               **hop(cost, layers, d, cost.sink))
     return graph
 
 
 def within(graph: nx.DiGraph, threshold: float) -> nx.DiGraph:
-    return nx.subgraph_view(graph, filter_edge=lambda u, v: graph[u][v]["weight"] <= threshold)
+    return nx.subgraph_view(graph, filter_edge=lambda u, v: graph[u][v]["busy"] <= threshold)
 
 
 def narrowest_bottleneck(graph: nx.DiGraph) -> float:
-    """The smallest edge weight ``w`` such that the edges no heavier than ``w`` still join
-    "source" to "sink" (binary search over the sorted weights)."""
-    weights = sorted({w for _, _, w in graph.edges(data="weight")})
+    """The smallest busy time ``w`` such that the edges busy no longer than ``w`` still join
+    "source" to "sink" (binary search over the sorted busy times)."""
+    weights = sorted({w for _, _, w in graph.edges(data="busy")})
     low, high = 0, len(weights) - 1
     while low < high:
         middle = (low + high) // 2
