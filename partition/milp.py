@@ -13,7 +13,9 @@ Throughput then takes a second program: the least latency among plans within the
 found (the exact search's tie-break).
 
 Only the stages and links that fit memory and could belong to a plan better than the warm
-start are variables: :mod:`partition.relaxation` bounds the best plan through each of them.
+start are variables: :mod:`partition.relaxation` bounds the best plan through each of them,
+for latency with a price on using each node (Lagrange multipliers of "at most once") that
+tightens the bound.
 HiGHS returns the best plan it found and its dual bound, a proven lower bound on the optimum;
 when it proves that no plan exists, none does.
 """
@@ -34,6 +36,8 @@ from partition.relaxation import relax, relax_backward
 TIE_BREAK_SHARE = 0.25
 """Most of the time limit the throughput's latency tie-break may take (its best plan is never
 worse than the first program's)."""
+PRICE_ROUNDS = 30
+"""Subgradient steps that price the use of each node before a latency program."""
 KEEP_SLACK = 1e-9
 """Relative slack when dropping edges no better plan can use (the warm start must stay)."""
 
@@ -98,7 +102,7 @@ def solve(graph: StateGraph, objective: Objective, warm: Path | None,
     best = _Program(graph, bottleneck, _value(graph, warm, bottleneck), price=True).run(
         warm, deadline, limits.relative_gap)
     path = best.path or warm
-    if bottleneck:
+    if bottleneck and time.monotonic() < deadline:
         # Among the plans within the bottleneck found, the fastest.
         capped = _capped(graph, _value(graph, path, True))
         tied = _Program(capped, False, _value(capped, path, False), price=True).run(
@@ -135,16 +139,23 @@ class _Program:
     ``price=False`` asks only for any path (zero objective)."""
 
     def __init__(self, graph: StateGraph, bottleneck: bool, limit: float, price: bool) -> None:
-        self.graph = graph
         self.bottleneck = bottleneck and price
+        self.price = price
+        self.scale = limit if price and 0 < limit < np.inf else 1.0
         combine = np.maximum if bottleneck else np.add
         keep = limit * (1 + KEEP_SLACK) if np.isfinite(limit) else np.inf
-        ahead = relax(*graph, combine)
-        behind = relax_backward(*graph, combine)
-        self.scale = limit if price and 0 < limit < np.inf else 1.0
-        self.stages = _stage_columns(graph, ahead.arrive, behind.arrive, combine, keep)
-        self.links = _link_columns(graph, ahead.done, behind.done, combine, keep)
-        self.price = price
+        # A latency path pays sum(penalty) less than its priced cost at most, so an edge
+        # whose best priced path costs more than the limit plus that cannot beat the limit.
+        penalty, self.bound = np.zeros(graph.stage.shape[0]), 0.0
+        if price and not bottleneck and np.isfinite(limit):
+            penalty, self.bound = _penalties(graph, limit)
+        priced = graph._replace(stage=graph.stage + penalty[:, None, None])
+        ahead = relax(*priced, combine)
+        behind = relax_backward(*priced, combine)
+        keep += penalty.sum()
+        self.graph = graph
+        self.stages = _stage_columns(priced, ahead.arrive, behind.arrive, combine, keep)
+        self.links = _link_columns(priced, ahead.done, behind.done, combine, keep)
 
     def run(self, warm: Path | None, deadline: float, gap: float) -> _Outcome:
         """Solve until optimal within ``gap`` or ``deadline`` (``time.monotonic``)."""
@@ -169,7 +180,8 @@ class _Program:
         has_solution = info.primal_solution_status == highspy.kSolutionStatusFeasible
         path = self._path(np.asarray(highs.getSolution().col_value)) if has_solution else None
         bound = info.mip_dual_bound * self.scale if self.price else 0.0
-        return _Outcome(status, path, float(bound) if np.isfinite(bound) else 0.0)
+        return _Outcome(status, path, max(float(bound) if np.isfinite(bound) else 0.0,
+                                          self.bound))
 
     def _lp(self) -> highspy.HighsLp:
         g = self.graph
@@ -253,6 +265,33 @@ class _Program:
         sd, si, sj = (a[chosen] for a in self.stages)
         order = np.argsort(si, kind="stable")
         return tuple((int(sd[k]), int(si[k]), int(sj[k])) for k in order)
+
+
+def _penalties(graph: StateGraph, limit: float) -> tuple[np.ndarray, float]:
+    """A price ``p[d] >= 0`` on using each node and the latency bound it proves.
+
+    Relaxing "each node at most once" with these prices (Lagrange multipliers), the cheapest
+    relaxed path with ``p[d]`` added to each stage on ``d``, less ``sum(p)``, bounds every plan
+    from below. Subgradient steps raise the price of nodes that path uses twice and lower it
+    for unused ones, aiming at ``limit`` (Polyak's step).
+    """
+    n = graph.stage.shape[0]
+    penalty, best = np.zeros(n), (np.zeros(n), -np.inf)
+    for _ in range(PRICE_ROUNDS):
+        priced = graph._replace(stage=graph.stage + penalty[:, None, None])
+        ahead, behind = relax(*priced, np.add), relax_backward(*priced, np.add)
+        bound = ahead.best - penalty.sum()
+        if bound > best[1]:
+            best = (penalty.copy(), bound)
+        if not np.isfinite(bound) or bound >= limit:
+            break
+        on_path = ahead.arrive.T[:, :, None] + priced.stage + behind.arrive.T[:, None, :]
+        uses = (on_path <= ahead.best * (1 + KEEP_SLACK)).sum(axis=(1, 2))
+        step = np.minimum(uses, 2) - 1.0
+        if not step.any():
+            break
+        penalty = np.maximum(penalty + (limit - bound) / (step @ step) * step, 0.0)
+    return best
 
 
 def _position(keys: np.ndarray, key: int) -> int:

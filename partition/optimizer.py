@@ -93,11 +93,13 @@ class Schedule:
 @dataclass(frozen=True)
 class OptimizeResult:
     """The best schedule found; ``lower_bound_s`` bounds the objective's optimum from below
-    (it equals the schedule's latency or bottleneck when ``exact``)."""
+    (it equals the schedule's latency or bottleneck when ``exact``); ``solver``: found by
+    HiGHS past the exhaustive search's limit."""
 
     schedule: Schedule
     exact: bool
     lower_bound_s: float
+    solver: bool = False
 
 
 def evaluate(
@@ -212,7 +214,7 @@ def optimize(cost: CostModel, objective: Objective,
                key=objective.key)
     answer = objective.key(best)[0]
     bound = min(answer, max(solved.lower_bound_s, _lower_bound(cost, tables, objective)))
-    return OptimizeResult(best, bound >= answer * (1 - EXACT_TOLERANCE), bound)
+    return OptimizeResult(best, bound >= answer * (1 - EXACT_TOLERANCE), bound, solver=True)
 
 
 def _raw_path(path: tuple[Span, ...] | None) -> tuple[tuple[int, int, int], ...] | None:
