@@ -9,15 +9,14 @@ chain the stages from the model's input to its output, links pair the stage endi
 with the one starting there, and each node runs at most one stage. Latency is the sum of the
 chosen edges; the bottleneck is a variable ``T`` at least each node's stage time and each
 link's time (each node and each state has at most one of them, so one row each suffices).
-Throughput then takes a second program: the least latency among plans within the bottleneck
-found (the exact search's tie-break).
+Throughput then takes a second program, with at most :data:`TIE_BREAK_SHARE` of the time:
+the least latency among plans within the bottleneck found (the exact search's tie-break).
 
 Only the stages and links that fit memory and could belong to a plan better than the warm
 start are variables: :mod:`partition.relaxation` bounds the best plan through each of them,
 for latency with a price on using each node (Lagrange multipliers of "at most once") that
-tightens the bound.
-HiGHS returns the best plan it found and its dual bound, a proven lower bound on the optimum;
-when it proves that no plan exists, none does.
+tightens the bound. HiGHS returns the best plan it found and its dual bound, a proven lower
+bound on the optimum; when it proves that no plan exists, none does.
 """
 
 from __future__ import annotations
@@ -96,8 +95,8 @@ def solve(graph: StateGraph, objective: Objective, warm: Path | None,
         if found.path is None:
             raise PlanningError(
                 f"the solver neither found a plan nor proved there is none within its time "
-                f"limit of {limits.time_limit_s:g} s; raise the time limit or plan over "
-                "fewer nodes or a coarser --granularity")
+                f"limit of {limits.time_limit_s:g} s; plan over fewer nodes or with a coarser "
+                "--granularity")
         warm = found.path
     best = _Program(graph, bottleneck, _value(graph, warm, bottleneck), price=True).run(
         warm, deadline, limits.relative_gap)
