@@ -37,6 +37,9 @@ TIE_BREAK_SHARE = 0.25
 worse than the first program's)."""
 PRICE_ROUNDS = 30
 """Subgradient steps that price the use of each node before a latency program."""
+SIMPLEX_SHARE = 1 / 3
+"""The share of the time limit the bottleneck program gets with simplex before an interior
+point method takes over, if simplex has not solved the first LP by then."""
 KEEP_SLACK = 1e-9
 """Relative slack when dropping edges no better plan can use (the warm start must stay)."""
 
@@ -98,8 +101,16 @@ def solve(graph: StateGraph, objective: Objective, warm: Path | None,
                 f"limit of {limits.time_limit_s:g} s; plan over fewer nodes or with a coarser "
                 "--granularity")
         warm = found.path
-    best = _Program(graph, bottleneck, _value(graph, warm, bottleneck), price=True).run(
-        warm, deadline, limits.relative_gap)
+    program = _Program(graph, bottleneck, _value(graph, warm, bottleneck), price=True)
+    if bottleneck:
+        # Simplex may stall on the bottleneck program's first LP; then an interior point
+        # method solves it, for a bound at least.
+        best = program.run(warm, min(deadline, time.monotonic() + SIMPLEX_SHARE
+                                     * limits.time_limit_s), limits.relative_gap)
+        if best.status != highspy.HighsModelStatus.kOptimal and best.lower_bound <= 0:
+            best = program.run(best.path or warm, deadline, limits.relative_gap, "ipx")
+    else:
+        best = program.run(warm, deadline, limits.relative_gap)
     path = best.path or warm
     if bottleneck and time.monotonic() < deadline:
         # Among the plans within the bottleneck found, the fastest.
@@ -156,8 +167,10 @@ class _Program:
         self.stages = _stage_columns(priced, ahead.arrive, behind.arrive, combine, keep)
         self.links = _link_columns(priced, ahead.done, behind.done, combine, keep)
 
-    def run(self, warm: Path | None, deadline: float, gap: float) -> _Outcome:
-        """Solve until optimal within ``gap`` or ``deadline`` (``time.monotonic``)."""
+    def run(self, warm: Path | None, deadline: float, gap: float,
+            lp_solver: str = "choose") -> _Outcome:
+        """Solve until optimal within ``gap`` or ``deadline`` (``time.monotonic``), the LPs
+        with HiGHS's ``lp_solver``."""
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not len(self.stages[0]):
             empty = len(self.stages[0]) == 0
@@ -167,6 +180,7 @@ class _Program:
         highs.setOptionValue("output_flag", False)
         highs.setOptionValue("time_limit", remaining)
         highs.setOptionValue("mip_rel_gap", gap)
+        highs.setOptionValue("mip_lp_solver", lp_solver)
         highs.setOptionValue("presolve", "off")  # HiGHS's presolve took longer than the solve
         highs.passModel(self._lp())
         if warm is not None:
