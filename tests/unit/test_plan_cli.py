@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from coordinator.bench_check import CheckedRun
 from coordinator.bench_command import checked_table, prediction_table
 from coordinator.cli import main
 from coordinator.console import ms
+from coordinator.plan_tables import totals_line
 from coordinator.plot import pipeline_timeline
 from partition.cost_builder import stage_memory_matrix
 from partition.layers import build_layer_graph
@@ -243,3 +245,18 @@ def test_a_negative_error_budget_is_refused(sample_exported, capsys) -> None:
     code = main(["plan", str(sample_exported("skip_dag").path), "--nodes",
                  str(EXAMPLES / "cluster-heterogeneous.yaml"), "--max-error", "-1"])
     assert code == 2 and "--max-error must be a number >= 0" in capsys.readouterr().err
+
+
+def test_a_plan_not_proven_optimal_prints_its_proven_gap(sample_exported, tmp_path: Path) -> None:
+    sample = sample_exported("skip_dag")
+    out = tmp_path / "plan.json"
+    assert main(["plan", str(sample.path), "--nodes", str(EXAMPLES / "cluster-heterogeneous.yaml"),
+                 "-o", str(out), "--repeats", "2"]) == 0
+    plan = Plan.load(out)
+    assert plan.exact and "optimal" not in totals_line(plan)
+    bounded = dataclasses.replace(plan, exact=False, lower_bound_s=plan.bottleneck_s / 1.25)
+    assert totals_line(bounded).endswith(
+        f"(not proven optimal: bottleneck at most 25.00% above the optimum, which is >= "
+        f"{plan.bottleneck_s / 1.25 * 1e3:.3f} ms)")
+    unbounded = dataclasses.replace(plan, exact=False, lower_bound_s=0.0)
+    assert totals_line(unbounded).endswith("no lower bound on the bottleneck was found)")
