@@ -12,13 +12,14 @@ from rich.table import Table
 from coordinator.console import console, ms
 from coordinator.deploy import Deployment, deployment_record_path, plan_digest
 from coordinator.events import events_path_for
+from coordinator.isolation import Isolation
 from coordinator.local_cluster import (
     SECURE_NODES_FILE,
-    clear_state,
     default_state_dir,
+    read_cpu_groups,
     read_state,
     start_cluster,
-    stop_nodes,
+    stop_cluster,
     with_fresh_certs,
 )
 from node.client import GrpcWorkerHandle
@@ -39,6 +40,11 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         "--secure", action="store_true",
         help="run the workers with fresh certificates (mutual TLS) and a token",
     )
+    parser.add_argument(
+        "--isolation", type=Isolation, choices=list(Isolation), default=Isolation.NONE,
+        help="how a node's speed is emulated: none (compute, then sleep; the default) or "
+             "kernel (a cgroup CPU quota per worker; Linux, root, cgroup-v1)",
+    )
     parser.set_defaults(run=run_up)
 
     parser = commands.add_parser("down", help="stop the simulated cluster")
@@ -57,11 +63,16 @@ def run_up(args: argparse.Namespace) -> int:
     if args.secure:
         cluster = with_fresh_certs(cluster, state_dir)
     with console.status(f"starting {len(cluster.nodes)} edge-node processes"):
-        nodes = start_cluster(cluster, state_dir)
+        nodes = start_cluster(cluster, state_dir, args.isolation)
     for node in nodes:
         console.print(
             f"{node.name} listening on {node.address} (pid {node.pid}, log {node.log_path})"
         )
+    cpu_groups = read_cpu_groups(state_dir)
+    if cpu_groups is not None:
+        console.print(f"each worker runs under a CPU quota in {cpu_groups.path}/<node>")
+        if line := cpu_groups.stretch_line():
+            console.print(line, markup=False)
     if args.secure:
         secure_nodes = write_secure_nodes(Path(args.nodes), cluster.security, state_dir)
         console.print(f"mutual TLS and a token are on: plan with --nodes {secure_nodes}")
@@ -80,8 +91,7 @@ def write_secure_nodes(nodes: Path, security: SecuritySpec, state_dir: Path) -> 
 def run_down(args: argparse.Namespace) -> int:
     state_dir = default_state_dir()
     nodes = read_state(state_dir)
-    stop_nodes(nodes)
-    clear_state(state_dir)
+    stop_cluster(state_dir, nodes, read_cpu_groups(state_dir))
     console.print(f"stopped {len(nodes)} node(s)" if nodes else "no simulated cluster was up")
     return 0
 

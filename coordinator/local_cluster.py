@@ -1,7 +1,8 @@
 """A simulated edge cluster: one real ``edge-node`` process per node, on 127.0.0.1.
 
-Emulation is a property of each worker: its node's ``speed`` becomes ``--speed-factor``;
-link delays are set when the pipeline is wired (see :mod:`coordinator.deploy`). What ``up``
+Emulation is a property of each worker: its node's ``speed`` becomes ``--speed-factor``, or
+with :attr:`Isolation.KERNEL` a CPU quota (see :mod:`coordinator.isolation`); link delays are
+set when the pipeline is wired (see :mod:`coordinator.deploy`). What ``up``
 started is recorded in the user's state directory, so ``down`` finds it from anywhere. With a
 ``security`` block the workers run with TLS and the token, each with its certificate from
 beside the CA's (the layout ``coordinator certs`` writes); :func:`with_fresh_certs` makes one.
@@ -25,6 +26,7 @@ import platformdirs
 import psutil
 
 from coordinator.certs import make_certs, node_arguments
+from coordinator.isolation import CpuGroups, Isolation, host_cores
 from node.channels import channel_credentials, channel_options, token_metadata
 from node.rpc import edgesplit_pb2 as pb
 from node.rpc import edgesplit_pb2_grpc as pb_grpc
@@ -62,14 +64,19 @@ def default_state_dir() -> Path:
     return Path(os.environ.get("EDGESPLIT_STATE") or platformdirs.user_state_path("edgesplit"))
 
 
-def start_cluster(cluster: ClusterSpec, state_dir: Path) -> list[LocalNode]:
-    """Start one ``edge-node`` per node of ``cluster`` and wait until each answers.
+def start_cluster(
+    cluster: ClusterSpec, state_dir: Path, isolation: Isolation = Isolation.NONE
+) -> list[LocalNode]:
+    """Start one ``edge-node`` per node of ``cluster`` and wait until each answers; with
+    :attr:`Isolation.KERNEL`, each in its own CPU group (:func:`read_cpu_groups` has them).
 
     Raises
     ------
     LocalClusterError
         If an address is not on this machine, a cluster is already up, or a node does not
         come up (the message quotes its log); the nodes started so far are stopped.
+    IsolationError
+        If kernel isolation is unavailable or a group cannot be made; nothing is left behind.
     """
     for node in cluster.nodes:
         if not is_loopback(node.address):
@@ -80,16 +87,20 @@ def start_cluster(cluster: ClusterSpec, state_dir: Path) -> list[LocalNode]:
     _check_none_up(state_dir)
     security = client_security(cluster.security)
     state_dir.mkdir(parents=True, exist_ok=True)
+    cpu_groups = None
+    if isolation is Isolation.KERNEL:
+        cores_wanted = sum((n.speed or 1.0) * (n.threads or 1) for n in cluster.nodes)
+        cpu_groups = CpuGroups.create(cores_wanted, host_cores())
     started: list[LocalNode] = []
     try:
+        write_state(state_dir, started, cpu_groups)  # records the groups before any node
         for spec in cluster.nodes:
-            started.append(_spawn(cluster, spec.name, state_dir))
-        write_state(state_dir, started)
+            started.append(_spawn(cluster, spec.name, state_dir, cpu_groups))
+            write_state(state_dir, started, cpu_groups)
         for node in started:
             _wait_ready(node, security)
     except BaseException:
-        stop_nodes(started)
-        clear_state(state_dir)
+        stop_cluster(state_dir, started, cpu_groups)
         raise
     return started
 
@@ -110,23 +121,34 @@ def _check_none_up(state_dir: Path) -> None:
         )
 
 
-def _spawn(cluster: ClusterSpec, name: str, state_dir: Path) -> LocalNode:
-    """Start node ``name`` of ``cluster`` (with its credentials if the cluster has them)."""
+def _spawn(
+    cluster: ClusterSpec, name: str, state_dir: Path, cpu_groups: CpuGroups | None
+) -> LocalNode:
+    """Start node ``name`` of ``cluster`` (with its credentials if the cluster has them), in
+    its CPU group if there are ``cpu_groups`` (the quota, not the worker, then slows it)."""
     spec = cluster.node(name)
-    address, speed, threads = spec.address, spec.speed, spec.threads
+    address, speed, threads = spec.address, spec.speed or 1.0, spec.threads or 1
     extra_args = node_arguments(cluster.security, name) if cluster.security else []
     log_path = state_dir / f"{name}.log"
     command = [
         sys.executable, *_node_arguments(name, address),
-        "--speed-factor", str(speed or 1.0), "--threads", str(threads or 1), *extra_args,
+        "--speed-factor", str(1.0 if cpu_groups else speed), "--threads", str(threads),
+        *extra_args,
     ]
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(
             command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,  # outlives `coordinator up`; Ctrl-C there does not reach it
         )
+    node = LocalNode(name, address, process.pid, str(log_path))
     log.info("started %s on %s (pid %d)", name, address, process.pid)
-    return LocalNode(name, address, process.pid, str(log_path))
+    if cpu_groups is not None:
+        try:
+            cpu_groups.place(name, process.pid, speed, threads)
+        except BaseException:
+            stop_nodes([node])
+            raise
+    return node
 
 
 def _wait_ready(node: LocalNode, security: Security | None) -> None:
@@ -193,21 +215,47 @@ def _process(node: LocalNode) -> psutil.Process | None:
     return process if arguments == expected else None
 
 
-def write_state(state_dir: Path, nodes: list[LocalNode]) -> None:
-    (state_dir / STATE_FILE).write_text(json.dumps([asdict(n) for n in nodes], indent=1))
+def write_state(state_dir: Path, nodes: list[LocalNode], cpu_groups: CpuGroups | None) -> None:
+    record = {"nodes": [asdict(n) for n in nodes],
+              "cpu_groups": cpu_groups.to_dict() if cpu_groups else None}
+    (state_dir / STATE_FILE).write_text(json.dumps(record, indent=1))
+
+
+def _read_record(state_dir: Path) -> tuple[list[LocalNode], CpuGroups | None]:
+    """Every node and the CPU groups ``up`` recorded (running or not)."""
+    path = state_dir / STATE_FILE
+    if not path.is_file():
+        return [], None
+    try:
+        record = json.loads(path.read_text())
+        nodes = [LocalNode(**entry) for entry in record["nodes"]]
+        groups = record["cpu_groups"]
+        return nodes, CpuGroups.from_dict(groups) if groups is not None else None
+    except (ValueError, TypeError, KeyError) as err:
+        raise LocalClusterError(
+            f"{path} is damaged ({err!r}); delete it and stop nodes by hand"
+        ) from err
 
 
 def read_state(state_dir: Path) -> list[LocalNode]:
     """The nodes recorded by ``up`` that still run; an empty list if none."""
-    path = state_dir / STATE_FILE
-    if not path.is_file():
-        return []
-    try:
-        nodes = [LocalNode(**entry) for entry in json.loads(path.read_text())]
-    except (ValueError, TypeError) as err:
-        raise LocalClusterError(f"{path} is damaged ({err}); delete it and stop nodes by hand") \
-            from err
+    nodes, _ = _read_record(state_dir)
     return [n for n in nodes if _process(n) is not None]
+
+
+def read_cpu_groups(state_dir: Path) -> CpuGroups | None:
+    """The CPU groups of the cluster ``up`` started with kernel isolation, else ``None``;
+    their :attr:`~CpuGroups.stretch` scales every node's speed (and so the predictions)."""
+    return _read_record(state_dir)[1]
+
+
+def stop_cluster(state_dir: Path, nodes: list[LocalNode], cpu_groups: CpuGroups | None) -> None:
+    """Stop ``nodes``, remove ``cpu_groups`` once they are empty, and clear the state (kept
+    if a group could not be removed, so ``down`` can try again)."""
+    stop_nodes(nodes)
+    if cpu_groups is not None:
+        cpu_groups.remove()
+    clear_state(state_dir)
 
 
 def clear_state(state_dir: Path) -> None:
@@ -220,24 +268,30 @@ class LocalCluster:
     stopped when it ends, even on an error.
 
     With ``secure``, the workers run with fresh certificates and a token, and
-    :attr:`cluster` carries the ``security`` block to plan and connect with.
+    :attr:`cluster` carries the ``security`` block to plan and connect with. With
+    :attr:`Isolation.KERNEL`, :attr:`cpu_groups` are the workers' CPU groups.
     """
 
-    def __init__(self, cluster: ClusterSpec, state_dir: Path, *, secure: bool = False) -> None:
+    def __init__(self, cluster: ClusterSpec, state_dir: Path, *, secure: bool = False,
+                 isolation: Isolation = Isolation.NONE) -> None:
         self.cluster = cluster
         self.state_dir = state_dir
         self.secure = secure
+        self.isolation = isolation
         self.nodes: list[LocalNode] = []
+        self.cpu_groups: CpuGroups | None = None
 
     def __enter__(self) -> LocalCluster:
         if self.secure:
             self.cluster = with_fresh_certs(self.cluster, self.state_dir)
-        self.nodes = start_cluster(self.cluster, self.state_dir)
+        self.nodes = start_cluster(self.cluster, self.state_dir, self.isolation)
+        self.cpu_groups = read_cpu_groups(self.state_dir)
+        if self.cpu_groups is not None and (line := self.cpu_groups.stretch_line()):
+            log.warning("%s", line)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        stop_nodes(self.nodes)
-        clear_state(self.state_dir)
+        stop_cluster(self.state_dir, self.nodes, self.cpu_groups)
 
     def restart(self, name: str) -> LocalNode:
         """Start node ``name`` again (same address and speed); wait until it answers.
@@ -246,8 +300,8 @@ class LocalCluster:
         :func:`stop_nodes` does, so the new one can take its port.
         """
         stop_nodes([n for n in self.nodes if n.name == name])
-        node = _spawn(self.cluster, name, self.state_dir)
+        node = _spawn(self.cluster, name, self.state_dir, self.cpu_groups)
         self.nodes = [node if n.name == name else n for n in self.nodes]
-        write_state(self.state_dir, self.nodes)
+        write_state(self.state_dir, self.nodes, self.cpu_groups)
         _wait_ready(node, client_security(self.cluster.security))
         return node

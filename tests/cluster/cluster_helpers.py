@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from coordinator.ports import free_ports
+from node.client import GrpcWorkerHandle, Result
 from partition.artifact import program_to_bytes, sha256
 from partition.spec import StageSpec, TensorSpec
 from partition.split import StageArtifact
@@ -139,3 +141,59 @@ class Shift(torch.nn.Module):
 
 
 CHAIN_SHAPE = (2, 3)
+
+
+class Repeated(torch.nn.Module):
+    """One 1024x1024 linear layer applied eight times: about 15 ms of compute on 128 rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(1024, 1024)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for _ in range(8):
+            x = torch.tanh(self.linear(x))
+        return x
+
+
+async def answer(handle: GrpcWorkerHandle, frames: dict[int, dict[str, torch.Tensor]]
+                 ) -> dict[int, Result]:
+    """Send ``frames`` into a single-stage node (wired to its Results) and collect each
+    answer, failing on any failure result."""
+    results = await handle.open_results()
+    answers: dict[int, Result] = {}
+    try:
+        sender = await handle.open_sender()
+        for request_id, tensors in frames.items():
+            await sender.send(request_id, tensors)
+        await sender.close()
+
+        async def collect() -> None:
+            async for result in results:
+                assert result.failure is None, result.failure
+                answers[result.request_id] = result
+                if len(answers) == len(frames):
+                    return
+
+        await asyncio.wait_for(collect(), 60)
+    finally:
+        await results.close()
+    return answers
+
+
+async def p50_stage_seconds(address: str, name: str, *, rows: int, requests: int = 10) -> float:
+    """Load :class:`Repeated` on ``rows`` rows into the node at ``address`` as its only
+    stage, answer ``requests`` frames, and return the node's p50 stage time (Describe)."""
+    shape = (rows, 1024)
+    stage = make_stage(Repeated().eval(), index=0, receives=TensorSpec("x", "float32", shape),
+                       sends=TensorSpec("y", "float32", shape))
+    handle = GrpcWorkerHandle(address, name)
+    try:
+        await handle.load_stage(stage.spec, stage.data)
+        await handle.wire(None)
+        await answer(handle, {rid: {"x": torch.randn(shape)} for rid in range(requests)})
+        info = await handle.describe()
+    finally:
+        await handle.close()
+    assert info.requests_served == requests
+    return info.p50_stage_seconds

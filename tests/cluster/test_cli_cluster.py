@@ -7,7 +7,6 @@ the nodes recorded in the state directory, the demo test kills any worker left o
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -27,12 +26,12 @@ from cli_helpers import (
     one_error_line,
     status_rows,
 )
-from cluster_helpers import Shift, make_stage
+from cluster_helpers import Shift, answer, make_stage, p50_stage_seconds
 
 from coordinator.local_cluster import LocalNode, read_state
 from coordinator.ports import free_ports
 from coordinator.samples import build_sample, skip_dag, write_sample
-from node.client import GrpcWorkerHandle, Result
+from node.client import GrpcWorkerHandle
 from node.link import LinkEmulation
 from partition.spec import TensorSpec
 
@@ -128,62 +127,12 @@ def test_up_with_a_remote_address_is_one_line(
 # --- emulation on bare workers ----------------------------------------------------------------
 
 
-class Repeated(torch.nn.Module):
-    """One 1024x1024 linear layer applied eight times: about 15 ms of compute on 128 rows."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.linear = torch.nn.Linear(1024, 1024)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for _ in range(8):
-            x = torch.tanh(self.linear(x))
-        return x
-
-
-async def answer(handle: GrpcWorkerHandle, frames: dict[int, dict[str, torch.Tensor]]
-                 ) -> dict[int, Result]:
-    """Send ``frames`` into a single-stage node (wired to its Results) and collect each
-    answer, failing on any failure result."""
-    results = await handle.open_results()
-    answers: dict[int, Result] = {}
-    try:
-        sender = await handle.open_sender()
-        for request_id, tensors in frames.items():
-            await sender.send(request_id, tensors)
-        await sender.close()
-
-        async def collect() -> None:
-            async for result in results:
-                assert result.failure is None, result.failure
-                answers[result.request_id] = result
-                if len(answers) == len(frames):
-                    return
-
-        await asyncio.wait_for(collect(), 60)
-    finally:
-        await results.close()
-    return answers
-
-
 async def test_slow_node_takes_proportionally_longer(start_nodes) -> None:
-    shape = (128, 1024)
-    stage = make_stage(Repeated().eval(), index=0, receives=TensorSpec("x", "float32", shape),
-                       sends=TensorSpec("y", "float32", shape))
     [fast] = start_nodes(1)
     [slow] = start_nodes(1, "--speed-factor", "0.25")
     p50 = {}
     for node in (fast, slow):  # one at a time: the machine has two cores
-        handle = GrpcWorkerHandle(node.address, node.name)
-        try:
-            await handle.load_stage(stage.spec, stage.data)
-            await handle.wire(None)
-            await answer(handle, {rid: {"x": torch.randn(shape)} for rid in range(10)})
-            info = await handle.describe()
-        finally:
-            await handle.close()
-        assert info.requests_served == 10
-        p50[node.name] = info.p50_stage_seconds
+        p50[node.name] = await p50_stage_seconds(node.address, node.name, rows=128)
     assert p50[fast.name] > 0
     ratio = p50[slow.name] / p50[fast.name]
     assert 2.5 < ratio < 6, f"speed 0.25 vs 1: p50 stage times {p50}, ratio {ratio:.2f}"

@@ -1,0 +1,187 @@
+"""Kernel isolation of the simulated cluster's CPU: one cgroup-v1 ``cpu`` group per worker.
+
+With ``--isolation kernel`` a node's ``speed`` is not emulated by sleeping but by a CFS
+quota: a worker of speed ``s`` with ``t`` threads may use ``s * t`` cores' worth of CPU time
+(``cpu.cfs_quota_us`` over ``cpu.cfs_period_us``), so it computes for real at the emulated
+speed and cannot take CPU time the other workers need. If the quotas together would claim
+more than :data:`HOST_SHARE` of the host's cores, every node's speed is stretched by the same
+factor (below 1) so that the client and the rest of the host keep the remainder; predictions
+scale by the same factor (:attr:`CpuGroups.stretch`, recorded in the cluster's state file).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import errno
+import logging
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from partition.errors import EdgesplitError
+
+log = logging.getLogger(__name__)
+
+CPU_ROOT = Path("/sys/fs/cgroup/cpu")
+"""Where the cgroup-v1 ``cpu`` controller is mounted."""
+GROUP_PREFIX = "edgesplit-"
+"""Every group this module makes is ``CPU_ROOT/edgesplit-<unique>/<node>``."""
+PERIOD_US = 100_000
+"""``cpu.cfs_period_us`` of every node's group (the kernel's default period)."""
+MIN_QUOTA_US = 1_000
+"""The smallest ``cpu.cfs_quota_us`` the kernel accepts."""
+HOST_SHARE = 0.7
+"""Largest share of the host's cores the workers' quotas may sum to."""
+REMOVE_TIMEOUT_S = 10.0
+"""How long removing a group waits for the processes in it to leave."""
+
+
+class Isolation(enum.StrEnum):
+    """How the simulated cluster makes a node as slow as its ``speed``."""
+
+    NONE = "none"
+    """The worker computes, then sleeps to its emulated time."""
+    KERNEL = "kernel"
+    """The worker computes under a CPU quota (a cgroup); it does not sleep."""
+
+
+class IsolationError(EdgesplitError):
+    """Kernel isolation is unavailable here, or a cgroup could not be made or removed."""
+
+
+def host_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0))
+
+
+def cpu_stretch(cores_wanted: float, host_cores: int, host_share: float = HOST_SHARE) -> float:
+    """The factor (at most 1) every node's speed is multiplied by so that the quotas, which
+    want ``cores_wanted`` cores in all, sum to at most ``host_share`` of ``host_cores``.
+
+    >>> cpu_stretch(0.5 + 0.25, 2)
+    1.0
+    >>> round(cpu_stretch(1 + 1 + 0.5 + 0.5, 2), 3)
+    0.467
+    """
+    if not cores_wanted > 0:
+        raise ValueError(f"the nodes want {cores_wanted} cores; speeds must be positive")
+    return min(1.0, host_share * host_cores / cores_wanted)
+
+
+def check_available(root: Path = CPU_ROOT) -> None:
+    """Raise :class:`IsolationError` saying why, if kernel isolation cannot run here."""
+    fix = "; use --isolation none"
+    if not sys.platform.startswith("linux"):
+        raise IsolationError(f"--isolation kernel needs Linux cgroups, not {sys.platform}{fix}")
+    if os.geteuid() != 0:
+        raise IsolationError(f"--isolation kernel needs root to make cgroups{fix}")
+    if not (root / "cpu.cfs_quota_us").is_file():
+        raise IsolationError(
+            f"--isolation kernel needs the cgroup-v1 cpu controller mounted at {root}{fix}"
+        )
+
+
+@dataclass(frozen=True)
+class CpuGroups:
+    """The cgroups of one simulated cluster: ``path`` holds one group per node."""
+
+    path: Path
+    stretch: float
+    cores_wanted: float
+    host_cores: int
+
+    @classmethod
+    def create(cls, cores_wanted: float, host_cores: int, root: Path = CPU_ROOT) -> CpuGroups:
+        """Make a new, uniquely named parent group for nodes wanting ``cores_wanted`` cores
+        in all (``speed * threads`` summed), with the stretch that fits them on the host."""
+        check_available(root)
+        stretch = cpu_stretch(cores_wanted, host_cores)
+        path = root / f"{GROUP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        path.mkdir()
+        return cls(path, stretch, cores_wanted, host_cores)
+
+    def stretch_line(self) -> str | None:
+        """One line for the user if speeds were stretched: which factor, and why."""
+        if self.stretch >= 1:
+            return None
+        return (
+            f"speeds stretched by {self.stretch:.3g}: the nodes want {self.cores_wanted:.3g} "
+            f"cores and the workers may have {HOST_SHARE:.0%} of this host's "
+            f"{self.host_cores}, so each node runs at {self.stretch:.3g} x its speed "
+            f"(predictions scale by the same factor)"
+        )
+
+    def quota_us(self, speed: float, threads: int) -> int:
+        """The CFS quota of a node of ``speed`` running ``threads`` threads."""
+        quota = round(speed * threads * PERIOD_US * self.stretch)
+        if quota < MIN_QUOTA_US:
+            raise IsolationError(
+                f"a node of speed {speed:g} gets a CPU quota of {quota} us per {PERIOD_US} us "
+                f"after the stretch {self.stretch:.3g}, below the kernel's {MIN_QUOTA_US}; "
+                "give the slow nodes a higher speed or run fewer nodes"
+            )
+        return quota
+
+    def place(self, node: str, pid: int, speed: float, threads: int) -> None:
+        """Put process ``pid`` (all its threads) in node ``node``'s group, made if needed,
+        with the quota of ``speed`` and ``threads``."""
+        group = self.path / node
+        group.mkdir(exist_ok=True)
+        (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+        (group / "cpu.cfs_quota_us").write_text(str(self.quota_us(speed, threads)))
+        (group / "cgroup.procs").write_text(str(pid))
+        log.info("node %s (pid %d) in %s with quota %s us", node, pid, group,
+                 (group / "cpu.cfs_quota_us").read_text().strip())
+
+    def remove(self, timeout_s: float = REMOVE_TIMEOUT_S) -> None:
+        """Remove every node's group and the parent; waits up to ``timeout_s`` for the
+        processes in them to be gone (stop them first)."""
+        remove_groups(self.path, timeout_s)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"path": str(self.path), "stretch": self.stretch,
+                "cores_wanted": self.cores_wanted, "host_cores": self.host_cores}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], root: Path = CPU_ROOT) -> CpuGroups:
+        """The groups a state file recorded; refuses a path that is not one of ours."""
+        path = Path(data["path"])
+        if path.parent != root or not path.name.startswith(GROUP_PREFIX):
+            raise ValueError(f"{path} is not an edgesplit group under {root}")
+        return cls(path, float(data["stretch"]), float(data["cores_wanted"]),
+                   int(data["host_cores"]))
+
+
+def remove_groups(path: Path, timeout_s: float = REMOVE_TIMEOUT_S) -> None:
+    """Remove the group ``path`` and the groups in it, if it exists; waits up to
+    ``timeout_s`` for the processes in them to be gone."""
+    if not path.is_dir():
+        return
+    deadline = time.monotonic() + timeout_s
+    for group in [*(p for p in path.iterdir() if p.is_dir()), path]:
+        _remove_group(group, deadline)
+
+
+def _remove_group(group: Path, deadline: float) -> None:
+    """``rmdir`` ``group``, retrying while processes are still leaving it."""
+    while True:
+        try:
+            group.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            if err.errno != errno.EBUSY or time.monotonic() > deadline:
+                left: list[str] = []
+                with contextlib.suppress(OSError):
+                    left = (group / "cgroup.procs").read_text().split()
+                raise IsolationError(
+                    f"cgroup {group} could not be removed ({err.strerror}; processes "
+                    f"{', '.join(left) or 'none'} are still in it); stop them and rmdir it"
+                ) from err
+            time.sleep(0.05)
