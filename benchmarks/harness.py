@@ -17,6 +17,13 @@ import report
 
 from coordinator.bench import BenchResult, measure, random_inputs
 from coordinator.deploy import deploy
+from coordinator.isolation import (
+    Isolation,
+    cores_wanted,
+    cpu_stretch,
+    host_cores,
+    with_stretched_speeds,
+)
 from coordinator.local_cluster import LocalCluster
 from coordinator.ports import free_ports
 from coordinator.samples import SampleBuilder, write_sample
@@ -57,14 +64,26 @@ def with_free_ports(cluster: ClusterSpec) -> ClusterSpec:
     return replace(cluster, nodes=nodes)
 
 
+def fitted(cluster: ClusterSpec, isolation: Isolation) -> ClusterSpec:
+    """``cluster`` as :func:`run_plans` will run it with ``isolation``: with kernel isolation,
+    its speeds stretched to fit this host (plan with it, so predictions match)."""
+    if isolation is Isolation.NONE:
+        return cluster
+    stretch = cpu_stretch(cores_wanted(cluster), host_cores())
+    if stretch < 1:
+        print(f"kernel isolation: speeds stretched by {stretch:.3g} to fit this host")
+    return with_stretched_speeds(cluster, stretch)
+
+
 def run_plans(
     cluster: ClusterSpec, plans: list[Plan], layer_graph: LayerGraph, *, emulate: bool,
-    requests: int, concurrency: int,
+    requests: int, concurrency: int, isolation: Isolation = Isolation.NONE,
 ) -> list[BenchResult]:
-    """Start ``cluster`` as real workers here, then deploy and measure each plan in turn."""
+    """Start ``cluster`` as real workers here (with ``isolation``), then deploy and measure
+    each plan in turn."""
     state = Path(tempfile.mkdtemp(prefix="edgesplit-bench-"))
     results = []
-    with LocalCluster(cluster, state):
+    with LocalCluster(cluster, state, isolation=isolation):
         for plan in plans:
             asyncio.run(deploy(plan, split(plan, layer_graph), emulate_links=emulate))
             results.append(asyncio.run(measure(

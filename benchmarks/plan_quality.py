@@ -5,7 +5,10 @@ real ``edge-node`` processes (speeds and links emulated) and measure our plan an
 baseline that fits, one after another, with the same requests.
 
     .venv/bin/python benchmarks/plan_quality.py [--requests 60] [--models resnet gpt2 vit]
-        [--json out/plan_quality.json] [--markdown]
+        [--json out/plan_quality.json] [--markdown] [--isolation kernel]
+
+``--isolation kernel`` runs each worker under a CPU quota instead of sleeping (see README);
+speeds stretched to fit the host are planned with, so predictions match.
 
 Clusters: ``examples/cluster-homogeneous.yaml``, ``examples/cluster-heterogeneous.yaml``, and
 a memory-tight one derived per model from the homogeneous cluster: each node holds the largest
@@ -32,6 +35,7 @@ import report
 
 from coordinator import samples
 from coordinator.bench import BENCH_CONCURRENCY
+from coordinator.isolation import Isolation
 from partition.cluster import ClusterSpec, load_cluster
 from partition.cost_builder import node_profiles, stage_memory_matrix
 from partition.errors import NoFeasiblePlanError
@@ -69,8 +73,8 @@ def memory_tight(base: ClusterSpec, layer_graph: LayerGraph) -> ClusterSpec:
 
 
 def measure_case(model: str, cluster_name: str, cluster: ClusterSpec, sample: harness.Sample,
-                 requests: int) -> list[dict]:
-    cluster = harness.with_free_ports(cluster)
+                 requests: int, isolation: Isolation) -> list[dict]:
+    cluster = harness.fitted(harness.with_free_ports(cluster), isolation)
     try:
         ours = plan(sample.model, sample.layer_graph, cluster,
                     node_profiles(cluster, sample.profile, {}), Objective.THROUGHPUT)
@@ -83,7 +87,7 @@ def measure_case(model: str, cluster_name: str, cluster: ClusterSpec, sample: ha
     skipped = [b.name for b in ours.baselines if not b.fits or not b.stages]
     results = harness.run_plans(
         cluster, [p for _, p in plans], sample.layer_graph,
-        emulate=True, requests=requests, concurrency=BENCH_CONCURRENCY,
+        emulate=True, requests=requests, concurrency=BENCH_CONCURRENCY, isolation=isolation,
     )
     rows = []
     for (name, p), result in zip(plans, results, strict=True):
@@ -143,7 +147,8 @@ def markdown_tables(rows: list[dict], floors: list[dict]) -> list[list[str]]:
     return [heterogeneous, others, floor]
 
 
-def measure_model(name: str, folder: Path, requests: int, threads: int) -> list[dict]:
+def measure_model(name: str, folder: Path, requests: int, threads: int,
+                  isolation: Isolation) -> list[dict]:
     """Every plan of model ``name`` measured on the three clusters, then the whole model in one
     process (the last row); prints the model's table."""
     builder, kwargs = MODELS[name]
@@ -155,7 +160,7 @@ def measure_model(name: str, folder: Path, requests: int, threads: int) -> list[
         ("heterogeneous", load_cluster(EXAMPLES / "cluster-heterogeneous.yaml")),
         ("memory-tight", memory_tight(homogeneous, sample.layer_graph)),
     ):
-        rows += measure_case(name, cluster_name, cluster, sample, requests)
+        rows += measure_case(name, cluster_name, cluster, sample, requests, isolation)
     print_table(name, rows)
     single = peer_pipelining.measure_single_process(builder, kwargs, threads=threads,
                                                     requests=requests)
@@ -170,6 +175,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=60, help="requests per plan")
     parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--json", type=Path, help="also write every row as JSON")
+    parser.add_argument("--isolation", type=Isolation, choices=list(Isolation),
+                        default=Isolation.NONE, help="how workers emulate speed (default none)")
     report.add_markdown_option(parser)
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="edgesplit-models-"))
@@ -178,7 +185,7 @@ def main() -> None:
     with report.usual_output(args.markdown):
         print(f"machine: {harness.machine()}")
         for name in args.models:
-            every += measure_model(name, folder, args.requests, threads)
+            every += measure_model(name, folder, args.requests, threads, args.isolation)
     if args.markdown:
         plans = [row for row in every if "cluster" in row]
         floors = [row for row in every if "cluster" not in row]

@@ -14,7 +14,7 @@ from coordinator.deploy import Deployment, deployment_record_path, plan_digest
 from coordinator.events import events_path_for
 from coordinator.isolation import Isolation
 from coordinator.local_cluster import (
-    SECURE_NODES_FILE,
+    PLANNING_NODES_FILE,
     default_state_dir,
     read_cpu_groups,
     read_state,
@@ -69,22 +69,33 @@ def run_up(args: argparse.Namespace) -> int:
             f"{node.name} listening on {node.address} (pid {node.pid}, log {node.log_path})"
         )
     cpu_groups = read_cpu_groups(state_dir)
+    stretch = cpu_groups.stretch if cpu_groups else 1.0
     if cpu_groups is not None:
         console.print(f"each worker runs under a CPU quota in {cpu_groups.path}/<node>")
         if line := cpu_groups.stretch_line():
             console.print(line, markup=False)
-    if args.secure:
-        secure_nodes = write_secure_nodes(Path(args.nodes), cluster.security, state_dir)
-        console.print(f"mutual TLS and a token are on: plan with --nodes {secure_nodes}")
+    if args.secure or stretch < 1:
+        planning = write_planning_nodes(Path(args.nodes), state_dir, cluster.security, stretch)
+        why = [*(["mutual TLS and a token are on"] if args.secure else []),
+               *(["the speeds are stretched"] if stretch < 1 else [])]
+        console.print(f"{' and '.join(why)}: plan with --nodes {planning}")
     console.print("stop them with `coordinator down`")
     return 0
 
 
-def write_secure_nodes(nodes: Path, security: SecuritySpec, state_dir: Path) -> Path:
-    """Copy ``nodes`` into ``state_dir`` with ``security`` as its ``security`` block."""
+def write_planning_nodes(
+    nodes: Path, state_dir: Path, security: SecuritySpec | None, stretch: float
+) -> Path:
+    """Copy ``nodes`` into ``state_dir`` as the running cluster is: with ``security`` as its
+    ``security`` block, and every node's speed times ``stretch``."""
     data = yaml.safe_load(nodes.read_text(encoding="utf-8"))
-    path = state_dir / SECURE_NODES_FILE
-    path.write_text(yaml.safe_dump({**data, "security": security.to_dict()}, sort_keys=False))
+    if security is not None:
+        data["security"] = security.to_dict()
+    if stretch < 1:
+        data["nodes"] = [{**node, "speed": (node.get("speed") or 1.0) * stretch}
+                         for node in data["nodes"]]
+    path = state_dir / PLANNING_NODES_FILE
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
 
@@ -115,8 +126,8 @@ def run_status(args: argparse.Namespace) -> int:
         if not targets:
             console.print("no simulated cluster is up; pass --nodes NODES.yaml or --plan plan.json")
             return 1
-        secure_nodes = state_dir / SECURE_NODES_FILE
-        security = load_cluster(secure_nodes).security if secure_nodes.is_file() else None
+        planning = state_dir / PLANNING_NODES_FILE
+        security = load_cluster(planning).security if planning.is_file() else None
     console.print(asyncio.run(status_table(targets, client_security(security), expected)))
     if args.plan:
         events = events_path_for(args.plan)

@@ -19,10 +19,11 @@ import os
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from partition.cluster import ClusterSpec
 from partition.errors import EdgesplitError
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,22 @@ def cpu_stretch(cores_wanted: float, host_cores: int, host_share: float = HOST_S
     """
     if not cores_wanted > 0:
         raise ValueError(f"the nodes want {cores_wanted} cores; speeds must be positive")
-    return min(1.0, host_share * host_cores / cores_wanted)
+    allowed = host_share * host_cores
+    # A cluster already stretched to fit wants exactly ``allowed``, up to rounding.
+    return 1.0 if cores_wanted <= allowed * (1 + 1e-9) else allowed / cores_wanted
+
+
+def cores_wanted(cluster: ClusterSpec) -> float:
+    """The cores ``cluster``'s workers want at full load: ``speed * threads`` summed."""
+    return sum((n.speed or 1.0) * (n.threads or 1) for n in cluster.nodes)
+
+
+def with_stretched_speeds(cluster: ClusterSpec, stretch: float) -> ClusterSpec:
+    """``cluster`` with every node's speed multiplied by ``stretch``: plan with it to predict
+    what a cluster started with that stretch measures. A cluster stretched to fit this host
+    fits it as it is (its own stretch is 1)."""
+    nodes = tuple(replace(n, speed=(n.speed or 1.0) * stretch) for n in cluster.nodes)
+    return replace(cluster, nodes=nodes)
 
 
 def check_available(root: Path = CPU_ROOT) -> None:

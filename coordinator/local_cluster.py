@@ -26,7 +26,7 @@ import platformdirs
 import psutil
 
 from coordinator.certs import make_certs, node_arguments
-from coordinator.isolation import CpuGroups, Isolation, host_cores
+from coordinator.isolation import CpuGroups, Isolation, cores_wanted, host_cores
 from node.channels import channel_credentials, channel_options, token_metadata
 from node.rpc import edgesplit_pb2 as pb
 from node.rpc import edgesplit_pb2_grpc as pb_grpc
@@ -40,8 +40,9 @@ READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 10.0
 STATE_FILE = "cluster.json"
 CERTS_DIR = "certs"
-SECURE_NODES_FILE = "nodes.yaml"
-"""Written by ``coordinator up --secure``: the cluster's nodes.yaml with its ``security``."""
+PLANNING_NODES_FILE = "nodes.yaml"
+"""Written by ``coordinator up --secure`` or when speeds are stretched: the cluster's
+nodes.yaml as it runs, with its ``security`` and stretched speeds."""
 
 
 class LocalClusterError(EdgesplitError):
@@ -89,8 +90,7 @@ def start_cluster(
     state_dir.mkdir(parents=True, exist_ok=True)
     cpu_groups = None
     if isolation is Isolation.KERNEL:
-        cores_wanted = sum((n.speed or 1.0) * (n.threads or 1) for n in cluster.nodes)
-        cpu_groups = CpuGroups.create(cores_wanted, host_cores())
+        cpu_groups = CpuGroups.create(cores_wanted(cluster), host_cores())
     started: list[LocalNode] = []
     try:
         write_state(state_dir, started, cpu_groups)  # records the groups before any node
@@ -260,7 +260,7 @@ def stop_cluster(state_dir: Path, nodes: list[LocalNode], cpu_groups: CpuGroups 
 
 def clear_state(state_dir: Path) -> None:
     (state_dir / STATE_FILE).unlink(missing_ok=True)
-    (state_dir / SECURE_NODES_FILE).unlink(missing_ok=True)
+    (state_dir / PLANNING_NODES_FILE).unlink(missing_ok=True)
 
 
 class LocalCluster:

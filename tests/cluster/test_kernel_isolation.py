@@ -39,7 +39,7 @@ from coordinator.local_cluster import (
 )
 from coordinator.ports import free_ports
 from node.client import GrpcWorkerHandle
-from partition.cluster import ClusterSpec, parse_cluster
+from partition.cluster import ClusterSpec, load_cluster, parse_cluster
 
 
 def _unavailable() -> str | None:
@@ -144,6 +144,10 @@ def test_up_stretches_speeds_to_fit_the_host_and_down_removes_the_groups(
     stretch = cpu_stretch(4.0, host_cores())
     assert groups.stretch == stretch
     assert (f"speeds stretched by {stretch:.3g}" in out) == (stretch < 1), out
+    planning = state / "nodes.yaml"  # the cluster as it runs: plan with it
+    assert (f"plan with --nodes {planning}" in out) == (stretch < 1), out
+    if stretch < 1:
+        assert [n.speed for n in load_cluster(planning).nodes] == pytest.approx([stretch] * 2)
     for node in read_state(state):
         assert quota_of(groups, node.name) == (round(2 * PERIOD_US * stretch), PERIOD_US)
     assert "stopped 2 node(s)" in ok(coordinator(cli_env, "down"))

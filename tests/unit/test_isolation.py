@@ -15,8 +15,11 @@ from coordinator.isolation import (
     CpuGroups,
     IsolationError,
     check_available,
+    cores_wanted,
     cpu_stretch,
+    with_stretched_speeds,
 )
+from partition.cluster import parse_cluster
 
 
 @pytest.mark.parametrize(("speeds", "cores", "expected"), [
@@ -37,6 +40,20 @@ def test_stretch_fits_the_quotas_in_70_percent_of_the_host(
     # Every node slows by the same factor: the speeds keep their ratios.
     assert [q / quotas[0] for q in quotas] == pytest.approx([s / speeds[0] for s in speeds],
                                                              rel=1e-3)
+
+
+def test_a_stretched_cluster_fits_as_it_is() -> None:
+    cluster = parse_cluster({
+        "nodes": [{"name": "a", "address": "127.0.0.1:1", "memory": "1GiB", "threads": 2},
+                  {"name": "b", "address": "127.0.0.1:2", "memory": "1GiB", "speed": 0.5}],
+        "links": {"default": {"bandwidth": "1Gbps", "latency": "1ms"}},
+    }, "test")
+    assert cores_wanted(cluster) == 2.5
+    stretch = cpu_stretch(cores_wanted(cluster), 2)
+    fitted = with_stretched_speeds(cluster, stretch)
+    assert [n.speed for n in fitted.nodes] == pytest.approx([stretch, 0.5 * stretch])
+    assert cores_wanted(fitted) == pytest.approx(HOST_SHARE * 2)
+    assert cpu_stretch(cores_wanted(fitted), 2) == pytest.approx(1.0)
 
 
 def test_stretch_needs_a_positive_demand() -> None:
