@@ -146,13 +146,14 @@ class CpuGroups:
     def place(self, node: str, pid: int, speed: float, threads: int) -> None:
         """Put process ``pid`` (all its threads) in node ``node``'s group, made if needed,
         with the quota of ``speed`` and ``threads``."""
+        quota = self.quota_us(speed, threads)
         group = self.path / node
         group.mkdir(exist_ok=True)
         (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
-        (group / "cpu.cfs_quota_us").write_text(str(self.quota_us(speed, threads)))
+        (group / "cpu.cfs_quota_us").write_text(str(quota))
         (group / "cgroup.procs").write_text(str(pid))
-        log.info("node %s (pid %d) in %s with quota %s us", node, pid, group,
-                 (group / "cpu.cfs_quota_us").read_text().strip())
+        log.info("node %s (pid %d) in %s with quota %d/%d us", node, pid, group, quota,
+                 PERIOD_US)
 
     def remove(self, timeout_s: float = REMOVE_TIMEOUT_S) -> None:
         """Remove every node's group and the parent; waits up to ``timeout_s`` for the

@@ -118,6 +118,11 @@ async def test_each_worker_computes_at_its_speed_under_its_quota(tmp_path: Path)
             finally:
                 await handle.close()
             p50[node.name] = await p50_stage_seconds(node.address, node.name, rows=256)
+        restarted = local.restart("quarter")  # a restarted worker goes back in its group
+        procs = (groups.path / "quarter" / "cgroup.procs").read_text().split()
+        assert procs == [str(restarted.pid)], procs
+        assert quota_of(groups, "quarter") == (round(0.25 * PERIOD_US * groups.stretch),
+                                               PERIOD_US)
         path = groups.path
     ratio = p50["quarter"] / p50["half"]
     # Generous: other work on the host takes CPU time from both nodes alike.
