@@ -108,8 +108,8 @@ async def test_each_worker_computes_at_its_speed_under_its_quota(tmp_path: Path)
         for node in local.nodes:
             procs = (groups.path / node.name / "cgroup.procs").read_text().split()
             assert str(node.pid) in procs, (node, procs)
-            expected = round(speeds[node.name] * PERIOD_US * groups.stretch)
-            assert quota_of(groups, node.name) == (expected, PERIOD_US)
+            expected = (round(speeds[node.name] * PERIOD_US * groups.stretch), PERIOD_US)
+            assert quota_of(groups, node.name) == expected
         p50 = {}
         for node in local.nodes:  # one at a time: the machine has two cores
             handle = GrpcWorkerHandle(node.address, node.name)
@@ -121,8 +121,7 @@ async def test_each_worker_computes_at_its_speed_under_its_quota(tmp_path: Path)
         restarted = local.restart("quarter")  # a restarted worker goes back in its group
         procs = (groups.path / "quarter" / "cgroup.procs").read_text().split()
         assert procs == [str(restarted.pid)], procs
-        assert quota_of(groups, "quarter") == (round(0.25 * PERIOD_US * groups.stretch),
-                                               PERIOD_US)
+        assert quota_of(groups, "quarter") == groups.limits_us(0.25, threads=1)
         path = groups.path
     ratio = p50["quarter"] / p50["half"]
     # Generous: other work on the host takes CPU time from both nodes alike.
@@ -155,6 +154,7 @@ def test_up_stretches_speeds_to_fit_the_host_and_down_removes_the_groups(
         assert [n.speed for n in load_cluster(planning).nodes] == pytest.approx([stretch] * 2)
     for node in read_state(state):
         assert quota_of(groups, node.name) == (round(2 * PERIOD_US * stretch), PERIOD_US)
+        assert quota_of(groups, node.name) == groups.limits_us(1.0, threads=2)
     assert "stopped 2 node(s)" in ok(coordinator(cli_env, "down"))
     assert not groups.path.exists()
     assert read_state(state) == [] and read_cpu_groups(state) is None

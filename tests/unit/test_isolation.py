@@ -35,11 +35,12 @@ def test_stretch_fits_the_quotas_in_70_percent_of_the_host(
     stretch = cpu_stretch(sum(speeds), cores)
     assert stretch == pytest.approx(expected)
     groups = CpuGroups(Path("/unused"), stretch, sum(speeds), cores)
-    quotas = [groups.quota_us(speed, threads=1) for speed in speeds]
-    assert sum(quotas) <= HOST_SHARE * cores * PERIOD_US + len(quotas)  # rounding
+    shares = [quota / period for quota, period in
+              (groups.limits_us(speed, threads=1) for speed in speeds)]
+    assert sum(shares) <= HOST_SHARE * cores * (1 + 1e-3)  # rounding
     # Every node slows by the same factor: the speeds keep their ratios.
-    assert [q / quotas[0] for q in quotas] == pytest.approx([s / speeds[0] for s in speeds],
-                                                             rel=1e-3)
+    assert [s / shares[0] for s in shares] == pytest.approx([s / speeds[0] for s in speeds],
+                                                            rel=1e-3)
 
 
 def test_a_stretched_cluster_fits_as_it_is() -> None:
@@ -63,10 +64,12 @@ def test_stretch_needs_a_positive_demand() -> None:
 
 def test_quota_counts_threads_and_stretch() -> None:
     groups = CpuGroups(Path("/unused"), 0.5, 4.0, 2)
-    assert groups.quota_us(0.25, threads=1) == 12_500
-    assert groups.quota_us(1.0, threads=2) == 100_000
-    with pytest.raises(IsolationError, match="below the kernel's 1000"):
-        groups.quota_us(0.001, threads=1)
+    assert groups.limits_us(0.25, threads=1) == (1_250, PERIOD_US)
+    assert groups.limits_us(1.0, threads=2) == (PERIOD_US, PERIOD_US)
+    # A very slow node gets the shortest longer period that keeps its quota at 1 ms.
+    assert groups.limits_us(0.1, threads=1) == (1_000, 20_000)
+    with pytest.raises(IsolationError, match="smallest quota allows"):
+        groups.limits_us(0.001, threads=1)
 
 
 def test_stretch_line_names_the_factor_and_why() -> None:
