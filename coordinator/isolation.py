@@ -33,13 +33,14 @@ CPU_ROOT = Path("/sys/fs/cgroup/cpu")
 """Where the cgroup-v1 ``cpu`` controller is mounted."""
 GROUP_PREFIX = "edgesplit-"
 """Every group this module makes is ``CPU_ROOT/edgesplit-<unique>/<node>``."""
-PERIOD_US = 10_000
-"""``cpu.cfs_period_us`` of a node's group: short, so that a request of a few ms is slowed as
-a whole and not only on average (measured here: a 6 ms burst after idling, quota 25%, ran
-1.15x slower with the kernel's default 100 ms period and 3.6x with 10 ms)."""
 MIN_QUOTA_US = 1_000
-"""The smallest ``cpu.cfs_quota_us`` the kernel accepts; a node too slow for it within
-:data:`PERIOD_US` gets a longer period."""
+"""The smallest ``cpu.cfs_quota_us`` the kernel accepts. A node's period is the shortest
+that gives it this quota: the quota is a budget per period, so compute shorter than it
+runs unslowed (measured here, quota 25%: a 6 ms burst after idling ran 1.15x slower with
+the kernel's default 100 ms period and 3.6x with 10 ms; a 1.2 ms burst was not slowed
+even with 4 ms)."""
+MIN_PERIOD_US = 1_000
+"""The shortest ``cpu.cfs_period_us`` the kernel accepts."""
 MAX_PERIOD_US = 1_000_000
 """The longest ``cpu.cfs_period_us`` the kernel accepts."""
 HOST_SHARE = 0.7
@@ -140,10 +141,10 @@ class CpuGroups:
 
     def limits_us(self, speed: float, threads: int) -> tuple[int, int]:
         """The CFS quota and period of a node of ``speed`` running ``threads`` threads: its
-        share of a core (stretched) of :data:`PERIOD_US`, or of the shortest period that
-        gives it a quota of at least :data:`MIN_QUOTA_US`."""
+        share of the cores (stretched) of the shortest period that gives it a quota of at
+        least :data:`MIN_QUOTA_US`."""
         cores = speed * threads * self.stretch
-        period = max(PERIOD_US, math.ceil(MIN_QUOTA_US / cores))
+        period = max(MIN_PERIOD_US, math.ceil(MIN_QUOTA_US / cores))
         if period > MAX_PERIOD_US:
             raise IsolationError(
                 f"a node of speed {speed:g} gets {cores:.2g} of a core after the stretch "

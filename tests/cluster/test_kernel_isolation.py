@@ -21,7 +21,6 @@ from cluster_helpers import p50_stage_seconds
 from coordinator.isolation import (
     CPU_ROOT,
     GROUP_PREFIX,
-    PERIOD_US,
     CpuGroups,
     Isolation,
     IsolationError,
@@ -108,8 +107,10 @@ async def test_each_worker_computes_at_its_speed_under_its_quota(tmp_path: Path)
         for node in local.nodes:
             procs = (groups.path / node.name / "cgroup.procs").read_text().split()
             assert str(node.pid) in procs, (node, procs)
-            expected = (round(speeds[node.name] * PERIOD_US * groups.stretch), PERIOD_US)
-            assert quota_of(groups, node.name) == expected
+            quota, period = quota_of(groups, node.name)
+            assert quota >= 1_000 and period >= 1_000
+            assert quota / period == pytest.approx(speeds[node.name] * groups.stretch, rel=1e-3)
+            assert (quota, period) == groups.limits_us(speeds[node.name], threads=1)
         p50 = {}
         for node in local.nodes:  # one at a time: the machine has two cores
             handle = GrpcWorkerHandle(node.address, node.name)
@@ -153,8 +154,9 @@ def test_up_stretches_speeds_to_fit_the_host_and_down_removes_the_groups(
     if stretch < 1:
         assert [n.speed for n in load_cluster(planning).nodes] == pytest.approx([stretch] * 2)
     for node in read_state(state):
-        assert quota_of(groups, node.name) == (round(2 * PERIOD_US * stretch), PERIOD_US)
-        assert quota_of(groups, node.name) == groups.limits_us(1.0, threads=2)
+        quota, period = quota_of(groups, node.name)
+        assert quota / period == pytest.approx(2 * stretch, rel=1e-3)
+        assert (quota, period) == groups.limits_us(1.0, threads=2)
     assert "stopped 2 node(s)" in ok(coordinator(cli_env, "down"))
     assert not groups.path.exists()
     assert read_state(state) == [] and read_cpu_groups(state) is None

@@ -11,7 +11,6 @@ from coordinator import isolation
 from coordinator.cli import main
 from coordinator.isolation import (
     HOST_SHARE,
-    PERIOD_US,
     CpuGroups,
     IsolationError,
     check_available,
@@ -64,10 +63,10 @@ def test_stretch_needs_a_positive_demand() -> None:
 
 def test_quota_counts_threads_and_stretch() -> None:
     groups = CpuGroups(Path("/unused"), 0.5, 4.0, 2)
-    assert groups.limits_us(0.25, threads=1) == (1_250, PERIOD_US)
-    assert groups.limits_us(1.0, threads=2) == (PERIOD_US, PERIOD_US)
-    # A very slow node gets the shortest longer period that keeps its quota at 1 ms.
-    assert groups.limits_us(0.1, threads=1) == (1_000, 20_000)
+    # The shortest period that gives a quota of 1 ms: 1/8 of a core, 8 ms.
+    assert groups.limits_us(0.25, threads=1) == (1_000, 8_000)
+    assert groups.limits_us(1.0, threads=4) == (2_000, 1_000)  # no period under 1 ms
+    assert groups.limits_us(0.3, threads=1) == (1_000, 6_667)  # 0.15 of a core
     with pytest.raises(IsolationError, match="smallest quota allows"):
         groups.limits_us(0.001, threads=1)
 
