@@ -42,6 +42,12 @@ PROBE_TIMEOUT_S = 120.0
 ECHO_TIMEOUT_S = 30.0
 """Deadline of one ``Echo``."""
 
+WARMUP_ROUNDS = 2
+"""Untimed rounds before a probe's timed ones."""
+
+TINY_PER_ROUND = 3
+"""Tiny messages per round; the fastest of them is the round's round trip."""
+
 _TINY = pb.EchoRequest(payload=b"\0").SerializeToString()
 
 
@@ -130,27 +136,32 @@ async def measure_link(
     outbound: LinkEmulation = NO_EMULATION,
     inbound: LinkEmulation = NO_EMULATION,
 ) -> LinkMeasurement:
-    """Time ``options.rounds`` pairs of a tiny and a sized ``Echo`` message on ``channel``
-    (after one untimed pair that opens the stream and its flow-control windows).
+    """Time ``options.rounds`` rounds on ``channel`` (after :data:`WARMUP_ROUNDS` untimed
+    ones that open the stream and its flow-control windows), each of
+    :data:`TINY_PER_ROUND` tiny messages and one sized one: the round trip is the fastest
+    tiny message, the bandwidth the payload over the median time a sized message took more
+    than its round's fastest tiny one.
 
     Raises ``grpc.aio.AioRpcError`` if the stream fails, :class:`ProbeError` if it ends or
     hangs.
     """
     sized = pb.EchoRequest(payload=bytes(options.payload_bytes)).SerializeToString()
     stream = EchoStream(channel)
+
+    async def one_round() -> tuple[float, float]:
+        small = min([await stream.round_trip(_TINY, outbound, inbound)
+                     for _ in range(TINY_PER_ROUND)])
+        return small, await stream.round_trip(sized, outbound, inbound) - small
+
     try:
-        await stream.round_trip(_TINY, outbound, inbound)
-        await stream.round_trip(sized, outbound, inbound)
-        tiny, extra = [], []
-        for _ in range(options.rounds):
-            small = await stream.round_trip(_TINY, outbound, inbound)
-            tiny.append(small)
-            extra.append(await stream.round_trip(sized, outbound, inbound) - small)
+        for _ in range(WARMUP_ROUNDS):
+            await one_round()
+        rounds = [await one_round() for _ in range(options.rounds)]
     finally:
         stream.close()
-    seconds = max(statistics.median(extra), 1e-9)
-    return LinkMeasurement(min(tiny), (len(sized) - len(_TINY)) / seconds,
-                           options.rounds)
+    seconds = max(statistics.median(extra for _, extra in rounds), 1e-9)
+    return LinkMeasurement(min(small for small, _ in rounds),
+                           (len(sized) - len(_TINY)) / seconds, options.rounds)
 
 
 class NodeProber:
