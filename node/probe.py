@@ -25,6 +25,7 @@ import grpc
 
 from node.data_path import method_path
 from node.errors import LimitError, ProbeError
+from node.limits import check_within
 from node.link import NO_EMULATION, LinkEmulation
 from node.next_hop import CONNECT_TIMEOUT_S, hop_channel
 from node.rpc import edgesplit_pb2 as pb
@@ -61,15 +62,10 @@ class ProbeOptions:
     def check(self, max_message_bytes: int) -> None:
         """Refuse sizes beyond the node's bounds: :class:`LimitError` naming the field."""
         largest = min(MAX_PROBE_BYTES, max_message_bytes - 64)
-        for name, value, low, high in (
+        check_within("Probe", (
             ("payload_bytes", self.payload_bytes, 1, largest),
             ("rounds", self.rounds, 1, MAX_PROBE_ROUNDS),
-        ):
-            if not low <= value <= high:
-                raise LimitError(
-                    f"Probe option {name} is {value}, but this node accepts {low} to {high}; "
-                    "ask for less"
-                )
+        ))
 
 
 @dataclass(frozen=True)

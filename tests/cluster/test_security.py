@@ -30,6 +30,7 @@ from coordinator.ports import free_ports
 from coordinator.samples import skip_dag, write_sample
 from node.client import GrpcWorkerHandle
 from node.errors import NodeRejectedError, NodeUnreachableError
+from node.probe import ProbeOptions
 from node.security import Security, client_security, load_security
 from partition.cluster import ClusterSpec, parse_cluster
 from partition.cost_builder import build_cost_model
@@ -194,6 +195,29 @@ async def test_wire_refuses_a_next_hop_that_is_not_the_named_node(
             await handle.wire(secure.address("n1"), next_node="n2")
     finally:
         await handle.close()
+
+
+async def test_only_the_coordinator_may_probe_and_only_the_named_node(
+    secure: SecureCluster,
+) -> None:
+    options = ProbeOptions(64 * 1024, 2)
+    handle = GrpcWorkerHandle(secure.address("n0"), "n0", client_security(secure.security))
+    try:  # node to node over mutual TLS with the token, as frames travel
+        measured = await handle.probe(secure.address("n1"), options, target_node="n1")
+        assert measured.rounds == 2 and measured.bytes_per_s > 0 and measured.rtt_s > 0
+        with pytest.raises(NodeRejectedError, match="INVALID_ARGUMENT.*certificate"):
+            await handle.probe(secure.address("n1"), options)
+        with pytest.raises(NodeRejectedError, match="FAILED_PRECONDITION.*does not name"):
+            await handle.probe(secure.address("n1"), options, target_node="n2")
+    finally:
+        await handle.close()
+    as_node = GrpcWorkerHandle(secure.address("n1"), "n1", secure.as_node("n0"))
+    try:
+        with pytest.raises(NodeRejectedError, match="PERMISSION_DENIED.*'n0' may not call Probe"):
+            await as_node.probe(secure.address("n2"), options, target_node="n2")
+        assert (await as_node.measure_link(options)).rounds == 2  # a node may answer probes
+    finally:
+        await as_node.close()
 
 
 async def test_refusals_are_logged_once_per_peer(secure: SecureCluster) -> None:
