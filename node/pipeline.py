@@ -30,15 +30,13 @@ from node.messages import Failure, FailureCode, StageInfo
 from partition.artifact import ProgramRunner, run_stage
 from partition.compression import LinkEncoding
 from partition.loader import example_tensor
+from partition.queues import QUEUE_DEPTH
 from partition.spec import StageSpec
 
 log = logging.getLogger(__name__)
 
 CALIBRATION_RUNS = 10
 """Runs of a freshly loaded stage whose fastest time is its compute time on this machine."""
-
-QUEUE_DEPTH = 4
-"""Frames each queue holds before the side feeding it has to wait."""
 
 STATS_WINDOW = 100
 """How many recent requests the median stage time is taken over."""

@@ -24,7 +24,7 @@ from node.health import NodeHealth
 from node.loading import receive_artifact
 from node.messages import FailureCode, NodeInfo, encoding_from_proto, link_from_proto
 from node.next_hop import NextHop
-from node.pipeline import QUEUE_DEPTH, StageRunner, Work
+from node.pipeline import StageRunner, Work
 from node.probe import NodeProber, ProbeOptions
 from node.profiling import NodeProfiler
 from node.results import ResultsOwner
@@ -36,6 +36,7 @@ from node.sysinfo import cpu_count, cpu_model, memory_bytes, resident_bytes
 from partition.allocator import release_free_memory
 from partition.artifact import load_program
 from partition.errors import EdgesplitError
+from partition.queues import QUEUE_DEPTH
 
 log = logging.getLogger(__name__)
 

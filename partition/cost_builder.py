@@ -11,6 +11,7 @@ from partition.costs import CostModel
 from partition.layers import LayerGraph
 from partition.profiler import Profile
 from partition.quantize import WeightFormat, dequantized_bytes, weight_bytes
+from partition.queues import held_frames_bytes
 
 
 def node_profiles(
@@ -33,8 +34,8 @@ def stage_memory_matrix(
 ) -> np.ndarray:
     """``[i, j]``: memory of a stage of layers ``[i, j)`` with its weights in ``fmt``: its
     parameters (a tensor shared by two layers counted once per stage), its largest layer's
-    peak activations plus the float weight it rebuilds, and the frames it receives and
-    sends."""
+    peak activations plus the float weight it rebuilds, and the frames its node's queues may
+    hold in and out (:func:`partition.queues.held_frames_bytes`)."""
     sizes = weight_bytes(layer_graph, fmt)
     rebuilt = dequantized_bytes(layer_graph, fmt)
     boundary = layer_graph.boundary_bytes()
@@ -50,7 +51,9 @@ def stage_memory_matrix(
                     params.add(name)
                     param_bytes += sizes[name]
             peak = max(peak, layer.peak_activation_bytes + int(rebuilt[end - 1]))
-            memory[start, end] = param_bytes + peak + boundary[start] + boundary[end]
+            frames = held_frames_bytes(int(boundary[start]), int(boundary[end]),
+                                       last=end == count)
+            memory[start, end] = param_bytes + peak + frames
     return memory
 
 

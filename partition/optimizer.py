@@ -463,7 +463,8 @@ def _shortfall_message(cost: CostModel, spaces: list[_Space], exact: bool) -> st
     weight format), and on which node."""
     need = Options.of(cost).stage_memory.min(axis=0)
     have = np.asarray(cost.node_memory_bytes, dtype=float)
-    ratio = need / have[:, None, None]
+    with np.errstate(divide="ignore"):  # a node with no memory for a stage: inf
+        ratio = need / have[:, None, None]
     valid = np.triu(np.ones(need.shape[1:], dtype=bool), k=1)[None]
     layers, n = cost.num_layers, cost.num_nodes
     ratios = _Tables(np.where(valid, ratio, np.inf), np.zeros((layers + 1, n, n)),
@@ -478,7 +479,7 @@ def _shortfall_message(cost: CostModel, spaces: list[_Space], exact: bool) -> st
         return (f"no plan fits within the error budget{scope}: plans that fit the nodes' "
                 "memory need weight formats or encodings whose errors alone add up to more "
                 f"than {cost.compression.max_error:g}; raise --max-error or add memory")
-    worst = max(spans, key=lambda s: need[s.node, s.start, s.end] / have[s.node])
+    worst = max(spans, key=lambda s: ratio[s.node, s.start, s.end])
     return (
         f"no plan fits{scope}: the closest one still needs "
         f"{format_bytes(need[worst.node, worst.start, worst.end])} for layers "

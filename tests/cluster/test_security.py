@@ -32,7 +32,7 @@ from node.client import GrpcWorkerHandle
 from node.errors import NodeRejectedError, NodeUnreachableError
 from node.probe import ProbeOptions
 from node.security import Security, client_security, load_security
-from partition.cluster import ClusterSpec, parse_cluster
+from partition.cluster import WORKER_OVERHEAD_BYTES, ClusterSpec, parse_cluster
 from partition.cost_builder import build_cost_model
 from partition.layers import build_layer_graph
 from partition.optimizer import Span, evaluate
@@ -43,6 +43,8 @@ from partition.security_spec import SecuritySpec
 from partition.split import split
 
 ATOL = 1e-5
+STAGE_MEMORY = WORKER_OVERHEAD_BYTES + 60 * 1024
+"""A node's memory in the CLI test: 60 KiB for its stage after its worker's own."""
 
 
 def three_nodes() -> ClusterSpec:
@@ -275,7 +277,7 @@ def test_up_secure_then_plan_deploy_run_status(
     addresses = {"alpha": f"127.0.0.1:{free_ports(1)[0]}", "beta": f"127.0.0.1:{free_ports(1)[0]}"}
     nodes = tmp_path / "nodes.yaml"
     nodes.write_text("nodes:\n" + "".join(
-        f"  - {{name: {name}, address: '{address}', memory: 60KiB}}\n"
+        f"  - {{name: {name}, address: '{address}', memory: {STAGE_MEMORY}}}\n"
         for name, address in addresses.items()
     ) + "links:\n  default: {bandwidth: 1Gbps, latency: 1ms}\n")
     out = ok(coordinator(cli_env, "up", nodes, "--secure"))
