@@ -122,15 +122,17 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
                 stall_s=self._config.upload_stall_s,
             )
             stage = await asyncio.to_thread(
-                lambda: self._runner.place(load_program(artifact), spec, len(artifact))
+                lambda data: self._runner.place(load_program(data), spec, len(data)), artifact
             )
         except EdgesplitError as err:  # LimitError, ArtifactError, ModelLoadError
             await _refuse(context, "a stage", err)
         self._runner.install(stage)
+        del artifact  # the upload, and the stage replaced, go back to the OS at once
+        release_free_memory()
         await self._health.set_ready(self._runner.sink is not None)
         log.info(
             "stage %d loaded: sha256 %s, %d bytes, %.2f ms a request here",
-            spec.index, spec.artifact_sha256, len(artifact), stage.calibrated_s * 1e3,
+            spec.index, spec.artifact_sha256, stage.size_bytes, stage.calibrated_s * 1e3,
         )
         return pb.LoadStageReply(
             stage=stage.info.to_proto(), load_seconds=time.perf_counter() - started
