@@ -43,8 +43,8 @@ from partition.security_spec import SecuritySpec
 from partition.split import split
 
 ATOL = 1e-5
-STAGE_MEMORY = WORKER_OVERHEAD_BYTES + 60 * 1024
-"""A node's memory in the CLI test: 60 KiB for its stage after its worker's own."""
+STAGE_MEMORY = WORKER_OVERHEAD_BYTES + 64 * 1024**2
+"""A node's memory in the CLI test: 64 MiB for its stage after its worker's own."""
 
 
 def three_nodes() -> ClusterSpec:
