@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from node.channels import open_channel
 from node.codec import Trace, decode_failure, decode_frame, decode_trace, encode_frame
 from node.data_path import results_stream, submit_stream
-from node.errors import FrameSpecError, NodeRejectedError, NodeUnreachableError
+from node.errors import FrameSpecError, NodeRejectedError, NodeUnreachableError, ProbeError
 from node.health import OVERALL, is_serving
 from node.link import NO_EMULATION, LinkEmulation
 from node.messages import (
@@ -261,8 +261,11 @@ class GrpcWorkerHandle(WorkerHandle):
         return LinkMeasurement.from_proto(reply)
 
     async def measure_link(self, options: ProbeOptions) -> LinkMeasurement:
-        with _mapped_errors(self, "Echo"):
-            return await measure_link(self._channel, options, NO_EMULATION, NO_EMULATION)
+        try:
+            with _mapped_errors(self, "Echo"):
+                return await measure_link(self._channel, options, NO_EMULATION, NO_EMULATION)
+        except ProbeError as err:
+            raise ProbeError(f"node {self.name!r} at {self.address}: {err}") from err
 
     async def check_health(self, service: str = OVERALL, timeout_s: float = 1.0) -> bool:
         with _mapped_errors(self, "Check"):
