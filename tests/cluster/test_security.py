@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import coordinator, ok, status_rows
+from cli_helpers import coordinator, ok, split_in_two_memory, status_rows
 from cluster_helpers import Shift, make_stage, node_command, spawn_node, stop_node
 from cluster_helpers import wait_listening as wait_node_listening
 from model_zoo import ExportedSample
@@ -32,7 +32,7 @@ from node.client import GrpcWorkerHandle
 from node.errors import NodeRejectedError, NodeUnreachableError
 from node.probe import ProbeOptions
 from node.security import Security, client_security, load_security
-from partition.cluster import WORKER_OVERHEAD_BYTES, ClusterSpec, parse_cluster
+from partition.cluster import ClusterSpec, parse_cluster
 from partition.cost_builder import build_cost_model
 from partition.layers import build_layer_graph
 from partition.optimizer import Span, evaluate
@@ -43,8 +43,6 @@ from partition.security_spec import SecuritySpec
 from partition.split import split
 
 ATOL = 1e-5
-STAGE_MEMORY = WORKER_OVERHEAD_BYTES + 64 * 1024**2
-"""A node's memory in the CLI test: 64 MiB for its stage after its worker's own."""
 
 
 def three_nodes() -> ClusterSpec:
@@ -275,9 +273,11 @@ def test_up_secure_then_plan_deploy_run_status(
     tmp_path: Path, cli_env: dict[str, str], up_nodes: list[LocalNode],  # noqa: F811
 ) -> None:
     addresses = {"alpha": f"127.0.0.1:{free_ports(1)[0]}", "beta": f"127.0.0.1:{free_ports(1)[0]}"}
+    model = write_sample(skip_dag(), tmp_path / "skip_dag.pt2")
+    memory = split_in_two_memory(model)  # neither node holds it all: the plan uses both
     nodes = tmp_path / "nodes.yaml"
     nodes.write_text("nodes:\n" + "".join(
-        f"  - {{name: {name}, address: '{address}', memory: {STAGE_MEMORY}}}\n"
+        f"  - {{name: {name}, address: '{address}', memory: {memory}}}\n"
         for name, address in addresses.items()
     ) + "links:\n  default: {bandwidth: 1Gbps, latency: 1ms}\n")
     out = ok(coordinator(cli_env, "up", nodes, "--secure"))
@@ -286,7 +286,6 @@ def test_up_secure_then_plan_deploy_run_status(
     secure_nodes = tmp_path / "state" / "nodes.yaml"
     assert f"plan with --nodes {secure_nodes}" in out
 
-    model = write_sample(skip_dag(), tmp_path / "skip_dag.pt2")
     plan_path = tmp_path / "plan.json"
     ok(coordinator(cli_env, "plan", model, "--nodes", secure_nodes, "-o", plan_path,
                    "--repeats", "2"))
