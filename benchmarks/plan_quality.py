@@ -12,7 +12,9 @@ a memory-tight one derived per model from the homogeneous cluster: each node hol
 layer plus 30-55% of the rest of what the whole model needs (so it fits no single node).
 
 ``--markdown`` prints README's tables: the heterogeneous cluster with each plan's stages, the
-other two clusters without, and the latency floor (the whole model in one process).
+other two clusters without, and the latency floor (the whole model in one process). Latency
+is measured alone (p50 ms) and with 8 requests in flight (p50@8, each answer sending the next
+request), each beside its prediction (``Plan.latency_under_load``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import peer_pipelining
 import report
 
 from coordinator import samples
+from coordinator.bench import BENCH_CONCURRENCY
 from partition.cluster import ClusterSpec, load_cluster
 from partition.cost_builder import node_profiles, stage_memory_matrix
 from partition.errors import NoFeasiblePlanError
@@ -47,8 +50,10 @@ TIGHT_SHARES = (0.35, 0.55, 0.3, 0.45)
 """Memory of each node of the memory-tight cluster: its largest layer's need plus this share
 of the rest of what the whole model needs (so no node holds the whole model)."""
 MEASURED = (f"{'req/s meas':>10} {'pred':>7} {'err':>7} {'p50 ms':>8} {'pred':>8} {'err':>7} "
-            f"{'ours/it':>8}")
-"""The header of the measured columns, which every table shares."""
+            f"{f'p50@{BENCH_CONCURRENCY}':>8} {'pred':>8} {'err':>7} {'ours/it':>8} "
+            f"{'host CPU':>8}")
+"""The header of the measured columns, which every table shares: throughput, latency alone,
+latency with :data:`BENCH_CONCURRENCY` requests in flight, and how busy the host's CPU was."""
 
 
 def memory_tight(base: ClusterSpec, layer_graph: LayerGraph) -> ClusterSpec:
@@ -78,7 +83,7 @@ def measure_case(model: str, cluster_name: str, cluster: ClusterSpec, sample: ha
     skipped = [b.name for b in ours.baselines if not b.fits or not b.stages]
     results = harness.run_plans(
         cluster, [p for _, p in plans], sample.layer_graph,
-        emulate=True, requests=requests, concurrency=8,
+        emulate=True, requests=requests, concurrency=BENCH_CONCURRENCY,
     )
     rows = []
     for (name, p), result in zip(plans, results, strict=True):
@@ -89,6 +94,9 @@ def measure_case(model: str, cluster_name: str, cluster: ClusterSpec, sample: ha
             "measured_throughput": result.throughput_per_s,
             "predicted_latency_ms": p.latency_s * 1e3,
             "measured_latency_p50_ms": result.latency_p50_s * 1e3,
+            "predicted_loaded_latency_ms": p.latency_under_load(BENCH_CONCURRENCY) * 1e3,
+            "measured_loaded_latency_p50_ms": result.loaded_latency_p50_s * 1e3,
+            "host_cpu_busy": result.host_cpu,
         })
     rows += [{"model": model, "cluster": cluster_name, "strategy": name,
               "stages": "does not fit memory"} for name in skipped]
@@ -102,8 +110,10 @@ def measured(row: dict, rows: list[dict]) -> str:
                 and r["strategy"] == "edgesplit")
     t, pt = row["measured_throughput"], row["predicted_throughput"]
     lat, plat = row["measured_latency_p50_ms"], row["predicted_latency_ms"]
+    load, pload = row["measured_loaded_latency_p50_ms"], row["predicted_loaded_latency_ms"]
     return (f"{t:10.1f} {pt:7.1f} {(t - pt) / pt:+7.0%} {lat:8.1f} {plat:8.1f} "
-            f"{(lat - plat) / plat:+7.0%} {ours['measured_throughput'] / t:7.2f}x")
+            f"{(lat - plat) / plat:+7.0%} {load:8.1f} {pload:8.1f} {(load - pload) / pload:+7.0%} "
+            f"{ours['measured_throughput'] / t:7.2f}x {row['host_cpu_busy']:8.0%}")
 
 
 def print_table(model: str, rows: list[dict]) -> None:

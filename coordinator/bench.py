@@ -1,7 +1,9 @@
-"""Measure a deployed plan: one request's latency, and throughput with requests in flight."""
+"""Measure a deployed plan: one request's latency, and throughput and latency with
+requests in flight."""
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import time
 from collections.abc import Callable
@@ -9,22 +11,30 @@ from dataclasses import dataclass
 
 import torch
 
+from coordinator.host_cpu import HostCpu
 from coordinator.pipeline import Pipeline
 from partition.plan import Plan
 from partition.spec import TensorSpec, dtype_from_name
 
 InputFactory = Callable[[int], dict[str, torch.Tensor]]
 
+BENCH_CONCURRENCY = 8
+"""Requests ``coordinator bench`` keeps in flight unless told otherwise."""
+
 
 @dataclass(frozen=True)
 class BenchResult:
-    """Latency percentiles of sequential requests and throughput at a concurrency."""
+    """Latency percentiles of sequential requests, and throughput and median latency with
+    ``concurrency`` requests in flight."""
 
     latency_p50_s: float
     latency_p95_s: float
     throughput_per_s: float
     requests: int
     concurrency: int
+    loaded_latency_p50_s: float
+    host_cpu: float = 0.0
+    """Share of the host's CPU time busy while the requests in flight ran."""
 
 
 def random_inputs(specs: tuple[TensorSpec, ...]) -> InputFactory:
@@ -50,7 +60,7 @@ async def measure(
 ) -> BenchResult:
     """Wait until failover is prepared (its background work would slow the run down), warm
     up, time ``latency_requests`` one at a time, then ``requests`` with ``concurrency`` in
-    flight (requests keep flowing: no drain between them)."""
+    flight (a closed loop: each answer sends the next request, no drain between them)."""
     async with await Pipeline.connect(
         plan, window=max(concurrency, 1), rebalance=rebalance
     ) as pipeline:
@@ -63,9 +73,18 @@ async def measure(
             start = time.perf_counter()
             await pipeline.infer(inputs)
             latencies.append(time.perf_counter() - start)
-        batch = [make_inputs(index) for index in range(requests)]
+        batch = iter([make_inputs(index) for index in range(requests)])
+        loaded: list[float] = []
+
+        async def closed_loop() -> None:
+            for inputs in batch:
+                sent = time.perf_counter()
+                await pipeline.infer(inputs)
+                loaded.append(time.perf_counter() - sent)
+
         start = time.perf_counter()
-        await pipeline.map(batch)
+        with HostCpu() as host:
+            await asyncio.gather(*(closed_loop() for _ in range(max(concurrency, 1))))
         elapsed = time.perf_counter() - start
     quantiles = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else latencies * 19
     return BenchResult(
@@ -74,4 +93,6 @@ async def measure(
         throughput_per_s=requests / elapsed,
         requests=requests,
         concurrency=concurrency,
+        loaded_latency_p50_s=statistics.median(loaded) if loaded else 0.0,
+        host_cpu=host.busy,
     )

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from coordinator.bench import InputFactory
+from coordinator.host_cpu import HostCpu
 from coordinator.pipeline import Pipeline
 from partition.artifact import ProgramRunner
 from partition.errors import EdgesplitError
@@ -44,6 +45,8 @@ class CheckedRun:
     finished_at: list[float] = field(default_factory=list, repr=False)
     errors: list[str] = field(default_factory=list)
     replans: list[dict] = field(default_factory=list)
+    host_cpu: float = 0.0
+    """Share of the host's CPU time busy during the run."""
 
     @property
     def throughput_per_s(self) -> float:
@@ -60,7 +63,7 @@ class CheckedRun:
             "requests": self.requests, "answered": self.answered, "failed": self.failed,
             "duplicates": self.duplicates, "mismatches": self.mismatches,
             "late_answers_dropped": self.late_answers, "replans": self.replans,
-            "throughput_per_s": self.throughput_per_s,
+            "throughput_per_s": self.throughput_per_s, "host_cpu_busy": self.host_cpu,
             "latency_p50_s": self.percentile(0.5), "latency_p99_s": self.percentile(0.99),
             "elapsed_s": self.elapsed_s, "errors": self.errors,
         }
@@ -155,8 +158,10 @@ async def run_checked(
                 if waited is not None:
                     await waited
 
-    await asyncio.gather(*(worker() for _ in range(max(concurrency, 1))))
+    with HostCpu() as host:
+        await asyncio.gather(*(worker() for _ in range(max(concurrency, 1))))
     run.elapsed_s = time.perf_counter() - started
+    run.host_cpu = host.busy
     run.duplicates = sum(count - 1 for count in answers if count > 1)
     run.late_answers = pipeline.late_answers
     run.replans = [r.to_dict() for r in pipeline.replans]

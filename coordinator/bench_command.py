@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from coordinator.bench import BenchResult, measure, random_inputs
+from coordinator.bench import BENCH_CONCURRENCY, BenchResult, measure, random_inputs
 from coordinator.bench_check import CheckedRun, Reference, run_checked
 from coordinator.console import console, ms
 from coordinator.deploy import deploy
@@ -23,6 +23,7 @@ from coordinator.deploy_command import (
     ensure_deployed,
 )
 from coordinator.events import events_path_for
+from coordinator.host_cpu import host_cpu_line
 from coordinator.pipeline import Pipeline
 from coordinator.verify import Difference, verify
 from partition.artifact import ProgramRunner
@@ -36,7 +37,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("bench", help="measure a deployed plan against its prediction")
     add_deploy_arguments(parser)
     parser.add_argument("-n", "--requests", type=int, default=200, help="requests (default 200)")
-    parser.add_argument("-c", "--concurrency", type=int, default=8, help="in flight (default 8)")
+    parser.add_argument("-c", "--concurrency", type=int, default=BENCH_CONCURRENCY,
+                        help=f"in flight (default {BENCH_CONCURRENCY})")
     parser.add_argument("--baselines", action="store_true",
                         help="also deploy and measure every baseline that fits")
     parser.add_argument(
@@ -64,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         ours = _measure(plan, args)
         console.print(prediction_table(plan, ours))
+        console.print(host_cpu_line(ours.host_cpu))
         status = 0
     differences = _verify(plan, args) if args.verify_fraction > 0 else []
     if args.baselines:  # last: it leaves the nodes holding a baseline
@@ -144,7 +147,8 @@ def _run_checked(plan: Plan, args: argparse.Namespace) -> int:
 
     with console.status(f"{args.requests} requests, {args.concurrency} in flight"):
         result = asyncio.run(go())
-    console.print(checked_table(result, args.check))
+    console.print(checked_table(result, args.check, plan.latency_under_load(args.concurrency)))
+    console.print(host_cpu_line(result.host_cpu))
     for replan in result.replans:
         console.print(replan_line(replan))
     if args.json:
@@ -153,18 +157,19 @@ def _run_checked(plan: Plan, args: argparse.Namespace) -> int:
     return 1 if result.failed or result.mismatches or result.duplicates else 0
 
 
-def checked_table(result: CheckedRun, checked: bool) -> Table:
-    """What happened to every request of a run."""
+def checked_table(result: CheckedRun, checked: bool, predicted_p50_s: float) -> Table:
+    """What happened to every request of a run, and its median latency beside the plan's
+    prediction for as many requests in flight."""
     table = Table(title=f"{result.requests} requests" + (", every output checked against "
                                                           "the single-process model"
                                                           if checked else ""))
     for column in ("answered", "failed", "duplicates", "mismatches", "re-plans",
-                   "req/s", "p50 ms", "p99 ms"):
+                   "req/s", "p50 ms", "predicted p50 ms", "p99 ms"):
         table.add_column(column, justify="right")
     table.add_row(str(result.answered), str(result.failed), str(result.duplicates),
                   str(result.mismatches) if checked else "-", str(len(result.replans)),
                   f"{result.throughput_per_s:.1f}", ms(result.percentile(0.5)),
-                  ms(result.percentile(0.99)))
+                  ms(predicted_p50_s), ms(result.percentile(0.99)))
     return table
 
 
@@ -182,15 +187,20 @@ def _error(measured: float, predicted: float) -> str:
 
 
 def prediction_table(plan: Plan, result: BenchResult) -> Table:
-    """Measured p50/p95 latency and throughput beside the plan's prediction."""
+    """Measured latency (one request alone, and p50 with the run's requests in flight)
+    and throughput beside the plan's prediction."""
     table = Table(title=f"measured vs predicted ({result.requests} requests, "
                         f"{result.concurrency} in flight)")
     for column in ("metric", "measured", "predicted", "error"):
         table.add_column(column, justify="left" if column == "metric" else "right")
-    table.add_row("latency p50 ms", ms(result.latency_p50_s), ms(plan.latency_s),
+    table.add_row("latency p50 ms, 1 in flight", ms(result.latency_p50_s), ms(plan.latency_s),
                   _error(result.latency_p50_s, plan.latency_s))
-    table.add_row("latency p95 ms", ms(result.latency_p95_s), ms(plan.latency_s),
+    table.add_row("latency p95 ms, 1 in flight", ms(result.latency_p95_s), ms(plan.latency_s),
                   _error(result.latency_p95_s, plan.latency_s))
+    loaded = plan.latency_under_load(result.concurrency)
+    table.add_row(f"latency p50 ms, {result.concurrency} in flight",
+                  ms(result.loaded_latency_p50_s), ms(loaded),
+                  _error(result.loaded_latency_p50_s, loaded))
     table.add_row("throughput req/s", f"{result.throughput_per_s:.1f}",
                   f"{plan.throughput_per_s:.1f}",
                   _error(result.throughput_per_s, plan.throughput_per_s))
@@ -202,13 +212,13 @@ def baselines_measured_table(rows: list[tuple[str, Plan, BenchResult]]) -> Table
     ours = rows[0][2]
     table = Table(title="measured on the same cluster")
     for column in ("strategy", "stages", "latency p50 ms", "throughput req/s",
-                   "predicted req/s", "ours / it"):
+                   "predicted req/s", "ours / it", "host CPU"):
         table.add_column(column, justify="left" if column in ("strategy", "stages") else "right")
     for name, plan, result in rows:
         table.add_row(
             name, " ".join(f"{s.node}[{s.start},{s.end})" for s in plan.stages),
             ms(result.latency_p50_s), f"{result.throughput_per_s:.1f}",
             f"{plan.throughput_per_s:.1f}",
-            f"{ours.throughput_per_s / result.throughput_per_s:.2f}x",
+            f"{ours.throughput_per_s / result.throughput_per_s:.2f}x", f"{result.host_cpu:.0%}",
         )
     return table

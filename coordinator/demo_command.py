@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from coordinator import samples
-from coordinator.bench import InputFactory, measure, random_inputs
+from coordinator.bench import BENCH_CONCURRENCY, InputFactory, measure, random_inputs
 from coordinator.bench_command import prediction_table
 from coordinator.console import console, progress_bar
 from coordinator.deploy import deploy
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
                       "model's (atol 1e-5)")
         with console.status("7. measuring latency and throughput"):
             measured = asyncio.run(measure(result, make_inputs, requests=args.requests,
-                                           concurrency=8))
+                                           concurrency=BENCH_CONCURRENCY))
         console.print(prediction_table(result, measured))
     console.print(f"cluster stopped; demo took {time.perf_counter() - started:.0f} s")
     return 0

@@ -1,12 +1,14 @@
 """Drift: a stage or a link running slower than when it was deployed, for a sustained while.
 
-Each stage's node reports the median time of its recent requests and of its outbound link's
-recent frames, counted since the stage was loaded and the link wired (``Describe``; a link
-is measured only on frames the receiver took at once). The first medians over a full window
-are the baselines; a stage or link whose median stays more than :data:`DRIFT_RATIO` off its
-baseline for :data:`SUSTAIN_POLLS` polls has drifted, by the ratio of the two (a node heating
-up or sharing its CPU, a Wi-Fi link losing signal). A link must also be off by
-:data:`LINK_NOISE_S` per frame: on a fast link the time per frame is mostly scheduling noise.
+Each stage's node reports the median time of its recent requests and the median time its
+outbound link was busy with each of its recent frames (its latency excluded), counted since
+the stage was loaded and the link wired (``Describe``; a link is measured only on frames the
+receiver took at once). The first medians over a full window are the baselines; a stage or
+link whose median stays more than :data:`DRIFT_RATIO` off its baseline for
+:data:`SUSTAIN_POLLS` polls has drifted, by the ratio of the two (a node heating up or
+sharing its CPU, a Wi-Fi link losing signal). A link must also be off by
+:data:`LINK_NOISE_S` per frame: on a fast link the time per frame is mostly scheduling
+noise.
 """
 
 from __future__ import annotations
@@ -30,15 +32,14 @@ WINDOW = 100
 """Requests or frames a node's medians are taken over (``node.pipeline.STATS_WINDOW``)."""
 LINK_NOISE_S = 0.002
 """A link's time per frame must change by more than this to count as off."""
-MIN_TRANSFER_SHARE = 0.1
-"""The least share of a link's time per frame taken as transfer (not latency)."""
 
 
 @dataclass
 class Drift:
     """What drifted: nodes, and links ``(from, to)``, each with how many times slower it
-    runs than its baseline; ``bandwidth`` is the bandwidth that explains each drifted link's
-    measured time per frame (its time less the planned latency)."""
+    runs than its baseline; ``bandwidth`` is each drifted link's measured bandwidth: the
+    bytes of a frame over the time it kept the link busy (a link's latency delays a frame
+    without keeping the link busy, so it is not in that time)."""
 
     nodes: dict[str, float] = field(default_factory=dict)
     links: dict[tuple[str, str], float] = field(default_factory=dict)
@@ -101,10 +102,8 @@ class DriftWatch:
             ratio = base.drift(info.link_frames, info.link_p50_seconds)
             if ratio is not None:
                 found.links[link.src, link.dst] = ratio
-                seconds = info.link_p50_seconds
-                frame_bytes = info.link_bytes_per_s * seconds  # as sent: encoded, if it is
-                transfer_s = max(seconds - link.latency_s, MIN_TRANSFER_SHARE * seconds)
-                found.bandwidth[link.src, link.dst] = frame_bytes / transfer_s
+                # bytes as sent (encoded, if the link is) over the busy time per frame
+                found.bandwidth[link.src, link.dst] = info.link_bytes_per_s
         return found
 
     def forget(self, nodes: set[str]) -> None:

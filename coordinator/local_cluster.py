@@ -240,8 +240,12 @@ class LocalCluster:
         clear_state(self.state_dir)
 
     def restart(self, name: str) -> LocalNode:
-        """Start node ``name`` again (same address and speed) after it stopped; wait until
-        it answers."""
+        """Start node ``name`` again (same address and speed); wait until it answers.
+
+        A process of the node that still runs (leaving, or hung) is stopped first, as
+        :func:`stop_nodes` does, so the new one can take its port.
+        """
+        stop_nodes([n for n in self.nodes if n.name == name])
         node = _spawn(self.cluster, name, self.state_dir)
         self.nodes = [node if n.name == name else n for n in self.nodes]
         write_state(self.state_dir, self.nodes)

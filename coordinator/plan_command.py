@@ -107,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         mode, tuple(inputs), args.max_error, args.budget_units,
         weight_offer(layer_graph, {fmt: layer_seconds(cluster, by_format[fmt])
                                    for fmt in offered}) if offered else None,
+        args.calibration,
     )
     overheads = {}
     if args.profile_on_nodes:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from coordinator.bench import BENCH_CONCURRENCY
 from coordinator.console import ms
-from partition.plan import LinkEncoding, Plan, PlannedStage
+from partition.plan import LinkEncoding, Objective, Plan, PlannedStage
 from partition.units import format_bytes
 
 
@@ -35,11 +36,25 @@ def _weights(stage: PlannedStage) -> str:
 
 
 def totals_line(plan: Plan) -> str:
-    bound = "" if plan.exact else f" (not exhaustive; optimum >= {ms(plan.lower_bound_s)} ms)"
+    """The plan's predictions: latency alone and with `bench`'s requests in flight, and
+    throughput; when not proven optimal, how far at most the objective's value is from the
+    optimum (the solver's proven gap)."""
+    bound = "" if plan.exact else f" ({_gap(plan)})"
     return (
-        f"predicted: latency {ms(plan.latency_s)} ms, throughput {plan.throughput_per_s:.1f} "
+        f"predicted: latency {ms(plan.latency_s)} ms alone, "
+        f"{ms(plan.latency_under_load(BENCH_CONCURRENCY))} ms with {BENCH_CONCURRENCY} in "
+        f"flight (bench's default), throughput {plan.throughput_per_s:.1f} "
         f"req/s (bottleneck {ms(plan.bottleneck_s)} ms){bound}"
     )
+
+
+def _gap(plan: Plan) -> str:
+    value = plan.latency_s if plan.objective is Objective.LATENCY else plan.bottleneck_s
+    name = "latency" if plan.objective is Objective.LATENCY else "bottleneck"
+    if plan.lower_bound_s <= 0:
+        return f"not proven optimal; no lower bound on the {name} was found"
+    return (f"not proven optimal: {name} at most {value / plan.lower_bound_s - 1:.2%} above "
+            f"the optimum, which is >= {ms(plan.lower_bound_s)} ms")
 
 
 def compression_lines(plan: Plan) -> list[str]:

@@ -16,29 +16,30 @@ def pipeline_timeline(plan: Plan, requests: int) -> list[tuple[str, int, float, 
     """``(resource, request, start_s, end_s)`` for ``requests`` sent back to back.
 
     Resources are the hops (``"src -> dst"``) and the stages (``"stage k on node"``); each
-    is busy with one request at a time, as in the cost model.
+    is busy with one request at a time, as in the cost model: a hop for its transfer time,
+    after which its latency delays the request without keeping the hop busy.
     """
-    resources: list[tuple[str, list[float]]] = []
+    resources: list[tuple[str, float, float]] = []  # name, busy seconds, delay after
     for k, stage in enumerate(plan.stages):
         link = plan.links[k]
-        resources.append((f"{link.src} -> {link.dst}", [stage.transfer_in_s] * requests))
-        resources.append((f"stage {k} on {stage.node}", [stage.compute_s] * requests))
+        delay = 0.0 if link.src == link.dst else link.latency_s
+        resources.append((f"{link.src} -> {link.dst}", stage.transfer_in_s, delay))
+        resources.append((f"stage {k} on {stage.node}", stage.compute_s, 0.0))
     last = plan.links[-1]
-    out_s = 0.0 if last.src == last.dst else (
-        plan.stages[-1].bytes_out / last.bytes_per_s + last.latency_s
-    )
-    resources.append((f"{last.src} -> {last.dst}", [out_s] * requests))
+    if last.src != last.dst:
+        resources.append((f"{last.src} -> {last.dst}",
+                          plan.stages[-1].bytes_out / last.bytes_per_s, last.latency_s))
 
     bars = []
     free_at = [0.0] * len(resources)
     for request in range(requests):
         ready = 0.0
-        for index, (name, durations) in enumerate(resources):
+        for index, (name, busy, delay) in enumerate(resources):
             start = max(ready, free_at[index])
-            end = start + durations[request]
-            free_at[index] = ready = end
-            if durations[request] > 0:
-                bars.append((name, request, start, end))
+            free_at[index] = start + busy
+            ready = start + busy + delay
+            if busy > 0:
+                bars.append((name, request, start, start + busy))
     return bars
 
 

@@ -13,10 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import TypeVar
 
+from coordinator.calibration import read_calibration
 from partition.errors import EdgesplitError
 from partition.measured import AS_PLANNED, Measured
 from partition.optimizer import Schedule
 from partition.plan import Plan, PlannedStage
+from partition.quantize import WeightFormat
 from partition.replanning import Replanner
 from partition.split import StageArtifact, export_stage, plan_model
 
@@ -39,7 +41,7 @@ class PlanRecovery:
         self._model_path = model_path
         self._replanner: Replanner | None = None
         self._lock = asyncio.Lock()
-        self._artifacts: dict[tuple[int, int], StageArtifact] = {}
+        self._artifacts: dict[tuple[int, int, WeightFormat], StageArtifact] = {}
         self._plans: dict[tuple[frozenset[str], object], Plan] = {}
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="replan")
 
@@ -55,7 +57,8 @@ class PlanRecovery:
 
     def _load(self) -> Replanner:
         model, layer_graph = plan_model(self._plan, self._model_path)
-        return Replanner(self._plan, model, layer_graph)
+        return Replanner(self._plan, model, layer_graph,
+                         lambda path: read_calibration(path, model))
 
     async def replan(
         self, usable: Collection[str], measured: Measured = AS_PLANNED
@@ -75,14 +78,14 @@ class PlanRecovery:
         replanner = await self.prepare()
         candidates = [set(usable) - {s.node} for s in plan.stages]
         candidates.append(set(replanner.cluster.names))
-        needed = {(s.start, s.end) for s in plan.stages}
+        needed = {_artifact_key(s) for s in plan.stages}
         for nodes in candidates:
             try:
                 other = await self.replan(nodes, measured)
             except EdgesplitError:
                 continue  # nothing to prepare: losing that node fails the requests
             for stage in other.stages:
-                needed.add((stage.start, stage.end))
+                needed.add(_artifact_key(stage))
                 await self.artifact(stage)
         self._artifacts = {k: v for k, v in self._artifacts.items() if k in needed}
         if len(self._plans) > MAX_PLANS:
@@ -94,10 +97,16 @@ class PlanRecovery:
         return await self._run(replanner.price, plan, measured)
 
     async def artifact(self, stage: PlannedStage) -> StageArtifact:
-        """The exported program of ``stage`` (exported once per layer range)."""
+        """The exported program of ``stage`` (exported once per layer range and weight
+        format)."""
         replanner = await self.prepare()
-        key = (stage.start, stage.end)
+        key = _artifact_key(stage)
         if key not in self._artifacts:
             self._artifacts[key] = await self._run(export_stage, stage, replanner.layer_graph)
         made = self._artifacts[key]
         return StageArtifact(replace(made.spec, index=stage.index, node=stage.node), made.data)
+
+
+def _artifact_key(stage: PlannedStage) -> tuple[int, int, WeightFormat]:
+    """What makes two stages' exported programs the same."""
+    return stage.start, stage.end, stage.weights

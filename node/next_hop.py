@@ -71,6 +71,10 @@ class NextHop:
             self._call = None
 
     @property
+    def destination(self) -> str:
+        return self.address
+
+    @property
     def backlog(self) -> int:
         """Frames written to the next node and not yet acknowledged by it."""
         return len(self._unacked)

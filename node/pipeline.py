@@ -1,12 +1,14 @@
-"""The stage runner: a bounded queue in, a compute loop, and a send loop to the next hop.
+"""The stage runner: a bounded queue in, a compute loop, a send loop and a delivery loop.
 
 Frames are checked by the receiver and queued (a full queue makes the receiver wait, which
-gRPC flow control turns into backpressure on the sender). The compute loop decodes them,
-runs the stage and encodes its output for the outbound link, all in a worker thread,
-stretches that to the emulated speed (its calibrated time over the speed factor), and
-queues the frame; the send loop crosses the emulated outbound link and hands the frame to
-the sink. Compute and send overlap, so consecutive stages work on different requests at
-once, like a pipeline.
+gRPC flow control turns into backpressure on the sender); a frame that crossed an emulated
+inbound link waits in the queue until it is due. The compute loop decodes them, runs the
+stage and encodes its output for the outbound link, all in a worker thread, stretches that
+to the emulated speed (its calibrated time over the speed factor), and queues the frame;
+the send loop holds the emulated outbound link for the frame's transfer time, and the
+delivery loop hands each frame to the sink when the link's latency has passed, in order,
+while the send loop already sends the next. Compute, send and delivery overlap, so
+consecutive stages work on different requests at once, like a pipeline.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 
 from node.codec import ReceivedFrame, StageReport, encode_failure, encode_frame
 from node.config import Device
-from node.link import EmulatedLink, LinkEmulation
+from node.link import EmulatedLink, LinkEmulation, until
 from node.messages import Failure, FailureCode, StageInfo
 from partition.artifact import ProgramRunner, run_stage
 from partition.compression import LinkEncoding
@@ -37,6 +39,11 @@ log = logging.getLogger(__name__)
 
 CALIBRATION_RUNS = 10
 """Runs of a freshly loaded stage whose fastest time is its compute time on this machine."""
+
+IN_FLIGHT_FRAMES = 16
+"""Frames the emulated outbound link holds between leaving this node and arriving (its
+latency) before the send loop waits, like a transport's window: twice the coordinator's
+default window of requests in flight, so the emulated latency does not limit throughput."""
 
 STATS_WINDOW = 100
 """How many recent requests the median stage time is taken over."""
@@ -66,12 +73,30 @@ class Work:
     stage: LoadedStage | None = None
     frame: ReceivedFrame | None = None
     failure: bytes | None = None
+    due: float = float("-inf")
+    """Event loop time the frame arrives over the emulated inbound link."""
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A frame that left this node over the emulated outbound link: when it arrives, and
+    how long it kept the link busy."""
+
+    request_id: int
+    frame: bytes
+    arrives_at: float
+    busy_s: float
 
 
 class FrameSink(Protocol):
     """Where the send loop delivers frames: the next hop, or the Results subscribers."""
 
     async def deliver(self, request_id: int, frame: bytes) -> None: ...
+
+    @property
+    def destination(self) -> str:
+        """Where frames go: the next node's address, or the Results subscribers."""
+        ...
 
     @property
     def backlog(self) -> int:
@@ -99,9 +124,10 @@ class RecentStats:
 
 
 class LinkStats:
-    """The outbound link's throughput and time per frame, over frames the next node took
-    at once (a frame sent while the next node holds back earlier ones measures the next
-    node, not the link)."""
+    """The outbound link's throughput and busy time per frame (its emulated transfer time
+    and the write to the next node; not its latency, which keeps the link free), over
+    frames the next node took at once (a frame sent while the next node holds back earlier
+    ones measures the next node, not the link)."""
 
     def __init__(self) -> None:
         self.bytes_per_s = RecentStats()
@@ -129,6 +155,7 @@ class StageRunner:
         self._speed_factor = speed_factor
         self._inbox: asyncio.Queue[Work] = asyncio.Queue(QUEUE_DEPTH)
         self._outbox: asyncio.Queue[tuple[int, bytes]] = asyncio.Queue(QUEUE_DEPTH)
+        self._in_flight: asyncio.Queue[InFlight] = asyncio.Queue(IN_FLIGHT_FRAMES)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
         self._tasks: list[asyncio.Task[None]] = []
         self.holding = 0
@@ -153,6 +180,7 @@ class StageRunner:
         self._tasks = [
             asyncio.create_task(self._compute_loop(), name="compute"),
             asyncio.create_task(self._send_loop(), name="send"),
+            asyncio.create_task(self._delivery_loop(), name="delivery"),
         ]
         for task in self._tasks:
             task.add_done_callback(_log_crash)
@@ -192,8 +220,7 @@ class StageRunner:
         emulated links; the link's statistics start afresh if it goes elsewhere or carries
         another encoding (a re-wire of the same link keeps them, so a change shows)."""
         old, self.sink = self.sink, sink
-        if (getattr(old, "address", None), self._encoding) != (
-                getattr(sink, "address", None), encoding):
+        if old is None or (old.destination, self._encoding) != (sink.destination, encoding):
             self.link_stats = LinkStats()
         self._encoding = encoding
         self._outbound = EmulatedLink(outbound)
@@ -214,6 +241,7 @@ class StageRunner:
         loop = asyncio.get_running_loop()
         while True:
             work = await self._inbox.get()
+            await until(work.due)
             if work.stage is None or work.frame is None:
                 if work.failure is None:
                     raise RuntimeError(f"work for request {work.request_id} has nothing to do")
@@ -261,19 +289,32 @@ class StageRunner:
     async def _send_loop(self) -> None:
         while True:
             request_id, frame = await self._outbox.get()
-            if self.sink is None:
-                raise RuntimeError("a frame was computed before the node was wired")
-            measured, started = self.sink, time.perf_counter()
-            unhindered = measured.backlog <= 1  # one frame may still be crossing the link
             try:
-                await self._outbound.carry(len(frame))
-                sink = self.sink  # re-read: a Wire may have closed the one measured
-                await sink.deliver(request_id, frame)
+                started = time.perf_counter()
+                arrives_at = await self._outbound.send(len(frame))
+                busy_s = time.perf_counter() - started
+                await self._in_flight.put(InFlight(request_id, frame, arrives_at, busy_s))
+            except BaseException:
+                self.holding -= 1
+                raise
+
+    async def _delivery_loop(self) -> None:
+        while True:
+            sent = await self._in_flight.get()
+            try:
+                await until(sent.arrives_at)
+                sink = self.sink
+                if sink is None:
+                    raise RuntimeError("a frame was computed before the node was wired")
+                unhindered = sink.backlog <= 1  # one frame may still be crossing the link
+                started = time.perf_counter()
+                await sink.deliver(sent.request_id, sent.frame)
             finally:
                 self.holding -= 1
-            self.bytes_sent += len(frame)
-            if unhindered and sink is measured is self.sink:
-                self.link_stats.record(len(frame), time.perf_counter() - started)
+            self.bytes_sent += len(sent.frame)
+            if unhindered and sink is self.sink:
+                self.link_stats.record(len(sent.frame),
+                                       sent.busy_s + time.perf_counter() - started)
 
 
 FINGERPRINT_WEIGHTS = 7

@@ -3,7 +3,7 @@
 A probe sends messages on one ``Echo`` stream: the fastest tiny one times the round trip,
 sized ones the bandwidth (the median extra time a sized message takes over a tiny one). On
 an emulated link each message is charged its time over the link out and its reply's over
-the link back (:meth:`LinkEmulation.seconds`, the figures the send loop holds frames for),
+the link back (its transfer time and latency, the figures the send loop delays frames by),
 added to what the round trip measured rather than slept: the event loop wakes a sleeper up
 to a millisecond late on a busy machine, which would read as latency. So on a simulated
 cluster a probe recovers the emulated figures plus what the loopback itself takes.
@@ -120,10 +120,16 @@ class EchoStream:
         if reply is grpc.aio.EOF:
             raise ProbeError("the Echo stream ended before its reply")
         measured = time.perf_counter() - started
-        return measured + outbound.seconds(len(message)) + inbound.seconds(reply.ByteSize())
+        return measured + _crossing_s(outbound, len(message)) + _crossing_s(inbound,
+                                                                           reply.ByteSize())
 
     def close(self) -> None:
         self._call.cancel()
+
+
+def _crossing_s(link: LinkEmulation, nbytes: int) -> float:
+    """Seconds a message of ``nbytes`` takes over ``link``: its transfer, then the latency."""
+    return link.transfer_seconds(nbytes) + link.latency_s
 
 
 async def measure_link(

@@ -104,6 +104,10 @@ class ResultsOwner:
                     )
 
     @property
+    def destination(self) -> str:
+        return "the Results stream"
+
+    @property
     def backlog(self) -> int:
         """Result frames waiting for the owner to read them."""
         return self._buffer.qsize()

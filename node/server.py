@@ -176,7 +176,7 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
         await self._health.set_ready(self._runner.stage is not None)
         log.info(
             "wired: next hop %s in %s, outbound %s, inbound %s",
-            request.next_address or "the Results stream", encoding.value, outbound, inbound,
+            sink.destination, encoding.value, outbound, inbound,
         )
         return pb.WireReply()
 
@@ -222,7 +222,7 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
             if failure is not None:
                 return Work(failure.request_id, failure=frame.raw)
             header, payload = frame.header, frame.payload
-            await self._runner.inbound.carry(len(header) + len(payload))
+            due = await self._runner.inbound.send(len(header) + len(payload))
             stage = self._runner.stage
             received = check_frame(header, payload, stage.spec.receives)
         except FrameSpecError as err:
@@ -233,7 +233,7 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
         except FrameError as err:
             log.warning("closed a Submit stream: %s", err)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        return Work(received.request_id, stage=stage, frame=received)
+        return Work(received.request_id, stage=stage, frame=received, due=due)
 
     async def Results(
         self, request: pb.ResultsRequest, context: grpc.aio.ServicerContext

@@ -10,11 +10,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import pairwise
 
+import networkx as nx
 import numpy as np
 
 from partition.costs import CostModel
 from partition.optimizer import Schedule, Span, evaluate
 from partition.plan import Objective
+from partition.value_flow import INPUT, ValueFlow
 
 
 @dataclass(frozen=True)
@@ -27,15 +29,19 @@ class Baseline:
     note: str = ""
 
 
-def baselines(cost: CostModel, objective: Objective) -> list[Baseline]:
-    """Best single node, even layer split, parameter-balanced split, memory-weighted split
-    and best two-way split; "best" is judged by ``objective``."""
+def baselines(
+    cost: CostModel, objective: Objective, flow: ValueFlow | None = None
+) -> list[Baseline]:
+    """Best single node, even layer split, parameter-balanced split, memory-weighted split,
+    best two-way split and the DADS min-cut split of the layer DAG ``flow`` (the cost
+    model's layers); "best" is judged by ``objective``."""
     return [
         best_single_node(cost, objective),
         even_split(cost),
         parameter_split(cost),
         memory_split(cost),
         best_two_way(cost, objective),
+        dads_min_cut(cost, objective, flow),
     ]
 
 
@@ -100,6 +106,84 @@ def best_two_way(cost: CostModel, objective: Objective) -> Baseline:
     schedule, note = _pick(options, objective, "no two-way split fits the nodes' memory")
     return Baseline("two-way split", "the source runs a prefix, one other node the rest",
                     schedule, note)
+
+
+def dads_min_cut(cost: CostModel, objective: Objective, flow: ValueFlow | None) -> Baseline:
+    """The source and one other node split the layer DAG at a minimum s-t cut, as DADS does
+    ("Dynamic Adaptive DNN Surgery", Hu et al., INFOCOM 2019, light-workload mode): the cut
+    minimizes the source's compute plus the other node's compute plus the transfer of every
+    tensor that crosses, over all splits that never send a tensor back.
+
+    The cut need not be a prefix of the layer order, and only a prefix runs as two stages:
+    then the prefix with the smallest DADS cost is taken instead (said in the note). Each
+    other node is tried; the split is priced on the cost model and the best one by
+    ``objective`` is reported.
+    """
+    name, description = "DADS min cut", "the source and one other node split at a min cut"
+    if flow is None:
+        return Baseline(name, description, None, "the cost model has no layer graph")
+    layers, source = cost.num_layers, cost.source
+    options = [(evaluate(cost, [Span(source, 0, layers)]), "")]
+    for d in range(cost.num_nodes):
+        if d == source:
+            continue
+        cut, note = dads_cut(cost, flow, d)
+        spans = [Span(source, 0, cut), Span(d, cut, layers)]
+        options.append((evaluate(cost, [s for s in spans if s.end > s.start]), note))
+    schedule, note = _pick([s for s, _ in options], objective, "no DADS split fits the nodes' "
+                           "memory")
+    mapped = next(n for s, n in options if s is schedule)
+    return Baseline(name, description, schedule, "; ".join(n for n in (mapped, note) if n))
+
+
+def dads_graph(cost: CostModel, flow: ValueFlow, other: int) -> nx.DiGraph:
+    """DADS's cut graph between ``"source"`` (the source node's side) and ``"other"``.
+
+    Each layer has an edge from ``"source"`` costing its time on ``other`` (cut when it runs
+    there) and one to ``"other"`` costing its time on the source; each tensor read by another
+    side runs from its producer (``"source"`` for an input) to a node ``("value", k)``
+    costing its bytes over the link, then uncapacitated (infinite) to its readers, the model
+    output counting as read on ``other``, so a tensor read by several layers is paid once.
+    An uncapacitated edge from each reader back to its producer forbids a layer on
+    ``other`` feeding one on the source.
+    """
+    seconds_here, seconds_there = cost.layer_seconds[cost.source], cost.layer_seconds[other]
+    bytes_per_s = float(cost.link_bytes_per_s[cost.source, other])
+    graph = nx.DiGraph()
+    for layer in range(flow.num_layers):
+        graph.add_edge("source", layer, capacity=float(seconds_there[layer]))
+        graph.add_edge(layer, "other", capacity=float(seconds_here[layer]))
+    for k, (size, made, readers) in enumerate(
+        zip(flow.nbytes, flow.producers, flow.consumers, strict=True)
+    ):
+        maker = "source" if made == INPUT else made
+        if readers:
+            graph.add_edge(maker, ("value", k), capacity=size / bytes_per_s)
+        for reader in readers:
+            graph.add_edge(("value", k), "other" if reader == flow.num_layers else reader)
+            if made != INPUT and reader != flow.num_layers:
+                graph.add_edge(reader, made)
+    return graph
+
+
+def dads_prefix_seconds(cost: CostModel, other: int) -> np.ndarray:
+    """``(L+1,)`` DADS's cost of the source running layers ``[0, k)`` and ``other`` the rest."""
+    here = np.concatenate([[0.0], np.cumsum(cost.layer_seconds[cost.source])])
+    there = np.concatenate([[0.0], np.cumsum(cost.layer_seconds[other][::-1])])[::-1]
+    return here + there + np.asarray(cost.boundary_bytes, dtype=float) / float(
+        cost.link_bytes_per_s[cost.source, other])
+
+
+def dads_cut(cost: CostModel, flow: ValueFlow, other: int) -> tuple[int, str]:
+    """The boundary DADS's min cut splits at toward ``other``, and a note if the cut was not
+    a prefix of the layer order."""
+    _, (side, _) = nx.minimum_cut(dads_graph(cost, flow, other), "source", "other")
+    here = {v for v in side if isinstance(v, int)}
+    if here == set(range(len(here))):
+        return len(here), ""
+    return int(dads_prefix_seconds(cost, other).argmin()), (
+        f"the min cut toward {cost.node_names[other]} is not a prefix of the layer order; "
+        "the prefix with the smallest DADS cost is used")
 
 
 def _pick(options: list[Schedule], objective: Objective, none_fit: str) -> tuple[Schedule, str]:

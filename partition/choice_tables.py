@@ -11,8 +11,9 @@ unchanged; only its tables grow:
   units(j, e')``; it costs decoding boundary ``i`` from ``e`` (on ``d``, the receiver) plus
   the layers' compute in format ``w`` plus encoding boundary ``j`` into ``e'`` (on ``d``,
   the sender), and exists only if the stage fits ``d``'s memory in format ``w``;
-- a *hop* edge moves ``(j, u, e)`` to another node: encoded bytes over the bandwidth plus
-  the latency. The source, which runs no stage, encodes the model's input on the first
+- a *hop* edge moves ``(j, u, e)`` to another node: encoded bytes over the bandwidth, the
+  time it keeps the link busy (the optimizer adds the link's latency where it prices a
+  request's latency). The source, which runs no stage, encodes the model's input on the first
   link, and the sink decodes the output on the last, so those codec times count with the
   link. A hop from a node to itself moves nothing and only raw may take it.
 
@@ -211,11 +212,11 @@ def choice_tables(cost: CostModel) -> ChoiceTables:
 
 
 def _hop_table(cost: CostModel, opts: Options, units: int) -> np.ndarray:
-    """``hop[v, a, c]``: moving state ``v``'s tensors from node ``a`` to node ``c``."""
+    """``hop[v, a, c]``: how long moving state ``v``'s tensors from node ``a`` to node ``c``
+    keeps the link busy."""
     n, layers = cost.num_nodes, cost.num_layers
     with np.errstate(divide="ignore", invalid="ignore"):
-        hop = (opts.link_bytes[:, :, None, None] / cost.link_bytes_per_s[None, None]
-               + cost.link_latency_s[None, None])
+        hop = opts.link_bytes[:, :, None, None] / cost.link_bytes_per_s[None, None]
     hop[0] += opts.encode_s[0][:, None, None]
     hop[layers] += opts.decode_s[layers][:, None, None]
     if not opts.raw_on_links:

@@ -85,6 +85,41 @@ class CompressionRequest:
     max_error: float = math.inf
     budget_units: int = 16
     weights: WeightOffer | None = None
+    calibration_file: str | None = None
+    """Where ``inputs`` were read from (``None``: random inputs of the model's signature)."""
+
+
+@dataclass(frozen=True)
+class MeasuredOffer:
+    """A request's candidate compressions measured alone on its calibration inputs: what
+    does not depend on the cluster, so re-planning on another node set measures nothing."""
+
+    request: CompressionRequest
+    meter: ErrorMeter
+    compression: Compression
+
+
+def measure_offer(layer_graph: LayerGraph, request: CompressionRequest) -> MeasuredOffer:
+    """Measure every encoding ``request`` offers at every cut, and every weight format at
+    every layer, each alone (budget units are fitted to a cluster in :func:`choose`).
+
+    Raises
+    ------
+    PlanningError
+        Weight formats offered with a fixed encoding.
+    """
+    fixed = request.mode.fixed
+    if fixed and request.weights is not None:
+        raise PlanningError(f"weight formats are chosen only with --compress auto or none, not "
+                            f"{request.mode.value}; pass --compress auto")
+    meter = ErrorMeter(layer_graph, list(request.inputs))
+    compression = Compression(
+        link_choices(meter, layer_graph, request.mode.encodings, raw=not fixed),
+        weight_choices(meter, request.weights) if request.weights else None,
+        math.inf if fixed else request.max_error,
+        request.budget_units,
+    )
+    return MeasuredOffer(request, meter, compression)
 
 
 @dataclass(frozen=True)
@@ -101,41 +136,33 @@ class Chosen:
 
 def choose(
     cost: CostModel, layer_graph: LayerGraph, objective: Objective,
-    request: CompressionRequest, node_weights: Sequence[WeightFormat] = (),
+    request: CompressionRequest | MeasuredOffer, node_weights: Sequence[WeightFormat] = (),
 ) -> Chosen:
-    """The best plan for ``objective`` with compression as ``request`` asks;
-    ``node_weights`` is each node's own weight format (default: none on every node).
+    """The best plan for ``objective`` with compression as ``request`` asks (measured
+    here, or already by :func:`measure_offer`); ``node_weights`` is each node's own weight
+    format (default: none on every node).
 
     Raises
     ------
     AccuracyBudgetError
         With a fixed encoding, the plan's measured error exceeds ``request.max_error``.
     PlanningError
-        Weight formats offered with a fixed encoding; or as
-        :func:`partition.optimizer.optimize` (``NoFeasiblePlanError`` among them).
+        As :func:`measure_offer`, or as :func:`partition.optimizer.optimize`
+        (``NoFeasiblePlanError`` among them).
     """
-    offered = request.mode.encodings
-    fixed = request.mode.fixed
+    offer = request if isinstance(request, MeasuredOffer) else measure_offer(layer_graph, request)
+    request, meter = offer.request, offer.meter
+    offered, fixed = request.mode.encodings, request.mode.fixed
     own = tuple(node_weights) or (WeightFormat.NONE,) * cost.num_nodes
-    if fixed and request.weights is not None:
-        raise PlanningError(f"weight formats are chosen only with --compress auto or none, not "
-                            f"{request.mode.value}; pass --compress auto")
-    meter = ErrorMeter(layer_graph, list(request.inputs))
-    offer = request.weights
-    compression = Compression(
-        link_choices(meter, layer_graph, offered, raw=not fixed),
-        weight_choices(meter, offer) if offer else None,
-        math.inf if fixed else request.max_error,
-        budget_units_that_fit(cost.num_nodes, cost.num_layers, 1 + len(offered),
-                              request.budget_units),
-    )
+    compression = replace(offer.compression, budget_units=budget_units_that_fit(
+        cost.num_nodes, cost.num_layers, 1 + len(offered), request.budget_units))
     while True:
         priced = replace(cost, compression=compression)
         result = optimize(priced, objective)
         schedule = result.schedule
         encodings = tuple(LinkEncoding.RAW if e == 0 else offered[e - 1]
                           for e in schedule.encodings)
-        formats = tuple(offer.formats[w - 1] if w else own[s.node]
+        formats = tuple(request.weights.formats[w - 1] if w else own[s.node]
                         for s, w in zip(schedule.spans, schedule.formats, strict=True))
         accuracy = meter.accuracy(_roundtrips(schedule, encodings),
                                   _layer_formats(schedule, formats), schedule.error_bound,

@@ -1,8 +1,9 @@
 """Group an exported ATen graph into layers and describe what crosses each layer boundary.
 
 A *layer* is a run of consecutive ops (in the program's topological order) that belong to one
-module at the chosen depth of ``nn_module_stack``. Because layers are runs of one
-topological order, layer ``k`` only reads values made by layers ``< k`` or by the model's
+module at the chosen depth of ``nn_module_stack``. The layers are then numbered in the
+topological order of the layer DAG that :mod:`partition.layer_order` chooses (few bytes live
+at its boundaries), so layer ``k`` only reads values made by layers ``< k`` or by the model's
 inputs, and the boundaries between layers are the candidate split points.
 """
 
@@ -18,14 +19,15 @@ import torch
 from torch import fx
 
 from partition.errors import ModelLoadError
+from partition.layer_order import choose_order
 from partition.spec import TensorSpec
+from partition.value_flow import INPUT, ValueFlow
 from partition.weights import program_weights, weight_inputs
 
 AUTO = "auto"
 MARKERS = "markers"  # one layer per span between pipe_split() markers
 # A layer heavier than this share of the model's estimated work is refined one module deeper.
 AUTO_MAX_SHARE = 1 / 12
-MODEL_INPUT = -1  # producer index of the model's own inputs
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,8 @@ class Layer:
 
 @dataclass
 class LayerGraph:
-    """The model as layers in one topological order, with every tensor between them.
+    """The model as layers in one topological order (chosen by :mod:`partition.layer_order`),
+    with every tensor between them.
 
     ``graph`` is an ``nx.DiGraph`` whose nodes are layer indices (attributes: ``name``,
     ``ops``, ``param_bytes``, ``output_bytes``) and whose edges carry ``tensors``: the
@@ -80,8 +83,14 @@ class LayerGraph:
             dtype=np.int64,
         )
 
+    def value_flow(self) -> ValueFlow:
+        """The tensors between the layers, by layer index (for the min-cut baseline)."""
+        return ValueFlow.of(self.num_layers, self.values, self.producer,
+                            self.graph.edges(data="tensors"))
+
     def fingerprint(self) -> str:
-        """Names and op counts of the layers: two graphs with equal fingerprints split alike."""
+        """Names and op counts of the layers in order: two graphs with equal fingerprints split
+        alike (a layer's name does not depend on the order, so this identifies the order)."""
         return ";".join(f"{layer.name}:{len(layer.ops)}" for layer in self.layers)
 
 
@@ -112,7 +121,50 @@ def build_layer_graph(
     if granularity == MARKERS:
         keys = _marker_segments(ops)
     layer_of, resolved = _runs(ops, keys)
-    return _assemble(program, str(granularity), ops, resolved, layer_of)
+    names = _layer_names(ops, resolved, layer_of)
+    if granularity != MARKERS and not any(_is_marker(n) for n in ops):
+        layer_of, names = _reordered(program, ops, layer_of, names)
+    return _assemble(program, str(granularity), ops, names, layer_of)
+
+
+def _layer_names(
+    ops: list[fx.Node], resolved: dict[str, str], layer_of: dict[str, int]
+) -> list[str]:
+    """Each layer's name, numbered in program order: ``key``, then ``key#2``, ``key#3``...
+
+    A layer keeps its name whatever order the layers then run in, so the sequence of names
+    identifies the order (profiles and plans compare it).
+    """
+    first: dict[int, str] = {}
+    for n in ops:
+        first.setdefault(layer_of[n.name], resolved[n.name])
+    names: list[str] = []
+    seen: dict[str, int] = defaultdict(int)
+    for index in range(len(first)):
+        key = first[index]
+        seen[key] += 1
+        names.append(key if seen[key] == 1 else f"{key}#{seen[key]}")
+    return names
+
+
+def _reordered(
+    program: torch.export.ExportedProgram,
+    ops: list[fx.Node],
+    layer_of: dict[str, int],
+    names: list[str],
+) -> tuple[dict[str, int], list[str]]:
+    """Renumber the layers in the order :func:`partition.layer_order.choose_order` picks.
+
+    Models with ``pipe_split()`` markers keep their program order: the markers say where.
+    """
+    flow = _dataflow(program, ops, layer_of)
+    count = flow.output_layer
+    order = choose_order(
+        ValueFlow.of(count, flow.values, flow.producer,
+                     ((s, t, specs) for (s, t), specs in flow.edges.items()))
+    )
+    position = {layer: k for k, layer in enumerate(order)}
+    return {op: position[layer] for op, layer in layer_of.items()}, [names[k] for k in order]
 
 
 def _module_path_stack(node: fx.Node) -> tuple[str, ...]:
@@ -203,12 +255,12 @@ def _assemble(
     program: torch.export.ExportedProgram,
     granularity: str,
     ops: list[fx.Node],
-    keys: dict[str, str],
+    names: list[str],
     layer_of: dict[str, int],
 ) -> LayerGraph:
     signature = program.graph_signature
     flow = _dataflow(program, ops, layer_of)
-    layers = _layers(ops, keys, layer_of, flow, program_weights(program))
+    layers = _layers(ops, names, layer_of, flow, program_weights(program))
     return LayerGraph(
         program=program,
         granularity=granularity,
@@ -249,7 +301,7 @@ class _Dataflow:
             return
         spec = self.values.setdefault(value.name, _tensor_spec(value))
         self.last_use[value.name] = max(self.last_use.get(value.name, consumer), consumer)
-        source = "input" if origin == MODEL_INPUT else origin
+        source = "input" if origin == INPUT else origin
         target = "output" if consumer == self.output_layer else consumer
         if spec not in self.edges[(source, target)]:
             self.edges[(source, target)].append(spec)
@@ -259,7 +311,7 @@ def _dataflow(
     program: torch.export.ExportedProgram, ops: list[fx.Node], layer_of: dict[str, int]
 ) -> _Dataflow:
     signature = program.graph_signature
-    producer = {name: MODEL_INPUT for name in signature.user_inputs} | layer_of
+    producer = {name: INPUT for name in signature.user_inputs} | layer_of
     flow = _Dataflow(weight_inputs(program), producer, output_layer=max(layer_of.values()) + 1)
     by_name = {n.name: n for n in program.graph.nodes}
     for n in ops:
@@ -277,7 +329,7 @@ def _dataflow(
 
 def _layers(
     ops: list[fx.Node],
-    keys: dict[str, str],
+    names: list[str],
     layer_of: dict[str, int],
     flow: _Dataflow,
     weights: dict[str, torch.Tensor],
@@ -292,7 +344,7 @@ def _layers(
         layers.append(
             Layer(
                 index=index,
-                name=_layer_name(keys[members[0].name], layers),
+                name=names[index],
                 ops=tuple(n.name for n in members),
                 params=params,
                 param_bytes=sum(weights[p].nbytes for p in params),
@@ -322,11 +374,6 @@ def _digraph(
     for (source, target), tensors in edges.items():
         graph.add_edge(source, target, tensors=tuple(tensors), bytes=sum(t.nbytes for t in tensors))
     return graph
-
-
-def _layer_name(key: str, earlier: list[Layer]) -> str:
-    repeats = sum(1 for layer in earlier if layer.name.split("#")[0] == key)
-    return key if repeats == 0 else f"{key}#{repeats + 1}"
 
 
 def _tensor_spec(value: fx.Node) -> TensorSpec:

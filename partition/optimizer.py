@@ -18,15 +18,19 @@ the weight format of each stage and the error spent are coordinates of the same 
 search is unchanged and :mod:`partition.choice_tables` builds its larger tables.
 
 Past :data:`EXACT_WORK_LIMIT` the same search runs over restricted spaces (every order of the
-fastest nodes the budget allows, and the whole cluster in a few fixed orders), which is not
-exhaustive; the result then says ``exact=False`` and carries a lower bound on the optimum.
+fastest nodes the budget allows, and the whole cluster in a few fixed orders), and its best
+plan is the warm start of a mixed-integer program over the same tables (:mod:`partition.milp`,
+compression included) that HiGHS solves within :class:`~partition.milp.SolverLimits`. The
+result says ``exact=False`` unless the solver proved the plan optimal, and carries the
+solver's proven lower bound. "No plan fits" is said only when proven: by the exhaustive
+search, or by the solver's proof that its program has no solution.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import pairwise
 from typing import NamedTuple
 
@@ -35,7 +39,9 @@ import numpy as np
 from partition.choice_tables import Options, StateIndex, choice_tables
 from partition.costs import CostModel
 from partition.errors import NoFeasiblePlanError, PlanningError
+from partition.milp import DEFAULT_LIMITS, SolverLimits, StateGraph, solve
 from partition.plan import Objective
+from partition.relaxation import relax
 from partition.units import format_bytes
 
 EXACT_WORK_LIMIT = 4e8
@@ -44,6 +50,8 @@ MAX_NODES = 62
 """Node sets are 64-bit masks."""
 TIE_TOLERANCE = 1e-12
 """Relative slack when keeping only the stages and hops within the minimal bottleneck."""
+EXACT_TOLERANCE = 1e-9
+"""A plan within this relative distance of the solver's lower bound counts as exact."""
 
 
 @dataclass(frozen=True)
@@ -59,8 +67,11 @@ class Span:
 class Schedule:
     """A priced plan.
 
-    ``transfer_seconds`` and ``encodings`` have one entry more than ``spans``: source to
-    the first stage, between consecutive stages, and the last stage to the sink.
+    ``transfer_seconds``, ``delay_seconds`` and ``encodings`` have one entry more than
+    ``spans``: source to the first stage, between consecutive stages, and the last stage to
+    the sink. A link's transfer time is how long it is busy with a request (its bytes over
+    the bandwidth, with the source's encoding and the sink's decoding); its delay, the
+    latency, adds to the request's latency only (0 where no link is used).
     ``encodings`` and ``formats`` are option indices (0: raw, full precision) into the cost
     model's :class:`~partition.choice_tables.Options`; ``error_bound`` is the sum of the
     errors the chosen options cause alone.
@@ -71,6 +82,7 @@ class Schedule:
     bottleneck_s: float
     stage_seconds: tuple[float, ...]
     transfer_seconds: tuple[float, ...]
+    delay_seconds: tuple[float, ...]
     fits: bool
     encodings: tuple[int, ...] = ()
     formats: tuple[int, ...] = ()
@@ -85,11 +97,13 @@ class Schedule:
 @dataclass(frozen=True)
 class OptimizeResult:
     """The best schedule found; ``lower_bound_s`` bounds the objective's optimum from below
-    (it equals the schedule's latency or bottleneck when ``exact``)."""
+    (it equals the schedule's latency or bottleneck when ``exact``); ``solver``: found by
+    HiGHS past the exhaustive search's limit."""
 
     schedule: Schedule
     exact: bool
     lower_bound_s: float
+    solver: bool = False
 
 
 def evaluate(
@@ -102,7 +116,8 @@ def evaluate(
     an encoding per link and a weight format per stage (default: raw, full precision).
 
     A stage's time includes decoding what it receives and encoding what it sends; the
-    source's encoding and the sink's decoding count with their links.
+    source's encoding and the sink's decoding count with their links. The bottleneck is the
+    busiest stage or link; the latency adds every stage, transfer and link latency.
 
     Raises
     ------
@@ -127,16 +142,19 @@ def evaluate(
         _transfer_seconds(cost, opts, b, src, dst, e)
         for b, (src, dst), e in zip(boundaries, pairwise(hops), codes, strict=True)
     )
+    delay = tuple(0.0 if src == dst else float(cost.link_latency_s[src, dst])
+                  for src, dst in pairwise(hops))
     stage_error = opts.stage_error()
     error = sum(float(opts.link_error[b, e]) for b, (src, dst), e in
                 zip(boundaries, pairwise(hops), codes, strict=True) if src != dst)
     error += sum(float(stage_error[w, s.start, s.end]) for s, w in zip(spans, kinds, strict=True))
     return Schedule(
         spans=spans,
-        latency_s=sum(stage) + sum(transfer),
+        latency_s=sum(stage) + sum(transfer) + sum(delay),
         bottleneck_s=max(stage + transfer),
         stage_seconds=stage,
         transfer_seconds=transfer,
+        delay_seconds=delay,
         fits=all(np.floor(opts.stage_memory[w, s.node, s.start, s.end])
                  <= int(cost.node_memory_bytes[s.node])
                  for s, w in zip(spans, kinds, strict=True)),
@@ -149,12 +167,12 @@ def evaluate(
 def _transfer_seconds(
     cost: CostModel, opts: Options, boundary: int, src: int, dst: int, encoding: int
 ) -> float:
-    """Boundary ``boundary``'s tensors from ``src`` to ``dst`` in ``encoding`` (0 if same),
-    with the source's encoding of the input and the sink's decoding of the output."""
+    """How long the link from ``src`` to ``dst`` is busy with boundary ``boundary``'s
+    tensors in ``encoding`` (0 if same node), with the source's encoding of the input and
+    the sink's decoding of the output; its latency is not busy time."""
     if src == dst:
         return 0.0
-    seconds = (float(opts.link_bytes[boundary, encoding]) / float(cost.link_bytes_per_s[src, dst])
-               + float(cost.link_latency_s[src, dst]))
+    seconds = float(opts.link_bytes[boundary, encoding]) / float(cost.link_bytes_per_s[src, dst])
     if boundary == 0:
         seconds += float(opts.encode_s[0, encoding])
     if boundary == cost.num_layers:
@@ -162,33 +180,58 @@ def _transfer_seconds(
     return seconds
 
 
-def optimize(cost: CostModel, objective: Objective) -> OptimizeResult:
+def optimize(cost: CostModel, objective: Objective,
+             limits: SolverLimits = DEFAULT_LIMITS) -> OptimizeResult:
     """The best plan for ``objective`` that fits every node's memory.
 
     Latency is minimized exactly; throughput maximized (bottleneck minimized) with ties
     broken by latency. Exhaustive while ``N · 2^(N-1) · (L+1)²`` is within
-    :data:`EXACT_WORK_LIMIT`, else the best over restricted spaces (``exact=False``).
+    :data:`EXACT_WORK_LIMIT`, else HiGHS's best within ``limits`` and its proven lower bound
+    (``exact`` only when that bound meets the plan).
 
     Raises
     ------
     NoFeasiblePlanError
-        No plan fits the nodes' memory; the message names the closest plan's shortfall.
+        No plan fits the nodes' memory (proven); the message names the closest plan's
+        shortfall.
     PlanningError
-        More than :data:`MAX_NODES` nodes.
+        More than :data:`MAX_NODES` nodes, or the solver's time ran out before it found a
+        plan or proved there is none.
     """
     if cost.num_nodes > MAX_NODES:
         raise PlanningError(f"{cost.num_nodes} nodes is more than the planner handles "
                             f"({MAX_NODES}); plan over a subset of them")
     tables = _Tables.build(cost)
     states = tables.stage.shape[1]
-    exact = _work(cost.num_nodes, states - 1) <= EXACT_WORK_LIMIT
-    spaces = [_Space.any_order(cost.num_nodes)] if exact else _restricted_spaces(cost, states)
-    found = [s for s in (_best(cost, tables, objective, sp) for sp in spaces) if s is not None]
-    if not found:
-        raise NoFeasiblePlanError(_shortfall_message(cost, spaces, exact))
-    best = min(found, key=objective.key)
-    bound = objective.key(best)[0] if exact else _lower_bound(cost, tables, objective)
-    return OptimizeResult(best, exact, bound)
+    if _work(cost.num_nodes, states - 1) <= EXACT_WORK_LIMIT:
+        path = _best(cost, tables, objective, _Space.any_order(cost.num_nodes))
+        if path is None:
+            raise NoFeasiblePlanError(
+                _shortfall_message(cost, [_Space.any_order(cost.num_nodes)], None))
+        best = tables.priced(cost, path)
+        return OptimizeResult(best, True, objective.key(best)[0])
+    spaces = _restricted_spaces(cost, states)
+    warm = min((p for p in (_best(cost, tables, objective, sp) for sp in spaces) if p),
+               key=lambda p: objective.key(tables.priced(cost, p)), default=None)
+    graph = StateGraph(tables.stage, tables.hop, tables.index.starts, tables.index.ends,
+                       cost.source, cost.sink, tables.delay)
+    solved = solve(graph, objective, _raw_path(warm), limits)
+    if solved.path is None:
+        raise NoFeasiblePlanError(_shortfall_message(cost, spaces, limits))
+    best = min((tables.priced(cost, _spans(p)) for p in (solved.path, _raw_path(warm)) if p),
+               key=objective.key)
+    answer = objective.key(best)[0]
+    bound = min(answer, max(solved.lower_bound_s, _lower_bound(cost, tables, objective)))
+    return OptimizeResult(best, bound >= answer * (1 - EXACT_TOLERANCE), bound, solver=True)
+
+
+def _raw_path(path: tuple[Span, ...] | None) -> tuple[tuple[int, int, int], ...] | None:
+    """A search path as the solver's ``(node, from state, to state)`` stages."""
+    return None if path is None else tuple((s.node, s.start, s.end) for s in path)
+
+
+def _spans(path: tuple[tuple[int, int, int], ...]) -> tuple[Span, ...]:
+    return tuple(Span(*stage) for stage in path)
 
 
 def _work(nodes: int, layers: int) -> int:
@@ -228,21 +271,26 @@ def _check_choices(
 @dataclass(frozen=True)
 class _Tables:
     """Edge costs of the state graph: ``stage[d, i, j]`` (inf unless ``i < j`` and it fits)
-    and ``hop[b, a, c]``, plus each layer's fastest time for pruning. With compression the
-    indices are state indices (see ``index``) and ``stage_format`` holds each stage edge's
-    weight format."""
+    and ``hop[b, a, c]``, the time a hop keeps its link busy, plus ``delay[a, c]``, the
+    latency a hop adds on top of that to a request's latency (see :meth:`with_delays`), and
+    each layer's fastest time for pruning. With compression the indices are state indices
+    (see ``index``) and ``stage_format`` holds each stage edge's weight format."""
 
     stage: np.ndarray
     hop: np.ndarray
+    delay: np.ndarray
     layer_floor: np.ndarray
     index: StateIndex
     stage_format: np.ndarray | None = None
 
     @classmethod
     def build(cls, cost: CostModel) -> _Tables:
+        delay = np.array(cost.link_latency_s, dtype=float)
+        np.fill_diagonal(delay, 0.0)
         if cost.compression is not None:
             made = choice_tables(cost)
-            return cls(made.stage, made.hop, made.layer_floor, made.index, made.stage_format)
+            return cls(made.stage, made.hop, delay, made.layer_floor, made.index,
+                       made.stage_format)
         seconds = np.asarray(cost.layer_seconds, dtype=float)
         n, layers = seconds.shape
         prefix = np.concatenate([np.zeros((n, 1)), np.cumsum(seconds, axis=1)], axis=1)
@@ -252,15 +300,19 @@ class _Tables:
         stage = np.where(upper[None] & fits, stage, np.inf)
         nbytes = np.asarray(cost.boundary_bytes, dtype=float)
         with np.errstate(divide="ignore", invalid="ignore"):
-            hop = nbytes[:, None, None] / cost.link_bytes_per_s[None] + cost.link_latency_s[None]
+            hop = nbytes[:, None, None] / cost.link_bytes_per_s[None]
         hop[:, np.arange(n), np.arange(n)] = 0.0
-        return cls(stage, hop, seconds.min(axis=0), StateIndex.plain(layers))
+        return cls(stage, hop, delay, seconds.min(axis=0), StateIndex.plain(layers))
 
     def capped(self, limit: float) -> _Tables:
-        """The same graph without any edge dearer than ``limit``."""
-        return _Tables(np.where(self.stage <= limit, self.stage, np.inf),
-                       np.where(self.hop <= limit, self.hop, np.inf), self.layer_floor,
-                       self.index, self.stage_format)
+        """The same graph without any stage or hop busier than ``limit``."""
+        return replace(self, stage=np.where(self.stage <= limit, self.stage, np.inf),
+                       hop=np.where(self.hop <= limit, self.hop, np.inf))
+
+    def with_delays(self) -> _Tables:
+        """The same graph with each hop also costing its latency: edge costs whose sum along
+        a path is a request's latency."""
+        return replace(self, hop=self.hop + self.delay[None], delay=np.zeros_like(self.delay))
 
     def priced(self, cost: CostModel, path: tuple[Span, ...]) -> Schedule:
         """Price a path of :func:`_search`, whose spans run between state indices."""
@@ -296,16 +348,17 @@ class _Space(NamedTuple):
 
 def _best(
     cost: CostModel, tables: _Tables, objective: Objective, space: _Space
-) -> Schedule | None:
+) -> tuple[Span, ...] | None:
+    """The best path over ``space``'s node sets (spans between state indices), if any."""
     if objective is Objective.LATENCY:
-        found = _search(tables, cost.source, cost.sink, np.add, space)
-        return None if found is None else tables.priced(cost, found[1])
+        found = _search(tables.with_delays(), cost.source, cost.sink, np.add, space)
+        return None if found is None else found[1]
     found = _search(tables, cost.source, cost.sink, np.maximum, space)
     if found is None:
         return None
-    capped = tables.capped(found[0] * (1 + TIE_TOLERANCE))
+    capped = tables.capped(found[0] * (1 + TIE_TOLERANCE)).with_delays()
     tied = _search(capped, cost.source, cost.sink, np.add, space)
-    return tables.priced(cost, (tied or found)[1])
+    return (tied or found)[1]
 
 
 def _search(
@@ -427,7 +480,10 @@ def _lower_bound(cost: CostModel, tables: _Tables, objective: Objective) -> floa
     """A bound no plan beats: the best path when nodes may be reused (but not twice in a
     row), and for the bottleneck also all work shared over all nodes at their best speeds."""
     combine = np.add if objective is Objective.LATENCY else np.maximum
-    relaxed = _relaxed_path(tables, cost.source, cost.sink, combine)
+    index = tables.index
+    priced = tables.with_delays() if objective is Objective.LATENCY else tables
+    relaxed = relax(priced.stage, priced.hop, index.starts, index.ends, cost.source, cost.sink,
+                    combine).best
     if objective is Objective.LATENCY:
         return relaxed
     seconds = Options.of(cost).layer_seconds.min(axis=0)
@@ -441,26 +497,10 @@ def _lower_bound(cost: CostModel, tables: _Tables, objective: Objective) -> floa
     return float(max(relaxed, shared))
 
 
-def _relaxed_path(tables: _Tables, source: int, sink: int, combine: np.ufunc) -> float:
-    """The cheapest path over states (boundary, node) alone, forgetting which nodes were used:
-    a relaxation of :func:`_search` in ``O(V² N + V N²)`` for ``V`` state indices (``L+1``
-    without compression)."""
-    stage, hop, index = tables.stage, tables.hop.copy(), tables.index
-    n, states = stage.shape[0], stage.shape[1]
-    last = hop[index.ends][:, :, sink].copy()
-    arrive = np.full((states, n), np.inf)
-    arrive[index.starts] = hop[index.starts, source]
-    hop[:, np.arange(n), np.arange(n)] = np.inf
-    done = np.full((states, n), np.inf)
-    for j in range(1, states):
-        done[j] = combine(arrive[:j], stage[:, :j, j].T).min(axis=0)
-        arrive[j] = np.minimum(arrive[j], combine(done[j][:, None], hop[j]).min(axis=0))
-    return float(combine(done[index.ends], last).min())
-
-
-def _shortfall_message(cost: CostModel, spaces: list[_Space], exact: bool) -> str:
+def _shortfall_message(cost: CostModel, spaces: list[_Space], limits: SolverLimits | None) -> str:
     """Say how far the plan closest to fitting is from fitting (each stage in its smallest
-    weight format), and on which node."""
+    weight format), and on which node: over ``spaces`` when they are exhaustive (``limits``
+    is ``None``), else the solver's best from theirs within ``limits``."""
     need = Options.of(cost).stage_memory.min(axis=0)
     have = np.asarray(cost.node_memory_bytes, dtype=float)
     with np.errstate(divide="ignore"):  # a node with no memory for a stage: inf
@@ -468,20 +508,25 @@ def _shortfall_message(cost: CostModel, spaces: list[_Space], exact: bool) -> st
     valid = np.triu(np.ones(need.shape[1:], dtype=bool), k=1)[None]
     layers, n = cost.num_layers, cost.num_nodes
     ratios = _Tables(np.where(valid, ratio, np.inf), np.zeros((layers + 1, n, n)),
-                     np.zeros(layers), StateIndex.plain(layers))
+                     np.zeros((n, n)), np.zeros(layers), StateIndex.plain(layers))
     found = [f for f in (_search(ratios, cost.source, cost.sink, np.maximum, c)
                          for c in spaces) if f is not None]
-    scope = "" if exact else " among the node orders searched"
     if not found:
-        return f"no plan fits the nodes' memory{scope}; add memory or nodes"
+        return "no plan fits the nodes' memory; add memory or nodes"
     ratio_found, spans = min(found, key=lambda f: f[0])
+    if limits is not None:
+        graph = StateGraph(ratios.stage, ratios.hop, np.array([0]), np.array([layers]),
+                           cost.source, cost.sink)
+        spans = _spans(solve(graph, Objective.THROUGHPUT, _raw_path(spans), limits).path)
+        ratio_found = max(ratio[s.node, s.start, s.end] for s in spans)
     if ratio_found <= 1 and cost.compression is not None:
-        return (f"no plan fits within the error budget{scope}: plans that fit the nodes' "
-                "memory need weight formats or encodings whose errors alone add up to more "
-                f"than {cost.compression.max_error:g}; raise --max-error or add memory")
+        return ("no plan fits within the error budget: plans that fit the nodes' memory need "
+                "weight formats or encodings whose errors alone add up to more than "
+                f"{cost.compression.max_error:g}; raise --max-error or add memory")
     worst = max(spans, key=lambda s: ratio[s.node, s.start, s.end])
+    closest = "closest one" if limits is None else "closest one found"
     return (
-        f"no plan fits{scope}: the closest one still needs "
+        f"no plan fits: the {closest} still needs "
         f"{format_bytes(need[worst.node, worst.start, worst.end])} for layers "
         f"[{worst.start}, {worst.end}) on {cost.node_names[worst.node]!r}, which has "
         f"{format_bytes(have[worst.node])}; add memory or nodes"

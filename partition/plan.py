@@ -18,6 +18,7 @@ from typing import Any, NamedTuple, Protocol
 from partition.compression import LinkEncoding
 from partition.errors import PlanFormatError, TensorSpecError
 from partition.quantize import WeightFormat
+from partition.queueing import latency_under_load
 from partition.security_spec import SecuritySpec
 from partition.spec import TensorSpec, dtype_from_name
 
@@ -231,6 +232,11 @@ class Plan:
     @property
     def throughput_per_s(self) -> float:
         return 1.0 / self.bottleneck_s if self.bottleneck_s > 0 else float("inf")
+
+    def latency_under_load(self, in_flight: int) -> float:
+        """A request's predicted latency with ``in_flight`` requests kept in flight
+        (:func:`partition.queueing.latency_under_load`)."""
+        return latency_under_load(self.latency_s, self.bottleneck_s, max(in_flight, 1))
 
     def to_dict(self) -> dict[str, Any]:
         return {

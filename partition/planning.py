@@ -10,13 +10,21 @@ from dataclasses import replace
 from partition.baselines import baselines
 from partition.choice_tables import Options
 from partition.cluster import ClusterSpec
-from partition.compression_planning import CompressionRequest, choose
+from partition.compression_planning import CompressionRequest, MeasuredOffer, choose
 from partition.cost_builder import build_cost_model
 from partition.costs import CostModel
 from partition.layers import LayerGraph
 from partition.loader import LoadedModel
-from partition.optimizer import Schedule, optimize
-from partition.plan import BaselineResult, Link, LinkEncoding, Objective, Plan, PlannedStage
+from partition.optimizer import OptimizeResult, Schedule, optimize
+from partition.plan import (
+    Accuracy,
+    BaselineResult,
+    Link,
+    LinkEncoding,
+    Objective,
+    Plan,
+    PlannedStage,
+)
 from partition.profiler import Profile
 from partition.quantize import WeightFormat, weight_bytes
 from partition.replan_inputs import replan_inputs
@@ -40,22 +48,31 @@ def plan(
     alone); the baselines stay raw.
     """
     cost = build_cost_model(layer_graph, cluster, profiles)
-    accuracy, priced = None, cost
-    if compression is None:
-        result = optimize(cost, objective)
-    else:
-        own = [node.quantize or WeightFormat.NONE for node in cluster.nodes]
-        chosen = choose(cost, layer_graph, objective, compression, own)
-        result, priced, accuracy = chosen.result, chosen.cost, chosen.accuracy
+    result, priced, accuracy = search(cost, layer_graph, cluster, objective, compression)
     made = plan_from_schedule(
         model, layer_graph, cluster, priced, result.schedule, objective,
         exact=result.exact, lower_bound_s=result.lower_bound_s,
         baseline_results=tuple(
             _baseline_result(b.name, b.description, b.schedule, b.note, cost, cluster)
-            for b in baselines(cost, objective)
+            for b in baselines(cost, objective, layer_graph.value_flow())
         ),
     )
-    return replace(made, replan=replan_inputs(cluster, profiles), accuracy=accuracy)
+    return replace(made, replan=replan_inputs(cluster, profiles, compression),
+                   accuracy=accuracy)
+
+
+def search(
+    cost: CostModel, layer_graph: LayerGraph, cluster: ClusterSpec, objective: Objective,
+    compression: CompressionRequest | MeasuredOffer | None = None,
+) -> tuple[OptimizeResult, CostModel, Accuracy | None]:
+    """The optimizer's best schedule for ``objective``; with ``compression`` chosen with
+    its encodings and weight formats (each node's own ``quantize`` as the default), priced
+    on the cost model with its compression, and its measured accuracy."""
+    if compression is None:
+        return optimize(cost, objective), cost, None
+    own = [node.quantize or WeightFormat.NONE for node in cluster.nodes]
+    chosen = choose(cost, layer_graph, objective, compression, own)
+    return chosen.result, chosen.cost, chosen.accuracy
 
 
 def plan_from_schedule(

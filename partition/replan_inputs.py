@@ -1,24 +1,65 @@
-"""What re-planning needs, carried in ``plan.json``: the cluster spec and each node's profile.
+"""What re-planning needs, carried in ``plan.json``: the cluster spec, each node's profile
+and, for a compressed plan, what the planner was asked to compress.
 
 Plain JSON data, written by :func:`replan_inputs` when a plan is made and read back by
 :func:`read_replan_inputs` when a node is lost, so a running pipeline re-plans with the
-same inputs as the first plan and no extra files.
+same inputs as the first plan (its compression choices included) and no extra files.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from partition.cluster import ClusterSpec, LinkSpec, NodeSpec
+from partition.compression_choice import Inputs, weight_offer
+from partition.compression_planning import CompressionRequest, CompressMode
 from partition.errors import PlanFormatError
+from partition.layers import LayerGraph
 from partition.profiler import Profile
 from partition.quantize import WeightFormat
 
 VERSION = 1
 
 
-def replan_inputs(cluster: ClusterSpec, profiles: dict[str, Profile]) -> dict[str, Any]:
-    """``cluster`` and ``profiles`` (one per node) as JSON data."""
+@dataclass(frozen=True)
+class CompressionSettings:
+    """A compressed plan's request without its calibration inputs: the mode, the budget,
+    where the inputs came from (a file, else ``calibration_count`` random ones) and, when
+    weight formats were offered, each format's ``(N, L)`` layer seconds on the nodes."""
+
+    mode: CompressMode
+    max_error: float
+    budget_units: int
+    calibration_file: str | None
+    calibration_count: int
+    weight_seconds: dict[WeightFormat, np.ndarray]
+
+    def request(self, layer_graph: LayerGraph, inputs: list[Inputs]) -> CompressionRequest:
+        """The request again, on ``inputs`` (read from :attr:`calibration_file` or made)."""
+        return CompressionRequest(
+            self.mode, tuple(inputs), self.max_error, self.budget_units,
+            weight_offer(layer_graph, self.weight_seconds) if self.weight_seconds else None,
+            self.calibration_file,
+        )
+
+
+@dataclass(frozen=True)
+class ReplanInputs:
+    """What :func:`read_replan_inputs` reads back."""
+
+    cluster: ClusterSpec
+    profiles: dict[str, Profile]
+    compression: CompressionSettings | None
+
+
+def replan_inputs(
+    cluster: ClusterSpec, profiles: dict[str, Profile],
+    compression: CompressionRequest | None = None,
+) -> dict[str, Any]:
+    """``cluster``, ``profiles`` (one per node) and ``compression`` as JSON data."""
     return {
         "version": VERSION,
         "cluster": {
@@ -35,11 +76,12 @@ def replan_inputs(cluster: ClusterSpec, profiles: dict[str, Profile]) -> dict[st
             "sink": cluster.sink,
         },
         "profiles": {name: profile.to_dict() for name, profile in profiles.items()},
+        **({"compression": _compression(compression, cluster)} if compression else {}),
     }
 
 
-def read_replan_inputs(data: dict[str, Any]) -> tuple[ClusterSpec, dict[str, Profile]]:
-    """The cluster spec and profiles :func:`replan_inputs` wrote.
+def read_replan_inputs(data: dict[str, Any]) -> ReplanInputs:
+    """What :func:`replan_inputs` wrote.
 
     Raises
     ------
@@ -66,11 +108,37 @@ def read_replan_inputs(data: dict[str, Any]) -> tuple[ClusterSpec, dict[str, Pro
         )
         profiles = {name: Profile.from_dict(p, f"plan.json replan.profiles.{name}")
                     for name, p in data["profiles"].items()}
+        compression = data.get("compression")
+        settings = _read_compression(compression, spec) if compression is not None else None
     except (KeyError, TypeError, ValueError) as err:
         raise PlanFormatError(
             f"plan.json: replan is malformed ({err!r}); plan again to re-plan after failures"
         ) from err
-    return spec, profiles
+    return ReplanInputs(spec, profiles, settings)
+
+
+def _compression(request: CompressionRequest, cluster: ClusterSpec) -> dict[str, Any]:
+    offer = request.weights
+    return {
+        "mode": request.mode.value,
+        "max_error": request.max_error,
+        "budget_units": request.budget_units,
+        "calibration": {"file": request.calibration_file, "count": len(request.inputs)},
+        "weights": {} if offer is None else {
+            fmt.value: dict(zip(cluster.names, seconds.tolist(), strict=True))
+            for fmt, seconds in zip(offer.formats, offer.layer_seconds, strict=True)
+        },
+    }
+
+
+def _read_compression(data: dict[str, Any], cluster: ClusterSpec) -> CompressionSettings:
+    calibration = data["calibration"]
+    return CompressionSettings(
+        CompressMode(data["mode"]), float(data["max_error"]), int(data["budget_units"]),
+        calibration["file"], int(calibration["count"]),
+        {WeightFormat(fmt): np.array([by_node[name] for name in cluster.names], dtype=float)
+         for fmt, by_node in data["weights"].items()},
+    )
 
 
 def _link(link: LinkSpec) -> dict[str, float]:

@@ -1,36 +1,51 @@
 """Re-planning a running plan: over the nodes left after a failure, or with measured speeds.
 
-The same objective, cluster spec and profiles as the first plan (carried in ``plan.json``,
-see :mod:`partition.replan_inputs`); a node that is gone is given no memory, so no stage
-fits on it, a node measured slower has its profile scaled by how much slower it runs, and a
-link measured off its plan has the bandwidth that explains its measured time per frame.
+The same objective, cluster spec, profiles and compression request as the first plan
+(carried in ``plan.json``, see :mod:`partition.replan_inputs`); a node that is gone is given
+no memory, so no stage fits on it, a node measured slower has its profile scaled by how much
+slower it runs, and a link measured off its plan has the bandwidth its measured busy time
+per frame implies. A compressed plan's re-plans choose encodings and weight formats
+again within the same error budget, and each is measured end to end like the first.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+import logging
+from collections.abc import Callable, Collection
 from dataclasses import replace
 
 import numpy as np
 
 from partition.cluster import ClusterSpec, LinkSpec
+from partition.compression_choice import Inputs, calibration_inputs
+from partition.compression_planning import MeasuredOffer, measure_offer
 from partition.cost_builder import build_cost_model
 from partition.costs import CostModel
-from partition.errors import NoFeasiblePlanError, PlanningError
+from partition.errors import EdgesplitError, NoFeasiblePlanError, PlanningError
 from partition.layers import LayerGraph
 from partition.loader import LoadedModel
 from partition.measured import AS_PLANNED, Measured
-from partition.optimizer import Schedule, Span, evaluate, optimize
+from partition.optimizer import Schedule, Span, evaluate
 from partition.plan import Plan
-from partition.planning import plan_from_schedule
+from partition.planning import plan_from_schedule, search
 from partition.profiler import Profile
 from partition.replan_inputs import read_replan_inputs
 
+log = logging.getLogger(__name__)
+
 
 class Replanner:
-    """Plans ``current``'s model again on part of its cluster or with measured figures."""
+    """Plans ``current``'s model again on part of its cluster or with measured figures.
 
-    def __init__(self, current: Plan, model: LoadedModel, layer_graph: LayerGraph) -> None:
+    A compressed plan's candidates are measured once, on the first re-plan, on the inputs
+    ``read_calibration`` reads from the plan's ``--calibration`` file; without a file, or
+    if it can no longer be read (said in a warning), on random inputs as many as the first.
+    """
+
+    def __init__(
+        self, current: Plan, model: LoadedModel, layer_graph: LayerGraph,
+        read_calibration: Callable[[str], list[Inputs]] | None = None,
+    ) -> None:
         if current.replan is None:
             raise PlanningError(
                 "the plan carries no cluster spec and profiles to re-plan with; "
@@ -39,7 +54,11 @@ class Replanner:
         self.current = current
         self.model = model
         self.layer_graph = layer_graph
-        self.cluster, self.profiles = read_replan_inputs(current.replan)
+        inputs = read_replan_inputs(current.replan)
+        self.cluster, self.profiles = inputs.cluster, inputs.profiles
+        self.compression = inputs.compression
+        self._read_calibration = read_calibration
+        self._offer: MeasuredOffer | None = None
 
     def cost(
         self, usable: Collection[str] | None = None, measured: Measured = AS_PLANNED
@@ -80,9 +99,11 @@ class Replanner:
         if not usable:
             raise NoFeasiblePlanError("no node is left to run the model on")
         cluster, cost = self.cost(usable, measured)
+        offer = None if self.compression is None else self._measured_offer()
         try:
             with np.errstate(divide="ignore", invalid="ignore"):  # nodes without memory
-                result = optimize(cost, self.current.objective)
+                result, cost, accuracy = search(cost, self.layer_graph, cluster,
+                                                self.current.objective, offer)
         except NoFeasiblePlanError as err:
             raise NoFeasiblePlanError(
                 f"no plan fits the nodes left ({', '.join(sorted(usable))}): {err}"
@@ -92,4 +113,25 @@ class Replanner:
             self.current.objective, exact=result.exact, lower_bound_s=result.lower_bound_s,
         )
         return replace(made, model_path=self.current.model_path, replan=self.current.replan,
-                       addresses=self.current.addresses)
+                       addresses=self.current.addresses, accuracy=accuracy)
+
+    def _measured_offer(self) -> MeasuredOffer:
+        """The compression request's candidates, measured alone (once)."""
+        assert self.compression is not None
+        if self._offer is None:
+            inputs = self._calibration() or calibration_inputs(
+                self.model, self.compression.calibration_count)
+            self._offer = measure_offer(self.layer_graph,
+                                        self.compression.request(self.layer_graph, inputs))
+        return self._offer
+
+    def _calibration(self) -> list[Inputs] | None:
+        """The first plan's calibration inputs, if its file can be read again."""
+        path = self.compression.calibration_file if self.compression else None
+        if path is None or self._read_calibration is None:
+            return None
+        try:
+            return self._read_calibration(path)
+        except EdgesplitError as err:
+            log.warning("re-plans measure compression on random inputs: %s", err)
+            return None

@@ -106,6 +106,26 @@ class Mlp(torch.nn.Module):
         return self.blocks(x)
 
 
+class Inception(torch.nn.Module):
+    """Three parallel convolution branches of different lengths, concatenated; the forward
+    runs the wide one-layer branch first, so the program's order keeps its output live
+    while the long branch runs."""
+
+    def __init__(self, channels: int = 8) -> None:
+        super().__init__()
+        conv = torch.nn.Conv2d
+        self.wide = torch.nn.Sequential(conv(channels, 4 * channels, 1))
+        self.short = torch.nn.Sequential(conv(channels, channels // 2, 1))
+        self.long = torch.nn.Sequential(
+            conv(channels, channels, 3, padding=1), torch.nn.ReLU(),
+            conv(channels, channels, 3, padding=1), torch.nn.ReLU(),
+            conv(channels, channels // 2, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.wide(x), self.short(x), self.long(x)], dim=1)
+
+
 @dataclass(frozen=True)
 class ExportedSample:
     """A sample model, its inputs, its eager outputs, and its export archive loaded back

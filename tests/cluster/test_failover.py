@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
@@ -25,7 +24,7 @@ from coordinator.bench import random_inputs
 from coordinator.bench_check import CheckedRun, Reference, run_checked
 from coordinator.deploy import deploy, link_emulation
 from coordinator.drift import POLL_S, WINDOW
-from coordinator.local_cluster import LocalCluster, LocalNode, read_state
+from coordinator.local_cluster import LocalCluster, LocalNode
 from coordinator.pipeline import Pipeline
 from coordinator.ports import free_ports
 from coordinator.recovery import PlanRecovery
@@ -82,33 +81,27 @@ class ChaosCluster:
         return self.node(pipeline.plan.stages[stage].node)
 
     def heal(self) -> None:
-        """Continue hung nodes, let draining ones leave, start the killed and the departed
-        again, reset speeds, deploy the plan."""
+        """Continue hung nodes and reset their speed; start again every node that does not
+        say SERVING (killed, departed or still leaving); deploy the plan."""
         for node in self.local.nodes:
             signal_node(node, signal.SIGCONT)
-        deadline = time.monotonic() + WAIT_S
-        while any(draining(n) for n in read_state(self.local.state_dir)):
-            assert time.monotonic() < deadline, "a draining node did not leave"
-            time.sleep(0.2)
-        alive = {n.name for n in read_state(self.local.state_dir)}
         for node in self.local.nodes:
-            if node.name in alive:
-                signal_node(node, signal.SIGCONT)
+            if serving(node):
                 signal_node(node, signal.SIGUSR2)
             else:
                 self.local.restart(node.name)
         asyncio.run(deploy(self.plan, self.artifacts, emulate_links=True))
 
 
-def draining(node: LocalNode) -> bool:
-    """True if ``node`` (running) is leaving: it says NOT_SERVING, or no longer answers."""
+def serving(node: LocalNode) -> bool:
+    """True if ``node`` answers that it serves (it is neither gone nor leaving)."""
     with grpc.insecure_channel(node.address) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=2.0)
         except grpc.RpcError:
-            return True
-    return reply.status != health_pb2.HealthCheckResponse.SERVING
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def signal_node(node: LocalNode, signum: int) -> None:

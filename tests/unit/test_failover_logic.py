@@ -15,9 +15,11 @@ from coordinator.drift import LINK_NOISE_S, SUSTAIN_POLLS, WINDOW, Drift, DriftW
 from coordinator.ledger import Ledger, RequestFailedError
 from node.client import Result
 from node.messages import Failure, FailureCode
-from partition.cluster import parse_cluster
+from partition.cluster import LinkSpec, parse_cluster
+from partition.compression_choice import calibration_inputs
+from partition.compression_planning import CompressionRequest, CompressMode
 from partition.cost_builder import node_profiles
-from partition.errors import NoFeasiblePlanError, PlanningError
+from partition.errors import EdgesplitError, NoFeasiblePlanError, PlanningError
 from partition.layers import build_layer_graph
 from partition.measured import Measured
 from partition.plan import Objective, Plan
@@ -94,7 +96,8 @@ def skip_dag_plan(sample_exported) -> tuple:
 def test_plan_json_carries_the_cluster_and_profiles(skip_dag_plan) -> None:
     _, _, cluster, made = skip_dag_plan
     again = Plan.from_dict(json.loads(json.dumps(made.to_dict())))
-    spec, profiles = read_replan_inputs(again.replan)
+    inputs = read_replan_inputs(again.replan)
+    spec, profiles = inputs.cluster, inputs.profiles
     assert spec == cluster  # each node's quantize included
     assert set(profiles) == {"n0", "n1", "n2"}
 
@@ -131,11 +134,12 @@ def test_a_slower_node_gets_less_work(skip_dag_plan) -> None:
 def test_a_slower_link_carries_less(skip_dag_plan) -> None:
     sample, layer_graph, _, made = skip_dag_plan
     replanner = Replanner(made, sample.model, layer_graph)
-    hop = next(link for link in made.links[1:-1])
-    slowed = Measured(bandwidth={(hop.src, hop.dst): hop.bytes_per_s / 1e4})
+    hop = made.links[1]
+    slower = made.stages[0].bytes_out / (10 * made.bottleneck_s)  # 10x the bottleneck a frame
+    slowed = Measured(bandwidth={(hop.src, hop.dst): slower})
     _, cost = replanner.cost(None, slowed)
     src, dst = cost.node_names.index(hop.src), cost.node_names.index(hop.dst)
-    assert cost.link_bytes_per_s[src, dst] == pytest.approx(hop.bytes_per_s / 1e4)
+    assert cost.link_bytes_per_s[src, dst] == pytest.approx(slower)
     assert cost.link_bytes_per_s[dst, src] == pytest.approx(hop.bytes_per_s)  # one way only
     after = replanner.price(made, slowed)
     assert after.bottleneck_s > replanner.price(made).bottleneck_s
@@ -159,6 +163,67 @@ def test_no_plan_fits_names_the_nodes_left(skip_dag_plan) -> None:
         Replanner(tiny, sample.model, layer_graph).replan({"n1", "n2"})
     with pytest.raises(PlanningError, match="carries no cluster spec"):
         Replanner(replace(made, replan=None), sample.model, layer_graph)
+
+
+@pytest.fixture(scope="module")
+def compressed_plan(skip_dag_plan, tmp_path_factory) -> tuple:
+    """The skip DAG over slow links, planned with ``--compress auto`` on calibration inputs
+    saved to a file."""
+    sample, layer_graph, cluster, _ = skip_dag_plan
+    slow = replace(cluster, default_link=LinkSpec(125_000.0, 1e-5), links={},
+                   nodes=tuple(replace(n, quantize=None) for n in cluster.nodes))
+    inputs = calibration_inputs(sample.model, 4)
+    path = tmp_path_factory.mktemp("calibration") / "inputs.pt"
+    torch.save([list(item) for item in inputs], path)
+    request = CompressionRequest(CompressMode.AUTO, tuple(inputs), 5e-2,
+                                 calibration_file=str(path))
+    profile = profile_layers(layer_graph, sample.model.sha256, sample.model.example_inputs,
+                             repeats=1, warmup=0)
+    made = plan(sample.model, layer_graph, slow, node_profiles(slow, profile, {}),
+                Objective.THROUGHPUT, request)
+    again = Plan.from_dict(json.loads(json.dumps(made.to_dict())))
+    return sample, layer_graph, again, inputs, path
+
+
+def _encoded(made: Plan) -> list[str]:
+    return [link.encoding.value for link in made.links if link.encoding.value != "raw"]
+
+
+def test_a_compressed_plan_is_replanned_compressed_within_its_budget(compressed_plan) -> None:
+    sample, layer_graph, made, inputs, path = compressed_plan
+    assert _encoded(made) and made.accuracy is not None
+    settings = read_replan_inputs(made.replan).compression
+    assert settings is not None and settings.calibration_file == str(path)
+    assert (settings.mode, settings.max_error, settings.calibration_count) == (
+        CompressMode.AUTO, 5e-2, 4)
+    read: list[str] = []
+
+    def reader(where: str) -> list:
+        read.append(where)
+        return inputs
+
+    replanner = Replanner(made, sample.model, layer_graph, reader)
+    for gone in {s.node for s in made.stages}:
+        left = replanner.replan({"n0", "n1", "n2"} - {gone})
+        assert gone not in {s.node for s in left.stages}
+        assert left.accuracy is not None and left.accuracy.max_rel_error <= 5e-2
+        assert left.accuracy.inputs == 4
+        if len(left.stages) > 1 or left.stages[0].node != "n0":
+            assert _encoded(left), "a re-plan over slow links sends compressed again"
+    assert read == [str(path)]  # measured once, on the first re-plan
+
+
+def test_replanning_without_the_calibration_file_uses_random_inputs(
+    compressed_plan, caplog
+) -> None:
+    sample, layer_graph, made, _, path = compressed_plan
+
+    def unreadable(where: str) -> list:
+        raise EdgesplitError(f"--calibration '{where}' does not exist")
+
+    left = Replanner(made, sample.model, layer_graph, unreadable).replan({"n1", "n2"})
+    assert left.accuracy is not None and left.accuracy.inputs == 4
+    assert "re-plans measure compression on random inputs" in caplog.text
 
 
 class _Reporting:
@@ -190,13 +255,13 @@ async def test_drift_is_a_sustained_change_past_the_baseline(skip_dag_plan) -> N
     found = [await poll(WINDOW + k) for k in range(SUSTAIN_POLLS)]
     assert [bool(d) for d in found] == [False] * (SUSTAIN_POLLS - 1) + [True]
     assert found[-1].nodes == {first: pytest.approx(3.0)} and not found[-1].links
-    slow_s = 0.001 + 2 * LINK_NOISE_S
+    slow_s, frame_bytes = 0.001 + 2 * LINK_NOISE_S, 1e4
     handles[first].info.link_p50_seconds = slow_s
+    handles[first].info.link_bytes_per_s = frame_bytes / slow_s
     found = [await poll(2 * WINDOW + k) for k in range(SUSTAIN_POLLS)]
     assert found[-1].links == {(hop.src, hop.dst): pytest.approx(slow_s / 0.001)}
-    transfer_s = slow_s - hop.latency_s  # the bandwidth explains the time less the latency
-    frame_bytes = handles[first].info.link_bytes_per_s * slow_s
-    assert found[-1].bandwidth == {(hop.src, hop.dst): pytest.approx(frame_bytes / transfer_s)}
+    # the link's busy time per frame holds no latency: the bandwidth is bytes over it
+    assert found[-1].bandwidth == {(hop.src, hop.dst): pytest.approx(frame_bytes / slow_s)}
     watch.forget({first})  # re-measured after a switch: the slow figures are the new baseline
     assert not await poll(3 * WINDOW)
     assert not any([await poll(4 * WINDOW + k) for k in range(SUSTAIN_POLLS)])

@@ -77,6 +77,19 @@ def test_every_op_is_in_exactly_one_layer(model_chain: ChainRun) -> None:
     assert len({layer.name for layer in lg.layers}) == lg.num_layers
 
 
+def test_names_number_a_module_s_layers_in_program_order(model_chain: ChainRun) -> None:
+    """A layer's name does not depend on the order the layers run in, so the names in order
+    (the profile cache's fingerprint, the plan's layer list) identify that order."""
+    lg = model_chain.layer_graph
+    position = {n.name: k for k, n in enumerate(lg.program.graph.nodes)}
+    by_key: dict[str, list[tuple[int, str]]] = defaultdict(list)
+    for layer in lg.layers:
+        by_key[layer.name.split("#")[0]].append((position[layer.ops[0]], layer.name))
+    for key, layers in by_key.items():
+        names = [name for _, name in sorted(layers)]
+        assert names == [key, *(f"{key}#{k}" for k in range(2, len(names) + 1))]
+
+
 def test_layers_in_order_reproduce_the_model(model_chain: ChainRun) -> None:
     lg = model_chain.layer_graph
     assert lg.num_layers >= 3
@@ -95,6 +108,7 @@ def test_boundary_bytes_are_the_tensors_that_really_cross(model_chain: ChainRun)
         assert {t.name for t in lg.boundary_tensors(boundary)} == set(real), boundary
         real_bytes = sum(t.numel() * t.element_size() for t in real.values())
         assert planned[boundary] == real_bytes, boundary
+    assert (lg.value_flow().boundary_bytes() == planned).all()
     assert planned[0] == sum(t.numel() * t.element_size() for t in model_chain.sample.inputs)
     assert planned[-1] == sum(t.numel() * t.element_size() for t in model_chain.sample.expected)
 

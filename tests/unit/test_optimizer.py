@@ -8,12 +8,15 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from partition import optimizer
 from partition.baselines import baselines
 from partition.costs import Compression, CostModel, LinkChoices, WeightChoices
-from partition.errors import NoFeasiblePlanError
-from partition.optimizer import Span, evaluate, optimize
+from partition.errors import NoFeasiblePlanError, PlanningError
+from partition.milp import SolverLimits
+from partition.optimizer import OptimizeResult, Span, evaluate, optimize
 from partition.plan import Objective
 
 RELATIVE = 1e-9
@@ -63,10 +66,13 @@ def brute_force(cost: CostModel) -> list[tuple[float, float]]:
     plans = []
 
     def hop(boundary: int, a: int, b: int) -> float:
+        """The link's busy time: a frame's latency delays it but keeps no link busy."""
         if a == b:
             return 0.0
-        return (cost.boundary_bytes[boundary] / cost.link_bytes_per_s[a][b]
-                + cost.link_latency_s[a][b])
+        return cost.boundary_bytes[boundary] / cost.link_bytes_per_s[a][b]
+
+    def delay(a: int, b: int) -> float:
+        return 0.0 if a == b else cost.link_latency_s[a][b]
 
     for k in range(1, min(layers, nodes) + 1):
         for cuts in itertools.combinations(range(1, layers), k - 1):
@@ -76,14 +82,16 @@ def brute_force(cost: CostModel) -> list[tuple[float, float]]:
                 if any(cost.node_stage_memory()[d][a][b] > cost.node_memory_bytes[d]
                        for d, (a, b) in zip(assign, ranges, strict=True)):
                     continue
-                costs = []
+                costs, delays = [], []
                 where = cost.source
                 for d, (a, b) in zip(assign, ranges, strict=True):
                     costs.append(hop(a, where, d))
+                    delays.append(delay(where, d))
                     costs.append(math.fsum(seconds[d][a:b]))
                     where = d
                 costs.append(hop(layers, where, cost.sink))
-                plans.append((math.fsum(costs), max(costs)))
+                delays.append(delay(where, cost.sink))
+                plans.append((math.fsum(costs + delays), max(costs)))
     return plans
 
 
@@ -136,10 +144,11 @@ def tiny_cost() -> CostModel:
 
 def test_evaluate_by_hand() -> None:
     schedule = evaluate(tiny_cost(), [Span(0, 0, 2), Span(1, 2, 3)])
-    # a runs layers 0-1 (3 s), ships 500 B (0.5 + 0.5 s), b runs layer 2 (1.5 s),
-    # ships 100 B back (0.1 + 0.5 s).
+    # a runs layers 0-1 (3 s), ships 500 B (0.5 s busy, then 0.5 s latency), b runs layer
+    # 2 (1.5 s), ships 100 B back (0.1 s busy, 0.5 s latency).
     assert schedule.stage_seconds == (3.0, 1.5)
-    assert schedule.transfer_seconds == pytest.approx((0.0, 1.0, 0.6))
+    assert schedule.transfer_seconds == pytest.approx((0.0, 0.5, 0.1))
+    assert schedule.delay_seconds == (0.0, 0.5, 0.5)
     assert schedule.latency_s == pytest.approx(6.1)
     assert schedule.bottleneck_s == 3.0
     assert schedule.throughput_per_s == pytest.approx(1 / 3)
@@ -148,8 +157,24 @@ def test_evaluate_by_hand() -> None:
 
 def test_evaluate_single_node_off_source() -> None:
     schedule = evaluate(tiny_cost(), [Span(1, 0, 3)])
-    assert schedule.transfer_seconds == pytest.approx((1.5, 0.6))
-    assert schedule.latency_s == pytest.approx(1.5 + 3.0 + 0.6)
+    assert schedule.transfer_seconds == pytest.approx((1.0, 0.1))
+    assert schedule.latency_s == pytest.approx(1.0 + 0.5 + 3.0 + 0.1 + 0.5)
+    assert schedule.bottleneck_s == 3.0
+
+
+def test_latency_delays_a_request_but_keeps_no_link_busy() -> None:
+    """Over a link of 10 s latency, a alone (6 s a request) is the fastest plan for one
+    request, but a frame still crosses the link in its bytes over the bandwidth, so
+    splitting over a and b keeps each busy at most 2.5 s a request."""
+    cost = CostModel(**{**tiny_cost().__dict__, "link_latency_s": np.array([[0, 10.0],
+                                                                           [10.0, 0]])})
+    schedule = evaluate(cost, [Span(0, 0, 2), Span(1, 2, 3)])
+    assert schedule.bottleneck_s == 3.0
+    assert schedule.latency_s == pytest.approx(3.0 + 0.5 + 10.0 + 1.5 + 0.1 + 10.0)
+    widest = optimize(cost, Objective.THROUGHPUT).schedule
+    assert widest.spans == (Span(0, 0, 1), Span(1, 1, 3))
+    assert widest.bottleneck_s == pytest.approx(2.5)  # b's compute; 2000 B take 2 s
+    assert optimize(cost, Objective.LATENCY).schedule.spans == (Span(0, 0, 3),)
 
 
 @pytest.mark.parametrize("spans, message", [
@@ -187,27 +212,115 @@ def test_infeasible_names_the_closest_node() -> None:
             optimize(cost, objective)
 
 
-@pytest.mark.parametrize("choices", [False, True])
-@pytest.mark.parametrize("objective", list(Objective))
-def test_inexact_search_bounds_the_optimum(
-    objective: Objective, choices: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    costs = ([c for c in choice_instances(30, 77) if brute_force_choices(c)] if choices
-             else [c for c in instances(40, 99) if brute_force(c)])
-    exact = [optimize(c, objective) for c in costs]
-    monkeypatch.setattr(optimizer, "EXACT_WORK_LIMIT", 0)
-    for cost, best in zip(costs, exact, strict=True):
+EXACT_SOLVER = SolverLimits(time_limit_s=60.0, relative_gap=0.0)
+
+
+def solver_answer(cost: CostModel, objective: Objective,
+                  limits: SolverLimits = EXACT_SOLVER) -> OptimizeResult | None:
+    """The forced solver path's result (``None``: it raised NoFeasiblePlanError), with the
+    exact search switched off for the call."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(optimizer, "EXACT_WORK_LIMIT", 0)
         try:
-            result = optimize(cost, objective)
+            return optimize(cost, objective, limits)
         except NoFeasiblePlanError:
-            continue
-        assert not result.exact and result.schedule.fits
-        if choices:
-            check_admitted(cost, result.schedule)
-        answer = (result.schedule.latency_s if objective is Objective.LATENCY
-                  else result.schedule.bottleneck_s)
-        assert result.lower_bound_s <= best.lower_bound_s * (1 + RELATIVE)
-        assert best.lower_bound_s <= answer * (1 + RELATIVE)
+            return None
+
+
+def check_same_answer(cost: CostModel, objective: Objective) -> None:
+    """The solver finds a plan exactly when the exact search does, and one as good: the
+    objective equal, the tie-break's latency too, the lower bound proven and met."""
+    try:
+        exact = optimize(cost, objective)
+    except NoFeasiblePlanError:
+        assert solver_answer(cost, objective) is None
+        return
+    solved = solver_answer(cost, objective)
+    assert solved is not None and solved.schedule.fits
+    want, got = objective.key(exact.schedule), objective.key(solved.schedule)
+    assert got[0] == pytest.approx(want[0], rel=RELATIVE)
+    assert got[1] == pytest.approx(want[1], rel=1e-6)
+    assert solved.exact
+    assert solved.lower_bound_s == pytest.approx(want[0], rel=RELATIVE)
+    if cost.compression is not None:
+        check_admitted(cost, solved.schedule)
+
+
+@pytest.mark.parametrize("objective", list(Objective))
+@pytest.mark.parametrize("seed", range(3))
+def test_solver_matches_the_exact_search(objective: Objective, seed: int) -> None:
+    for cost in instances(60, 200 + seed):
+        check_same_answer(cost, objective)
+
+
+@pytest.mark.parametrize("objective", list(Objective))
+def test_solver_matches_the_exact_search_with_choices(objective: Objective) -> None:
+    for cost in choice_instances(40, 300):
+        check_same_answer(cost, objective)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), nodes=st.integers(2, 6), layers=st.integers(1, 12),
+       tight=st.booleans(), objective=st.sampled_from(list(Objective)))
+def test_solver_matches_the_exact_search_anywhere(
+    seed: int, nodes: int, layers: int, tight: bool, objective: Objective
+) -> None:
+    check_same_answer(random_cost(np.random.default_rng(seed), nodes, layers, tight), objective)
+
+
+def only_one_order_fits() -> CostModel:
+    """Source and sink 'a' holds nothing; only 'b' then 'c' fits ('c' is the fastest node
+    and has the most memory, so the fixed orders put it before 'b')."""
+    return CostModel(
+        node_names=("a", "b", "c"),
+        layer_seconds=np.array([[3.0, 3.0], [2.0, 2.0], [1.0, 1.0]]),
+        boundary_bytes=np.full(3, 100.0),
+        stage_memory_bytes=np.array([[0.0, 10.0, 30.0], [0.0, 0.0, 20.0], [0.0, 0.0, 0.0]]),
+        node_memory_bytes=np.array([5, 10, 20]),
+        link_bytes_per_s=np.where(np.eye(3), np.inf, 1e4),
+        link_latency_s=np.where(np.eye(3), 0.0, 1e-3),
+        source=0,
+        sink=0,
+    )
+
+
+@pytest.mark.parametrize("objective", list(Objective))
+def test_solver_finds_the_order_the_restricted_search_misses(
+    objective: Objective, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cost = only_one_order_fits()
+    monkeypatch.setattr(optimizer, "EXACT_WORK_LIMIT", 0)
+    tables = optimizer._Tables.build(cost)
+    spaces = optimizer._restricted_spaces(cost, cost.num_layers + 1)
+    assert all(optimizer._best(cost, tables, objective, space) is None for space in spaces)
+    result = optimize(cost, objective)
+    assert result.schedule.spans == (Span(1, 0, 1), Span(2, 1, 2))
+    assert result.exact and result.schedule.fits
+
+
+@pytest.mark.parametrize("objective", list(Objective))
+def test_solver_proves_no_plan_fits(objective: Objective, monkeypatch: pytest.MonkeyPatch) -> None:
+    cost = only_one_order_fits()
+    cost = CostModel(**{**cost.__dict__, "node_memory_bytes": np.array([5, 10, 19])})
+    monkeypatch.setattr(optimizer, "EXACT_WORK_LIMIT", 0)
+    with pytest.raises(NoFeasiblePlanError, match=(
+        r"^no plan fits: the closest one found still needs 20 B for layers \[1, 2\) on 'c', "
+        r"which has 19 B; add memory or nodes$"
+    )):
+        optimize(cost, objective)
+
+
+def test_solver_out_of_time_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without time the restricted search's plan stands, not proven optimal; with neither a
+    plan nor a proof, the error says the time ran out (not that no plan fits)."""
+    monkeypatch.setattr(optimizer, "EXACT_WORK_LIMIT", 0)
+    no_time = SolverLimits(time_limit_s=0.0)
+    cost = next(c for c in instances(50, 11) if brute_force(c) and c.num_nodes >= 4)
+    result = optimize(cost, Objective.THROUGHPUT, no_time)
+    assert result.schedule.fits
+    assert result.lower_bound_s <= result.schedule.bottleneck_s
+    with pytest.raises(PlanningError, match="neither found a plan nor proved"):
+        optimize(only_one_order_fits(), Objective.LATENCY, no_time)
 
 
 def test_single_layer_and_single_node() -> None:
@@ -324,7 +437,7 @@ def _price_choices(cost, chain, edges, ranges, encs, fmts, link, stage):
     """(latency, bottleneck) of one plan with its choices, or None if it is not admitted."""
     compression = cost.compression
     spent = 0
-    items = []
+    items, delays = [], []
     for h, (a, b) in enumerate(itertools.pairwise(chain)):
         boundary, e = edges[h], encs[h]
         if a == b:
@@ -336,7 +449,8 @@ def _price_choices(cost, chain, edges, ranges, encs, fmts, link, stage):
             return None
         nbytes, encode, decode, error = link(boundary, e)
         spent += units(error, compression)
-        seconds = nbytes / cost.link_bytes_per_s[a][b] + cost.link_latency_s[a][b]
+        seconds = nbytes / cost.link_bytes_per_s[a][b]
+        delays.append(cost.link_latency_s[a][b])
         seconds += (encode if boundary == 0 else 0.0) + (decode if boundary == cost.num_layers
                                                          else 0.0)
         items.append(seconds)
@@ -352,7 +466,7 @@ def _price_choices(cost, chain, edges, ranges, encs, fmts, link, stage):
     every = items + stages
     if not all(math.isfinite(x) for x in every):
         return None
-    return math.fsum(every), max(every)
+    return math.fsum(every + delays), max(every)
 
 
 def choice_instances(count: int, seed: int):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -9,7 +10,12 @@ import pytest
 import torch
 import yaml
 
+from coordinator.bench import BENCH_CONCURRENCY, BenchResult
+from coordinator.bench_check import CheckedRun
+from coordinator.bench_command import checked_table, prediction_table
 from coordinator.cli import main
+from coordinator.console import ms
+from coordinator.plan_tables import totals_line
 from coordinator.plot import pipeline_timeline
 from partition.cluster import WORKER_OVERHEAD_BYTES
 from partition.cost_builder import stage_memory_matrix
@@ -39,14 +45,18 @@ def test_plan_works_on_every_example_cluster(
         assert plan.stages[0].start == 0 and plan.stages[-1].end == len(plan.layer_names)
         for before, after in zip(plan.stages, plan.stages[1:], strict=False):
             assert before.end == after.start and before.sends == after.receives
+        assert "DADS min cut" in {baseline.name for baseline in plan.baselines}
         for baseline in plan.baselines:  # exact: never worse than a rule that fits
             if baseline.fits:
                 assert plan.throughput_per_s >= baseline.throughput_per_s * (1 - 1e-9)
     printed = capsys.readouterr().out
     assert "baselines on the same cost model" in printed and "predicted: latency" in printed
+    assert "DADS min cut" in printed
 
 
-def test_plan_writes_a_versioned_json_and_a_picture(sample_exported, tmp_path: Path) -> None:
+def test_plan_writes_a_versioned_json_and_a_picture(
+    sample_exported, tmp_path: Path, capsys
+) -> None:
     sample = sample_exported("skip_dag")
     out, png = tmp_path / "plan.json", tmp_path / "plan.png"
     assert main(["plan", str(sample.path), "--nodes", str(EXAMPLES / "cluster-heterogeneous.yaml"),
@@ -57,6 +67,24 @@ def test_plan_writes_a_versioned_json_and_a_picture(sample_exported, tmp_path: P
     assert {n["name"] for n in data["nodes"]} == {"camera", "gateway", "jetson", "laptop"}
     assert len(data["links"]) == len(data["stages"]) + 1
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    plan = Plan.load(out)
+    loaded = max(plan.latency_s, BENCH_CONCURRENCY * plan.bottleneck_s)
+    assert f"{ms(loaded)} ms with {BENCH_CONCURRENCY} in flight" in capsys.readouterr().out
+    measured = BenchResult(latency_p50_s=1.0, latency_p95_s=1.0, throughput_per_s=1.0,
+                           requests=10, concurrency=3, loaded_latency_p50_s=1.0)
+    rows = table_rows(prediction_table(plan, measured))
+    assert rows["latency p50 ms, 3 in flight"][1] == ms(plan.latency_under_load(3))
+    assert rows["latency p50 ms, 1 in flight"][1] == ms(plan.latency_s)
+    checked = CheckedRun(requests=2, answered=2, elapsed_s=1.0, latencies_s=[0.1, 0.3])
+    table = checked_table(checked, False, plan.latency_under_load(2))
+    assert {c.header: next(iter(c.cells)) for c in table.columns}["predicted p50 ms"] == ms(
+        plan.latency_under_load(2))
+
+
+def table_rows(table) -> dict[str, list[str]]:
+    """A rich table's cells by the first column's text."""
+    columns = [list(column.cells) for column in table.columns]
+    return {row[0]: row[1:] for row in zip(*columns, strict=True)}
 
 
 def test_timeline_never_runs_two_requests_on_one_resource_at_once(
@@ -220,3 +248,18 @@ def test_a_negative_error_budget_is_refused(sample_exported, capsys) -> None:
     code = main(["plan", str(sample_exported("skip_dag").path), "--nodes",
                  str(EXAMPLES / "cluster-heterogeneous.yaml"), "--max-error", "-1"])
     assert code == 2 and "--max-error must be a number >= 0" in capsys.readouterr().err
+
+
+def test_a_plan_not_proven_optimal_prints_its_proven_gap(sample_exported, tmp_path: Path) -> None:
+    sample = sample_exported("skip_dag")
+    out = tmp_path / "plan.json"
+    assert main(["plan", str(sample.path), "--nodes", str(EXAMPLES / "cluster-heterogeneous.yaml"),
+                 "-o", str(out), "--repeats", "2"]) == 0
+    plan = Plan.load(out)
+    assert plan.exact and "optimal" not in totals_line(plan)
+    bounded = dataclasses.replace(plan, exact=False, lower_bound_s=plan.bottleneck_s / 1.25)
+    assert totals_line(bounded).endswith(
+        f"(not proven optimal: bottleneck at most 25.00% above the optimum, which is >= "
+        f"{plan.bottleneck_s / 1.25 * 1e3:.3f} ms)")
+    unbounded = dataclasses.replace(plan, exact=False, lower_bound_s=0.0)
+    assert totals_line(unbounded).endswith("no lower bound on the bottleneck was found)")

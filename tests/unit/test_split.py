@@ -61,11 +61,15 @@ def flat_profile(model: LoadedModel, layer_graph: LayerGraph) -> Profile:
 
 def three_stage_plan(model: LoadedModel, layer_graph: LayerGraph) -> Plan:
     """Layers split at L/3 and 2L/3 over three nodes."""
+    count = layer_graph.num_layers
+    return cut_plan(model, layer_graph, [0, count // 3, 2 * count // 3, count])
+
+
+def cut_plan(model: LoadedModel, layer_graph: LayerGraph, cuts: list[int]) -> Plan:
+    """Layers split at ``cuts`` (boundaries, first 0 and last L), one stage per node."""
     cluster = three_nodes()
     profile = flat_profile(model, layer_graph)
     cost = build_cost_model(layer_graph, cluster, {name: profile for name in cluster.names})
-    count = layer_graph.num_layers
-    cuts = [0, count // 3, 2 * count // 3, count]
     spans = [Span(node, start, end) for node, (start, end) in enumerate(zip(cuts, cuts[1:],
                                                                             strict=False))]
     schedule = evaluate(cost, spans)
@@ -178,6 +182,33 @@ def test_stage_artifact_with_markers_loads_in_a_fresh_process(tmp_path: Path) ->
                             capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "(2, 16)"
+
+
+def test_inception_branches_reordered_split_and_reproduce_the_model(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = model_zoo.Inception().eval()
+    path = tmp_path / "inception.pt2"
+    with torch.no_grad():
+        torch.export.save(torch.export.export(module, (torch.randn(1, 8, 16, 16),)), path)
+    model = load_model(path)
+    layer_graph = build_layer_graph(model.program, 2)
+    position = {n.name: k for k, n in enumerate(model.program.graph.nodes)}
+    program_order = sorted(range(layer_graph.num_layers),
+                           key=lambda k: position[layer_graph.layers[k].ops[0]])
+    assert layer_graph.layers[program_order[0]].name == "wide.0"
+    assert program_order != list(range(layer_graph.num_layers))
+    flow = layer_graph.value_flow()
+    chosen, naive = flow.boundary_bytes(), flow.boundary_bytes(program_order)
+    assert (chosen == layer_graph.boundary_bytes()).all()
+    assert chosen.sum() < naive.sum() and chosen[1:-1].max() < naive[1:-1].max()
+    with torch.no_grad():
+        want = module(*model.example_inputs)
+    cheapest = 1 + int(chosen[1:-1].argmin())
+    count = layer_graph.num_layers
+    for cuts in ([0, cheapest, count], [0, count // 3, 2 * count // 3, count]):
+        artifacts = split(cut_plan(model, layer_graph, cuts), layer_graph)
+        frame = run_chain(artifacts, layer_graph, model.example_inputs)
+        torch.testing.assert_close(frame[layer_graph.user_outputs[0]], want, atol=1e-5, rtol=0)
 
 
 def test_load_program_refuses_what_is_not_an_artifact() -> None:

@@ -1,0 +1,42 @@
+"""A request's latency with several requests in flight, from a plan's idle predictions.
+
+The pipeline is a closed queueing network: ``in_flight`` requests circulate (each answer
+sends the next request at once, as ``coordinator bench`` does), through stations that each
+serve one request at a time for a fixed time ``s_k`` (every stage's compute and every
+link's busy time) and through pure delays that hold any number of requests (the links'
+latencies). Idle, a request takes ``D`` (the plan's latency: every ``s_k`` and every
+delay); the busiest station takes ``s_max`` (the plan's bottleneck).
+
+With deterministic service times the network's asymptotic bounds are its steady state:
+throughput is ``X = min(W / D, 1 / s_max)`` for ``W`` requests in flight. Once requests
+leave the bottleneck ``s_max`` apart, no later station (each serves in at most ``s_max``)
+and no delay makes one wait, so with ``W · s_max <= D`` every request goes round in ``D``;
+with more, the bottleneck never idles and serves one request per ``s_max``. Little's law
+gives the latency ``R = W / X = max(D, W · s_max)``. Mean-value analysis with exponential
+service times would predict more near the knee ``W ≈ D / s_max`` (requests bunch up);
+measured service times vary a little, so measured latency there lies between the two.
+"""
+
+from __future__ import annotations
+
+
+def latency_under_load(latency_s: float, bottleneck_s: float, in_flight: int) -> float:
+    """Steady-state latency of a request with ``in_flight`` requests kept in flight, for a
+    plan whose one idle request takes ``latency_s`` and whose busiest stage or link takes
+    ``bottleneck_s`` per request (see the module docstring).
+
+    >>> latency_under_load(0.010, 0.004, 1)
+    0.01
+    >>> latency_under_load(0.010, 0.004, 2)  # the second request fits in the gaps
+    0.01
+    >>> latency_under_load(0.010, 0.004, 8)  # the bottleneck is saturated: 8 x 4 ms
+    0.032
+
+    Raises
+    ------
+    ValueError
+        ``in_flight`` is less than 1.
+    """
+    if in_flight < 1:
+        raise ValueError(f"in_flight must be at least 1, not {in_flight}")
+    return max(latency_s, in_flight * bottleneck_s)
