@@ -20,7 +20,7 @@ from partition.optimizer import Span, evaluate
 from partition.plan import Objective
 from partition.planning import plan_from_schedule
 from partition.profiler import profile_layers
-from partition.queues import FRAMES_HELD, QUEUE_DEPTH, RESULTS_HELD
+from partition.queues import FRAMES_HELD_IN, FRAMES_HELD_OUT, QUEUE_DEPTH, RESULTS_HELD
 from partition.split import split
 
 FILL_TIMEOUT_S = 120.0
@@ -67,7 +67,7 @@ async def fill_the_queues(handle: GrpcWorkerHandle, inputs) -> None:
     counts), nobody reading the results, and wait until its input queue is full."""
     sender = await handle.open_sender()
     try:
-        for request_id in range(1, 2 * FRAMES_HELD + RESULTS_HELD + 1):
+        for request_id in range(1, FRAMES_HELD_IN + FRAMES_HELD_OUT + RESULTS_HELD + 1):
             await sender.send(request_id, inputs)
         async with asyncio.timeout(FILL_TIMEOUT_S):
             while (await handle.describe()).queue_depth < QUEUE_DEPTH:
