@@ -20,9 +20,9 @@ program graph: the loader's and the first run's set-up (kernels, allocator arena
 PROGRAM_BYTES_PER_OP = 56 * 1024
 """Resident memory of a loaded stage program per op of its graph (the fx nodes and their
 metadata). With :data:`STAGE_RUNTIME_BYTES` it bounds what a worker added for each sample
-model's whole-model stage at full queues: resnet 23.9 MiB, gpt2 25.1, mobilenet_v2 42.3,
-skip_dag 8.9 (tests/cluster/test_stage_memory.py; x86-64 Linux, torch 2.13.0+cpu, one
-thread, on a busy machine)."""
+model's whole-model stage at full queues: resnet 23-25 MiB, gpt2 25-26, mobilenet_v2 41-43,
+skip_dag 9 (tests/cluster/test_stage_memory.py, three runs; x86-64 Linux, torch 2.13.0+cpu,
+one thread, on a busy machine)."""
 
 
 def node_profiles(
