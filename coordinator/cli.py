@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         demo_command,
         deploy_command,
         plan_command,
+        probe_command,
         profile_command,
     )
 
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in (
         profile_command, plan_command, deploy_command, bench_command, cluster_command,
-        demo_command, certs_command,
+        demo_command, certs_command, probe_command,
     ):
         command.add_parsers(commands)
     return parser

@@ -23,8 +23,9 @@ from coordinator.local_cluster import LocalCluster
 from coordinator.pipeline import Pipeline
 from coordinator.plan_command import show_plan
 from coordinator.plot import plot_plan
+from coordinator.remote_profile import worker_overheads
 from partition.artifact import ProgramRunner
-from partition.cluster import load_cluster
+from partition.cluster import load_cluster, memory_for_stages
 from partition.cost_builder import node_profiles
 from partition.errors import EdgesplitError
 from partition.layers import build_layer_graph
@@ -79,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
             local, _ = cached_profile(model, layer_graph, progress=update)
         console.print(f"[bold]3. profiled[/] whole model {local.model_median_s * 1e3:.1f} ms "
                       "here; slower nodes are planned by their speed")
-        result = plan(model, layer_graph, cluster, node_profiles(cluster, local, {}),
-                      Objective.THROUGHPUT)
+        result = plan(model, layer_graph, memory_for_stages(cluster, worker_overheads(cluster)),
+                      node_profiles(cluster, local, {}), Objective.THROUGHPUT)
         result.save(out / "plan.json")
         console.print("[bold]4. plan[/]")
         show_plan(result)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from collections.abc import Iterable
 
 import torch
 
@@ -78,13 +79,19 @@ def ship(plan: Plan, args: argparse.Namespace) -> Deployment:
 
 def emulate_links(plan: Plan, args: argparse.Namespace) -> bool:
     """``--emulate-links`` if given, else whether the plan runs on a simulated cluster."""
-    return on_simulated_cluster(plan) if args.emulate_links is None else args.emulate_links
+    return links_emulated([stage.address for stage in plan.stages], args.emulate_links)
 
 
-def on_simulated_cluster(plan: Plan) -> bool:
-    """True if every stage's node is a worker started by ``coordinator up`` here."""
+def links_emulated(addresses: Iterable[str], choice: bool | None) -> bool:
+    """``choice`` (``--emulate-links``) if given, else whether every address is a worker
+    started by ``coordinator up`` here."""
+    return on_simulated_cluster(addresses) if choice is None else choice
+
+
+def on_simulated_cluster(addresses: Iterable[str]) -> bool:
+    """True if every address is a worker started by ``coordinator up`` here."""
     local = {node.address for node in read_state(default_state_dir())}
-    return bool(local) and all(stage.address in local for stage in plan.stages)
+    return bool(local) and all(address in local for address in addresses)
 
 
 def ensure_deployed(plan: Plan, args: argparse.Namespace) -> None:

@@ -14,6 +14,7 @@ from partition.cluster import (
     ClusterSpec,
     every_node_quantized,
     load_cluster,
+    memory_for_stages,
     with_default_quantize,
 )
 from partition.compression_choice import Inputs, calibration_inputs, weight_offer
@@ -58,7 +59,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--profile-on-nodes", action="store_true",
-        help="ask every reachable node to profile the model on its own hardware",
+        help="ask every reachable node to profile the model on its own hardware, and how "
+             "much memory its worker takes before any stage",
     )
     parser.add_argument(
         "--compress", choices=[m.value for m in CompressMode], default=CompressMode.NONE.value,
@@ -107,7 +109,13 @@ def run(args: argparse.Namespace) -> int:
                                    for fmt in offered}) if offered else None,
         args.calibration,
     )
-    result = plan(model, layer_graph, cluster, profiles, Objective(args.objective), compression)
+    overheads = {}
+    if args.profile_on_nodes:
+        from coordinator.remote_profile import worker_overheads
+
+        overheads = worker_overheads(cluster)
+    result = plan(model, layer_graph, memory_for_stages(cluster, overheads), profiles,
+                  Objective(args.objective), compression)
     result.save(args.output)
     show_plan(result)
     console.print(f"wrote {args.output}")

@@ -1,4 +1,5 @@
-"""``--profile-on-nodes``: each reachable node times the model's layers on its own hardware."""
+"""``--profile-on-nodes``: each reachable node times the model's layers on its own hardware
+and says how much memory its worker takes before any stage."""
 
 from __future__ import annotations
 
@@ -53,6 +54,28 @@ def profile_on_nodes(
         profile.check_matches(model.sha256, layer_graph, f"from node {node.name!r}")
         measured[node.name] = profile
     return measured
+
+
+def worker_overheads(cluster: ClusterSpec) -> dict[str, int]:
+    """Each reachable node's worker's resident memory before any stage, as it reports it
+    (``Describe``). Unreachable nodes are left out with a warning (the planner then takes
+    :data:`~partition.cluster.WORKER_OVERHEAD_BYTES` for them)."""
+    return asyncio.run(_overheads(cluster, client_security(cluster.security)))
+
+
+async def _overheads(cluster: ClusterSpec, security: Security | None) -> dict[str, int]:
+    async def one(name: str, address: str) -> tuple[str, int]:
+        handle = GrpcWorkerHandle(address, name, security)
+        try:
+            return name, (await handle.describe()).resident_overhead_bytes
+        except NodeUnreachableError as err:
+            log.warning("%s; planning its worker's memory with the default", err)
+            return name, 0
+        finally:
+            await handle.close()
+
+    reported = await asyncio.gather(*(one(n.name, n.address) for n in cluster.nodes))
+    return {name: overhead for name, overhead in reported if overhead}
 
 
 def _with_flat_outputs(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:

@@ -57,6 +57,8 @@ ALLOWED_ROLES: dict[str, frozenset[Role]] = _by_method({
     "Wire": frozenset({Role.COORDINATOR}),
     "Submit": frozenset({Role.COORDINATOR, Role.UPSTREAM}),
     "Results": frozenset({Role.COORDINATOR}),
+    "Probe": frozenset({Role.COORDINATOR}),
+    "Echo": frozenset({Role.COORDINATOR, Role.NODE}),
 }) | {  # the standard health service: whoever may Describe may ask
     f"/{_HEALTH.full_name}/{method.name}": frozenset({Role.COORDINATOR, Role.NODE})
     for method in _HEALTH.methods

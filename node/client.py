@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from node.channels import open_channel
 from node.codec import Trace, decode_failure, decode_frame, decode_trace, encode_frame
 from node.data_path import results_stream, submit_stream
-from node.errors import FrameSpecError, NodeRejectedError, NodeUnreachableError
+from node.errors import FrameSpecError, NodeRejectedError, NodeUnreachableError, ProbeError
 from node.health import OVERALL, is_serving
 from node.link import NO_EMULATION, LinkEmulation
 from node.messages import (
@@ -33,6 +33,7 @@ from node.messages import (
     encoding_to_proto,
     link_to_proto,
 )
+from node.probe import PROBE_TIMEOUT_S, LinkMeasurement, ProbeOptions, measure_link
 from node.profiling import ProfileOptions
 from node.rpc import edgesplit_pb2 as pb
 from node.rpc import edgesplit_pb2_grpc as pb_grpc
@@ -141,6 +142,19 @@ class WorkerHandle(ABC):
         """
 
     @abstractmethod
+    async def probe(
+        self, target_address: str, options: ProbeOptions, *, target_node: str | None = None,
+        outbound: LinkEmulation = NO_EMULATION, inbound: LinkEmulation = NO_EMULATION,
+    ) -> LinkMeasurement:
+        """Have the node measure its link to the node at ``target_address`` (whose
+        certificate must name ``target_node`` with TLS), through the emulation of the link
+        there (``outbound``) and back (``inbound``)."""
+
+    @abstractmethod
+    async def measure_link(self, options: ProbeOptions) -> LinkMeasurement:
+        """Measure the link from this process to the node."""
+
+    @abstractmethod
     async def check_health(self, service: str = OVERALL, timeout_s: float = 1.0) -> bool:
         """Ask the standard health service: True if ``service`` is SERVING."""
 
@@ -232,6 +246,26 @@ class GrpcWorkerHandle(WorkerHandle):
         )
         with _mapped_errors(self, "Wire"):
             await self._stub.Wire(request, timeout=CALL_TIMEOUT_S)
+
+    async def probe(
+        self, target_address: str, options: ProbeOptions, *, target_node: str | None = None,
+        outbound: LinkEmulation = NO_EMULATION, inbound: LinkEmulation = NO_EMULATION,
+    ) -> LinkMeasurement:
+        request = pb.ProbeRequest(
+            target_address=target_address, target_node=target_node or "",
+            payload_bytes=options.payload_bytes, rounds=options.rounds,
+            outbound=link_to_proto(outbound), inbound=link_to_proto(inbound),
+        )
+        with _mapped_errors(self, "Probe"):
+            reply = await self._stub.Probe(request, timeout=PROBE_TIMEOUT_S + CALL_TIMEOUT_S)
+        return LinkMeasurement.from_proto(reply)
+
+    async def measure_link(self, options: ProbeOptions) -> LinkMeasurement:
+        try:
+            with _mapped_errors(self, "Echo"):
+                return await measure_link(self._channel, options, NO_EMULATION, NO_EMULATION)
+        except ProbeError as err:
+            raise ProbeError(f"node {self.name!r} at {self.address}: {err}") from err
 
     async def check_health(self, service: str = OVERALL, timeout_s: float = 1.0) -> bool:
         with _mapped_errors(self, "Check"):

@@ -39,3 +39,7 @@ class ListenError(EdgesplitError):
 
 class SecurityConfigError(EdgesplitError):
     """A credential file (token, certificate, key, CA) is missing, unreadable or malformed."""
+
+
+class ProbeError(EdgesplitError):
+    """A probe's target did not answer, or stopped answering, its ``Echo`` calls."""

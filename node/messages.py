@@ -92,6 +92,7 @@ class NodeInfo:
     link_bytes_per_s: float
     link_p50_seconds: float
     bytes_sent: int
+    resident_overhead_bytes: int
 
     def to_proto(self) -> pb.NodeInfo:
         return pb.NodeInfo(

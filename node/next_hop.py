@@ -21,6 +21,14 @@ CLOSE_TIMEOUT_S = 2.0
 """How long closing waits for the next hop to acknowledge; a hung one is cut off."""
 
 
+def hop_channel(
+    address: str, max_message_bytes: int, security: Security | None, node: str | None
+) -> grpc.aio.Channel:
+    """The channel a node opens to another node at ``address`` (whose certificate must name
+    ``node`` with TLS): a next hop's, and a probe's."""
+    return open_channel(address, security, server_name=node, max_message_bytes=max_message_bytes)
+
+
 class NextHop:
     """Forwards frames to the next node over one ``Submit`` stream, reopened after a failure.
 
@@ -38,9 +46,7 @@ class NextHop:
     ) -> None:
         """``node``: the name the next hop's certificate must carry (with TLS)."""
         self.address = address
-        self._channel = open_channel(
-            address, security, server_name=node, max_message_bytes=max_message_bytes
-        )
+        self._channel = hop_channel(address, max_message_bytes, security, node)
         self._call: grpc.aio.StreamStreamCall | None = None
         self._acks: asyncio.Task[None] | None = None
         self._unacked: deque[int] = deque()

@@ -32,20 +32,13 @@ from node.messages import Failure, FailureCode, StageInfo
 from partition.artifact import ProgramRunner, run_stage
 from partition.compression import LinkEncoding
 from partition.loader import example_tensor
+from partition.queues import IN_FLIGHT_FRAMES, QUEUE_DEPTH
 from partition.spec import StageSpec
 
 log = logging.getLogger(__name__)
 
 CALIBRATION_RUNS = 10
 """Runs of a freshly loaded stage whose fastest time is its compute time on this machine."""
-
-QUEUE_DEPTH = 4
-"""Frames each queue holds before the side feeding it has to wait."""
-
-IN_FLIGHT_FRAMES = 16
-"""Frames the emulated outbound link holds between leaving this node and arriving (its
-latency) before the send loop waits, like a transport's window: twice the coordinator's
-default window of requests in flight, so the emulated latency does not limit throughput."""
 
 STATS_WINDOW = 100
 """How many recent requests the median stage time is taken over."""

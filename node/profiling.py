@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from node.errors import ArtifactError, LimitError
+from node.limits import check_within
 from node.loading import collect_upload, next_chunk
 from node.rpc import edgesplit_pb2 as pb
 from node.sysinfo import cpu_count
@@ -38,16 +39,11 @@ class ProfileOptions:
 
     def check(self, max_threads: int) -> None:
         """Refuse options that would tie the node up: :class:`LimitError` naming the field."""
-        for name, value, low, high in (
+        check_within("Profile", (
             ("threads", self.threads, 1, max_threads),
             ("repeats", self.repeats, 1, MAX_REPEATS),
             ("warmup", self.warmup, 0, MAX_WARMUP),
-        ):
-            if not low <= value <= high:
-                raise LimitError(
-                    f"Profile option {name} is {value}, but this node accepts {low} to {high}; "
-                    "ask for fewer"
-                )
+        ))
 
 
 class NodeProfiler:

@@ -19,22 +19,24 @@ from node.auth import AuthInterceptor, WiredPeers
 from node.codec import WireFrame, check_frame, decode_failure
 from node.config import NodeConfig
 from node.data_path import add_servicer
-from node.errors import FrameError, FrameSpecError, LimitError, ListenError
+from node.errors import FrameError, FrameSpecError, LimitError, ListenError, ProbeError
 from node.health import NodeHealth
 from node.loading import receive_artifact
 from node.messages import FailureCode, NodeInfo, encoding_from_proto, link_from_proto
 from node.next_hop import NextHop
-from node.pipeline import QUEUE_DEPTH, StageRunner, Work
+from node.pipeline import StageRunner, Work
+from node.probe import NodeProber, ProbeOptions
 from node.profiling import NodeProfiler
 from node.results import ResultsOwner
 from node.rpc import edgesplit_pb2 as pb
 from node.rpc import edgesplit_pb2_grpc as pb_grpc
 from node.rpc_options import server_options
 from node.security import is_loopback, server_credentials
-from node.sysinfo import cpu_count, cpu_model, memory_bytes
+from node.sysinfo import cpu_count, cpu_model, memory_bytes, resident_bytes
 from partition.allocator import release_free_memory
 from partition.artifact import load_program
 from partition.errors import EdgesplitError
+from partition.queues import QUEUE_DEPTH
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,9 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
         self._profiler = profiler
         self._peers = peers
         self._health = health
+        self._prober = NodeProber(config.max_message_bytes, config.security)
+        self.resident_overhead_bytes = 0
+        """Resident memory once serving, before any stage (set by :class:`EdgeNodeServer`)."""
 
     async def Describe(
         self, request: pb.DescribeRequest, context: grpc.aio.ServicerContext
@@ -94,6 +99,7 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
             link_bytes_per_s=self._runner.link_stats.bytes_per_s.p50,
             link_p50_seconds=self._runner.link_stats.seconds.p50,
             bytes_sent=self._runner.bytes_sent,
+            resident_overhead_bytes=self.resident_overhead_bytes,
         ).to_proto()
 
     async def Profile(
@@ -116,15 +122,17 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
                 stall_s=self._config.upload_stall_s,
             )
             stage = await asyncio.to_thread(
-                lambda: self._runner.place(load_program(artifact), spec, len(artifact))
+                lambda data: self._runner.place(load_program(data), spec, len(data)), artifact
             )
         except EdgesplitError as err:  # LimitError, ArtifactError, ModelLoadError
             await _refuse(context, "a stage", err)
         self._runner.install(stage)
+        del artifact  # the upload, and the stage replaced, go back to the OS at once
+        release_free_memory()
         await self._health.set_ready(self._runner.sink is not None)
         log.info(
             "stage %d loaded: sha256 %s, %d bytes, %.2f ms a request here",
-            spec.index, spec.artifact_sha256, len(artifact), stage.calibrated_s * 1e3,
+            spec.index, spec.artifact_sha256, stage.size_bytes, stage.calibrated_s * 1e3,
         )
         return pb.LoadStageReply(
             stage=stage.info.to_proto(), load_seconds=time.perf_counter() - started
@@ -241,6 +249,42 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
             await context.abort(code, str(err))
 
 
+    async def Probe(
+        self, request: pb.ProbeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ProbeReply:
+        security = self._config.security
+        if not request.target_address or (
+                security and security.tls and not request.target_node):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "Probe must name the target's address"
+                + (" and, with TLS, the node its certificate has to carry"
+                   if security and security.tls else ""),
+            )
+        options = ProbeOptions(request.payload_bytes, request.rounds)
+        try:
+            measured = await self._prober.probe(
+                request.target_address, request.target_node or None, options,
+                link_from_proto(request.outbound), link_from_proto(request.inbound),
+            )
+        except LimitError as err:
+            await _refuse(context, "a Probe call", err)
+        except ProbeError as err:
+            log.warning("probe failed: %s", err)
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(err))
+        log.info("probed %s: %s", request.target_address, measured)
+        return measured.to_proto()
+
+    async def Echo(
+        self, request_iterator: AsyncIterator[pb.EchoRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.EchoReply]:
+        # context.read(), as in Submit: the iterator would keep the last payload alive.
+        while (request := await context.read()) is not grpc.aio.EOF:
+            received = len(request.payload)
+            del request
+            yield pb.EchoReply(received_bytes=received)
+
+
 class EdgeNodeServer:
     """One running node: the gRPC server, its stage runner, and the results hub."""
 
@@ -261,10 +305,10 @@ class EdgeNodeServer:
             options=server_options(config.max_message_bytes),
             interceptors=[AuthInterceptor(config.security, peers)] if config.security else None,
         )
-        add_servicer(
-            EdgeNodeServicer(config, self.runner, self.results, profiler, peers, self.health),
-            self.server,
+        self.servicer = EdgeNodeServicer(
+            config, self.runner, self.results, profiler, peers, self.health
         )
+        add_servicer(self.servicer, self.server)
         self.health.add_to(self.server)
         self.port = 0
 
@@ -284,6 +328,7 @@ class EdgeNodeServer:
         await self.health.set_ready(False)
         await self.server.start()
         self.runner.start()
+        self.servicer.resident_overhead_bytes = resident_bytes()
         log.info(
             "node %r listening on %s (device %s, speed factor %g, %d torch threads)",
             self.config.name, self.config.listen, self.config.device.value,

@@ -11,6 +11,18 @@ from partition.costs import CostModel
 from partition.layers import LayerGraph
 from partition.profiler import Profile
 from partition.quantize import WeightFormat, dequantized_bytes, weight_bytes
+from partition.queues import held_frames_bytes
+
+STAGE_RUNTIME_BYTES = 24 * 1024**2
+"""Resident memory a worker adds for any stage besides its weights, activations, frames and
+program graph: the loader's and the first run's set-up (kernels, allocator arenas)."""
+
+PROGRAM_BYTES_PER_OP = 56 * 1024
+"""Resident memory of a loaded stage program per op of its graph (the fx nodes and their
+metadata). With :data:`STAGE_RUNTIME_BYTES` it bounds what a worker added for each sample
+model's whole-model stage at full queues: resnet 23-25 MiB, gpt2 25-26, mobilenet_v2 41-43,
+skip_dag 9 (tests/cluster/test_stage_memory.py, three runs; x86-64 Linux, torch 2.13.0+cpu,
+one thread, on a busy machine)."""
 
 
 def node_profiles(
@@ -33,8 +45,10 @@ def stage_memory_matrix(
 ) -> np.ndarray:
     """``[i, j]``: memory of a stage of layers ``[i, j)`` with its weights in ``fmt``: its
     parameters (a tensor shared by two layers counted once per stage), its largest layer's
-    peak activations plus the float weight it rebuilds, and the frames it receives and
-    sends."""
+    peak activations plus the float weight it rebuilds, and the frames its node's queues may
+    hold in and out (:func:`partition.queues.held_frames_bytes`), plus what loading and
+    running any program costs the worker (:data:`STAGE_RUNTIME_BYTES`,
+    :data:`PROGRAM_BYTES_PER_OP` per op)."""
     sizes = weight_bytes(layer_graph, fmt)
     rebuilt = dequantized_bytes(layer_graph, fmt)
     boundary = layer_graph.boundary_bytes()
@@ -42,7 +56,7 @@ def stage_memory_matrix(
     memory = np.zeros((count + 1, count + 1), dtype=np.int64)
     for start in range(count):
         params: set[str] = set()
-        param_bytes = peak = 0
+        param_bytes = peak = ops = 0
         for end in range(start + 1, count + 1):
             layer = layer_graph.layers[end - 1]
             for name in layer.params:
@@ -50,7 +64,11 @@ def stage_memory_matrix(
                     params.add(name)
                     param_bytes += sizes[name]
             peak = max(peak, layer.peak_activation_bytes + int(rebuilt[end - 1]))
-            memory[start, end] = param_bytes + peak + boundary[start] + boundary[end]
+            ops += len(layer.ops)
+            frames = held_frames_bytes(int(boundary[start]), int(boundary[end]),
+                                       last=end == count)
+            program = STAGE_RUNTIME_BYTES + PROGRAM_BYTES_PER_OP * ops
+            memory[start, end] = param_bytes + peak + frames + program
     return memory
 
 

@@ -87,9 +87,10 @@ class CostModel:
     boundary_bytes : ``(L+1,)`` bytes that cross boundary ``b`` (every live tensor).
     stage_memory_bytes : ``(L+1, L+1)``; entry ``[i, j]`` (``i < j``) is the memory a stage
         of layers ``[i, j)`` needs: its parameters (shared ones counted once) plus its
-        peak activations and its input and output frames. ``(N, L+1, L+1)`` when it
-        differs by node (nodes that store weights quantized).
-    node_memory_bytes : ``(N,)`` memory available on each node.
+        peak activations and the frames its node's queues may hold in and out.
+        ``(N, L+1, L+1)`` when it differs by node (nodes that store weights quantized).
+    node_memory_bytes : ``(N,)`` memory each node has for its stage (its worker's own
+        resident memory already taken off: :func:`partition.cluster.memory_for_stages`).
     link_bytes_per_s : ``(N, N)`` bandwidth from node ``a`` to node ``b``.
     link_latency_s : ``(N, N)`` one-way latency from ``a`` to ``b``.
     source, sink : indices of the nodes where inputs originate and results are needed.

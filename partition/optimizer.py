@@ -503,7 +503,8 @@ def _shortfall_message(cost: CostModel, spaces: list[_Space], limits: SolverLimi
     is ``None``), else the solver's best from theirs within ``limits``."""
     need = Options.of(cost).stage_memory.min(axis=0)
     have = np.asarray(cost.node_memory_bytes, dtype=float)
-    ratio = need / have[:, None, None]
+    with np.errstate(divide="ignore"):  # a node with no memory for a stage: inf
+        ratio = need / have[:, None, None]
     valid = np.triu(np.ones(need.shape[1:], dtype=bool), k=1)[None]
     layers, n = cost.num_layers, cost.num_nodes
     ratios = _Tables(np.where(valid, ratio, np.inf), np.zeros((layers + 1, n, n)),
@@ -517,12 +518,12 @@ def _shortfall_message(cost: CostModel, spaces: list[_Space], limits: SolverLimi
         graph = StateGraph(ratios.stage, ratios.hop, np.array([0]), np.array([layers]),
                            cost.source, cost.sink)
         spans = _spans(solve(graph, Objective.THROUGHPUT, _raw_path(spans), limits).path)
-        ratio_found = max(need[s.node, s.start, s.end] / have[s.node] for s in spans)
+        ratio_found = max(ratio[s.node, s.start, s.end] for s in spans)
     if ratio_found <= 1 and cost.compression is not None:
         return ("no plan fits within the error budget: plans that fit the nodes' memory need "
                 "weight formats or encodings whose errors alone add up to more than "
                 f"{cost.compression.max_error:g}; raise --max-error or add memory")
-    worst = max(spans, key=lambda s: need[s.node, s.start, s.end] / have[s.node])
+    worst = max(spans, key=lambda s: ratio[s.node, s.start, s.end])
     closest = "closest one" if limits is None else "closest one found"
     return (
         f"no plan fits: the {closest} still needs "

@@ -1,4 +1,4 @@
-"""Human units: parse sizes, bandwidths and durations; format sizes for tables.
+"""Human units: parse sizes, bandwidths and durations; format them back.
 
 SI prefixes (``k``, ``M``, ``G``, ``T``) are powers of 1000; binary ones (``Ki``, ``Mi``,
 ``Gi``, ``Ti``) powers of 1024. Every parser raises :class:`ValueError` with one sentence that
@@ -137,3 +137,40 @@ def format_bytes(nbytes: float) -> str:
         if abs(nbytes) < 1024:
             return f"{nbytes:.1f} {unit}"
     return f"{nbytes / 1024:.1f} TiB"
+
+
+def format_bandwidth(bytes_per_s: float) -> str:
+    """A bandwidth in bits per second, as ``nodes.yaml`` takes it (four significant digits).
+
+    >>> format_bandwidth(12_500_000)
+    '100Mbps'
+    >>> format_bandwidth(2_436_000)
+    '19.49Mbps'
+    >>> format_bandwidth(1234.5)
+    '9.876kbps'
+    >>> parse_bandwidth(format_bandwidth(2_436_000))
+    2436250.0
+    """
+    return _scaled(bytes_per_s * 8, (("Tbps", 1e12), ("Gbps", 1e9), ("Mbps", 1e6),
+                                     ("kbps", 1e3), ("bps", 1.0)))
+
+
+def format_duration(seconds: float) -> str:
+    """A duration, as ``nodes.yaml`` takes it (four significant digits).
+
+    >>> format_duration(0.0021234)
+    '2.123ms'
+    >>> format_duration(0.000185)
+    '185us'
+    >>> format_duration(0)
+    '0s'
+    """
+    return _scaled(seconds, (("s", 1.0), ("ms", 1e-3), ("us", 1e-6), ("ns", 1e-9)))
+
+
+def _scaled(value: float, units: tuple[tuple[str, float], ...]) -> str:
+    """``value`` in the largest of ``units`` (largest first) that leaves it at least 1."""
+    if value == 0:
+        return f"0{units[0][0]}"
+    name, scale = next(((n, s) for n, s in units if abs(value) >= s), units[-1])
+    return f"{value / scale:.4g}{name}"

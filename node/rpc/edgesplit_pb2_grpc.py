@@ -82,6 +82,16 @@ class EdgeNodeStub:
                 request_serializer=edgesplit__pb2.ResultsRequest.SerializeToString,
                 response_deserializer=edgesplit__pb2.Frame.FromString,
                 _registered_method=True)
+        self.Probe = channel.unary_unary(
+                '/edgesplit.v1.EdgeNode/Probe',
+                request_serializer=edgesplit__pb2.ProbeRequest.SerializeToString,
+                response_deserializer=edgesplit__pb2.ProbeReply.FromString,
+                _registered_method=True)
+        self.Echo = channel.stream_stream(
+                '/edgesplit.v1.EdgeNode/Echo',
+                request_serializer=edgesplit__pb2.EchoRequest.SerializeToString,
+                response_deserializer=edgesplit__pb2.EchoReply.FromString,
+                _registered_method=True)
 
 
 class EdgeNodeServicer:
@@ -154,6 +164,24 @@ class EdgeNodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Probe(self, request, context):
+        """Measure the link from this node to another node: round-trip time with tiny `Echo`s and
+        bandwidth with sized ones, over the channel a next hop would use, through the
+        emulation the request names. One probe at a time; sizes and rounds are bounded
+        (RESOURCE_EXHAUSTED beyond them), and nothing sized is sent until the target has
+        answered a tiny `Echo` (FAILED_PRECONDITION if it does not).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Echo(self, request_iterator, context):
+        """Answer each probe payload at once, on one stream as frames travel; payloads are dropped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EdgeNodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -186,6 +214,16 @@ def add_EdgeNodeServicer_to_server(servicer, server):
                     servicer.Results,
                     request_deserializer=edgesplit__pb2.ResultsRequest.FromString,
                     response_serializer=edgesplit__pb2.Frame.SerializeToString,
+            ),
+            'Probe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Probe,
+                    request_deserializer=edgesplit__pb2.ProbeRequest.FromString,
+                    response_serializer=edgesplit__pb2.ProbeReply.SerializeToString,
+            ),
+            'Echo': grpc.stream_stream_rpc_method_handler(
+                    servicer.Echo,
+                    request_deserializer=edgesplit__pb2.EchoRequest.FromString,
+                    response_serializer=edgesplit__pb2.EchoReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -368,6 +406,60 @@ class EdgeNode:
             '/edgesplit.v1.EdgeNode/Results',
             edgesplit__pb2.ResultsRequest.SerializeToString,
             edgesplit__pb2.Frame.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Probe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgesplit.v1.EdgeNode/Probe',
+            edgesplit__pb2.ProbeRequest.SerializeToString,
+            edgesplit__pb2.ProbeReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Echo(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/edgesplit.v1.EdgeNode/Echo',
+            edgesplit__pb2.EchoRequest.SerializeToString,
+            edgesplit__pb2.EchoReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -8,6 +8,11 @@ from pathlib import Path
 
 import psutil
 
+from partition.cluster import WORKER_OVERHEAD_BYTES
+from partition.cost_builder import stage_memory_matrix
+from partition.layers import build_layer_graph
+from partition.loader import load_model
+
 REPO = Path(__file__).resolve().parents[2]
 COMMAND_TIMEOUT_S = 180
 
@@ -46,6 +51,16 @@ def nodes_yaml(path: Path, nodes: list[tuple[str, str, str]], **extra: str) -> P
     lines += [f"{key}: {value}" for key, value in extra.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def split_in_two_memory(model_file: Path) -> int:
+    """A node memory (for nodes.yaml) whose room for a stage, after the worker's own, holds
+    the better half of the model but not all of it: a plan over two such nodes uses both."""
+    layer_graph = build_layer_graph(load_model(model_file).program)
+    need, end = stage_memory_matrix(layer_graph), layer_graph.num_layers
+    half = min(max(need[0, cut], need[cut, end]) for cut in range(1, end))
+    assert half < need[0, end]
+    return WORKER_OVERHEAD_BYTES + int(half + need[0, end]) // 2
 
 
 def edge_node_running(pid: int) -> bool:

@@ -24,6 +24,7 @@ from cli_helpers import (
     nodes_yaml,
     ok,
     one_error_line,
+    split_in_two_memory,
     status_rows,
 )
 from cluster_helpers import Shift, answer, make_stage, p50_stage_seconds
@@ -47,11 +48,12 @@ def skip_dag_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_up_plan_deploy_run_status_down(
     tmp_path: Path, cli_env: dict[str, str], up_nodes: list[LocalNode], skip_dag_file: Path
 ) -> None:
-    # 60 KiB each: the model (85 KiB) fits on neither node alone, so the plan uses both.
+    # The model fits on neither node alone, so the plan uses both.
     alpha, beta = free_ports(2)
     addresses = {"alpha": f"127.0.0.1:{alpha}", "beta": f"127.0.0.1:{beta}"}
+    memory = str(split_in_two_memory(skip_dag_file))
     nodes = nodes_yaml(tmp_path / "nodes.yaml",
-                       [(name, address, "60KiB") for name, address in addresses.items()])
+                       [(name, address, memory) for name, address in addresses.items()])
 
     out = ok(coordinator(cli_env, "up", nodes))
     for match in re.finditer(r"(\w+) listening on (\S+) \(pid (\d+), log (\S+)\)", out):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import coordinator, ok, status_rows
+from cli_helpers import coordinator, ok, split_in_two_memory, status_rows
 from cluster_helpers import Shift, make_stage, node_command, spawn_node, stop_node
 from cluster_helpers import wait_listening as wait_node_listening
 from model_zoo import ExportedSample
@@ -30,6 +30,7 @@ from coordinator.ports import free_ports
 from coordinator.samples import skip_dag, write_sample
 from node.client import GrpcWorkerHandle
 from node.errors import NodeRejectedError, NodeUnreachableError
+from node.probe import ProbeOptions
 from node.security import Security, client_security, load_security
 from partition.cluster import ClusterSpec, parse_cluster
 from partition.cost_builder import build_cost_model
@@ -196,6 +197,29 @@ async def test_wire_refuses_a_next_hop_that_is_not_the_named_node(
         await handle.close()
 
 
+async def test_only_the_coordinator_may_probe_and_only_the_named_node(
+    secure: SecureCluster,
+) -> None:
+    options = ProbeOptions(64 * 1024, 2)
+    handle = GrpcWorkerHandle(secure.address("n0"), "n0", client_security(secure.security))
+    try:  # node to node over mutual TLS with the token, as frames travel
+        measured = await handle.probe(secure.address("n1"), options, target_node="n1")
+        assert measured.rounds == 2 and measured.bytes_per_s > 0 and measured.rtt_s > 0
+        with pytest.raises(NodeRejectedError, match="INVALID_ARGUMENT.*certificate"):
+            await handle.probe(secure.address("n1"), options)
+        with pytest.raises(NodeRejectedError, match="FAILED_PRECONDITION.*does not name"):
+            await handle.probe(secure.address("n1"), options, target_node="n2")
+    finally:
+        await handle.close()
+    as_node = GrpcWorkerHandle(secure.address("n1"), "n1", secure.as_node("n0"))
+    try:
+        with pytest.raises(NodeRejectedError, match="PERMISSION_DENIED.*'n0' may not call Probe"):
+            await as_node.probe(secure.address("n2"), options, target_node="n2")
+        assert (await as_node.measure_link(options)).rounds == 2  # a node may answer probes
+    finally:
+        await as_node.close()
+
+
 async def test_refusals_are_logged_once_per_peer(secure: SecureCluster) -> None:
     real = client_security(secure.security)
     for _ in range(5):
@@ -249,9 +273,11 @@ def test_up_secure_then_plan_deploy_run_status(
     tmp_path: Path, cli_env: dict[str, str], up_nodes: list[LocalNode],  # noqa: F811
 ) -> None:
     addresses = {"alpha": f"127.0.0.1:{free_ports(1)[0]}", "beta": f"127.0.0.1:{free_ports(1)[0]}"}
+    model = write_sample(skip_dag(), tmp_path / "skip_dag.pt2")
+    memory = split_in_two_memory(model)  # neither node holds it all: the plan uses both
     nodes = tmp_path / "nodes.yaml"
     nodes.write_text("nodes:\n" + "".join(
-        f"  - {{name: {name}, address: '{address}', memory: 60KiB}}\n"
+        f"  - {{name: {name}, address: '{address}', memory: {memory}}}\n"
         for name, address in addresses.items()
     ) + "links:\n  default: {bandwidth: 1Gbps, latency: 1ms}\n")
     out = ok(coordinator(cli_env, "up", nodes, "--secure"))
@@ -260,7 +286,6 @@ def test_up_secure_then_plan_deploy_run_status(
     secure_nodes = tmp_path / "state" / "nodes.yaml"
     assert f"plan with --nodes {secure_nodes}" in out
 
-    model = write_sample(skip_dag(), tmp_path / "skip_dag.pt2")
     plan_path = tmp_path / "plan.json"
     ok(coordinator(cli_env, "plan", model, "--nodes", secure_nodes, "-o", plan_path,
                    "--repeats", "2"))

@@ -8,7 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from partition.cluster import LinkSpec, cost_arrays, load_cluster, with_default_quantize
+from partition.cluster import (
+    WORKER_OVERHEAD_BYTES,
+    LinkSpec,
+    cost_arrays,
+    load_cluster,
+    memory_for_stages,
+    with_default_quantize,
+)
 from partition.errors import ClusterSpecError
 from partition.quantize import WeightFormat
 
@@ -184,3 +191,15 @@ def test_mistakes(tmp_path: Path, text: str, message: str) -> None:
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ClusterSpecError, match="nodes.yaml: no such file"):
         load_cluster(tmp_path / "nodes.yaml")
+
+
+def test_memory_for_stages_takes_each_workers_own_memory_off(tmp_path: Path) -> None:
+    cluster = load_cluster(write(tmp_path, GOOD))
+    left = memory_for_stages(cluster, {"camera": 100 * 2**20, "box": 5 * 10**9})
+    memory = {node.name: node.memory_bytes for node in left.nodes}
+    assert memory == {
+        "camera": 412 * 2**20,  # as it reported
+        "gateway": 2**30 - WORKER_OVERHEAD_BYTES,  # did not report: the default
+        "box": 0,  # the worker alone fills it
+    }
+    assert left.links == cluster.links and left.source == cluster.source

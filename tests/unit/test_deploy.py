@@ -43,6 +43,13 @@ class FakeWorker(WorkerHandle):
         self.calls.append(("wire", self.name, next_address, outbound, inbound,
                            next_node, previous_node, encoding))
 
+    async def probe(self, target_address, options, *, target_node=None,
+                    outbound=NO_EMULATION, inbound=NO_EMULATION):
+        raise NotImplementedError
+
+    async def measure_link(self, options):
+        raise NotImplementedError
+
     async def check_health(self, service="", timeout_s=1.0):
         raise NotImplementedError
 

@@ -17,6 +17,7 @@ from coordinator.cli import main
 from coordinator.console import ms
 from coordinator.plan_tables import totals_line
 from coordinator.plot import pipeline_timeline
+from partition.cluster import WORKER_OVERHEAD_BYTES
 from partition.cost_builder import stage_memory_matrix
 from partition.layers import build_layer_graph
 from partition.plan import Plan
@@ -161,10 +162,12 @@ def test_quantized_weights_fit_a_model_on_a_node_too_small_for_float32(
     layer_graph = build_layer_graph(mlp.model.program)
     need = {fmt: int(stage_memory_matrix(layer_graph, fmt)[0, -1]) for fmt in WeightFormat}
     assert need[WeightFormat.INT4] < need[WeightFormat.INT8] < need[WeightFormat.NONE]
+    # The node's memory for its stage, after the worker's own (not asked: the default).
     memory = (need[WeightFormat.INT8] + need[WeightFormat.NONE]) // 2
 
     def plan_with(node_quantize: str | None, *options: str) -> Plan | None:
-        node = {"name": "box", "address": "127.0.0.1:50999", "memory": memory}
+        node = {"name": "box", "address": "127.0.0.1:50999",
+                "memory": memory + WORKER_OVERHEAD_BYTES}
         nodes = tmp_path / "nodes.yaml"
         nodes.write_text(yaml.safe_dump({"nodes": [
             {**node, "quantize": node_quantize} if node_quantize else node
