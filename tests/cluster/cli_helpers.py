@@ -10,7 +10,7 @@ import psutil
 
 from partition.cluster import WORKER_OVERHEAD_BYTES
 from partition.cost_builder import stage_memory_matrix
-from partition.layers import build_layer_graph
+from partition.layers import LayerGraph, build_layer_graph
 from partition.loader import load_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,10 +57,15 @@ def split_in_two_memory(model_file: Path) -> int:
     """A node memory (for nodes.yaml) whose room for a stage, after the worker's own, holds
     the better half of the model but not all of it: a plan over two such nodes uses both."""
     layer_graph = build_layer_graph(load_model(model_file).program)
+    return WORKER_OVERHEAD_BYTES + split_in_two_room(layer_graph)
+
+
+def split_in_two_room(layer_graph: LayerGraph) -> int:
+    """Room for stages that holds the better half of the model but not all of it."""
     need, end = stage_memory_matrix(layer_graph), layer_graph.num_layers
     half = min(max(need[0, cut], need[cut, end]) for cut in range(1, end))
     assert half < need[0, end]
-    return WORKER_OVERHEAD_BYTES + int(half + need[0, end]) // 2
+    return int(half + need[0, end]) // 2
 
 
 def edge_node_running(pid: int) -> bool:

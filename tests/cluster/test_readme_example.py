@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import split_in_two_room
 from torch.utils import _pytree as pytree
 
 from coordinator.deploy import deploy
@@ -27,8 +28,6 @@ from partition.profiler import profile_layers
 from partition.split import split
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-NODE_MEMORY = "60KiB"
-"""Less than the skip-DAG sample needs (85 KiB), so the plan must use both nodes."""
 BATCHES = 5
 ATOL = 1e-5
 
@@ -49,8 +48,9 @@ def test_readme_python_example_runs_on_a_deployed_plan(
     layer_graph = build_layer_graph(model.program)
     profile = profile_layers(layer_graph, model.sha256, model.example_inputs,
                              repeats=1, warmup=1)
+    room = split_in_two_room(layer_graph)  # less than the whole model: the plan uses both nodes
     cluster = parse_cluster({
-        "nodes": [{"name": f"node-{i}", "address": f"127.0.0.1:{port}", "memory": NODE_MEMORY}
+        "nodes": [{"name": f"node-{i}", "address": f"127.0.0.1:{port}", "memory": room}
                   for i, port in enumerate(free_ports(2))],
         "links": {"default": {"bandwidth": "1Gbps", "latency": "1ms"}},
     }, "two-node test cluster")

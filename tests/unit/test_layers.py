@@ -13,9 +13,10 @@ import torch
 from model_zoo import ExportedSample
 
 from coordinator.samples import SAMPLES
-from partition.cost_builder import stage_memory_matrix
+from partition.cost_builder import PROGRAM_BYTES_PER_OP, STAGE_RUNTIME_BYTES, stage_memory_matrix
 from partition.layers import MARKERS, LayerGraph, build_layer_graph
 from partition.modules import build_range_module
+from partition.queues import held_frames_bytes
 from partition.spec import dtype_name
 
 GRANULARITIES = ("auto", 2)
@@ -209,8 +210,12 @@ def test_tied_weight_is_in_both_layers_and_counted_once_per_stage(
     sizes = {k: v.numel() * v.element_size() for k, v in state.items()}
 
     def params_in(start: int, end: int) -> int:
-        peak = max(layer.peak_activation_bytes for layer in lg.layers[start:end])
-        return int(memory[start, end] - peak - boundary[start] - boundary[end])
+        """The stage's memory less what is not its weights: peak, frames, program."""
+        layers = lg.layers[start:end]
+        peak = max(layer.peak_activation_bytes for layer in layers)
+        frames = held_frames_bytes(int(boundary[start]), int(boundary[end]), last=end == whole)
+        program = STAGE_RUNTIME_BYTES + PROGRAM_BYTES_PER_OP * sum(len(x.ops) for x in layers)
+        return int(memory[start, end] - peak - frames - program)
 
     whole = lg.num_layers
     unique = sum(sizes[p] for p in {p for layer in lg.layers for p in layer.params})
