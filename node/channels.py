@@ -20,8 +20,12 @@ RECONNECT_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.use_local_subchannel_pool", 1),
 ]
-"""Retry a lost connection at least every second, so a node that comes back is seen soon."""
+"""Retry a lost connection at least every second, so a node that comes back is seen soon;
+and give each channel its own connections, so a new channel to a node that just restarted
+connects afresh instead of failing at once while another channel's connection to the old
+process waits out its back-off (gRPC shares connections between channels by default)."""
 
 
 def open_channel(
