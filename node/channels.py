@@ -23,9 +23,9 @@ RECONNECT_OPTIONS = [
     ("grpc.use_local_subchannel_pool", 1),
 ]
 """Retry a lost connection at least every second, so a node that comes back is seen soon;
-and give each channel its own connections, so a new channel to a node that just restarted
-connects afresh instead of failing at once while another channel's connection to the old
-process waits out its back-off (gRPC shares connections between channels by default)."""
+and give each channel its own connections (gRPC shares them between channels with the same
+target and options by default), so a new channel to a node that just restarted connects
+afresh rather than through another channel's connection state."""
 
 
 def open_channel(

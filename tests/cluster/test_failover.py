@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ from coordinator.pipeline import Pipeline
 from coordinator.ports import free_ports
 from coordinator.recovery import PlanRecovery
 from node.client import GrpcWorkerHandle
+from node.errors import NodeUnreachableError
 from node.link import LinkEmulation
 from partition.artifact import ProgramRunner
 from partition.cluster import ClusterSpec, parse_cluster
@@ -47,6 +49,8 @@ DETECTION_BOUND_S = 5.0
 """A loose sanity bound; the target is 2 s, printed exactly."""
 LINK_SLOWDOWN = 4.0
 """How many times the plan's bottleneck the degraded link takes per frame."""
+DEPLOY_ATTEMPTS = 3
+"""Deploys heal tries before giving up on a node that was just started again."""
 WAIT_S = 60.0
 """Longest wait for the pipeline to notice something (a generous bound against hangs)."""
 
@@ -90,7 +94,16 @@ class ChaosCluster:
                 signal_node(node, signal.SIGUSR2)
             else:
                 self.local.restart(node.name)
-        asyncio.run(deploy(self.plan, self.artifacts, emulate_links=True))
+        for attempt in range(DEPLOY_ATTEMPTS):
+            try:
+                asyncio.run(deploy(self.plan, self.artifacts, emulate_links=True))
+                return
+            except NodeUnreachableError:
+                # Seen twice in CI: a deploy right after a restart was refused by the node
+                # that had just answered; a second later it deploys.
+                if attempt == DEPLOY_ATTEMPTS - 1:
+                    raise
+                time.sleep(1.0)
 
 
 def serving(node: LocalNode) -> bool:
