@@ -24,6 +24,13 @@ compression included) that HiGHS solves within :class:`~partition.milp.SolverLim
 result says ``exact=False`` unless the solver proved the plan optimal, and carries the
 solver's proven lower bound. "No plan fits" is said only when proven: by the exhaustive
 search, or by the solver's proof that its program has no solution.
+
+With shared media (:mod:`partition.media`) a hop also costs its airtime, but a medium's busy
+time is a sum over the plan's hops, which a minimax path cannot see: the throughput is then
+the solver's, with one more row per medium, warm-started from the search's best plan on
+each hop's own cost (re-priced with the media). That search's bottleneck bounds the optimum
+from below, and where the search is exhaustive the solver runs to a zero gap, so its answer
+is exact. Latency adds each hop's time and needs no more than the hops' airtime.
 """
 
 from __future__ import annotations
@@ -71,7 +78,9 @@ class Schedule:
     ``spans``: source to the first stage, between consecutive stages, and the last stage to
     the sink. A link's transfer time is how long it is busy with a request (its bytes over
     the bandwidth, with the source's encoding and the sink's decoding); its delay, the
-    latency, adds to the request's latency only (0 where no link is used).
+    latency, adds to the request's latency only (0 where no link is used). With shared media
+    a transfer takes at least its airtime, and ``medium_seconds`` holds each medium's busy
+    time per request (:mod:`partition.media`).
     ``encodings`` and ``formats`` are option indices (0: raw, full precision) into the cost
     model's :class:`~partition.choice_tables.Options`; ``error_bound`` is the sum of the
     errors the chosen options cause alone.
@@ -87,6 +96,7 @@ class Schedule:
     encodings: tuple[int, ...] = ()
     formats: tuple[int, ...] = ()
     error_bound: float = 0.0
+    medium_seconds: tuple[float, ...] = ()
 
     @property
     def throughput_per_s(self) -> float:
@@ -117,7 +127,8 @@ def evaluate(
 
     A stage's time includes decoding what it receives and encoding what it sends; the
     source's encoding and the sink's decoding count with their links. The bottleneck is the
-    busiest stage or link; the latency adds every stage, transfer and link latency.
+    busiest stage, link or shared medium; the latency adds every stage, transfer and link
+    latency.
 
     Raises
     ------
@@ -144,6 +155,8 @@ def evaluate(
     )
     delay = tuple(0.0 if src == dst else float(cost.link_latency_s[src, dst])
                   for src, dst in pairwise(hops))
+    media = () if cost.media is None else cost.media.busy_seconds(
+        hops, [float(opts.link_bytes[b, e]) for b, e in zip(boundaries, codes, strict=True)])
     stage_error = opts.stage_error()
     error = sum(float(opts.link_error[b, e]) for b, (src, dst), e in
                 zip(boundaries, pairwise(hops), codes, strict=True) if src != dst)
@@ -151,7 +164,7 @@ def evaluate(
     return Schedule(
         spans=spans,
         latency_s=sum(stage) + sum(transfer) + sum(delay),
-        bottleneck_s=max(stage + transfer),
+        bottleneck_s=max(stage + transfer + media),
         stage_seconds=stage,
         transfer_seconds=transfer,
         delay_seconds=delay,
@@ -161,6 +174,7 @@ def evaluate(
         encodings=codes,
         formats=kinds,
         error_bound=error,
+        medium_seconds=media,
     )
 
 
@@ -169,14 +183,18 @@ def _transfer_seconds(
 ) -> float:
     """How long the link from ``src`` to ``dst`` is busy with boundary ``boundary``'s
     tensors in ``encoding`` (0 if same node), with the source's encoding of the input and
-    the sink's decoding of the output; its latency is not busy time."""
+    the sink's decoding of the output, and at least its airtime on shared media; its latency
+    is not busy time."""
     if src == dst:
         return 0.0
-    seconds = float(opts.link_bytes[boundary, encoding]) / float(cost.link_bytes_per_s[src, dst])
+    nbytes = float(opts.link_bytes[boundary, encoding])
+    seconds = nbytes / float(cost.link_bytes_per_s[src, dst])
     if boundary == 0:
         seconds += float(opts.encode_s[0, encoding])
     if boundary == cost.num_layers:
         seconds += float(opts.decode_s[boundary, encoding])
+    if cost.media is not None:
+        seconds = max(seconds, float(cost.media.hop_airtime(nbytes, src, dst).sum()))
     return seconds
 
 
@@ -203,25 +221,36 @@ def optimize(cost: CostModel, objective: Objective,
                             f"({MAX_NODES}); plan over a subset of them")
     tables = _Tables.build(cost)
     states = tables.stage.shape[1]
-    if _work(cost.num_nodes, states - 1) <= EXACT_WORK_LIMIT:
+    exhaustive = _work(cost.num_nodes, states - 1) <= EXACT_WORK_LIMIT
+    media = tables.airtime is not None and objective is Objective.THROUGHPUT
+    if exhaustive and not media:
         path = _best(cost, tables, objective, _Space.any_order(cost.num_nodes))
         if path is None:
             raise NoFeasiblePlanError(
                 _shortfall_message(cost, [_Space.any_order(cost.num_nodes)], None))
         best = tables.priced(cost, path)
         return OptimizeResult(best, True, objective.key(best)[0])
-    spaces = _restricted_spaces(cost, states)
+    spaces = ([_Space.any_order(cost.num_nodes)] if exhaustive
+              else _restricted_spaces(cost, states))
     warm = min((p for p in (_best(cost, tables, objective, sp) for sp in spaces) if p),
                key=lambda p: objective.key(tables.priced(cost, p)), default=None)
+    if warm is None and exhaustive:
+        raise NoFeasiblePlanError(_shortfall_message(cost, spaces, None))
     graph = StateGraph(tables.stage, tables.hop, tables.index.starts, tables.index.ends,
-                       cost.source, cost.sink, tables.delay)
-    solved = solve(graph, objective, _raw_path(warm), limits)
+                       cost.source, cost.sink, tables.delay, tables.airtime)
+    solved = solve(graph, objective, _raw_path(warm),
+                   replace(limits, relative_gap=0.0) if exhaustive else limits)
     if solved.path is None:
         raise NoFeasiblePlanError(_shortfall_message(cost, spaces, limits))
     best = min((tables.priced(cost, _spans(p)) for p in (solved.path, _raw_path(warm)) if p),
                key=objective.key)
     answer = objective.key(best)[0]
-    bound = min(answer, max(solved.lower_bound_s, _lower_bound(cost, tables, objective)))
+    bound = max(solved.lower_bound_s, _lower_bound(cost, tables, objective))
+    if exhaustive and warm is not None:
+        # The search's minimax over each hop's own cost: no plan's bottleneck is smaller.
+        priced = tables.priced(cost, warm)
+        bound = max(bound, *priced.stage_seconds, *priced.transfer_seconds)
+    bound = min(answer, bound)
     return OptimizeResult(best, bound >= answer * (1 - EXACT_TOLERANCE), bound, solver=True)
 
 
@@ -274,7 +303,9 @@ class _Tables:
     and ``hop[b, a, c]``, the time a hop keeps its link busy, plus ``delay[a, c]``, the
     latency a hop adds on top of that to a request's latency (see :meth:`with_delays`), and
     each layer's fastest time for pruning. With compression the indices are state indices
-    (see ``index``) and ``stage_format`` holds each stage edge's weight format."""
+    (see ``index``) and ``stage_format`` holds each stage edge's weight format. With shared
+    media, ``airtime[m, v, a, c]`` is how long the hop keeps medium ``m`` busy, and each hop
+    costs at least its airtime on all media together (see :meth:`with_media`)."""
 
     stage: np.ndarray
     hop: np.ndarray
@@ -282,6 +313,7 @@ class _Tables:
     layer_floor: np.ndarray
     index: StateIndex
     stage_format: np.ndarray | None = None
+    airtime: np.ndarray | None = None
 
     @classmethod
     def build(cls, cost: CostModel) -> _Tables:
@@ -290,7 +322,7 @@ class _Tables:
         if cost.compression is not None:
             made = choice_tables(cost)
             return cls(made.stage, made.hop, delay, made.layer_floor, made.index,
-                       made.stage_format)
+                       made.stage_format).with_media(cost)
         seconds = np.asarray(cost.layer_seconds, dtype=float)
         n, layers = seconds.shape
         prefix = np.concatenate([np.zeros((n, 1)), np.cumsum(seconds, axis=1)], axis=1)
@@ -302,7 +334,17 @@ class _Tables:
         with np.errstate(divide="ignore", invalid="ignore"):
             hop = nbytes[:, None, None] / cost.link_bytes_per_s[None]
         hop[:, np.arange(n), np.arange(n)] = 0.0
-        return cls(stage, hop, delay, seconds.min(axis=0), StateIndex.plain(layers))
+        return cls(stage, hop, delay, seconds.min(axis=0),
+                   StateIndex.plain(layers)).with_media(cost)
+
+    def with_media(self, cost: CostModel) -> _Tables:
+        """The tables with each hop's airtime on ``cost``'s media (unchanged without)."""
+        if cost.media is None:
+            return self
+        opts = Options.of(cost)
+        airtime = cost.media.airtime(opts.link_bytes[self.index.layer_of,
+                                                     self.index.encoding_of])
+        return replace(self, hop=np.maximum(self.hop, airtime.sum(axis=0)), airtime=airtime)
 
     def capped(self, limit: float) -> _Tables:
         """The same graph without any stage or hop busier than ``limit``."""

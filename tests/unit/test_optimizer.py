@@ -1,10 +1,11 @@
-"""The optimizer against an independent brute force (with and without compression choices),
-the pricing by hand, and the baselines."""
+"""The optimizer against an independent brute force (with and without compression choices
+and shared media), the pricing by hand, and the baselines."""
 
 from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from partition import optimizer
 from partition.baselines import baselines
 from partition.costs import Compression, CostModel, LinkChoices, WeightChoices
 from partition.errors import NoFeasiblePlanError, PlanningError
+from partition.media import Media
 from partition.milp import SolverLimits
 from partition.optimizer import OptimizeResult, Span, evaluate, optimize
 from partition.plan import Objective
@@ -59,6 +61,25 @@ def random_cost(rng: np.random.Generator, nodes: int, layers: int, tight: bool) 
     )
 
 
+def random_media(rng: np.random.Generator, cost: CostModel) -> CostModel:
+    """``cost`` with one or two shared media, each node on one of them or on none."""
+    nodes, count = cost.num_nodes, int(rng.integers(1, 3))
+    on = rng.integers(-1, count, nodes)  # -1: on no medium
+    uses = np.array([[[0 if a == b else int(on[a] == m) + int(on[b] == m)
+                       for b in range(nodes)] for a in range(nodes)] for m in range(count)])
+    bandwidth = rng.choice([1e6, 1e7, 1e8], count) * rng.uniform(0.5, 2, count)
+    return replace(cost, media=Media(tuple(f"m{m}" for m in range(count)), bandwidth, uses))
+
+
+def airtimes(cost: CostModel, nbytes: float, a: int, b: int) -> list[float]:
+    """Each medium's busy time moving ``nbytes`` from ``a`` to ``b`` (none without media)."""
+    media = cost.media
+    if media is None:
+        return []
+    return [nbytes * float(media.uses[m][a][b]) / float(media.bytes_per_s[m])
+            if a != b and media.uses[m][a][b] else 0.0 for m in range(len(media.names))]
+
+
 def brute_force(cost: CostModel) -> list[tuple[float, float]]:
     """(latency, bottleneck) of every plan that fits, priced from scratch."""
     layers, nodes = cost.num_layers, cost.num_nodes
@@ -66,10 +87,13 @@ def brute_force(cost: CostModel) -> list[tuple[float, float]]:
     plans = []
 
     def hop(boundary: int, a: int, b: int) -> float:
-        """The link's busy time: a frame's latency delays it but keeps no link busy."""
+        """The link's busy time (at least the hop's airtime on the media): a frame's latency
+        delays it but keeps no link busy."""
         if a == b:
             return 0.0
-        return cost.boundary_bytes[boundary] / cost.link_bytes_per_s[a][b]
+        nbytes = cost.boundary_bytes[boundary]
+        return max(nbytes / cost.link_bytes_per_s[a][b],
+                   math.fsum(airtimes(cost, nbytes, a, b)))
 
     def delay(a: int, b: int) -> float:
         return 0.0 if a == b else cost.link_latency_s[a][b]
@@ -82,30 +106,35 @@ def brute_force(cost: CostModel) -> list[tuple[float, float]]:
                 if any(cost.node_stage_memory()[d][a][b] > cost.node_memory_bytes[d]
                        for d, (a, b) in zip(assign, ranges, strict=True)):
                     continue
-                costs, delays = [], []
+                costs, delays, air = [], [], []
                 where = cost.source
                 for d, (a, b) in zip(assign, ranges, strict=True):
                     costs.append(hop(a, where, d))
                     delays.append(delay(where, d))
+                    air.append(airtimes(cost, cost.boundary_bytes[a], where, d))
                     costs.append(math.fsum(seconds[d][a:b]))
                     where = d
                 costs.append(hop(layers, where, cost.sink))
                 delays.append(delay(where, cost.sink))
-                plans.append((math.fsum(costs + delays), max(costs)))
+                air.append(airtimes(cost, cost.boundary_bytes[layers], where, cost.sink))
+                busy = [math.fsum(per_medium) for per_medium in zip(*air, strict=True)]
+                plans.append((math.fsum(costs + delays), max(costs + busy)))
     return plans
 
 
-def instances(count: int, seed: int):
+def instances(count: int, seed: int, media: bool = False):
     rng = np.random.default_rng(seed)
     for _ in range(count):
         nodes = int(rng.integers(2, 7))
         layers = int(rng.integers(1, 9 if nodes <= 4 else 7))
-        yield random_cost(rng, nodes, layers, tight=bool(rng.random() < 0.4))
+        cost = random_cost(rng, nodes, layers, tight=bool(rng.random() < 0.4))
+        yield random_media(rng, cost) if media else cost
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_optimizer_matches_brute_force(seed: int) -> None:
-    for cost in instances(100, seed):
+@pytest.mark.parametrize("seed, media", [*((seed, False) for seed in range(6)),
+                                         *((seed, True) for seed in range(6, 9))])
+def test_optimizer_matches_brute_force(seed: int, media: bool) -> None:
+    for cost in instances(100 if not media else 40, seed, media):
         plans = brute_force(cost)
         if not plans:
             with pytest.raises(NoFeasiblePlanError, match="no plan fits"):
@@ -437,7 +466,7 @@ def _price_choices(cost, chain, edges, ranges, encs, fmts, link, stage):
     """(latency, bottleneck) of one plan with its choices, or None if it is not admitted."""
     compression = cost.compression
     spent = 0
-    items, delays = [], []
+    items, delays, air = [], [], []
     for h, (a, b) in enumerate(itertools.pairwise(chain)):
         boundary, e = edges[h], encs[h]
         if a == b:
@@ -453,7 +482,8 @@ def _price_choices(cost, chain, edges, ranges, encs, fmts, link, stage):
         delays.append(cost.link_latency_s[a][b])
         seconds += (encode if boundary == 0 else 0.0) + (decode if boundary == cost.num_layers
                                                          else 0.0)
-        items.append(seconds)
+        air.append(airtimes(cost, nbytes, a, b))
+        items.append(max(seconds, math.fsum(air[-1])))
     stages = []
     for k, ((a, b), d, w) in enumerate(zip(ranges, chain[1:-1], fmts, strict=True)):
         seconds, memory, error = stage(d, a, b, w)
@@ -466,21 +496,24 @@ def _price_choices(cost, chain, edges, ranges, encs, fmts, link, stage):
     every = items + stages
     if not all(math.isfinite(x) for x in every):
         return None
-    return math.fsum(every + delays), max(every)
+    busy = [math.fsum(per_medium) for per_medium in zip(*air, strict=True)]
+    return math.fsum(every + delays), max(every + busy)
 
 
-def choice_instances(count: int, seed: int):
+def choice_instances(count: int, seed: int, media: bool = False):
     rng = np.random.default_rng(seed)
     for _ in range(count):
         nodes = int(rng.integers(2, 5))
         layers = int(rng.integers(1, 5 if nodes <= 3 else 4))
-        cost = random_cost(rng, nodes, layers, tight=bool(rng.random() < 0.3))
-        yield random_compression(rng, cost)
+        cost = random_compression(rng, random_cost(rng, nodes, layers,
+                                                   tight=bool(rng.random() < 0.3)))
+        yield random_media(rng, cost) if media else cost
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_optimizer_with_choices_matches_brute_force(seed: int) -> None:
-    for cost in choice_instances(40, 100 + seed):
+@pytest.mark.parametrize("seed, media", [(100, False), (101, False), (102, False),
+                                         (103, True), (104, True)])
+def test_optimizer_with_choices_matches_brute_force(seed: int, media: bool) -> None:
+    for cost in choice_instances(40 if not media else 20, seed, media):
         plans = brute_force_choices(cost)
         if not plans:
             for objective in Objective:
