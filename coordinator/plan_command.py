@@ -8,7 +8,13 @@ import math
 from coordinator.calibration import read_calibration
 from coordinator.console import console, progress_bar
 from coordinator.model_options import add_model_arguments, load_from_arguments
-from coordinator.plan_tables import baselines_table, compression_lines, stages_table, totals_line
+from coordinator.plan_tables import (
+    baselines_table,
+    compression_lines,
+    media_table,
+    stages_table,
+    totals_line,
+)
 from coordinator.plot import plot_plan
 from partition.cluster import (
     ClusterSpec,
@@ -128,6 +134,8 @@ def run(args: argparse.Namespace) -> int:
 def show_plan(result: Plan) -> None:
     console.print(stages_table(result))
     console.print(totals_line(result))
+    if (media := media_table(result)) is not None:
+        console.print(media)
     for line in compression_lines(result):
         console.print(line)
     console.print(baselines_table(result))

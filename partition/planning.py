@@ -23,6 +23,7 @@ from partition.plan import (
     LinkEncoding,
     Objective,
     Plan,
+    PlannedMedium,
     PlannedStage,
 )
 from partition.profiler import Profile
@@ -129,6 +130,8 @@ def plan_from_schedule(
         lower_bound_s=lower_bound_s,
         baselines=baseline_results,
         security=cluster.security,
+        media=tuple(PlannedMedium(m.name, m.bytes_per_s, m.nodes, busy) for m, busy
+                    in zip(cluster.media, schedule.medium_seconds, strict=True)),
     )
 
 
