@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from partition.cluster import ClusterSpec, LinkSpec, MediumSpec, NodeSpec
 from partition.errors import ModelLoadError, ModelMismatchError, PlanFormatError
 from partition.layers import build_layer_graph
-from partition.cluster import ClusterSpec, LinkSpec, MediumSpec, NodeSpec
 from partition.plan import Accuracy, Objective, Plan, PlannedMedium
 from partition.replan_inputs import read_replan_inputs, replan_inputs
 from partition.split import plan_layer_graph
