@@ -82,7 +82,7 @@ def test_cost_arrays(tmp_path: Path) -> None:
     assert (arrays.source, arrays.sink) == (0, 2)
 
 
-@pytest.mark.parametrize("name", ["homogeneous", "heterogeneous", "memory-tight"])
+@pytest.mark.parametrize("name", ["homogeneous", "heterogeneous", "memory-tight", "shared-wifi"])
 def test_examples_load(name: str) -> None:
     cluster = load_cluster(EXAMPLES / f"cluster-{name}.yaml")
     assert len(cluster.nodes) >= 3
