@@ -184,6 +184,23 @@ def test_evaluate_by_hand() -> None:
     assert schedule.fits
 
 
+@pytest.mark.parametrize("on_air, transfer, busy, bottleneck", [
+    ((1, 1), (0.0, 4.0, 0.8), 4.8, 4.8),  # a -> access point -> b: twice the bytes
+    ((0, 1), (0.0, 2.0, 0.4), 2.4, 3.0),  # a wired, b a station: once; a's stage is busiest
+])
+def test_evaluate_by_hand_with_a_shared_medium(
+    on_air: tuple[int, int], transfer: tuple[float, ...], busy: float, bottleneck: float
+) -> None:
+    uses = np.array([[[0, on_air[0] + on_air[1]], [on_air[0] + on_air[1], 0]]])
+    cost = replace(tiny_cost(), media=Media(("air",), np.array([250.0]), uses))
+    schedule = evaluate(cost, [Span(0, 0, 2), Span(1, 2, 3)])
+    # 500 B then 100 B at 250 B/s per use; each link alone would take 0.5 s and 0.1 s
+    assert schedule.transfer_seconds == pytest.approx(transfer)
+    assert schedule.medium_seconds == pytest.approx((busy,))
+    assert schedule.bottleneck_s == pytest.approx(bottleneck)
+    assert schedule.latency_s == pytest.approx(3.0 + 1.5 + sum(transfer) + 1.0)
+
+
 def test_evaluate_single_node_off_source() -> None:
     schedule = evaluate(tiny_cost(), [Span(1, 0, 3)])
     assert schedule.transfer_seconds == pytest.approx((1.0, 0.1))
@@ -279,6 +296,13 @@ def check_same_answer(cost: CostModel, objective: Objective) -> None:
 @pytest.mark.parametrize("seed", range(3))
 def test_solver_matches_the_exact_search(objective: Objective, seed: int) -> None:
     for cost in instances(60, 200 + seed):
+        check_same_answer(cost, objective)
+
+
+@pytest.mark.parametrize("objective", list(Objective))
+def test_solver_past_the_exact_limit_with_media(objective: Objective) -> None:
+    """Warm-started from the restricted searches instead of the exhaustive one."""
+    for cost in instances(40, 210, media=True):
         check_same_answer(cost, objective)
 
 
