@@ -23,7 +23,13 @@ from partition.queueing import latency_under_load
 from partition.security_spec import SecuritySpec
 from partition.spec import TensorSpec, dtype_from_name
 
-SCHEMA = "edgesplit.plan/1"
+SCHEMA = "edgesplit.plan/2"
+"""The schema plans are written in; :data:`READABLE` lists every one they are read in."""
+READABLE = ("edgesplit.plan/1", SCHEMA)
+"""Version 1 has one node per stage (``node`` and ``address``); version 2 a list of replicas
+(``nodes``) and a link per replica pair."""
+SHARE_TOLERANCE = 1e-6
+"""How far a replicated stage's shares may sum from 1."""
 
 
 class Priced(Protocol):
@@ -122,9 +128,30 @@ class Accuracy:
 
 
 @dataclass(frozen=True)
+class Replica:
+    """One node running a stage, and the fraction of the requests dealt to it."""
+
+    node: str
+    address: str
+    share: float = 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"node": self.node, "address": self.address, "share": self.share}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Replica:
+        return cls(data["node"], data["address"], float(data["share"]))
+
+
+@dataclass(frozen=True)
 class PlannedStage:
     """One stage of a plan: layers ``[start, end)`` on ``node`` and its predicted costs.
 
+    A replicated stage runs on every node of ``replicas`` at once, each taking its
+    ``share`` of the requests; ``node`` and ``address`` are then the first replica's (code
+    that runs a stage must use ``replicas``). ``replicas`` defaults to ``node`` alone.
+    ``compute_s`` is the stage's busy time per request (with replicas, the busiest
+    replica's share of its compute).
     ``weights`` is how the stage's artifact stores its weights; ``artifact_bytes`` the
     bytes of those weights in it (``None`` in plans made before it was recorded).
     """
@@ -144,6 +171,20 @@ class PlannedStage:
     memory_available_bytes: int
     weights: WeightFormat = WeightFormat.NONE
     artifact_bytes: int | None = None
+    replicas: tuple[Replica, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.replicas:
+            object.__setattr__(self, "replicas", (Replica(self.node, self.address),))
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """The names of the nodes that run the stage."""
+        return tuple(r.node for r in self.replicas)
+
+    @property
+    def replicated(self) -> bool:
+        return len(self.replicas) > 1
 
     @property
     def bytes_in(self) -> int:
@@ -155,7 +196,7 @@ class PlannedStage:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "index": self.index, "node": self.node, "address": self.address,
+            "index": self.index, "nodes": [r.to_dict() for r in self.replicas],
             "start": self.start, "end": self.end,
             "first_layer": self.first_layer, "last_layer": self.last_layer,
             "receives": [t.to_dict() for t in self.receives],
@@ -171,8 +212,12 @@ class PlannedStage:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PlannedStage:
+        """Read a stage of either schema (version 1: ``node`` and ``address``)."""
+        replicas = (tuple(Replica.from_dict(r) for r in data["nodes"]) if "nodes" in data
+                    else (Replica(data["node"], data["address"]),))
         return cls(
-            index=int(data["index"]), node=data["node"], address=data["address"],
+            index=int(data["index"]), node=replicas[0].node, address=replicas[0].address,
+            replicas=replicas,
             start=int(data["start"]), end=int(data["end"]),
             first_layer=data["first_layer"], last_layer=data["last_layer"],
             receives=tuple(TensorSpec.from_dict(t) for t in data["receives"]),
@@ -221,8 +266,12 @@ class BaselineResult:
 @dataclass(frozen=True)
 class Plan:
     """Everything the runtime needs: the model, the stages on their nodes, the hops, the
-    predictions (``links`` has one more entry than ``stages``: source -> first stage, between
-    stages, last stage -> sink), and where the coordinator's credentials are, if any."""
+    predictions, and where the coordinator's credentials are, if any.
+
+    There is one hop more than stages: source -> first stage, between stages, last stage ->
+    sink. ``links`` lists, hop after hop, a link from every sender of the hop to every
+    receiver (one link per hop unless a stage is replicated): :meth:`hop_links`.
+    """
 
     model_sha256: str
     model_path: str
@@ -252,6 +301,16 @@ class Plan:
     @property
     def throughput_per_s(self) -> float:
         return 1.0 / self.bottleneck_s if self.bottleneck_s > 0 else float("inf")
+
+    def hop_ends(self, k: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Hop ``k``'s senders and receivers (hop 0 leaves the source, the last one reaches
+        the sink)."""
+        return _hop_ends(self.source, self.sink, [s.nodes for s in self.stages], k)
+
+    def hop_links(self, k: int) -> tuple[Link, ...]:
+        """Hop ``k``'s links, sender-major: one per (sender, receiver) pair."""
+        offsets = _hop_offsets(self.source, self.sink, [s.nodes for s in self.stages])
+        return self.links[offsets[k]:offsets[k + 1]]
 
     def latency_under_load(self, in_flight: int) -> float:
         """A request's predicted latency with ``in_flight`` requests kept in flight
@@ -295,13 +354,16 @@ class Plan:
             If ``data`` is not of this schema, a field is missing or of the wrong kind, or
             the stages, links and nodes do not fit together (one line naming the field).
         """
-        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        if not isinstance(data, dict) or data.get("schema") not in READABLE:
             found = data.get("schema") if isinstance(data, dict) else type(data).__name__
             raise PlanFormatError(
-                f"{origin}: not an edgesplit plan of schema {SCHEMA!r} (found "
-                f"{reprlib.repr(found)}); make one with `coordinator plan`"
+                f"{origin}: not an edgesplit plan of schema {' or '.join(map(repr, READABLE))} "
+                f"(found {reprlib.repr(found)}); make one with `coordinator plan`"
             )
         _check_fields(origin, data, _PLAN_FIELDS, "")
+        for k, stage in enumerate(data["stages"]):
+            if not stage.get("nodes") and not {"node", "address"} <= stage.keys():
+                raise _invalid(origin, f"stages[{k}].nodes", "is missing (or empty)")
         model, predicted = data["model"], data["predicted"]
         plan = cls(
             model_sha256=model["sha256"], model_path=model["path"],
@@ -376,8 +438,10 @@ def _dtype(value: Any) -> str | None:
 _TENSOR = {"name": str, "dtype": _dtype, "shape": [int]}
 _LINK = {"from": str, "to": str, "bytes_per_s": _Number(infinite=True), "latency_s": _Number(),
          "encoding": LinkEncoding}
+_REPLICA = {"node": str, "address": str, "share": _Number()}
 _STAGE = {
-    "index": int, "node": str, "address": str, "start": int, "end": int,
+    "index": int, "node": _Optional(str), "address": _Optional(str),
+    "nodes": _Optional([_REPLICA]), "start": int, "end": int,
     "first_layer": str, "last_layer": str, "receives": [_TENSOR], "sends": [_TENSOR],
     "compute_s": _Number(), "transfer_in_s": _Number(), "memory_bytes": int,
     "memory_available_bytes": int, "weights": _Optional(WeightFormat),
@@ -449,24 +513,34 @@ def _problem(value: Any, spec: FieldSpec) -> str | None:
 
 def _check_plan(origin: str, plan: Plan) -> None:
     """The stages and every baseline cover the layers in order on known nodes, joined by
-    their links, and each stage receives what the one before it sends."""
+    their links, each stage receives what the one before it sends, and a replicated stage's
+    shares add up to 1."""
     if not plan.stages:
         raise _invalid(origin, "stages", "is empty, but a plan needs at least one stage")
     for name, where in ((plan.source, "source"), (plan.sink, "sink")):
         if name not in plan.addresses:
             raise _invalid(origin, where, "is not one of nodes[].name", name)
-    _check_chain(origin, "", [(s.node, s.start, s.end) for s in plan.stages], plan.links, plan)
+    used = [node for stage in plan.stages for node in stage.nodes]
+    if len(set(used)) != len(used):
+        raise _invalid(origin, "stages", "put two stages or replicas on one node", used)
+    _check_chain(origin, "", [(s.nodes, s.start, s.end) for s in plan.stages], plan.links, plan)
     for k, stage in enumerate(plan.stages):
         if stage.index != k:
             raise _invalid(origin, f"stages[{k}].index", f"must be {k}", stage.index)
-        if plan.addresses[stage.node] != stage.address:
-            raise _invalid(origin, f"stages[{k}].address",
-                           f"must be {stage.node!r}'s address in nodes", stage.address)
+        for r, replica in enumerate(stage.replicas):
+            if plan.addresses[replica.node] != replica.address:
+                raise _invalid(origin, f"stages[{k}].nodes[{r}].address",
+                               f"must be {replica.node!r}'s address in nodes", replica.address)
+        total = sum(r.share for r in stage.replicas)
+        if abs(total - 1.0) > SHARE_TOLERANCE or any(r.share <= 0 for r in stage.replicas):
+            raise _invalid(origin, f"stages[{k}].nodes",
+                           "must have positive shares that add up to 1", total)
         if k and stage.receives != plan.stages[k - 1].sends:
             raise _invalid(origin, f"stages[{k}].receives", f"must equal stages[{k - 1}].sends")
     for b, baseline in enumerate(plan.baselines):
         if baseline.stages:
-            _check_chain(origin, f"baselines[{b}].", baseline.stages, baseline.links, plan)
+            spans = [((node,), start, end) for node, start, end in baseline.stages]
+            _check_chain(origin, f"baselines[{b}].", spans, baseline.links, plan)
     for m, medium in enumerate(plan.media):
         if not 0 < medium.bytes_per_s < math.inf:
             raise _invalid(origin, f"media[{m}].bytes_per_s", "must be positive and finite",
@@ -477,18 +551,38 @@ def _check_plan(origin: str, plan: Plan) -> None:
                                node)
 
 
+def _hop_ends(
+    source: str, sink: str, stage_nodes: Sequence[tuple[str, ...]], k: int
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Hop ``k``'s senders and receivers along stages run by ``stage_nodes``."""
+    ends = [(source,), *stage_nodes, (sink,)]
+    return ends[k], ends[k + 1]
+
+
+def _hop_offsets(source: str, sink: str, stage_nodes: Sequence[tuple[str, ...]]) -> list[int]:
+    """Where each hop's links begin in a plan's ``links`` (and, last, where they end)."""
+    offsets = [0]
+    for k in range(len(stage_nodes) + 1):
+        senders, receivers = _hop_ends(source, sink, stage_nodes, k)
+        offsets.append(offsets[-1] + len(senders) * len(receivers))
+    return offsets
+
+
 def _check_chain(
-    origin: str, prefix: str, spans: Sequence[tuple[str, int, int]], links: Sequence[Link],
-    plan: Plan,
+    origin: str, prefix: str, spans: Sequence[tuple[tuple[str, ...], int, int]],
+    links: Sequence[Link], plan: Plan,
 ) -> None:
-    """``spans`` (node, start, end) cover every layer in order and ``links`` join the source,
-    the spans' nodes and the sink, in order."""
+    """``spans`` (nodes, start, end) cover every layer in order and ``links`` join the
+    source, the spans' nodes and the sink, hop after hop, every sender to every receiver."""
     layers = len(plan.layer_names)
-    for k, (node, start, end) in enumerate(spans):
+    for k, (nodes, start, end) in enumerate(spans):
         at = f"{prefix}stages[{k}]"
         begin = spans[k - 1][2] if k else 0
-        if node not in plan.addresses:
-            raise _invalid(origin, f"{at}.node", "is not one of nodes[].name", node)
+        for r, node in enumerate(nodes):
+            # A plan's stages list their replicas (``nodes``); a baseline's stages one node.
+            field = f"{at}.node" if prefix else f"{at}.nodes[{r}].node"
+            if node not in plan.addresses:
+                raise _invalid(origin, field, "is not one of nodes[].name", node)
         if start != begin:
             where = f"{prefix}stages[{k - 1}] ends" if k else "the model begins"
             raise _invalid(origin, f"{at}.start", f"must be {begin}, where {where}", start)
@@ -500,12 +594,19 @@ def _check_chain(
     if spans[-1][2] != layers:
         raise _invalid(origin, f"{prefix}stages[{len(spans) - 1}].end",
                        f"must be {layers}, the number of model.layers", spans[-1][2])
-    if len(links) != len(spans) + 1:
+    stage_nodes = [nodes for nodes, _, _ in spans]
+    pairs = [
+        (src, dst)
+        for k in range(len(spans) + 1)
+        for src in _hop_ends(plan.source, plan.sink, stage_nodes, k)[0]
+        for dst in _hop_ends(plan.source, plan.sink, stage_nodes, k)[1]
+    ]
+    if len(links) != len(pairs):
         raise _invalid(origin, f"{prefix}links", f"has {len(links)} entries, but must have "
-                       f"{len(spans) + 1}, one more than {prefix}stages")
-    hops = [plan.source, *(node for node, _, _ in spans), plan.sink]
-    for k, link in enumerate(links):
-        for end_, value, want in (("from", link.src, hops[k]), ("to", link.dst, hops[k + 1])):
+                       f"{len(pairs)}: one per sender and receiver of each hop, from the "
+                       f"source through {prefix}stages to the sink")
+    for k, (link, (src, dst)) in enumerate(zip(links, pairs, strict=True)):
+        for end_, value, want in (("from", link.src, src), ("to", link.dst, dst)):
             if value != want:
                 raise _invalid(origin, f"{prefix}links[{k}].{end_}", f"must be {want!r}", value)
 

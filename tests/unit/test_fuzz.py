@@ -26,7 +26,7 @@ from node.rpc import edgesplit_pb2 as pb
 from partition.cluster import ClusterSpec, load_cluster
 from partition.compression import LinkEncoding
 from partition.errors import ClusterSpecError, PlanFormatError, TensorSpecError
-from partition.plan import Link, Objective, Plan, PlannedStage
+from partition.plan import Link, Objective, Plan, PlannedStage, Replica
 from partition.quantize import WeightFormat
 from partition.spec import StageSpec, TensorSpec
 
@@ -241,6 +241,43 @@ def test_the_valid_plan_reads_back() -> None:
     ]
 
 
+def test_a_version_1_plan_reads_as_one_node_per_stage() -> None:
+    data = valid_plan()
+    data["schema"] = "edgesplit.plan/1"
+    for stage in data["stages"]:
+        (replica,) = stage.pop("nodes")
+        stage.update(node=replica["node"], address=replica["address"])
+    plan = Plan.from_dict(data)
+    assert [s.replicas for s in plan.stages] == [
+        (Replica("a", "127.0.0.1:5000"),), (Replica("b", "127.0.0.1:5001"),)
+    ]
+    assert plan.to_dict() == valid_plan()
+
+
+def test_a_replicated_stage_has_a_link_per_replica_pair() -> None:
+    data = valid_plan()
+    data["nodes"].append({"name": "c", "address": "127.0.0.1:5002"})
+    data["stages"][1]["nodes"] = [
+        {"node": "b", "address": "127.0.0.1:5001", "share": 0.75},
+        {"node": "c", "address": "127.0.0.1:5002", "share": 0.25},
+    ]
+    with pytest.raises(PlanFormatError, match=r"links has 3 entries, but must have 5"):
+        Plan.from_dict(data, "plan.json")
+    link = {"bytes_per_s": 1e6, "latency_s": 0.001, "encoding": "raw"}
+    data["links"] = [data["links"][0], {"from": "a", "to": "b", **link},
+                     {"from": "a", "to": "c", **link}, {"from": "b", "to": "b", **link},
+                     {"from": "c", "to": "b", **link}]
+    plan = Plan.from_dict(data, "plan.json")
+    assert plan.stages[1].nodes == ("b", "c") and plan.stages[1].replicated
+    assert plan.hop_ends(1) == (("a",), ("b", "c")) and plan.hop_ends(2) == (("b", "c"), ("b",))
+    assert [(x.src, x.dst) for x in plan.hop_links(1)] == [("a", "b"), ("a", "c")]
+    assert [(x.src, x.dst) for x in plan.hop_links(2)] == [("b", "b"), ("c", "b")]
+    assert Plan.from_dict(plan.to_dict()) == plan
+    data["links"][2]["to"] = "b"
+    with pytest.raises(PlanFormatError, match=r"links\[2\]\.to \('b'\) must be 'c'"):
+        Plan.from_dict(data, "plan.json")
+
+
 def test_a_plan_from_before_weight_formats_reads_as_float_weights() -> None:
     data = valid_plan()
     for stage in data["stages"]:
@@ -264,7 +301,13 @@ def test_plan_reader_accepts_or_raises_plan_errors(data: Any) -> None:
     (lambda d: d["stages"][0].update(end=0), r"stages\[0\]\.end \(0\) must be greater than"),
     (lambda d: d["links"].pop(), r"links has 2 entries, but must have 3"),
     (lambda d: d.update(stages=[]), r"stages is empty"),
-    (lambda d: d["stages"][1].update(node="c"), r"stages\[1\]\.node \('c'\) is not one of"),
+    (lambda d: d["stages"][1]["nodes"][0].update(node="c"),
+     r"stages\[1\]\.nodes\[0\]\.node \('c'\) is not one of"),
+    (lambda d: d["stages"][1]["nodes"][0].update(share=0.5),
+     r"stages\[1\]\.nodes \(0.5\) must have positive shares that add up to 1"),
+    (lambda d: d["stages"][1].update(nodes=[]), r"stages\[1\]\.nodes is missing"),
+    (lambda d: d["stages"][1]["nodes"].append(dict(d["stages"][0]["nodes"][0], share=0.0)),
+     r"stages \(.*\) put two stages or replicas on one node"),
     (lambda d: d["stages"][1].update(compute_s="fast"), r"stages\[1\]\.compute_s \('fast'\)"),
     (lambda d: d["links"][1].update(to="a"), r"links\[1\]\.to \('a'\) must be 'b'"),
     (lambda d: d["model"].pop("layers"), r"model\.layers is missing"),

@@ -64,7 +64,7 @@ def test_plan_writes_a_versioned_json_and_a_picture(
                  "-o", str(out), "--plot", str(png), "--objective", "latency",
                  "--repeats", "2"]) == 0
     data = json.loads(out.read_text())
-    assert data["schema"] == "edgesplit.plan/1" and data["objective"] == "latency"
+    assert data["schema"] == "edgesplit.plan/2" and data["objective"] == "latency"
     assert {n["name"] for n in data["nodes"]} == {"camera", "gateway", "jetson", "laptop"}
     assert len(data["links"]) == len(data["stages"]) + 1
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
