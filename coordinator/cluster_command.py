@@ -107,9 +107,11 @@ def write_planning_nodes(
 
 def run_down(args: argparse.Namespace) -> int:
     state_dir = default_state_dir()
-    nodes = read_state(state_dir)
+    nodes, arbiters = read_state(state_dir), read_arbiters(state_dir)
     stop_cluster(state_dir, nodes, read_cpu_groups(state_dir))
-    console.print(f"stopped {len(nodes)} node(s)" if nodes else "no simulated cluster was up")
+    media = f" and {len(arbiters)} medium arbiter(s)" if arbiters else ""
+    console.print(f"stopped {len(nodes)} node(s){media}" if nodes or arbiters
+                  else "no simulated cluster was up")
     return 0
 
 
