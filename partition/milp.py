@@ -98,8 +98,10 @@ class Solved:
 
 
 def solve(graph: StateGraph, objective: Objective, warm: Path | None,
-          limits: SolverLimits) -> Solved:
-    """The best path for ``objective``, starting from the plan ``warm`` if one is known.
+          limits: SolverLimits, proven_s: float = 0.0) -> Solved:
+    """The best path for ``objective``, starting from the plan ``warm`` if one is known;
+    ``proven_s`` is a lower bound on the optimum proven elsewhere (a bottleneck warm start
+    that meets it needs only the latency tie-break).
 
     Raises
     ------
@@ -121,8 +123,11 @@ def solve(graph: StateGraph, objective: Objective, warm: Path | None,
                 f"limit of {limits.time_limit_s:g} s; plan over fewer nodes or with a coarser "
                 "--granularity")
         warm = found.path
-    program = _Program(graph, bottleneck, _value(graph, warm, bottleneck), price=True)
-    if bottleneck:
+    value = _value(graph, warm, bottleneck)
+    if bottleneck and value <= proven_s * (1 + KEEP_SLACK):
+        best = _Outcome(highspy.HighsModelStatus.kOptimal, warm, proven_s)
+    elif bottleneck:
+        program = _Program(graph, bottleneck, value, price=True)
         # Simplex may stall on the bottleneck program's first LP; then an interior point
         # method solves it, for a bound at least.
         best = program.run(warm, min(deadline, time.monotonic() + SIMPLEX_SHARE
@@ -130,7 +135,8 @@ def solve(graph: StateGraph, objective: Objective, warm: Path | None,
         if best.status != highspy.HighsModelStatus.kOptimal and best.lower_bound <= 0:
             best = program.run(best.path or warm, deadline, limits.relative_gap, "ipx")
     else:
-        best = program.run(warm, deadline, limits.relative_gap)
+        best = _Program(graph, bottleneck, value, price=True).run(warm, deadline,
+                                                                  limits.relative_gap)
     path = best.path or warm
     if bottleneck and time.monotonic() < deadline:
         # Among the plans within the bottleneck found, the fastest.

@@ -27,10 +27,12 @@ search, or by the solver's proof that its program has no solution.
 
 With shared media (:mod:`partition.media`) a hop also costs its airtime, but a medium's busy
 time is a sum over the plan's hops, which a minimax path cannot see: the throughput is then
-the solver's, with one more row per medium, warm-started from the search's best plan on
-each hop's own cost (re-priced with the media). That search's bottleneck bounds the optimum
-from below, and where the search is exhaustive the solver runs to a zero gap, so its answer
-is exact. Latency adds each hop's time and needs no more than the hops' airtime.
+the solver's, with one more row per medium. Its warm start is the better of the search's
+best plan on each hop's own cost (re-priced with the media) and :func:`_least_airtime`'s,
+which is the optimum itself for one medium over an exhaustive space (the solver then only
+breaks the tie by latency). The search's bottleneck bounds the optimum from below, and
+where the search is exhaustive the solver runs to a zero gap. Latency adds each hop's time
+and needs no more than the hops' airtime.
 """
 
 from __future__ import annotations
@@ -232,20 +234,26 @@ def optimize(cost: CostModel, objective: Objective,
         return OptimizeResult(best, True, objective.key(best)[0])
     spaces = ([_Space.any_order(cost.num_nodes)] if exhaustive
               else _restricted_spaces(cost, states))
-    warm = min((p for p in (_best(cost, tables, objective, sp) for sp in spaces) if p),
-               key=lambda p: objective.key(tables.priced(cost, p)), default=None)
+    found = [p for p in (_best(cost, tables, objective, sp) for sp in spaces) if p]
+    proven = 0.0
+    if media:
+        least = [f for f in (_least_airtime(tables, cost, sp) for sp in spaces) if f]
+        found += [path for _, path in least]
+        if exhaustive and least and len(cost.media.names) == 1:
+            proven = least[0][0]
+    warm = min(found, key=lambda p: objective.key(tables.priced(cost, p)), default=None)
     if warm is None and exhaustive:
         raise NoFeasiblePlanError(_shortfall_message(cost, spaces, None))
     graph = StateGraph(tables.stage, tables.hop, tables.index.starts, tables.index.ends,
                        cost.source, cost.sink, tables.delay, tables.airtime)
     solved = solve(graph, objective, _raw_path(warm),
-                   replace(limits, relative_gap=0.0) if exhaustive else limits)
+                   replace(limits, relative_gap=0.0) if exhaustive else limits, proven)
     if solved.path is None:
         raise NoFeasiblePlanError(_shortfall_message(cost, spaces, limits))
     best = min((tables.priced(cost, _spans(p)) for p in (solved.path, _raw_path(warm)) if p),
                key=objective.key)
     answer = objective.key(best)[0]
-    bound = max(solved.lower_bound_s, _lower_bound(cost, tables, objective))
+    bound = max(solved.lower_bound_s, _lower_bound(cost, tables, objective), proven)
     if exhaustive and warm is not None:
         # The search's minimax over each hop's own cost: no plan's bottleneck is smaller.
         priced = tables.priced(cost, warm)
@@ -401,6 +409,46 @@ def _best(
     capped = tables.capped(found[0] * (1 + TIE_TOLERANCE)).with_delays()
     tied = _search(capped, cost.source, cost.sink, np.add, space)
     return (tied or found)[1]
+
+
+def _least_airtime(
+    tables: _Tables, cost: CostModel, space: _Space
+) -> tuple[float, tuple[Span, ...]] | None:
+    """A throughput path when media are shared, and its bottleneck counting all media's
+    airtime as one: ``min over T of max(T, f(T))``, where ``f(T)`` is the least airtime of
+    a path whose stages and hops each take at most ``T`` (a shortest path; ``f`` falls as
+    ``T`` grows, so ``T`` is bisected over the edge costs). With one medium this is the
+    least bottleneck over ``space``; with more it bounds the chosen path's from above."""
+    air = tables.airtime.sum(axis=0)
+    free = np.zeros_like(tables.layer_floor)
+
+    def least(limit: float) -> tuple[float, tuple[Span, ...]] | None:
+        capped = tables.capped(limit)
+        priced = replace(capped, stage=np.where(np.isfinite(capped.stage), 0.0, np.inf),
+                         hop=np.where(np.isfinite(capped.hop), air, np.inf), layer_floor=free)
+        return _search(priced, cost.source, cost.sink, np.add, space)
+
+    edges = np.concatenate([tables.stage.ravel(), tables.hop.ravel()])
+    limits = np.unique(edges[np.isfinite(edges)])
+    low, high = 0, len(limits) - 1  # find the first limit at least its least airtime
+    found = least(limits[high]) if len(limits) else None
+    if found is None:
+        return None
+    best = (max(limits[high], found[0]), found[1])
+    while low < high:
+        middle = (low + high) // 2
+        found = least(limits[middle])
+        if found is not None and max(limits[middle], found[0]) < best[0]:
+            best = (max(limits[middle], found[0]), found[1])
+        if found is not None and found[0] <= limits[middle]:
+            high = middle
+        else:
+            low = middle + 1
+    # The least is at that limit or, with more airtime, at the one below it.
+    found = least(limits[low - 1]) if low > 0 else None
+    if found is not None and max(limits[low - 1], found[0]) < best[0]:
+        best = (max(limits[low - 1], found[0]), found[1])
+    return best
 
 
 def _search(
