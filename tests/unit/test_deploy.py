@@ -6,8 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from coordinator.deploy import deploy, link_emulation
-from coordinator.pipeline import _wiring
+from coordinator.deploy import deploy, link_emulation, replica_wiring
 from node.client import WorkerHandle
 from node.errors import NodeUnreachableError
 from node.link import NO_EMULATION, LinkEmulation
@@ -38,10 +37,8 @@ class FakeWorker(WorkerHandle):
         self.calls.append(("load", self.name, spec.index))
         return StageInfo(spec.index, spec.artifact_sha256, len(artifact))
 
-    async def wire(self, next_address, *, next_node=None, previous_node=None,
-                   outbound=NO_EMULATION, inbound=NO_EMULATION, encoding=LinkEncoding.RAW):
-        self.calls.append(("wire", self.name, next_address, outbound, inbound,
-                           next_node, previous_node, encoding))
+    async def wire(self, wiring):
+        self.calls.append(("wire", self.name, wiring))
 
     async def probe(self, target_address, options, *, target_node=None,
                     outbound=NO_EMULATION, inbound=NO_EMULATION):
@@ -95,14 +92,18 @@ async def test_deploy_loads_every_stage_then_wires_downstream_first() -> None:
     wires = [c for c in calls if c[0] == "wire"]
     assert [c[1] for c in loads] == ["a", "b", "c"]
     assert [c[1] for c in wires] == ["c", "b", "a"]  # no frame reaches an unwired node
-    assert wires[0][2] is None and wires[1][2] == "10.0.0.2:1" and wires[2][2] == "10.0.0.1:1"
-    assert wires[0][3] == LinkEmulation(4e6, 0.004)  # the last stage's link to the sink
-    assert wires[2][4] == LinkEmulation(1e6, 0.001)  # only the first stage emulates the source
-    assert wires[1][4] == NO_EMULATION
+    wirings = [c[2] for c in wires]
+    assert [[h.address for h in w.next_hops] for w in wirings] == [
+        [], ["10.0.0.2:1"], ["10.0.0.1:1"]]
+    assert wirings[0].outbound == LinkEmulation(4e6, 0.004)  # the last stage's link to the sink
+    assert wirings[1].next_hops[0].link == LinkEmulation(3e6, 0.003)
+    assert wirings[2].inbound == LinkEmulation(1e6, 0.001)  # only the first stage emulates
+    assert wirings[1].inbound == NO_EMULATION  # the source
     # Each node learns its neighbours' names: whose certificate it forwards to, and whose
     # frames it accepts.
-    assert [c[5:7] for c in wires] == [(None, "b"), ("c", "a"), ("b", None)]
-    assert {c[7] for c in wires} == {LinkEncoding.RAW}
+    assert [([h.node for h in w.next_hops], w.previous_nodes) for w in wirings] == [
+        ([], ("b",)), (["c"], ("a",)), (["b"], ())]
+    assert {w.encoding for w in wirings} == {LinkEncoding.RAW}
     assert progress[-1] == (600, 600)
     assert record.artifact_sha256 == ("ab" * 32,) * 3 and record.emulated_links
     assert not [c for c in calls if c[0] == "close"]  # handles given are left open
@@ -113,7 +114,9 @@ async def test_deploy_without_emulation_wires_plain_links() -> None:
     calls: list = []
     handles = {s.address: FakeWorker(s.node, s.address, calls) for s in plan.stages}
     await deploy(plan, _artifacts(plan), emulate_links=False, handles=handles)
-    assert all(c[3] == NO_EMULATION and c[4] == NO_EMULATION for c in calls if c[0] == "wire")
+    wirings = [c[2] for c in calls if c[0] == "wire"]
+    assert all(w.outbound == NO_EMULATION and w.inbound == NO_EMULATION
+               and all(h.link == NO_EMULATION for h in w.next_hops) for w in wirings)
 
 
 def _encoded_plan() -> Plan:
@@ -135,17 +138,18 @@ async def test_each_node_sends_in_its_outbound_links_encoding() -> None:
     calls: list = []
     handles = {s.address: FakeWorker(s.node, s.address, calls) for s in plan.stages}
     await deploy(plan, _artifacts(plan), emulate_links=False, handles=handles)
-    assert {c[1]: c[7] for c in calls if c[0] == "wire"} == ENCODED_AS
+    assert {c[1]: c[2].encoding for c in calls if c[0] == "wire"} == ENCODED_AS
 
 
 def test_failover_rewires_each_node_in_its_outbound_links_encoding() -> None:
     plan = _encoded_plan()
-    wirings = {s.node: _wiring(plan, k, emulate=False) for k, s in enumerate(plan.stages)}
-    assert {node: wiring[3] for node, wiring in wirings.items()} == ENCODED_AS
+    wirings = {s.node: replica_wiring(plan, k, s.node, emulate=False)
+               for k, s in enumerate(plan.stages)}
+    assert {node: wiring.encoding for node, wiring in wirings.items()} == ENCODED_AS
     recoded = replace(plan, links=(*plan.links[:2], replace(plan.links[2],
                                                             encoding=LinkEncoding.RAW),
                                    plan.links[3]))
-    assert _wiring(recoded, 1, emulate=False) != wirings["b"]  # a new encoding rewires "b"
+    assert replica_wiring(recoded, 1, "b", emulate=False) != wirings["b"]  # rewires "b"
 
 
 async def test_deploy_checks_every_node_before_shipping_anything() -> None:
