@@ -181,6 +181,7 @@ class StageRunner:
         self._in_flight: asyncio.Queue[InFlight] = asyncio.Queue(IN_FLIGHT_FRAMES)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing: set[asyncio.Task[None]] = set()
         self.holding = 0
         self.bytes_sent = 0
         """Bytes of the frames sent on since the node started."""
@@ -228,6 +229,7 @@ class StageRunner:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for route in self._routes:
             await route.outlet.sink.close()
+        await asyncio.gather(*self._closing, return_exceptions=True)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def place(self, program: ProgramRunner, spec: StageSpec, size_bytes: int) -> LoadedStage:
@@ -254,7 +256,9 @@ class StageRunner:
     ) -> None:
         """Deal output frames among ``outlets`` in proportion to their shares, in
         ``encoding``, from now on; a link's statistics start afresh if it goes elsewhere or
-        carries another encoding (a re-wire of the same link keeps them, so a change shows)."""
+        carries another encoding (a re-wire of the same link keeps them, so a change shows).
+        Sinks no longer used are closed in the background (a hung next hop takes its close
+        timeout, and the new wiring need not wait for it)."""
         kept = {route.outlet.sink.destination: route.stats for route in self._routes
                 if encoding is self._encoding}
         old = [route.outlet.sink for route in self._routes]
@@ -268,7 +272,9 @@ class StageRunner:
         self.inbound = EmulatedLink(inbound)
         for sink in old:
             if all(sink is not outlet.sink for outlet in outlets):
-                await sink.close()
+                closing = asyncio.create_task(sink.close())
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
 
     async def submit(self, work: Work) -> None:
         """Queue ``work``; waits while the queue is full."""

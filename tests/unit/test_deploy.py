@@ -5,14 +5,17 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from replication import replicate
 
 from coordinator.deploy import deploy, link_emulation, replica_wiring
+from coordinator.replicas import without_replicas
 from node.client import WorkerHandle
 from node.errors import NodeUnreachableError
 from node.link import NO_EMULATION, LinkEmulation
 from node.messages import StageInfo
 from partition.compression import LinkEncoding
-from partition.plan import Link, Objective, Plan, PlannedStage
+from partition.errors import PlanFormatError
+from partition.plan import Link, Objective, Plan, PlannedStage, Replica
 from partition.spec import StageSpec
 from partition.split import StageArtifact
 
@@ -167,3 +170,54 @@ def test_a_link_within_one_node_is_never_emulated() -> None:
     assert link_emulation(Link("a", "b", 1e6, 0.01), emulate=False) == NO_EMULATION
     link = Link("a", "b", 1e6, 0.01)
     assert link_emulation(replace(link), emulate=True) == LinkEmulation(1e6, 0.01)
+
+
+def _replicated() -> Plan:
+    """:func:`_plan` over a, b, c with the middle stage on b (3/4) and d (1/4)."""
+    plan = _plan(["a", "b", "c"])
+    plan = replace(plan, addresses={"a": "10.0.0.0:1", "b": "10.0.0.1:1", "c": "10.0.0.2:1",
+                                    "d": "10.0.0.3:1", "src": "10.0.0.9:1"})
+    return replicate(plan, 1, [("b", 0.75), ("d", 0.25)])
+
+
+async def test_deploy_ships_a_replicated_stage_to_each_replica_and_wires_the_shares() -> None:
+    plan = _replicated()
+    calls: list = []
+    handles = {r.address: FakeWorker(r.node, r.address, calls)
+               for s in plan.stages for r in s.replicas}
+    artifacts = _artifacts(plan)
+    record = await deploy(plan, artifacts, emulate_links=False, handles=handles)
+    assert [c[1:] for c in calls if c[0] == "load"] == [("a", 0), ("b", 1), ("d", 1), ("c", 2)]
+    wirings = {c[1]: c[2] for c in calls if c[0] == "wire"}
+    assert [c[1] for c in calls if c[0] == "wire"][-1] == "a"  # downstream first
+    assert [(h.node, h.share) for h in wirings["a"].next_hops] == [("b", 0.75), ("d", 0.25)]
+    assert [h.node for h in wirings["b"].next_hops] == [h.node for h in wirings["d"].next_hops]
+    assert wirings["c"].previous_nodes == ("b", "d")  # c accepts frames from both replicas
+    assert record.artifact_sha256 == (artifacts[0].spec.artifact_sha256,) * 4
+
+
+def test_leaving_out_a_replica_rewires_its_neighbours_only() -> None:
+    plan = _replicated()
+    smaller = without_replicas(plan, {"d"})
+    assert smaller is not None and smaller.stages[1].replicas == (Replica("b", "10.0.0.1:1", 1.0),)
+    assert [(link.src, link.dst) for link in smaller.links] == [
+        ("src", "a"), ("a", "b"), ("b", "c"), ("c", "src")]
+    before = {n: replica_wiring(plan, k, n, emulate=True)
+              for k, s in enumerate(plan.stages) for n in s.nodes}
+    after = {n: replica_wiring(smaller, k, n, emulate=True)
+             for k, s in enumerate(smaller.stages) for n in s.nodes}
+    changed = {n for n in after if after[n] != before[n]}
+    assert changed == {"a", "c"}  # the predecessor deals to b alone; c no longer expects d
+    assert [(h.node, h.share) for h in after["a"].next_hops] == [("b", 1.0)]
+    assert after["c"].previous_nodes == ("b",)
+    assert without_replicas(plan, {"a"}) is None  # a stage's only node: re-plan
+    assert without_replicas(smaller, {"b"}) is None
+    assert without_replicas(plan, {"elsewhere"}) is plan
+
+
+def test_a_sender_sends_one_hop_in_one_encoding() -> None:
+    plan = _replicated()
+    links = list(plan.links)
+    links[1] = replace(links[1], encoding=LinkEncoding.FP16)  # a -> b, but a -> d stays raw
+    with pytest.raises(PlanFormatError, match="hop 1 from 'a'"):
+        replica_wiring(replace(plan, links=tuple(links)), 0, "a", emulate=False)

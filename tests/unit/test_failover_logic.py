@@ -75,6 +75,24 @@ async def test_forgotten_requests_are_not_unanswered_and_fail_all_answers_the_re
         await asyncio.wait_for(waiting.answer, 1)
 
 
+async def test_a_lost_replica_s_requests_are_replayed_and_every_request_answered_once() -> None:
+    """The last stage runs on b and d; d dies with request 0, b answered request 1 but its
+    answer to request 2 is still on the way when the pipeline replays both unanswered ones
+    (and only those) to b alone: each of the three is answered exactly once."""
+    ledger = Ledger((OUT,))
+    requests = [ledger.accept({}) for _ in range(3)]
+    sent = [ledger.wire_id(r, 1.0) for r in requests]  # dealt: d, b, b
+    assert ledger.deliver(Result(sent[1], outputs={"y": torch.ones(1)})) is requests[1]
+    ledger.new_version()  # d left out: the replay goes under a new version
+    replayed = ledger.unanswered()
+    assert replayed == [requests[0], requests[2]]
+    again = {r.number: ledger.wire_id(r, 1.0) for r in replayed}
+    assert ledger.deliver(Result(sent[2], outputs={"y": torch.ones(1)})) is requests[2]  # late b
+    assert ledger.deliver(Result(again[2], outputs={"y": torch.ones(1)})) is None  # its replay
+    assert ledger.deliver(Result(again[0], outputs={"y": torch.ones(1)})) is requests[0]
+    assert all(r.answer.done() for r in requests) and ledger.late == 1 and not ledger.strays
+
+
 @pytest.fixture(scope="module")
 def skip_dag_plan(sample_exported) -> tuple:
     sample = sample_exported("skip_dag")
