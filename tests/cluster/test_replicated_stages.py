@@ -21,6 +21,7 @@ from coordinator.deploy import deploy
 from coordinator.local_cluster import LocalCluster
 from coordinator.pipeline import Pipeline
 from coordinator.ports import free_ports
+from coordinator.verify import verify
 from node.client import GrpcWorkerHandle
 from partition.cluster import ClusterSpec, parse_cluster
 from partition.plan import Plan
@@ -98,6 +99,10 @@ async def test_a_replicated_stage_matches_the_model_and_deals_by_share(
         assert abs(counts[node] - REQUESTS * share) <= 1, counts
     assert all(count == REQUESTS for node, count in counts.items()
                if node not in dict(shares)), counts
+    # traced requests, dealt the same way, agree with this machine's stage by stage
+    assert await verify(plan, parts.artifacts,
+                        lambda seed: make_inputs(plan.inputs, parts.sample.module, seed),
+                        range(4)) == []
 
 
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSTOP], ids=["kill", "hang"])
