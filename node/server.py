@@ -25,7 +25,7 @@ from node.loading import receive_artifact
 from node.messages import FailureCode, Hop, NodeInfo, encoding_from_proto, link_from_proto
 from node.next_hop import NextHop
 from node.pipeline import Outlet, StageRunner, Work
-from node.probe import NodeProber, ProbeOptions
+from node.probe import EchoService, NodeProber, ProbeOptions
 from node.profiling import NodeProfiler
 from node.results import ResultsOwner
 from node.rpc import edgesplit_pb2 as pb
@@ -72,6 +72,7 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
         self._peers = peers
         self._health = health
         self._prober = NodeProber(config.max_message_bytes, config.security)
+        self._echo = EchoService()
         self.resident_overhead_bytes = 0
         """Resident memory once serving, before any stage (set by :class:`EdgeNodeServer`)."""
 
@@ -297,11 +298,8 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
     async def Echo(
         self, request_iterator: AsyncIterator[pb.EchoRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.EchoReply]:
-        # context.read(), as in Submit: the iterator would keep the last payload alive.
-        while (request := await context.read()) is not grpc.aio.EOF:
-            received = len(request.payload)
-            del request
-            yield pb.EchoReply(received_bytes=received)
+        async for reply in self._echo.answer(context):
+            yield reply
 
 
 class EdgeNodeServer:
