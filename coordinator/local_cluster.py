@@ -2,7 +2,9 @@
 
 Emulation is a property of each worker: its node's ``speed`` becomes ``--speed-factor``, or
 with :attr:`Isolation.KERNEL` a CPU quota (see :mod:`coordinator.isolation`); link delays are
-set when the pipeline is wired (see :mod:`coordinator.deploy`). What ``up``
+set when the pipeline is wired (see :mod:`coordinator.deploy`). With :attr:`Isolation.KERNEL`
+each worker also runs in its own network namespace on its home address, links between them
+shaped by the kernel (see :mod:`coordinator.netns`), and emulates only links' latency. What ``up``
 started is recorded in the user's state directory, so ``down`` finds it from anywhere. With a
 ``security`` block the workers run with TLS and the token, each with its certificate from
 beside the CA's (the layout ``coordinator certs`` writes); :func:`with_fresh_certs` makes one.
@@ -27,6 +29,7 @@ import psutil
 
 from coordinator.certs import make_certs, node_arguments
 from coordinator.isolation import CpuGroups, Isolation, cores_wanted, host_cores
+from coordinator.netns import Namespaces
 from node.channels import channel_credentials, channel_options, token_metadata
 from node.rpc import edgesplit_pb2 as pb
 from node.rpc import edgesplit_pb2_grpc as pb_grpc
@@ -69,7 +72,8 @@ def start_cluster(
     cluster: ClusterSpec, state_dir: Path, isolation: Isolation = Isolation.NONE
 ) -> list[LocalNode]:
     """Start one ``edge-node`` per node of ``cluster`` and wait until each answers; with
-    :attr:`Isolation.KERNEL`, each in its own CPU group (:func:`read_cpu_groups` has them).
+    :attr:`Isolation.KERNEL`, each in its own CPU group (:func:`read_cpu_groups` has them)
+    and network namespace, on its home address (:func:`read_namespaces` has them).
 
     Raises
     ------
@@ -77,7 +81,8 @@ def start_cluster(
         If an address is not on this machine, a cluster is already up, or a node does not
         come up (the message quotes its log); the nodes started so far are stopped.
     IsolationError
-        If kernel isolation is unavailable or a group cannot be made; nothing is left behind.
+        If kernel isolation is unavailable or a group or namespace cannot be made; nothing
+        is left behind.
     """
     for node in cluster.nodes:
         if not is_loopback(node.address):
@@ -88,19 +93,24 @@ def start_cluster(
     _check_none_up(state_dir)
     security = client_security(cluster.security)
     state_dir.mkdir(parents=True, exist_ok=True)
-    cpu_groups = None
-    if isolation is Isolation.KERNEL:
-        cpu_groups = CpuGroups.create(cores_wanted(cluster), host_cores())
+    cpu_groups = namespaces = None
     started: list[LocalNode] = []
     try:
-        write_state(state_dir, started, cpu_groups)  # records the groups before any node
-        for spec in cluster.nodes:
-            started.append(_spawn(cluster, spec.name, state_dir, cpu_groups))
+        if isolation is Isolation.KERNEL:
+            cpu_groups = CpuGroups.create(cores_wanted(cluster), host_cores())
             write_state(state_dir, started, cpu_groups)
+            namespaces = Namespaces.claim(cluster)
+            # records the groups and namespaces before they are made, and before any node
+            write_state(state_dir, started, cpu_groups, namespaces)
+            namespaces.build(cluster)
+            cluster = namespaces.at_home(cluster)
+        for spec in cluster.nodes:
+            started.append(_spawn(cluster, spec.name, state_dir, cpu_groups, namespaces))
+            write_state(state_dir, started, cpu_groups, namespaces)
         for node in started:
             _wait_ready(node, security)
     except BaseException:
-        stop_cluster(state_dir, started, cpu_groups)
+        stop_cluster(state_dir, started, cpu_groups, namespaces)
         raise
     return started
 
@@ -122,10 +132,13 @@ def _check_none_up(state_dir: Path) -> None:
 
 
 def _spawn(
-    cluster: ClusterSpec, name: str, state_dir: Path, cpu_groups: CpuGroups | None
+    cluster: ClusterSpec, name: str, state_dir: Path, cpu_groups: CpuGroups | None,
+    namespaces: Namespaces | None,
 ) -> LocalNode:
     """Start node ``name`` of ``cluster`` (with its credentials if the cluster has them), in
-    its CPU group if there are ``cpu_groups`` (the quota, not the worker, then slows it)."""
+    its CPU group if there are ``cpu_groups`` (the quota, not the worker, then slows it) and
+    in its namespace if there are ``namespaces`` (the kernel, not the worker, then limits
+    its links' bandwidth)."""
     spec = cluster.node(name)
     address, speed, threads = spec.address, spec.speed or 1.0, spec.threads or 1
     extra_args = node_arguments(cluster.security, name) if cluster.security else []
@@ -133,13 +146,17 @@ def _spawn(
     command = [
         sys.executable, *_node_arguments(name, address),
         "--speed-factor", str(1.0 if cpu_groups else speed), "--threads", str(threads),
-        *extra_args,
+        *(["--links-shaped"] if namespaces else []), *extra_args,
     ]
     with log_path.open("ab") as log_file:
-        process = subprocess.Popen(
-            command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,  # outlives `coordinator up`; Ctrl-C there does not reach it
-        )
+        def start() -> subprocess.Popen[bytes]:
+            # A new session: it outlives `coordinator up`, and Ctrl-C there does not reach it.
+            return subprocess.Popen(
+                command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+        process = namespaces.run_inside(name, start) if namespaces else start()
     node = LocalNode(name, address, process.pid, str(log_path))
     log.info("started %s on %s (pid %d)", name, address, process.pid)
     if cpu_groups is not None:
@@ -215,22 +232,29 @@ def _process(node: LocalNode) -> psutil.Process | None:
     return process if arguments == expected else None
 
 
-def write_state(state_dir: Path, nodes: list[LocalNode], cpu_groups: CpuGroups | None) -> None:
+def write_state(
+    state_dir: Path, nodes: list[LocalNode], cpu_groups: CpuGroups | None,
+    namespaces: Namespaces | None = None,
+) -> None:
     record = {"nodes": [asdict(n) for n in nodes],
-              "cpu_groups": cpu_groups.to_dict() if cpu_groups else None}
+              "cpu_groups": cpu_groups.to_dict() if cpu_groups else None,
+              "namespaces": namespaces.to_dict() if namespaces else None}
     (state_dir / STATE_FILE).write_text(json.dumps(record, indent=1))
 
 
-def _read_record(state_dir: Path) -> tuple[list[LocalNode], CpuGroups | None]:
-    """Every node and the CPU groups ``up`` recorded (running or not)."""
+def _read_record(
+    state_dir: Path,
+) -> tuple[list[LocalNode], CpuGroups | None, Namespaces | None]:
+    """Every node, the CPU groups and the namespaces ``up`` recorded (running or not)."""
     path = state_dir / STATE_FILE
     if not path.is_file():
-        return [], None
+        return [], None, None
     try:
         record = json.loads(path.read_text())
         nodes = [LocalNode(**entry) for entry in record["nodes"]]
-        groups = record["cpu_groups"]
-        return nodes, CpuGroups.from_dict(groups) if groups is not None else None
+        groups, namespaces = record["cpu_groups"], record.get("namespaces")
+        return (nodes, CpuGroups.from_dict(groups) if groups is not None else None,
+                Namespaces.from_dict(namespaces) if namespaces is not None else None)
     except (ValueError, TypeError, KeyError) as err:
         raise LocalClusterError(
             f"{path} is damaged ({err!r}); delete it and stop nodes by hand"
@@ -239,7 +263,7 @@ def _read_record(state_dir: Path) -> tuple[list[LocalNode], CpuGroups | None]:
 
 def read_state(state_dir: Path) -> list[LocalNode]:
     """The nodes recorded by ``up`` that still run; an empty list if none."""
-    nodes, _ = _read_record(state_dir)
+    nodes, _, _ = _read_record(state_dir)
     return [n for n in nodes if _process(n) is not None]
 
 
@@ -249,12 +273,25 @@ def read_cpu_groups(state_dir: Path) -> CpuGroups | None:
     return _read_record(state_dir)[1]
 
 
-def stop_cluster(state_dir: Path, nodes: list[LocalNode], cpu_groups: CpuGroups | None) -> None:
-    """Stop ``nodes``, remove ``cpu_groups`` once they are empty, and clear the state (kept
-    if a group could not be removed, so ``down`` can try again)."""
+def read_namespaces(state_dir: Path) -> Namespaces | None:
+    """The network namespaces of the cluster ``up`` started with kernel isolation, else
+    ``None``."""
+    return _read_record(state_dir)[2]
+
+
+def stop_cluster(
+    state_dir: Path, nodes: list[LocalNode], cpu_groups: CpuGroups | None,
+    namespaces: Namespaces | None = None,
+) -> None:
+    """Stop ``nodes``, remove ``namespaces`` and ``cpu_groups`` once they are empty, and
+    clear the state (kept if one could not be removed, so ``down`` can try again)."""
     stop_nodes(nodes)
-    if cpu_groups is not None:
-        cpu_groups.remove()
+    try:
+        if namespaces is not None:
+            namespaces.remove()
+    finally:
+        if cpu_groups is not None:
+            cpu_groups.remove()
     clear_state(state_dir)
 
 
@@ -269,7 +306,9 @@ class LocalCluster:
 
     With ``secure``, the workers run with fresh certificates and a token, and
     :attr:`cluster` carries the ``security`` block to plan and connect with. With
-    :attr:`Isolation.KERNEL`, :attr:`cpu_groups` are the workers' CPU groups.
+    :attr:`Isolation.KERNEL`, :attr:`cpu_groups` are the workers' CPU groups,
+    :attr:`namespaces` their network namespaces, and :attr:`cluster` gives each node its
+    home address.
     """
 
     def __init__(self, cluster: ClusterSpec, state_dir: Path, *, secure: bool = False,
@@ -280,18 +319,22 @@ class LocalCluster:
         self.isolation = isolation
         self.nodes: list[LocalNode] = []
         self.cpu_groups: CpuGroups | None = None
+        self.namespaces: Namespaces | None = None
 
     def __enter__(self) -> LocalCluster:
         if self.secure:
             self.cluster = with_fresh_certs(self.cluster, self.state_dir)
         self.nodes = start_cluster(self.cluster, self.state_dir, self.isolation)
         self.cpu_groups = read_cpu_groups(self.state_dir)
+        self.namespaces = read_namespaces(self.state_dir)
+        if self.namespaces is not None:
+            self.cluster = self.namespaces.at_home(self.cluster)
         if self.cpu_groups is not None and (line := self.cpu_groups.stretch_line()):
             log.warning("%s", line)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        stop_cluster(self.state_dir, self.nodes, self.cpu_groups)
+        stop_cluster(self.state_dir, self.nodes, self.cpu_groups, self.namespaces)
 
     def restart(self, name: str) -> LocalNode:
         """Start node ``name`` again (same address and speed); wait until it answers.
@@ -300,8 +343,25 @@ class LocalCluster:
         :func:`stop_nodes` does, so the new one can take its port.
         """
         stop_nodes([n for n in self.nodes if n.name == name])
-        node = _spawn(self.cluster, name, self.state_dir, self.cpu_groups)
+        node = _spawn(self.cluster, name, self.state_dir, self.cpu_groups, self.namespaces)
         self.nodes = [node if n.name == name else n for n in self.nodes]
-        write_state(self.state_dir, self.nodes, self.cpu_groups)
+        write_state(self.state_dir, self.nodes, self.cpu_groups, self.namespaces)
         _wait_ready(node, client_security(self.cluster.security))
         return node
+
+    def cut(self, name: str) -> None:
+        """Cut node ``name`` off the network: its process keeps running, but every link of
+        its namespace is down (needs :attr:`Isolation.KERNEL`)."""
+        self._network().cut(name)
+
+    def heal(self, name: str) -> None:
+        """Reconnect node ``name`` after :meth:`cut`."""
+        self._network().heal(name)
+
+    def _network(self) -> Namespaces:
+        if self.namespaces is None:
+            raise LocalClusterError(
+                "only a cluster started with isolation=Isolation.KERNEL has links to cut; "
+                "start it with that"
+            )
+        return self.namespaces

@@ -11,7 +11,7 @@ due (frames are due in the order they were sent).
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,10 @@ class LinkEmulation:
         """How long a frame of ``nbytes`` keeps the link busy (its latency does not), as
         the cost model prices a boundary's transfer."""
         return nbytes / self.bytes_per_s if self.bytes_per_s > 0 else 0.0
+
+    def latency_only(self) -> LinkEmulation:
+        """This link without its bandwidth: for a link the network itself limits."""
+        return replace(self, bytes_per_s=0.0)
 
 
 @dataclass(frozen=True)

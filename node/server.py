@@ -21,6 +21,7 @@ from node.config import NodeConfig
 from node.data_path import add_servicer
 from node.errors import FrameError, FrameSpecError, LimitError, ListenError, ProbeError
 from node.health import NodeHealth
+from node.link import LinkEmulation
 from node.loading import receive_artifact
 from node.messages import FailureCode, NodeInfo, encoding_from_proto, link_from_proto
 from node.next_hop import NextHop
@@ -139,6 +140,11 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
             stage=stage.info.to_proto(), load_seconds=time.perf_counter() - started
         )
 
+    def _emulated(self, link: pb.LinkEmulation) -> LinkEmulation:
+        """What this node emulates of ``link``: its latency only, if the network shapes it."""
+        emulation = link_from_proto(link)
+        return emulation.latency_only() if self._config.links_shaped else emulation
+
     async def Wire(
         self, request: pb.WireRequest, context: grpc.aio.ServicerContext
     ) -> pb.WireReply:
@@ -172,7 +178,7 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
         else:
             sink = self._results
         self._peers.previous = request.previous_node or None
-        outbound, inbound = link_from_proto(request.outbound), link_from_proto(request.inbound)
+        outbound, inbound = self._emulated(request.outbound), self._emulated(request.inbound)
         await self._runner.wire(sink, outbound, inbound, encoding)
         await self._health.set_ready(self._runner.stage is not None)
         log.info(
@@ -266,7 +272,7 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
         try:
             measured = await self._prober.probe(
                 request.target_address, request.target_node or None, options,
-                link_from_proto(request.outbound), link_from_proto(request.inbound),
+                self._emulated(request.outbound), self._emulated(request.inbound),
             )
         except LimitError as err:
             await _refuse(context, "a Probe call", err)
