@@ -20,7 +20,7 @@ from coordinator.local_cluster import (
     read_namespaces,
     read_state,
     start_cluster,
-    stop_cluster,
+    stop_recorded,
     with_fresh_certs,
 )
 from node.client import GrpcWorkerHandle
@@ -111,10 +111,8 @@ def write_planning_nodes(
 
 
 def run_down(args: argparse.Namespace) -> int:
-    state_dir = default_state_dir()
-    nodes = read_state(state_dir)
-    stop_cluster(state_dir, nodes, read_cpu_groups(state_dir), read_namespaces(state_dir))
-    console.print(f"stopped {len(nodes)} node(s)" if nodes else "no simulated cluster was up")
+    stopped = stop_recorded(default_state_dir())
+    console.print(f"stopped {stopped} node(s)" if stopped else "no simulated cluster was up")
     return 0
 
 

@@ -30,9 +30,8 @@ from coordinator.local_cluster import (
     LocalClusterError,
     read_cpu_groups,
     read_namespaces,
-    read_state,
     start_cluster,
-    stop_cluster,
+    stop_recorded,
 )
 from coordinator.netns import RANGE, Namespaces
 from coordinator.netns import check_available as check_namespaces
@@ -91,8 +90,7 @@ def made(tmp_path: Path) -> Iterator[list[Namespaces]]:
     try:
         yield namespaces
     finally:
-        state = tmp_path / "state"
-        stop_cluster(state, read_state(state), read_cpu_groups(state), read_namespaces(state))
+        stop_recorded(tmp_path / "state")
         for each in namespaces:
             each.remove()
 
