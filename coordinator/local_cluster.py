@@ -99,7 +99,7 @@ def start_cluster(
         if isolation is Isolation.KERNEL:
             cpu_groups = CpuGroups.create(cores_wanted(cluster), host_cores())
             write_state(state_dir, started, cpu_groups)
-            namespaces = Namespaces.claim(cluster)
+            namespaces = Namespaces.claim(cluster, str(state_dir.resolve()))
             # records the groups and namespaces before they are made, and before any node
             write_state(state_dir, started, cpu_groups, namespaces)
             namespaces.build(cluster)

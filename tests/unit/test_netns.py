@@ -19,15 +19,19 @@ MBPS = 1e6 / 8
 
 @pytest.fixture
 def commands(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
-    """Every command the module runs, recorded instead of run; a route claim of the first
-    block tried fails, as if another cluster had it."""
+    """Every command the module runs, recorded instead of run. A block's route can be added
+    only while no other route holds it, as in the kernel."""
     ran: list[list[str]] = []
+    claimed: set[str] = set()
 
     def run(command: list[str]) -> None:
         ran.append(command)
-        claims = [c for c in ran if c[:4] == ["ip", "route", "add", "unreachable"]]
-        if command[:4] == ["ip", "route", "add", "unreachable"] and len(claims) == 1:
-            raise IsolationError("RTNETLINK answers: File exists")
+        if command[:4] == ["ip", "route", "add", "unreachable"]:
+            if command[4] in claimed:
+                raise IsolationError("RTNETLINK answers: File exists")
+            claimed.add(command[4])
+        if command[:4] == ["ip", "route", "delete", "unreachable"]:
+            claimed.discard(command[4])
 
     monkeypatch.setattr(netns, "run", run)
     monkeypatch.setattr(netns, "check_available", lambda: None)
@@ -62,9 +66,7 @@ def rates(commands: list[list[str]]) -> dict[tuple[str, str], float]:
 
 def test_claim_takes_a_free_block_and_names_each_node(commands: list[list[str]]) -> None:
     cluster = three_nodes()
-    namespaces = Namespaces.claim(cluster)
-    first, second = (c[4] for c in commands if c[:4] == ["ip", "route", "add", "unreachable"])
-    assert namespaces.block == second != first  # the first was taken
+    namespaces = Namespaces.claim(cluster, "seed")
     block = ipaddress.ip_network(namespaces.block)
     assert block.subnet_of(RANGE) and block.prefixlen == 24
     assert namespaces.prefix.startswith("es-") and len(namespaces.prefix) == 10
@@ -78,20 +80,34 @@ def test_claim_takes_a_free_block_and_names_each_node(commands: list[list[str]])
     assert homes.links == cluster.links
 
 
+def test_the_same_seed_gets_the_same_block_unless_it_is_taken(
+    commands: list[list[str]]
+) -> None:
+    first = Namespaces.claim(three_nodes(), "state dir")
+    second = Namespaces.claim(three_nodes(), "state dir")  # while the first holds its block
+    blocks = list(RANGE.subnets(new_prefix=24))
+    index = blocks.index(ipaddress.ip_network(first.block))
+    assert second.block == str(blocks[(index + 1) % len(blocks)])
+    assert second.prefix != first.prefix
+    first.remove()
+    assert Namespaces.claim(three_nodes(), "state dir").block == first.block
+    assert Namespaces.claim(three_nodes(), "another").block not in (first.block, second.block)
+
+
 def test_unsafe_node_names_name_namespaces_by_index(commands: list[list[str]]) -> None:
     cluster = parse_cluster({
         "nodes": [{"name": "camera board", "address": "127.0.0.1:1", "memory": "1GiB"},
                   {"name": "../etc", "address": "127.0.0.1:2", "memory": "1GiB"}],
         "links": {"default": {"bandwidth": "1Gbps", "latency": "1ms"}},
     }, "test")
-    namespaces = Namespaces.claim(cluster)
+    namespaces = Namespaces.claim(cluster, "seed")
     assert [n.namespace for n in namespaces.nodes] == [namespaces.prefix + "n0",
                                                        namespaces.prefix + "n1"]
 
 
 def test_build_shapes_each_direction_of_each_link(commands: list[list[str]]) -> None:
     cluster = three_nodes()
-    namespaces = Namespaces.claim(cluster)
+    namespaces = Namespaces.claim(cluster, "seed")
     namespaces.build(cluster)
     a, b, c = namespaces.nodes
     assert rates(commands) == pytest.approx({
@@ -112,7 +128,7 @@ def test_build_shapes_each_direction_of_each_link(commands: list[list[str]]) -> 
 def test_cut_takes_every_link_down_and_heal_routes_them_again(
     commands: list[list[str]]
 ) -> None:
-    namespaces = Namespaces.claim(three_nodes())
+    namespaces = Namespaces.claim(three_nodes(), "seed")
     b = namespaces.node("b")
     commands.clear()
     namespaces.cut("b")
@@ -127,7 +143,7 @@ def test_cut_takes_every_link_down_and_heal_routes_them_again(
 
 
 def test_remove_deletes_the_claim_and_is_safe_to_repeat(commands: list[list[str]]) -> None:
-    namespaces = Namespaces.claim(three_nodes())
+    namespaces = Namespaces.claim(three_nodes(), "seed")
     commands.clear()
     namespaces.remove()  # nothing else exists here: only the claim is deleted
     namespaces.remove()
@@ -135,7 +151,7 @@ def test_remove_deletes_the_claim_and_is_safe_to_repeat(commands: list[list[str]
 
 
 def test_state_record_round_trips_and_refuses_foreign_names(commands: list[list[str]]) -> None:
-    namespaces = Namespaces.claim(three_nodes())
+    namespaces = Namespaces.claim(three_nodes(), "seed")
     record = namespaces.to_dict()
     assert Namespaces.from_dict(record) == namespaces
     foreign = [
@@ -155,7 +171,7 @@ def test_too_many_nodes_is_one_line(commands: list[list[str]]) -> None:
         "links": {"default": {"bandwidth": "1Gbps", "latency": "1ms"}},
     }, "test")
     with pytest.raises(IsolationError, match="at most 127 nodes .* has 128"):
-        Namespaces.claim(cluster)
+        Namespaces.claim(cluster, "seed")
     assert commands == []
 
 
