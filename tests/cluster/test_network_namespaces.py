@@ -54,8 +54,8 @@ from partition.split import split
 
 TOLERANCE = 0.15
 """How close a probe must come to a shaped link's bandwidth."""
-REQUESTS = 60
-CUT_AFTER = 20
+REQUESTS = 40
+CUT_AFTER = 10
 
 
 def _unavailable() -> str | None:
@@ -96,9 +96,11 @@ def made(tmp_path: Path) -> Iterator[list[Namespaces]]:
 
 
 def cluster_of(names: list[str], links: list[dict[str, str]] | None = None) -> ClusterSpec:
+    """Nodes whose CPU quotas add up to 1.4 cores (no stretch on two cores; a worker under
+    a small quota takes long to start), on 1 Gbps links but for ``links``."""
     return parse_cluster({
         "nodes": [{"name": name, "address": f"127.0.0.1:{port}", "memory": "1GiB",
-                   "speed": 0.3}
+                   "speed": round(1.4 / len(names), 2)}
                   for name, port in zip(names, free_ports(len(names)), strict=True)],
         "links": {"default": {"bandwidth": "1Gbps", "latency": "1ms"},
                   "overrides": links or []},
@@ -122,8 +124,9 @@ async def test_probe_recovers_each_direction_of_a_shaped_link(tmp_path: Path) ->
     for (a, b), measured in links.between_nodes.items():
         want = cluster.link(a, b).bytes_per_s
         assert measured.bytes_per_s == pytest.approx(want, rel=TOLERANCE), (a, b, measured)
-        # the worker still delays by the latency, both ways; the veth adds well under 1 ms
-        assert 2 * 0.002 <= measured.rtt_s < 2 * 0.002 + 0.003, (a, b, measured)
+        # the worker still delays by the latency, both ways (the veth adds well under 1 ms;
+        # the margin is for a busy host)
+        assert 2 * 0.002 <= measured.rtt_s < 2 * 0.002 + 0.01, (a, b, measured)
 
 
 def test_up_gives_home_addresses_and_down_removes_everything(
