@@ -136,8 +136,10 @@ class Namespaces:
         for block in [*blocks[first:], *blocks[:first]]:
             try:
                 run(["ip", "route", "add", "unreachable", str(block)])
-            except IsolationError:
-                continue  # another cluster (or the host) has it
+            except IsolationError as err:
+                if "File exists" in str(err):
+                    continue  # another cluster (or the host) has it
+                raise
             hosts = list(block.hosts())
             nodes = tuple(
                 NodeNetwork(name, prefix + (name if safe else f"n{i}"), str(hosts[i]),

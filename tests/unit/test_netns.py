@@ -94,6 +94,20 @@ def test_the_same_seed_gets_the_same_block_unless_it_is_taken(
     assert Namespaces.claim(three_nodes(), "another").block not in (first.block, second.block)
 
 
+def test_a_claim_that_fails_otherwise_is_not_retried(
+    commands: list[list[str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(command: list[str]) -> None:
+        commands.append(command)
+        raise IsolationError("`ip route add ...` failed: RTNETLINK answers: Operation not "
+                             "permitted")
+
+    monkeypatch.setattr(netns, "run", refuse)
+    with pytest.raises(IsolationError, match="Operation not permitted"):
+        Namespaces.claim(three_nodes(), "seed")
+    assert len(commands) == 1
+
+
 def test_unsafe_node_names_name_namespaces_by_index(commands: list[list[str]]) -> None:
     cluster = parse_cluster({
         "nodes": [{"name": "camera board", "address": "127.0.0.1:1", "memory": "1GiB"},
