@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -197,3 +200,20 @@ def test_a_start_that_fails_halfway_leaves_no_group(
     first = namespaces.at_home(cluster).node("first").address
     assert edge_nodes_listening_on({first}) == []
     assert read_state(tmp_path / "state") == []
+
+
+def test_removing_the_groups_kills_what_a_worker_left_in_them() -> None:
+    """A worker's child (ldconfig, run as a worker imports its libraries) can outlive it in
+    its group; removal must not wait for it."""
+    groups = CpuGroups.create(0.5, host_cores())
+    leftover = subprocess.Popen(["sleep", "60"])
+    try:
+        groups.place("node", leftover.pid, speed=0.5, threads=1)
+        started = time.monotonic()
+        groups.remove(timeout_s=5.0)
+        assert time.monotonic() - started < 2.0
+        assert leftover.wait(timeout=5) == -signal.SIGKILL
+        assert not groups.path.exists()
+    finally:
+        leftover.kill()
+        leftover.wait()

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from cli_helpers import coordinator, nodes_yaml, ok
 
-from coordinator import local_cluster
+from coordinator import local_cluster, netns
 from coordinator.bench import random_inputs
 from coordinator.bench_check import Reference, run_checked
 from coordinator.deploy import deploy
@@ -172,6 +172,33 @@ def test_an_interrupted_start_leaves_nothing(
     with pytest.raises(KeyboardInterrupt):
         start_cluster(cluster_of(["a", "b"]), tmp_path / "state", Isolation.KERNEL)
     (namespaces,) = made
+    assert leftovers(namespaces.prefix, namespaces.block) == []
+    assert read_namespaces(tmp_path / "state") is None
+
+
+def test_a_build_that_fails_halfway_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, made: list[Namespaces]
+) -> None:
+    ran, run = [], netns.run
+
+    def fail_the_twelfth(command: list[str]) -> None:
+        ran.append(command)
+        if len(ran) == 12:  # after the claim, while the second namespace is being made
+            raise IsolationError(f"`{' '.join(command)}` failed: a test says so")
+        run(command)
+
+    built = Namespaces.build
+
+    def build(self: Namespaces, cluster: ClusterSpec) -> None:
+        made.append(self)
+        built(self, cluster)
+
+    monkeypatch.setattr(netns, "run", fail_the_twelfth)
+    monkeypatch.setattr(Namespaces, "build", build)
+    with pytest.raises(IsolationError, match="a test says so"):
+        start_cluster(cluster_of(["a", "b", "c"]), tmp_path / "state", Isolation.KERNEL)
+    (namespaces,) = made
+    assert len(ran) > 12  # the removal ran too
     assert leftovers(namespaces.prefix, namespaces.block) == []
     assert read_namespaces(tmp_path / "state") is None
 
