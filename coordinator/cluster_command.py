@@ -18,9 +18,10 @@ from coordinator.local_cluster import (
     default_state_dir,
     read_arbiters,
     read_cpu_groups,
+    read_namespaces,
     read_state,
     start_cluster,
-    stop_cluster,
+    stop_recorded,
     with_fresh_certs,
 )
 from node.client import GrpcWorkerHandle
@@ -45,8 +46,9 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--isolation", type=Isolation, choices=list(Isolation), default=Isolation.NONE,
-        help="how a node's speed is emulated: none (compute, then sleep; the default) or "
-             "kernel (a cgroup CPU quota per worker; Linux, root, cgroup-v1)",
+        help="how nodes and links are emulated: none (compute, then sleep; links delayed by "
+             "the sender; the default) or kernel (a cgroup CPU quota and a network namespace "
+             "per worker, links shaped by tc; Linux, root, cgroup-v1, iproute2)",
     )
     parser.set_defaults(run=run_up)
 
@@ -74,29 +76,38 @@ def run_up(args: argparse.Namespace) -> int:
     for arbiter in read_arbiters(state_dir):
         console.print(f"medium {arbiter.name}: arbiter on {arbiter.address} (pid "
                       f"{arbiter.pid}, log {arbiter.log_path})")
-    cpu_groups = read_cpu_groups(state_dir)
+    cpu_groups, namespaces = read_cpu_groups(state_dir), read_namespaces(state_dir)
     stretch = cpu_groups.stretch if cpu_groups else 1.0
     if cpu_groups is not None:
         console.print(f"each worker runs under a CPU quota in {cpu_groups.path}/<node>")
         if line := cpu_groups.stretch_line():
             console.print(line, markup=False)
-    if args.secure or stretch < 1:
-        planning = write_planning_nodes(Path(args.nodes), state_dir, cluster.security, stretch)
+    if namespaces is not None:
+        console.print(f"each worker runs in network namespace {namespaces.prefix}<node>, its "
+                      f"address in {namespaces.block}; tc shapes every link's bandwidth")
+    if args.secure or stretch < 1 or namespaces is not None:
+        addresses = {node.name: node.address for node in nodes}
+        planning = write_planning_nodes(Path(args.nodes), state_dir, cluster.security, stretch,
+                                        addresses)
         why = [*(["mutual TLS and a token are on"] if args.secure else []),
-               *(["the speeds are stretched"] if stretch < 1 else [])]
+               *(["the speeds are stretched"] if stretch < 1 else []),
+               *(["the nodes have addresses in their namespaces"] if namespaces else [])]
         console.print(f"{' and '.join(why)}: plan with --nodes {planning}")
     console.print("stop them with `coordinator down`")
     return 0
 
 
 def write_planning_nodes(
-    nodes: Path, state_dir: Path, security: SecuritySpec | None, stretch: float
+    nodes: Path, state_dir: Path, security: SecuritySpec | None, stretch: float,
+    addresses: dict[str, str],
 ) -> Path:
     """Copy ``nodes`` into ``state_dir`` as the running cluster is: with ``security`` as its
-    ``security`` block, and every node's speed times ``stretch``."""
+    ``security`` block, every node's speed times ``stretch``, and its address from
+    ``addresses`` (by node name)."""
     data = yaml.safe_load(nodes.read_text(encoding="utf-8"))
     if security is not None:
         data["security"] = security.to_dict()
+    data["nodes"] = [{**node, "address": addresses[node["name"]]} for node in data["nodes"]]
     if stretch < 1:
         data["nodes"] = [{**node, "speed": (node.get("speed") or 1.0) * stretch}
                          for node in data["nodes"]]
@@ -106,11 +117,9 @@ def write_planning_nodes(
 
 
 def run_down(args: argparse.Namespace) -> int:
-    state_dir = default_state_dir()
-    nodes, arbiters = read_state(state_dir), read_arbiters(state_dir)
-    stop_cluster(state_dir, nodes, read_cpu_groups(state_dir))
-    media = f" and {len(arbiters)} medium arbiter(s)" if arbiters else ""
-    console.print(f"stopped {len(nodes)} node(s){media}" if nodes or arbiters
+    nodes, arbiters = stop_recorded(default_state_dir())
+    media = f" and {arbiters} medium arbiter(s)" if arbiters else ""
+    console.print(f"stopped {nodes} node(s){media}" if nodes or arbiters
                   else "no simulated cluster was up")
     return 0
 

@@ -17,6 +17,7 @@ import errno
 import logging
 import math
 import os
+import signal
 import sys
 import time
 import uuid
@@ -185,7 +186,8 @@ class CpuGroups:
 
 def remove_groups(path: Path, timeout_s: float = REMOVE_TIMEOUT_S) -> None:
     """Remove the group ``path`` and the groups in it, if it exists; waits up to
-    ``timeout_s`` for the processes in them to be gone."""
+    ``timeout_s`` for the processes in them to be gone. Stop the workers first: what is
+    left in a group then is theirs (a tool a worker ran as it started, say), and is killed."""
     if not path.is_dir():
         return
     deadline = time.monotonic() + timeout_s
@@ -194,7 +196,7 @@ def remove_groups(path: Path, timeout_s: float = REMOVE_TIMEOUT_S) -> None:
 
 
 def _remove_group(group: Path, deadline: float) -> None:
-    """``rmdir`` ``group``, retrying while processes are still leaving it."""
+    """``rmdir`` ``group``, killing the processes left in it and retrying while they go."""
     while True:
         try:
             group.rmdir()
@@ -202,12 +204,15 @@ def _remove_group(group: Path, deadline: float) -> None:
         except FileNotFoundError:
             return
         except OSError as err:
+            left: list[str] = []
+            with contextlib.suppress(OSError):
+                left = (group / "cgroup.procs").read_text().split()
             if err.errno != errno.EBUSY or time.monotonic() > deadline:
-                left: list[str] = []
-                with contextlib.suppress(OSError):
-                    left = (group / "cgroup.procs").read_text().split()
                 raise IsolationError(
                     f"cgroup {group} could not be removed ({err.strerror}; processes "
                     f"{', '.join(left) or 'none'} are still in it); stop them and rmdir it"
                 ) from err
+            for pid in left:  # only a cgroup is busy: these are in it
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
             time.sleep(0.05)

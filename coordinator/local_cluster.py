@@ -2,12 +2,14 @@
 
 Emulation is a property of each worker: its node's ``speed`` becomes ``--speed-factor``, or
 with :attr:`Isolation.KERNEL` a CPU quota (see :mod:`coordinator.isolation`); link delays are
-set when the pipeline is wired (see :mod:`coordinator.deploy`). Each shared medium of the
-cluster gets its own arbiter process (:mod:`node.arbiter`), started before the workers,
-which are told its address, and stopped with them. What ``up`` started is recorded in the
-user's state directory, so ``down`` finds it from anywhere. With a ``security`` block the
-workers run with TLS and the token, each with its certificate from beside the CA's (the
-layout ``coordinator certs`` writes); :func:`with_fresh_certs` makes one.
+set when the pipeline is wired (see :mod:`coordinator.deploy`). With :attr:`Isolation.KERNEL`
+each worker also runs in its own network namespace on its home address, links between them
+shaped by the kernel (see :mod:`coordinator.netns`), and emulates only links' latency. Each
+shared medium of the cluster gets its own arbiter process (:mod:`node.arbiter`), started
+before the workers, which are told its address, and stopped with them. What ``up`` started
+is recorded in the user's state directory, so ``down`` finds it from anywhere. With a
+``security`` block the workers run with TLS and the token, each with its certificate from
+beside the CA's (the layout ``coordinator certs`` writes); :func:`with_fresh_certs` makes one.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ import platformdirs
 import psutil
 
 from coordinator.certs import make_certs, node_arguments
-from coordinator.isolation import CpuGroups, Isolation, cores_wanted, host_cores
+from coordinator.isolation import CpuGroups, Isolation, IsolationError, cores_wanted, host_cores
+from coordinator.netns import Namespaces
 from coordinator.ports import free_ports
 from node.channels import channel_credentials, channel_options, token_metadata
 from node.rpc import edgesplit_pb2 as pb
@@ -68,11 +71,13 @@ class LocalNode:
 
 
 class _Record(NamedTuple):
-    """What ``up`` recorded: the workers, their CPU groups, the media's arbiters."""
+    """What ``up`` recorded: the workers, their CPU groups, the media's arbiters and the
+    network namespaces."""
 
     nodes: list[LocalNode]
     cpu_groups: CpuGroups | None
     arbiters: list[LocalNode]
+    namespaces: Namespaces | None
 
 
 def default_state_dir() -> Path:
@@ -85,7 +90,8 @@ def start_cluster(
     cluster: ClusterSpec, state_dir: Path, isolation: Isolation = Isolation.NONE
 ) -> list[LocalNode]:
     """Start one ``edge-node`` per node of ``cluster`` and wait until each answers; with
-    :attr:`Isolation.KERNEL`, each in its own CPU group (:func:`read_cpu_groups` has them).
+    :attr:`Isolation.KERNEL`, each in its own CPU group (:func:`read_cpu_groups` has them)
+    and network namespace, on its home address (:func:`read_namespaces` has them).
 
     Raises
     ------
@@ -93,7 +99,8 @@ def start_cluster(
         If an address is not on this machine, a cluster is already up, or a node does not
         come up (the message quotes its log); the nodes started so far are stopped.
     IsolationError
-        If kernel isolation is unavailable or a group cannot be made; nothing is left behind.
+        If kernel isolation is unavailable or a group or namespace cannot be made; nothing
+        is left behind.
     """
     for node in cluster.nodes:
         if not is_loopback(node.address):
@@ -102,29 +109,40 @@ def start_cluster(
                 "this machine only, so use 127.0.0.1:PORT addresses"
             )
     _check_none_up(state_dir)
+    if isolation is Isolation.KERNEL and cluster.media:
+        raise IsolationError(
+            "--isolation kernel does not emulate shared media (their arbiters listen on "
+            "127.0.0.1, outside the nodes' namespaces); use --isolation none for a cluster "
+            "with media"
+        )
     security = client_security(cluster.security)
     state_dir.mkdir(parents=True, exist_ok=True)
-    cpu_groups = None
-    if isolation is Isolation.KERNEL:
-        cpu_groups = CpuGroups.create(cores_wanted(cluster), host_cores())
+    cpu_groups = namespaces = None
     started: list[LocalNode] = []
     arbiters: list[LocalNode] = []
     try:
-        write_state(state_dir, started, cpu_groups)  # records the groups before any node
+        if isolation is Isolation.KERNEL:
+            cpu_groups = CpuGroups.create(cores_wanted(cluster), host_cores())
+            write_state(state_dir, started, cpu_groups)
+            namespaces = Namespaces.claim(cluster, str(state_dir.resolve()))
+            # records the groups and namespaces before they are made, and before any node
+            write_state(state_dir, started, cpu_groups, namespaces=namespaces)
+            namespaces.build(cluster)
+            cluster = namespaces.at_home(cluster)
         ports = _arbiter_ports(cluster)
         for medium, port in zip(cluster.media, ports, strict=True):
             arbiters.append(_spawn_arbiter(medium.name, f"127.0.0.1:{port}", state_dir))
-            write_state(state_dir, started, cpu_groups, arbiters)
+            write_state(state_dir, started, cpu_groups, arbiters=arbiters)
         for arbiter in arbiters:
             _wait_arbiter(arbiter)
         media = {arbiter.name: arbiter.address for arbiter in arbiters}
         for spec in cluster.nodes:
-            started.append(_spawn(cluster, spec.name, state_dir, cpu_groups, media))
-            write_state(state_dir, started, cpu_groups, arbiters)
+            started.append(_spawn(cluster, spec.name, state_dir, cpu_groups, namespaces, media))
+            write_state(state_dir, started, cpu_groups)
         for node in started:
             _wait_ready(node, security)
     except BaseException:
-        stop_cluster(state_dir, started, cpu_groups)
+        stop_cluster(state_dir, started, cpu_groups, namespaces)
         raise
     return started
 
@@ -186,11 +204,13 @@ def _check_none_up(state_dir: Path) -> None:
 
 def _spawn(
     cluster: ClusterSpec, name: str, state_dir: Path, cpu_groups: CpuGroups | None,
+    namespaces: Namespaces | None,
     media: Mapping[str, str],
 ) -> LocalNode:
     """Start node ``name`` of ``cluster`` (with its credentials if the cluster has them), in
-    its CPU group if there are ``cpu_groups`` (the quota, not the worker, then slows it),
-    told the address of each medium's arbiter (``media``)."""
+    its CPU group if there are ``cpu_groups`` (the quota, not the worker, then slows it) and
+    in its namespace if there are ``namespaces`` (the kernel, not the worker, then limits
+    its links' bandwidth), told the address of each medium's arbiter (``media``)."""
     spec = cluster.node(name)
     address, speed, threads = spec.address, spec.speed or 1.0, spec.threads or 1
     extra_args = node_arguments(cluster.security, name) if cluster.security else []
@@ -198,13 +218,18 @@ def _spawn(
     command = [
         sys.executable, *_node_arguments(name, address),
         "--speed-factor", str(1.0 if cpu_groups else speed), "--threads", str(threads),
-        *extra_args, *(f"--medium={medium}={address}" for medium, address in media.items()),
+        *(["--links-shaped"] if namespaces else []), *extra_args,
+        *(f"--medium={medium}={address}" for medium, address in media.items()),
     ]
     with log_path.open("ab") as log_file:
-        process = subprocess.Popen(
-            command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,  # outlives `coordinator up`; Ctrl-C there does not reach it
-        )
+        def start() -> subprocess.Popen[bytes]:
+            # A new session: it outlives `coordinator up`, and Ctrl-C there does not reach it.
+            return subprocess.Popen(
+                command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+
+        process = namespaces.run_inside(name, start) if namespaces else start()
     node = LocalNode(name, address, process.pid, str(log_path))
     log.info("started %s on %s (pid %d)", name, address, process.pid)
     if cpu_groups is not None:
@@ -285,29 +310,35 @@ def _process(node: LocalNode) -> psutil.Process | None:
     return process if arguments == expected else None
 
 
-def write_state(state_dir: Path, nodes: list[LocalNode], cpu_groups: CpuGroups | None,
-                arbiters: list[LocalNode] | None = None) -> None:
-    """Record the cluster's processes; ``arbiters`` of ``None`` keeps those recorded."""
-    if arbiters is None:
-        arbiters = _read_record(state_dir).arbiters
+def write_state(
+    state_dir: Path, nodes: list[LocalNode], cpu_groups: CpuGroups | None, *,
+    arbiters: list[LocalNode] | None = None, namespaces: Namespaces | None = None,
+) -> None:
+    """Record the cluster's processes; ``arbiters`` or ``namespaces`` of ``None`` keep
+    those recorded."""
+    recorded = _read_record(state_dir)
+    arbiters = recorded.arbiters if arbiters is None else arbiters
+    namespaces = recorded.namespaces if namespaces is None else namespaces
     record = {"nodes": [asdict(n) for n in nodes],
               "cpu_groups": cpu_groups.to_dict() if cpu_groups else None,
-              "arbiters": [asdict(a) for a in arbiters]}
+              "arbiters": [asdict(a) for a in arbiters],
+              "namespaces": namespaces.to_dict() if namespaces else None}
     (state_dir / STATE_FILE).write_text(json.dumps(record, indent=1))
 
 
 def _read_record(state_dir: Path) -> _Record:
-    """Every process and the CPU groups ``up`` recorded (running or not)."""
+    """Every process, the CPU groups and the namespaces ``up`` recorded (running or not)."""
     path = state_dir / STATE_FILE
     if not path.is_file():
-        return _Record([], None, [])
+        return _Record([], None, [], None)
     try:
         record = json.loads(path.read_text())
         nodes = [LocalNode(**entry) for entry in record["nodes"]]
         arbiters = [LocalNode(**entry) for entry in record.get("arbiters", [])]
-        groups = record["cpu_groups"]
+        groups, namespaces = record["cpu_groups"], record.get("namespaces")
         return _Record(nodes, CpuGroups.from_dict(groups) if groups is not None else None,
-                       arbiters)
+                       arbiters,
+                       Namespaces.from_dict(namespaces) if namespaces is not None else None)
     except (ValueError, TypeError, KeyError) as err:
         raise LocalClusterError(
             f"{path} is damaged ({err!r}); delete it and stop nodes by hand"
@@ -330,15 +361,38 @@ def read_cpu_groups(state_dir: Path) -> CpuGroups | None:
     return _read_record(state_dir).cpu_groups
 
 
-def stop_cluster(state_dir: Path, nodes: list[LocalNode], cpu_groups: CpuGroups | None) -> None:
-    """Stop ``nodes`` and then the media's recorded arbiters, remove ``cpu_groups`` once
-    they are empty, and clear the state (kept if a group could not be removed, so ``down``
-    can try again)."""
+def read_namespaces(state_dir: Path) -> Namespaces | None:
+    """The network namespaces of the cluster ``up`` started with kernel isolation, else
+    ``None``."""
+    return _read_record(state_dir).namespaces
+
+
+def stop_cluster(
+    state_dir: Path, nodes: list[LocalNode], cpu_groups: CpuGroups | None,
+    namespaces: Namespaces | None = None,
+) -> None:
+    """Stop ``nodes`` and then the media's recorded arbiters, remove ``namespaces`` and
+    ``cpu_groups`` once they are empty, and clear the state (kept if one could not be
+    removed, so ``down`` can try again)."""
     stop_nodes(nodes)
     stop_nodes(_read_record(state_dir).arbiters)
-    if cpu_groups is not None:
-        cpu_groups.remove()
+    try:
+        if namespaces is not None:
+            namespaces.remove()
+    finally:
+        if cpu_groups is not None:
+            cpu_groups.remove()
     clear_state(state_dir)
+
+
+def stop_recorded(state_dir: Path) -> tuple[int, int]:
+    """Stop the cluster ``state_dir`` records (what ``down`` does): its nodes and arbiters
+    that still run, its CPU groups and its namespaces. How many nodes and arbiters ran."""
+    record = _read_record(state_dir)
+    running = [n for n in record.nodes if _process(n) is not None]
+    arbiters = len(read_arbiters(state_dir))
+    stop_cluster(state_dir, running, record.cpu_groups, record.namespaces)
+    return len(running), arbiters
 
 
 def clear_state(state_dir: Path) -> None:
@@ -352,7 +406,9 @@ class LocalCluster:
 
     With ``secure``, the workers run with fresh certificates and a token, and
     :attr:`cluster` carries the ``security`` block to plan and connect with. With
-    :attr:`Isolation.KERNEL`, :attr:`cpu_groups` are the workers' CPU groups.
+    :attr:`Isolation.KERNEL`, :attr:`cpu_groups` are the workers' CPU groups,
+    :attr:`namespaces` their network namespaces, and :attr:`cluster` gives each node its
+    home address.
     """
 
     def __init__(self, cluster: ClusterSpec, state_dir: Path, *, secure: bool = False,
@@ -363,18 +419,22 @@ class LocalCluster:
         self.isolation = isolation
         self.nodes: list[LocalNode] = []
         self.cpu_groups: CpuGroups | None = None
+        self.namespaces: Namespaces | None = None
 
     def __enter__(self) -> LocalCluster:
         if self.secure:
             self.cluster = with_fresh_certs(self.cluster, self.state_dir)
         self.nodes = start_cluster(self.cluster, self.state_dir, self.isolation)
         self.cpu_groups = read_cpu_groups(self.state_dir)
+        self.namespaces = read_namespaces(self.state_dir)
+        if self.namespaces is not None:
+            self.cluster = self.namespaces.at_home(self.cluster)
         if self.cpu_groups is not None and (line := self.cpu_groups.stretch_line()):
             log.warning("%s", line)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        stop_cluster(self.state_dir, self.nodes, self.cpu_groups)
+        stop_cluster(self.state_dir, self.nodes, self.cpu_groups, self.namespaces)
 
     def restart(self, name: str) -> LocalNode:
         """Start node ``name`` again (same address and speed); wait until it answers.
@@ -384,8 +444,26 @@ class LocalCluster:
         """
         stop_nodes([n for n in self.nodes if n.name == name])
         media = {a.name: a.address for a in _read_record(self.state_dir).arbiters}
-        node = _spawn(self.cluster, name, self.state_dir, self.cpu_groups, media)
+        node = _spawn(self.cluster, name, self.state_dir, self.cpu_groups, self.namespaces,
+                      media)
         self.nodes = [node if n.name == name else n for n in self.nodes]
         write_state(self.state_dir, self.nodes, self.cpu_groups)
         _wait_ready(node, client_security(self.cluster.security))
         return node
+
+    def cut(self, name: str) -> None:
+        """Cut node ``name`` off the network: its process keeps running, but every link of
+        its namespace is down (needs :attr:`Isolation.KERNEL`)."""
+        self._network().cut(name)
+
+    def heal(self, name: str) -> None:
+        """Reconnect node ``name`` after :meth:`cut`."""
+        self._network().heal(name)
+
+    def _network(self) -> Namespaces:
+        if self.namespaces is None:
+            raise LocalClusterError(
+                "only a cluster started with isolation=Isolation.KERNEL has links to cut; "
+                "start it with that"
+            )
+        return self.namespaces

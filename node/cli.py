@@ -50,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
         help="the arbiter of a shared medium this node's emulated links may cross "
              "(repeatable; `coordinator up` passes them)",
     )
+    parser.add_argument(
+        "--links-shaped",
+        action="store_true",
+        help="the network already limits each link's bandwidth (a simulated cluster with "
+        "--isolation kernel): emulate only links' latency",
+    )
     _add_limits(parser.add_argument_group("limits on what callers may send"))
     _add_security(parser.add_argument_group("security (see README, Security)"))
     parser.add_argument(
@@ -130,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
             threads=args.threads,
             device=args.device,
             speed_factor=args.speed_factor,
+            links_shaped=args.links_shaped,
             upload_stall_s=args.upload_stall_s,
             results_stall_s=args.results_stall_s,
             max_stage_bytes=args.max_stage_bytes,

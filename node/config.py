@@ -48,6 +48,8 @@ class NodeConfig:
 
     ``speed_factor`` emulates a slower device: each stage's compute is stretched to take
     ``1 / speed_factor`` times as long (0.5 = half as fast), by sleeping, not by burning CPU.
+    With ``links_shaped`` the network limits each link's bandwidth, and the node emulates
+    only the latency of the links it is wired with.
     ``threads`` of ``None`` keeps torch's default thread count. ``max_stage_bytes`` bounds
     a stage artifact or model file sent to the node, ``upload_stall_s`` how long an upload
     may go without a chunk, and ``results_stall_s`` how long a full results buffer may go
@@ -61,6 +63,7 @@ class NodeConfig:
     threads: int | None = None
     device: Device = field(default_factory=best_device)
     speed_factor: float = 1.0
+    links_shaped: bool = False
     max_message_bytes: int = MAX_MESSAGE_BYTES
     max_stage_bytes: int = field(default_factory=default_max_stage_bytes)
     upload_stall_s: float = UPLOAD_STALL_S

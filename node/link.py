@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 
@@ -47,6 +47,10 @@ class LinkEmulation:
         """How long a frame of ``nbytes`` keeps the link busy (its latency does not), as
         the cost model prices a boundary's transfer."""
         return nbytes / self.bytes_per_s if self.bytes_per_s > 0 else 0.0
+
+    def latency_only(self) -> LinkEmulation:
+        """This link without its bandwidth: for a link the network itself limits."""
+        return replace(self, bytes_per_s=0.0)
 
 
 @dataclass(frozen=True)

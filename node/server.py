@@ -11,6 +11,7 @@ import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import replace
 from typing import NoReturn
 
 import grpc
@@ -23,7 +24,7 @@ from node.config import NodeConfig
 from node.data_path import add_servicer
 from node.errors import FrameError, FrameSpecError, LimitError, ListenError, ProbeError
 from node.health import NodeHealth
-from node.link import MediumUse
+from node.link import LinkEmulation, MediumUse
 from node.loading import receive_artifact
 from node.messages import FailureCode, Hop, NodeInfo, encoding_from_proto, link_from_proto
 from node.next_hop import NextHop
@@ -153,6 +154,11 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
             stage=stage.info.to_proto(), load_seconds=time.perf_counter() - started
         )
 
+    def _emulated(self, link: pb.LinkEmulation) -> LinkEmulation:
+        """What this node emulates of ``link``: its latency only, if the network shapes it."""
+        emulation = link_from_proto(link)
+        return emulation.latency_only() if self._config.links_shaped else emulation
+
     async def Wire(
         self, request: pb.WireRequest, context: grpc.aio.ServicerContext
     ) -> pb.WireReply:
@@ -164,8 +170,9 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
                 f"Wire names unknown outbound encoding {request.outbound_encoding}; upgrade "
                 "this node to the coordinator's version",
             )
-        hops = [Hop.from_proto(hop) for hop in request.next_hops]
-        outbound, inbound = link_from_proto(request.outbound), link_from_proto(request.inbound)
+        hops = [replace(Hop.from_proto(hop), link=self._emulated(hop.link))
+                for hop in request.next_hops]
+        outbound, inbound = self._emulated(request.outbound), self._emulated(request.inbound)
         crossed = [*outbound.media, *inbound.media, *(m for hop in hops for m in hop.link.media)]
         if problem := media_problem(crossed, self._config.media):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
@@ -304,7 +311,7 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
         try:
             measured = await self._prober.probe(
                 request.target_address, request.target_node or None, options,
-                link_from_proto(request.outbound), link_from_proto(request.inbound),
+                self._emulated(request.outbound), self._emulated(request.inbound),
             )
         except LimitError as err:
             await _refuse(context, "a Probe call", err)

@@ -8,8 +8,12 @@ removed when the test ends, pass or fail.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,10 +39,13 @@ from coordinator.local_cluster import (
     read_cpu_groups,
     read_state,
     start_cluster,
+    stop_recorded,
 )
+from coordinator.netns import Namespaces
 from coordinator.ports import free_ports
 from node.client import GrpcWorkerHandle
 from partition.cluster import ClusterSpec, load_cluster, parse_cluster
+from partition.errors import EdgesplitError
 
 
 def _unavailable() -> str | None:
@@ -58,14 +65,18 @@ def our_groups() -> list[Path]:
 
 
 @pytest.fixture(autouse=True)
-def made_groups() -> Iterator[list[Path]]:
+def made_groups(tmp_path: Path) -> Iterator[list[Path]]:
     """Groups a test made in another process (``coordinator up``) go in this list. When the
-    test ends, whatever still runs in them and in this process's groups is killed and the
-    groups are removed."""
+    test ends, the cluster ``tmp_path/state`` records is stopped (as by ``down``), whatever
+    still runs in the listed groups and in this process's groups is killed and the groups
+    are removed."""
     made: list[Path] = []
     try:
         yield made
     finally:
+        # a damaged record, or a group still busy: the groups are still removed below
+        with contextlib.suppress(EdgesplitError):
+            stop_recorded(tmp_path / "state")
         for path in [*made, *our_groups()]:
             pids = [int(pid) for procs in path.glob("*/cgroup.procs")
                     for pid in procs.read_text().split()]
@@ -140,7 +151,7 @@ def test_up_stretches_speeds_to_fit_the_host_and_down_removes_the_groups(
         (name, f"127.0.0.1:{port}", "1GiB") for name, port in zip(("a", "b"), ports, strict=True)
     ])
     nodes.write_text(nodes.read_text().replace("memory: 1GiB}", "memory: 1GiB, threads: 2}"))
-    out = ok(coordinator(cli_env, "up", "--isolation", "kernel", nodes))
+    out = " ".join(ok(coordinator(cli_env, "up", "--isolation", "kernel", nodes)).split())
     state = tmp_path / "state"
     groups = read_cpu_groups(state)
     assert groups is not None
@@ -162,14 +173,47 @@ def test_up_stretches_speeds_to_fit_the_host_and_down_removes_the_groups(
     assert read_state(state) == [] and read_cpu_groups(state) is None
 
 
-def test_a_start_that_fails_halfway_leaves_no_group(tmp_path: Path) -> None:
-    free, taken = free_ports(2)
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", taken))
-        holder.listen()
-        cluster = two_nodes({"first": 0.5, "second": 0.5}, [free, taken])
+def test_a_start_that_fails_halfway_leaves_no_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster = two_nodes({"first": 0.5, "second": 0.5}, free_ports(2))
+    built = Namespaces.build
+    made: list[Namespaces] = []
+    holders: list[socket.socket] = []
+
+    def build_and_take_seconds_port(self: Namespaces, cluster: ClusterSpec) -> None:
+        built(self, cluster)
+        made.append(self)
+        host, port = self.at_home(cluster).node("second").address.rsplit(":", 1)
+        # a socket belongs to the namespace it is made in
+        holders.append(self.run_inside("second", lambda: socket.create_server((host, int(port)))))
+
+    monkeypatch.setattr(Namespaces, "build", build_and_take_seconds_port)
+    try:
         with pytest.raises(LocalClusterError, match="'second' exited at start"):
             start_cluster(cluster, tmp_path / "state", Isolation.KERNEL)
+    finally:
+        for holder in holders:
+            holder.close()
     assert our_groups() == []
-    assert edge_nodes_listening_on({f"127.0.0.1:{free}"}) == []
+    (namespaces,) = made
+    first = namespaces.at_home(cluster).node("first").address
+    assert edge_nodes_listening_on({first}) == []
     assert read_state(tmp_path / "state") == []
+
+
+def test_removing_the_groups_kills_what_a_worker_left_in_them() -> None:
+    """A worker's child (ldconfig, run as a worker imports its libraries) can outlive it in
+    its group; removal must not wait for it."""
+    groups = CpuGroups.create(0.5, host_cores())
+    leftover = subprocess.Popen(["sleep", "60"])
+    try:
+        groups.place("node", leftover.pid, speed=0.5, threads=1)
+        started = time.monotonic()
+        groups.remove(timeout_s=5.0)
+        assert time.monotonic() - started < 2.0
+        assert leftover.wait(timeout=5) == -signal.SIGKILL
+        assert not groups.path.exists()
+    finally:
+        leftover.kill()
+        leftover.wait()
