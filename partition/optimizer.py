@@ -13,6 +13,11 @@ visited in increasing bit-mask order (adding a node makes the mask larger, so th
 topological order), and each set's stage edges are relaxed at once with numpy. States whose
 cost plus a lower bound on the layers left is no better than the best plan so far are pruned.
 
+A stage may run on several nodes at once (a replica group, requests dealt in proportion to
+the members' speeds): for throughput, the exact search also offers every group the work budget
+allows as a virtual node that takes all its members (:mod:`partition.replication`). Latency
+does not: a replicated stage's expected latency is never below its best member's alone.
+
 With compression offered (:class:`~partition.costs.Compression`), the encoding at each cut,
 the weight format of each stage and the error spent are coordinates of the same states; the
 search is unchanged and :mod:`partition.choice_tables` builds its larger tables.
@@ -22,8 +27,9 @@ fastest nodes the budget allows, and the whole cluster in a few fixed orders), a
 plan is the warm start of a mixed-integer program over the same tables (:mod:`partition.milp`,
 compression included) that HiGHS solves within :class:`~partition.milp.SolverLimits`. The
 result says ``exact=False`` unless the solver proved the plan optimal, and carries the
-solver's proven lower bound. "No plan fits" is said only when proven: by the exhaustive
-search, or by the solver's proof that its program has no solution.
+solver's proven lower bound. Neither that path nor compression replicates stages
+(:attr:`OptimizeResult.unreplicated` says so). "No plan fits" is said only when proven: by
+the exhaustive search, or by the solver's proof that its program has no solution.
 """
 
 from __future__ import annotations
@@ -42,6 +48,13 @@ from partition.errors import NoFeasiblePlanError, PlanningError
 from partition.milp import DEFAULT_LIMITS, SolverLimits, StateGraph, solve
 from partition.plan import Objective
 from partition.relaxation import relax
+from partition.replication import (
+    GroupTables,
+    group_tables,
+    group_work,
+    replica_groups,
+    replica_shares,
+)
 from partition.units import format_bytes
 
 EXACT_WORK_LIMIT = 4e8
@@ -56,11 +69,20 @@ EXACT_TOLERANCE = 1e-9
 
 @dataclass(frozen=True)
 class Span:
-    """Layers ``[start, end)`` run on node index ``node``."""
+    """Layers ``[start, end)`` run on node index ``node``; a replicated stage runs on every
+    node of ``replicas`` (``node`` first; defaults to ``node`` alone), each taking its
+    :func:`~partition.replication.replica_shares` of the requests."""
 
     node: int
     start: int
     end: int
+    replicas: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.replicas:
+            object.__setattr__(self, "replicas", (self.node,))
+        if self.replicas[0] != self.node:
+            raise ValueError(f"{self} must list its node first among its replicas")
 
 
 @dataclass(frozen=True)
@@ -72,6 +94,10 @@ class Schedule:
     the sink. A link's transfer time is how long it is busy with a request (its bytes over
     the bandwidth, with the source's encoding and the sink's decoding); its delay, the
     latency, adds to the request's latency only (0 where no link is used).
+    With replicated stages, ``stage_seconds`` is a stage's busiest replica's time per request
+    (its share of the requests times its compute), ``transfer_seconds`` a hop's busiest link
+    (one per sender and receiver pair, carrying the product of their shares), and
+    ``delay_seconds`` and ``latency_s`` are expected over the dealing.
     ``encodings`` and ``formats`` are option indices (0: raw, full precision) into the cost
     model's :class:`~partition.choice_tables.Options`; ``error_bound`` is the sum of the
     errors the chosen options cause alone.
@@ -98,12 +124,14 @@ class Schedule:
 class OptimizeResult:
     """The best schedule found; ``lower_bound_s`` bounds the objective's optimum from below
     (it equals the schedule's latency or bottleneck when ``exact``); ``solver``: found by
-    HiGHS past the exhaustive search's limit."""
+    HiGHS past the exhaustive search's limit; ``unreplicated``: see the attribute."""
 
     schedule: Schedule
     exact: bool
     lower_bound_s: float
     solver: bool = False
+    unreplicated: str = ""
+    """Why replicated stages were not considered though asked for (one clause), or ``""``."""
 
 
 def evaluate(
@@ -117,7 +145,9 @@ def evaluate(
 
     A stage's time includes decoding what it receives and encoding what it sends; the
     source's encoding and the sink's decoding count with their links. The bottleneck is the
-    busiest stage or link; the latency adds every stage, transfer and link latency.
+    busiest stage or link; the latency adds every stage, transfer and link latency. A
+    replicated stage is priced as :class:`Schedule` says: busy times per replica and per
+    replica pair's link, the latency expected over the dealing.
 
     Raises
     ------
@@ -128,36 +158,41 @@ def evaluate(
     spans = tuple(spans)
     _check_spans(cost, spans)
     opts = Options.of(cost)
-    hops = [cost.source, *(s.node for s in spans), cost.sink]
+    ends = [(cost.source,), *(s.replicas for s in spans), (cost.sink,)]
+    shares = [replica_shares(cost, nodes) for nodes in ends]
     boundaries = [0, *(s.end for s in spans)]
-    codes = tuple(encodings) if encodings is not None else (0,) * len(hops[1:])
+    codes = tuple(encodings) if encodings is not None else (0,) * len(ends[1:])
     kinds = tuple(formats) if formats is not None else (0,) * len(spans)
-    _check_choices(opts, hops, codes, kinds)
-    stage = tuple(
-        float(opts.layer_seconds[w, s.node, s.start:s.end].sum())
-        + float(opts.decode_s[s.start, codes[k]]) + float(opts.encode_s[s.end, codes[k + 1]])
-        for k, (s, w) in enumerate(zip(spans, kinds, strict=True))
-    )
-    transfer = tuple(
-        _transfer_seconds(cost, opts, b, src, dst, e)
-        for b, (src, dst), e in zip(boundaries, pairwise(hops), codes, strict=True)
-    )
-    delay = tuple(0.0 if src == dst else float(cost.link_latency_s[src, dst])
-                  for src, dst in pairwise(hops))
+    _check_choices(opts, ends, codes, kinds)
+    stage, mean_stage = [], []
+    for k, (s, w) in enumerate(zip(spans, kinds, strict=True)):
+        codec = float(opts.decode_s[s.start, codes[k]]) + float(opts.encode_s[s.end, codes[k + 1]])
+        each = [float(opts.layer_seconds[w, d, s.start:s.end].sum()) + codec for d in s.replicas]
+        stage.append(max(p * t for p, t in zip(shares[k + 1], each, strict=True)))
+        mean_stage.append(sum(p * t for p, t in zip(shares[k + 1], each, strict=True)))
+    transfer, mean_transfer, delay = [], [], []
+    for k, (b, e) in enumerate(zip(boundaries, codes, strict=True)):
+        pairs = [(p * q, _transfer_seconds(cost, opts, b, src, dst, e),
+                  0.0 if src == dst else float(cost.link_latency_s[src, dst]))
+                 for src, p in zip(ends[k], shares[k], strict=True)
+                 for dst, q in zip(ends[k + 1], shares[k + 1], strict=True)]
+        transfer.append(max(w * t for w, t, _ in pairs))
+        mean_transfer.append(sum(w * t for w, t, _ in pairs))
+        delay.append(sum(w * t for w, _, t in pairs))
     stage_error = opts.stage_error()
     error = sum(float(opts.link_error[b, e]) for b, (src, dst), e in
-                zip(boundaries, pairwise(hops), codes, strict=True) if src != dst)
+                zip(boundaries, pairwise(ends), codes, strict=True) if src != dst)
     error += sum(float(stage_error[w, s.start, s.end]) for s, w in zip(spans, kinds, strict=True))
     return Schedule(
         spans=spans,
-        latency_s=sum(stage) + sum(transfer) + sum(delay),
+        latency_s=sum(mean_stage) + sum(mean_transfer) + sum(delay),
         bottleneck_s=max(stage + transfer),
-        stage_seconds=stage,
-        transfer_seconds=transfer,
-        delay_seconds=delay,
-        fits=all(np.floor(opts.stage_memory[w, s.node, s.start, s.end])
-                 <= int(cost.node_memory_bytes[s.node])
-                 for s, w in zip(spans, kinds, strict=True)),
+        stage_seconds=tuple(stage),
+        transfer_seconds=tuple(transfer),
+        delay_seconds=tuple(delay),
+        fits=all(np.floor(opts.stage_memory[w, d, s.start, s.end])
+                 <= int(cost.node_memory_bytes[d])
+                 for s, w in zip(spans, kinds, strict=True) for d in s.replicas),
         encodings=codes,
         formats=kinds,
         error_bound=error,
@@ -180,14 +215,17 @@ def _transfer_seconds(
     return seconds
 
 
-def optimize(cost: CostModel, objective: Objective,
-             limits: SolverLimits = DEFAULT_LIMITS) -> OptimizeResult:
+def optimize(cost: CostModel, objective: Objective, limits: SolverLimits = DEFAULT_LIMITS,
+             replicate: bool = True) -> OptimizeResult:
     """The best plan for ``objective`` that fits every node's memory.
 
     Latency is minimized exactly; throughput maximized (bottleneck minimized) with ties
     broken by latency. Exhaustive while ``N · 2^(N-1) · (L+1)²`` is within
     :data:`EXACT_WORK_LIMIT`, else HiGHS's best within ``limits`` and its proven lower bound
-    (``exact`` only when that bound meets the plan).
+    (``exact`` only when that bound meets the plan). With ``replicate``, the exhaustive
+    search for throughput may run a stage on a group of nodes, groups as large as the same
+    budget allows (:func:`~partition.replication.replica_groups`); ``exact`` then means
+    optimal over those groups.
 
     Raises
     ------
@@ -203,13 +241,18 @@ def optimize(cost: CostModel, objective: Objective,
                             f"({MAX_NODES}); plan over a subset of them")
     tables = _Tables.build(cost)
     states = tables.stage.shape[1]
-    if _work(cost.num_nodes, states - 1) <= EXACT_WORK_LIMIT:
-        path = _best(cost, tables, objective, _Space.any_order(cost.num_nodes))
+    exhaustive = _work(cost.num_nodes, states - 1) <= EXACT_WORK_LIMIT
+    wanted = replicate and objective is Objective.THROUGHPUT and cost.num_nodes > 1
+    unreplicated = _unreplicated(cost, exhaustive) if wanted else ""
+    if exhaustive:
+        groups = replica_groups(cost, EXACT_WORK_LIMIT) if wanted and not unreplicated else []
+        searched = tables.replicated(cost, groups) if groups else tables
+        path = _best(cost, searched, objective, searched.space())
         if path is None:
             raise NoFeasiblePlanError(
                 _shortfall_message(cost, [_Space.any_order(cost.num_nodes)], None))
-        best = tables.priced(cost, path)
-        return OptimizeResult(best, True, objective.key(best)[0])
+        best = searched.priced(cost, path)
+        return OptimizeResult(best, True, objective.key(best)[0], unreplicated=unreplicated)
     spaces = _restricted_spaces(cost, states)
     warm = min((p for p in (_best(cost, tables, objective, sp) for sp in spaces) if p),
                key=lambda p: objective.key(tables.priced(cost, p)), default=None)
@@ -222,7 +265,19 @@ def optimize(cost: CostModel, objective: Objective,
                key=objective.key)
     answer = objective.key(best)[0]
     bound = min(answer, max(solved.lower_bound_s, _lower_bound(cost, tables, objective)))
-    return OptimizeResult(best, bound >= answer * (1 - EXACT_TOLERANCE), bound, solver=True)
+    return OptimizeResult(best, bound >= answer * (1 - EXACT_TOLERANCE), bound, solver=True,
+                          unreplicated=unreplicated)
+
+
+def _unreplicated(cost: CostModel, exhaustive: bool) -> str:
+    """Why the search for throughput cannot replicate stages here, or ``""``."""
+    if cost.compression is not None:
+        return "compression is chosen with the stages"
+    if not exhaustive:
+        return "the cluster and model are past the exact search's limit"
+    if group_work(cost.num_nodes, cost.num_layers, 2) > EXACT_WORK_LIMIT:
+        return "even pairs of nodes exceed the exact search's budget"
+    return ""
 
 
 def _raw_path(path: tuple[Span, ...] | None) -> tuple[tuple[int, int, int], ...] | None:
@@ -246,17 +301,18 @@ def _check_spans(cost: CostModel, spans: tuple[Span, ...]) -> None:
     for span in spans:
         if span.start != position or span.end <= span.start:
             raise ValueError(f"{span} does not continue the layers at {position}")
-        if not 0 <= span.node < cost.num_nodes:
+        if not all(0 <= d < cost.num_nodes for d in span.replicas):
             raise ValueError(f"{span} names no node (there are {cost.num_nodes})")
         position = span.end
     if position != cost.num_layers:
         raise ValueError(f"the stages end at layer {position}, not {cost.num_layers}")
-    if len({s.node for s in spans}) != len(spans):
-        raise ValueError("a node holds more than one stage")
+    used = [d for s in spans for d in s.replicas]
+    if len(set(used)) != len(used):
+        raise ValueError("a node holds more than one stage or replica")
 
 
 def _check_choices(
-    opts: Options, hops: list[int], encodings: tuple[int, ...], formats: tuple[int, ...]
+    opts: Options, hops: list[tuple[int, ...]], encodings: tuple[int, ...], formats: tuple[int, ...]
 ) -> None:
     if len(encodings) != len(hops) - 1 or len(formats) != len(hops) - 2:
         raise ValueError("give one encoding per link and one weight format per stage")
@@ -274,7 +330,9 @@ class _Tables:
     and ``hop[b, a, c]``, the time a hop keeps its link busy, plus ``delay[a, c]``, the
     latency a hop adds on top of that to a request's latency (see :meth:`with_delays`), and
     each layer's fastest time for pruning. With compression the indices are state indices
-    (see ``index``) and ``stage_format`` holds each stage edge's weight format."""
+    (see ``index``) and ``stage_format`` holds each stage edge's weight format. With
+    replica groups (:meth:`replicated`) the node indices are virtual nodes (``members``) and
+    a request's latency has its own stage and hop costs, ``mean_stage`` and ``mean_hop``."""
 
     stage: np.ndarray
     hop: np.ndarray
@@ -282,6 +340,9 @@ class _Tables:
     layer_floor: np.ndarray
     index: StateIndex
     stage_format: np.ndarray | None = None
+    members: tuple[tuple[int, ...], ...] | None = None
+    mean_stage: np.ndarray | None = None
+    mean_hop: np.ndarray | None = None
 
     @classmethod
     def build(cls, cost: CostModel) -> _Tables:
@@ -304,20 +365,44 @@ class _Tables:
         hop[:, np.arange(n), np.arange(n)] = 0.0
         return cls(stage, hop, delay, seconds.min(axis=0), StateIndex.plain(layers))
 
+    def replicated(self, cost: CostModel, groups: list[tuple[int, ...]]) -> _Tables:
+        """The same graph with each of ``groups`` as one more node (plain tables only)."""
+        made: GroupTables = group_tables(cost, self.stage, self.hop, self.delay, groups)
+        return replace(self, stage=made.stage, hop=made.hop, delay=made.mean_delay,
+                       layer_floor=made.layer_floor, members=made.members,
+                       mean_stage=made.mean_stage, mean_hop=made.mean_hop)
+
+    def space(self) -> _Space:
+        """The exhaustive space over these tables' nodes (virtual ones included)."""
+        if self.members is None:
+            return _Space.any_order(self.stage.shape[0])
+        bits = np.array([sum(1 << d for d in g) for g in self.members], dtype=np.int64)
+        return _Space(bits, 0, bits)
+
     def capped(self, limit: float) -> _Tables:
         """The same graph without any stage or hop busier than ``limit``."""
-        return replace(self, stage=np.where(self.stage <= limit, self.stage, np.inf),
-                       hop=np.where(self.hop <= limit, self.hop, np.inf))
+        stage, hop = self.stage <= limit, self.hop <= limit
+        return replace(
+            self, stage=np.where(stage, self.stage, np.inf), hop=np.where(hop, self.hop, np.inf),
+            mean_stage=None if self.mean_stage is None else np.where(stage, self.mean_stage,
+                                                                     np.inf),
+            mean_hop=None if self.mean_hop is None else np.where(hop, self.mean_hop, np.inf),
+        )
 
     def with_delays(self) -> _Tables:
-        """The same graph with each hop also costing its latency: edge costs whose sum along
-        a path is a request's latency."""
-        return replace(self, hop=self.hop + self.delay[None], delay=np.zeros_like(self.delay))
+        """The same graph with a request's latency as edge costs (for replica groups the
+        expected ones): each hop also costs its latency."""
+        stage = self.stage if self.mean_stage is None else self.mean_stage
+        hop = self.hop if self.mean_hop is None else self.mean_hop
+        return replace(self, stage=stage, hop=hop + self.delay[None],
+                       delay=np.zeros_like(self.delay), mean_stage=None, mean_hop=None)
 
     def priced(self, cost: CostModel, path: tuple[Span, ...]) -> Schedule:
         """Price a path of :func:`_search`, whose spans run between state indices."""
         layer, code = self.index.layer_of, self.index.encoding_of
-        spans = [Span(s.node, int(layer[s.start]), int(layer[s.end])) for s in path]
+        groups = self.members or tuple((d,) for d in range(self.stage.shape[0]))
+        spans = [Span(groups[s.node][0], int(layer[s.start]), int(layer[s.end]),
+                      groups[s.node]) for s in path]
         encodings = [*(int(code[s.start]) for s in path), int(code[path[-1].end])]
         formats = None if self.stage_format is None else [
             int(self.stage_format[s.node, s.start, s.end]) for s in path
@@ -326,16 +411,19 @@ class _Tables:
 
 
 class _Space(NamedTuple):
-    """Which node sets a search may visit: moving to node ``d`` from set ``S`` leads to
-    ``S | closure[d]``; the ``retired`` nodes are never used."""
+    """Which node sets a search may visit: search node ``d`` stands for the nodes ``bits[d]``
+    (itself, or a replica group's members) and may be used from a set ``S`` without them,
+    leading to ``S | closure[d]``; the ``retired`` nodes are never used."""
 
     closure: np.ndarray
     retired: int
+    bits: np.ndarray
 
     @classmethod
     def any_order(cls, nodes: int, retired: int = 0) -> _Space:
         """The exhaustive space: using node ``d`` adds only ``d``."""
-        return cls(1 << np.arange(nodes, dtype=np.int64), retired)
+        bits = 1 << np.arange(nodes, dtype=np.int64)
+        return cls(bits, retired, bits)
 
     @classmethod
     def in_order(cls, order: Sequence[int]) -> _Space:
@@ -343,7 +431,7 @@ class _Space(NamedTuple):
         closure = np.zeros(len(order), dtype=np.int64)
         for position, node in enumerate(order):
             closure[node] = sum(1 << int(d) for d in order[: position + 1])
-        return cls(closure, 0)
+        return cls(closure, 0, 1 << np.arange(len(order), dtype=np.int64))
 
 
 def _best(
@@ -377,9 +465,9 @@ def _search(
     pending: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     trail: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     best = (np.inf, -1, -1, -1)
-    closure = space.closure
+    closure, bits = space.closure, space.bits
     for d in range(n):
-        if space.retired >> d & 1:
+        if space.retired & int(bits[d]):
             continue
         arrivals = _no_arrivals(n, layers)
         arrivals[0][d, index.starts] = hop[index.starts, source, d]
@@ -399,7 +487,7 @@ def _search(
         k, e = np.unravel_index(int(finish.argmin()), finish.shape)
         if finish[k, e] < best[0]:
             best = (float(finish[k, e]), mask, int(nodes[k]), int(index.ends[e]))
-        free = [d for d in range(n) if not mask >> d & 1]
+        free = [d for d in range(n) if not mask & int(bits[d])]
         if not free:
             continue
         # Hop edges to every unused node: moved[k, m, j] over last node k and next node m.

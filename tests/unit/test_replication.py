@@ -1,0 +1,156 @@
+"""Replicated stages: the optimizer against a brute force over replica sets, the pricing by
+hand, and a planner-made replicated plan through plan.json."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from test_optimizer import RELATIVE, random_cost, tiny_cost
+
+from partition import optimizer
+from partition.costs import CostModel
+from partition.errors import NoFeasiblePlanError
+from partition.optimizer import Span, evaluate, optimize
+from partition.plan import Objective
+from partition.replication import group_work, replica_groups
+
+
+def brute_force_replicated(cost: CostModel) -> list[tuple[float, float]]:
+    """(expected latency, bottleneck) of every plan that fits, each stage on a non-empty set
+    of nodes no other stage uses, requests dealt in proportion to 1 / each node's whole-model
+    time; priced from scratch."""
+    layers, nodes = cost.num_layers, cost.num_nodes
+    seconds = cost.layer_seconds.tolist()
+    speed = [1.0 / math.fsum(row) for row in seconds]
+    memory = cost.node_stage_memory()
+
+    def shares(group: tuple[int, ...]) -> list[float]:
+        total = math.fsum(speed[d] for d in group)
+        return [speed[d] / total for d in group]
+
+    def link(boundary: int, a: int, b: int) -> tuple[float, float]:
+        """(busy time, latency) of sending boundary ``boundary`` from ``a`` to ``b``."""
+        if a == b:
+            return 0.0, 0.0
+        return (cost.boundary_bytes[boundary] / cost.link_bytes_per_s[a][b],
+                cost.link_latency_s[a][b])
+
+    plans = []
+    for k in range(1, min(layers, nodes) + 1):
+        # Each node idle (k) or in one of the k stages' groups, every group non-empty.
+        groupings = [
+            tuple(tuple(d for d in range(nodes) if owner[d] == s) for s in range(k))
+            for owner in itertools.product(range(k + 1), repeat=nodes)
+            if all(s in owner for s in range(k))
+        ]
+        for cuts in itertools.combinations(range(1, layers), k - 1):
+            ranges = list(itertools.pairwise((0, *cuts, layers)))
+            for groups in groupings:
+                if any(memory[d][a][b] > cost.node_memory_bytes[d]
+                       for g, (a, b) in zip(groups, ranges, strict=True) for d in g):
+                    continue
+                ends = [(cost.source,), *groups, (cost.sink,)]
+                busy, expected = [], []
+                for g, (a, b) in zip(groups, ranges, strict=True):
+                    times = [math.fsum(seconds[d][a:b]) for d in g]
+                    busy.append(max(p * t for p, t in zip(shares(g), times, strict=True)))
+                    expected.append(math.fsum(p * t for p, t in zip(shares(g), times,
+                                                                    strict=True)))
+                for h, boundary in enumerate((0, *cuts, layers)):
+                    pairs = [(p * q, *link(boundary, a, b))
+                             for a, p in zip(ends[h], shares(ends[h]), strict=True)
+                             for b, q in zip(ends[h + 1], shares(ends[h + 1]), strict=True)]
+                    busy.append(max(w * t for w, t, _ in pairs))
+                    expected.append(math.fsum(w * (t + lat) for w, t, lat in pairs))
+                plans.append((math.fsum(expected), max(busy)))
+    return plans
+
+
+def small_instances(count: int, seed: int):
+    rng = np.random.default_rng(seed)
+    for _ in range(count):
+        nodes = int(rng.integers(3, 5))
+        layers = int(rng.integers(1, 5))
+        yield random_cost(rng, nodes, layers, tight=bool(rng.random() < 0.5))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_optimizer_matches_brute_force_over_replica_sets(seed: int) -> None:
+    replicated = 0
+    for cost in small_instances(30, 400 + seed):
+        plans = brute_force_replicated(cost)
+        if not plans:
+            with pytest.raises(NoFeasiblePlanError, match="no plan fits"):
+                optimize(cost, Objective.THROUGHPUT)
+            continue
+        narrowest = min(bottleneck for _, bottleneck in plans)
+        tied = min(lat for lat, neck in plans if neck <= narrowest * (1 + RELATIVE))
+        result = optimize(cost, Objective.THROUGHPUT)
+        assert result.exact and result.schedule.fits and not result.unreplicated
+        assert result.schedule.bottleneck_s == pytest.approx(narrowest, rel=RELATIVE)
+        assert result.schedule.latency_s == pytest.approx(tied, rel=RELATIVE)
+        replicated += any(len(s.replicas) > 1 for s in result.schedule.spans)
+        # Latency skips groups: no dealing beats the best single-node plan's latency.
+        fastest = min(latency for latency, _ in plans)
+        assert optimize(cost, Objective.LATENCY).schedule.latency_s == pytest.approx(
+            fastest, rel=RELATIVE)
+    assert replicated >= 3
+
+
+def test_evaluate_a_replicated_stage_by_hand() -> None:
+    """a takes 6 s for the model, b 3 s: b gets 2/3 of the requests. Source and sink are a;
+    the link is 1000 B/s plus 0.5 s each way."""
+    schedule = evaluate(tiny_cost(), [Span(0, 0, 3, (0, 1))])
+    # a is busy 6 s for a third of the requests, b 3 s for two thirds: 2 s a request each.
+    assert schedule.stage_seconds == pytest.approx((2.0,))
+    # In: 1000 B to b for 2/3 of the requests; out: 100 B from b for 2/3 of them.
+    assert schedule.transfer_seconds == pytest.approx((2 / 3, 0.1 * 2 / 3))
+    assert schedule.delay_seconds == pytest.approx((0.5 * 2 / 3, 0.5 * 2 / 3))
+    # A request on a takes 6 s, on b 1 + 0.5 + 3 + 0.1 + 0.5 = 5.1 s.
+    assert schedule.latency_s == pytest.approx(6 / 3 + 5.1 * 2 / 3)
+    assert schedule.bottleneck_s == pytest.approx(2.0)
+    assert schedule.fits
+    too_small = CostModel(**{**tiny_cost().__dict__, "node_memory_bytes": np.array([10, 9])})
+    assert not evaluate(too_small, [Span(0, 0, 3, (0, 1))]).fits
+
+
+@pytest.mark.parametrize("spans, message", [
+    ([Span(0, 0, 1, (0, 1)), Span(1, 1, 3)], "more than one stage or replica"),
+    ([Span(0, 0, 3, (0, 2))], "names no node"),
+])
+def test_evaluate_rejects_bad_replicas(spans: list[Span], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        evaluate(tiny_cost(), spans)
+
+
+def test_a_span_lists_its_node_first() -> None:
+    assert Span(1, 0, 3).replicas == (1,)
+    with pytest.raises(ValueError, match="first"):
+        Span(1, 0, 3, (0, 1))
+
+
+def test_groups_shrink_to_the_work_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    cost = random_cost(np.random.default_rng(3), 5, 4, tight=False)
+    everything = replica_groups(cost, math.inf)
+    assert len(everything) == 2**5 - 1 - 5
+    pairs = replica_groups(cost, group_work(5, 4, 2))
+    assert sorted({len(g) for g in pairs}) == [2] and len(pairs) == 10
+    assert replica_groups(cost, group_work(5, 4, 1)) == []
+    monkeypatch.setattr(optimizer, "EXACT_WORK_LIMIT", group_work(5, 4, 1))
+    result = optimize(cost, Objective.THROUGHPUT)
+    assert result.unreplicated == "even pairs of nodes exceed the exact search's budget"
+    assert all(len(s.replicas) == 1 for s in result.schedule.spans)
+
+
+def test_past_the_exact_limit_no_stage_is_replicated(monkeypatch: pytest.MonkeyPatch) -> None:
+    cost = tiny_cost()
+    assert len(optimize(cost, Objective.THROUGHPUT).schedule.spans[0].replicas) == 2
+    monkeypatch.setattr(optimizer, "EXACT_WORK_LIMIT", 0)
+    result = optimize(cost, Objective.THROUGHPUT)
+    assert result.solver and result.unreplicated == (
+        "the cluster and model are past the exact search's limit")
+    assert all(len(s.replicas) == 1 for s in result.schedule.spans)
+    assert optimize(cost, Objective.THROUGHPUT, replicate=False).unreplicated == ""
