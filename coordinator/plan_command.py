@@ -8,7 +8,13 @@ import math
 from coordinator.calibration import read_calibration
 from coordinator.console import console, progress_bar
 from coordinator.model_options import add_model_arguments, load_from_arguments
-from coordinator.plan_tables import baselines_table, compression_lines, stages_table, totals_line
+from coordinator.plan_tables import (
+    baselines_table,
+    compression_lines,
+    replication_line,
+    stages_table,
+    totals_line,
+)
 from coordinator.plot import plot_plan
 from partition.cluster import (
     ClusterSpec,
@@ -50,6 +56,11 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         default=WeightFormat.NONE.value, metavar="|".join(f.value for f in WeightFormat),
         help="how stages store their weights, unless a node's `quantize` in NODES.yaml says "
         "otherwise (default: none, float32)",
+    )
+    parser.add_argument(
+        "--no-replicate", dest="replicate", action="store_false",
+        help="run every stage on one node (by default a slow stage may run on several nodes "
+             "at once, requests dealt among them; runtimes before plan schema 2 cannot)",
     )
     parser.add_argument("-o", "--output", default="plan.json", help="where to write the plan")
     parser.add_argument("--plot", metavar="PNG", help="also draw the pipeline over time")
@@ -115,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
 
         overheads = worker_overheads(cluster)
     result = plan(model, layer_graph, memory_for_stages(cluster, overheads), profiles,
-                  Objective(args.objective), compression)
+                  Objective(args.objective), compression, args.replicate)
     result.save(args.output)
     show_plan(result)
     console.print(f"wrote {args.output}")
@@ -128,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
 def show_plan(result: Plan) -> None:
     console.print(stages_table(result))
     console.print(totals_line(result))
-    for line in compression_lines(result):
+    for line in replication_line(result) + compression_lines(result):
         console.print(line)
     console.print(baselines_table(result))
 

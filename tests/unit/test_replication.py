@@ -5,17 +5,23 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 from test_optimizer import RELATIVE, random_cost, tiny_cost
 
+from coordinator.cli import main
+from coordinator.plan_tables import stages_table
 from partition import optimizer
 from partition.costs import CostModel
 from partition.errors import NoFeasiblePlanError
 from partition.optimizer import Span, evaluate, optimize
-from partition.plan import Objective
+from partition.plan import Objective, Plan
+from partition.replan_inputs import read_replan_inputs
 from partition.replication import group_work, replica_groups
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def brute_force_replicated(cost: CostModel) -> list[tuple[float, float]]:
@@ -154,3 +160,34 @@ def test_past_the_exact_limit_no_stage_is_replicated(monkeypatch: pytest.MonkeyP
         "the cluster and model are past the exact search's limit")
     assert all(len(s.replicas) == 1 for s in result.schedule.spans)
     assert optimize(cost, Objective.THROUGHPUT, replicate=False).unreplicated == ""
+
+
+def test_a_planner_made_replicated_plan_round_trips(sample_exported, tmp_path: Path) -> None:
+    """On four equal nodes the compute-bound ResNet is best run whole on all of them, a
+    quarter of the requests each; ``--no-replicate`` keeps one node a stage, in re-plans too."""
+    sample = sample_exported("resnet")
+    cluster = str(EXAMPLES / "cluster-homogeneous.yaml")
+    out = tmp_path / "plan.json"
+    assert main(["plan", str(sample.path), "--nodes", cluster, "-o", str(out),
+                 "--repeats", "2"]) == 0
+    plan = Plan.load(out)
+    assert Plan.from_dict(plan.to_dict()) == plan
+    replicated = [s for s in plan.stages if s.replicated]
+    assert replicated and plan.exact and not plan.unreplicated
+    for stage in replicated:
+        assert sum(r.share for r in stage.replicas) == pytest.approx(1.0)
+    hops = [plan.hop_ends(k) for k in range(len(plan.stages) + 1)]
+    assert len(plan.links) == sum(len(a) * len(b) for a, b in hops)
+    best = max(b.throughput_per_s for b in plan.baselines if b.fits)
+    assert plan.throughput_per_s > 1.3 * best
+    column = next(c for c in stages_table(plan).columns if c.header == "node")
+    assert list(column.cells)[replicated[0].index] == " + ".join(
+        f"{r.node} {r.share:.0%}" for r in replicated[0].replicas)
+
+    assert main(["plan", str(sample.path), "--nodes", cluster, "-o", str(out),
+                 "--repeats", "2", "--no-replicate"]) == 0
+    single = Plan.load(out)
+    assert not any(s.replicated for s in single.stages) and len(single.links) == len(
+        single.stages) + 1
+    assert single.replan is not None and read_replan_inputs(single.replan).replicate is False
+    assert read_replan_inputs(plan.replan).replicate is True
