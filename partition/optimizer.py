@@ -70,19 +70,27 @@ EXACT_TOLERANCE = 1e-9
 @dataclass(frozen=True)
 class Span:
     """Layers ``[start, end)`` run on node index ``node``; a replicated stage runs on every
-    node of ``replicas`` (``node`` first; defaults to ``node`` alone), each taking its
-    :func:`~partition.replication.replica_shares` of the requests."""
+    node of ``replicas`` (``node`` first; defaults to ``node`` alone), each taking its share
+    of the requests: ``shares`` if given (a running plan's), else the cost model's
+    :func:`~partition.replication.replica_shares`."""
 
     node: int
     start: int
     end: int
     replicas: tuple[int, ...] = ()
+    shares: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.replicas:
             object.__setattr__(self, "replicas", (self.node,))
         if self.replicas[0] != self.node:
             raise ValueError(f"{self} must list its node first among its replicas")
+        if self.shares and len(self.shares) != len(self.replicas):
+            raise ValueError(f"{self} must give one share per replica")
+
+    def dealt(self, cost: CostModel) -> tuple[float, ...]:
+        """Each replica's share of the requests."""
+        return self.shares or replica_shares(cost, self.replicas)
 
 
 @dataclass(frozen=True)
@@ -159,7 +167,7 @@ def evaluate(
     _check_spans(cost, spans)
     opts = Options.of(cost)
     ends = [(cost.source,), *(s.replicas for s in spans), (cost.sink,)]
-    shares = [replica_shares(cost, nodes) for nodes in ends]
+    shares = [(1.0,), *(s.dealt(cost) for s in spans), (1.0,)]
     boundaries = [0, *(s.end for s in spans)]
     codes = tuple(encodings) if encodings is not None else (0,) * len(ends[1:])
     kinds = tuple(formats) if formats is not None else (0,) * len(spans)
@@ -491,7 +499,7 @@ def _search(
         if not free:
             continue
         # Hop edges to every unused node: moved[k, m, j] over last node k and next node m.
-        moved = combine(done[:, None, :], hop[:, nodes][:, :, free].transpose(1, 2, 0))
+        moved = combine(done[:, None, :], hop[:, nodes[:, None], free].transpose(1, 2, 0))
         came = moved.argmin(axis=0)
         reach = np.take_along_axis(moved, came[None], axis=0)[0]
         reach[combine(reach, rest[None]) >= best[0]] = np.inf

@@ -29,7 +29,6 @@ from partition.plan import (
 from partition.profiler import Profile
 from partition.quantize import WeightFormat, weight_bytes
 from partition.replan_inputs import replan_inputs
-from partition.replication import replica_shares
 
 
 def plan(
@@ -120,7 +119,7 @@ def plan_from_schedule(
                   for name in layer.params}
         replicas = tuple(
             Replica(cost.node_names[d], addresses[cost.node_names[d]], share)
-            for d, share in zip(span.replicas, replica_shares(cost, span.replicas), strict=True)
+            for d, share in zip(span.replicas, span.dealt(cost), strict=True)
         )
         stages.append(replace(stage, weights=fmt, artifact_bytes=sum(sizes[n] for n in params),
                               replicas=replicas))

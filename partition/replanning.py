@@ -84,10 +84,11 @@ class Replanner:
         return cluster, build_cost_model(self.layer_graph, cluster, profiles)
 
     def price(self, plan_: Plan, measured: Measured = AS_PLANNED) -> Schedule:
-        """``plan_``'s stages priced with the ``measured`` figures."""
+        """``plan_``'s stages, dealt in its shares, priced with the ``measured`` figures."""
         _, cost = self.cost(None, measured)
         spans = [Span(cost.node_names.index(s.node), s.start, s.end,
-                      tuple(cost.node_names.index(n) for n in s.nodes)) for s in plan_.stages]
+                      tuple(cost.node_names.index(n) for n in s.nodes),
+                      tuple(r.share for r in s.replicas)) for s in plan_.stages]
         return evaluate(cost, spans)
 
     def replan(self, usable: Collection[str], measured: Measured = AS_PLANNED) -> Plan:

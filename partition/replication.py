@@ -28,8 +28,9 @@ import numpy as np
 
 from partition.costs import CostModel
 
-TABLE_LIMIT = 2e7
-"""Largest number of entries in one table of the search with groups (160 MB of float64)."""
+TABLE_LIMIT = 2e6
+"""Largest number of entries in one table of the search with groups (16 MB of float64; the
+search keeps several): at 8 nodes, groups of up to 4 nodes at 50 layers, pairs at 200."""
 
 
 def replica_shares(cost: CostModel, nodes: Sequence[int]) -> tuple[float, ...]:

@@ -119,6 +119,8 @@ def test_evaluate_a_replicated_stage_by_hand() -> None:
     assert schedule.latency_s == pytest.approx(6 / 3 + 5.1 * 2 / 3)
     assert schedule.bottleneck_s == pytest.approx(2.0)
     assert schedule.fits
+    # Dealt half and half instead, a is busy 3 s a request.
+    assert evaluate(tiny_cost(), [Span(0, 0, 3, (0, 1), (0.5, 0.5))]).bottleneck_s == 3.0
     too_small = CostModel(**{**tiny_cost().__dict__, "node_memory_bytes": np.array([10, 9])})
     assert not evaluate(too_small, [Span(0, 0, 3, (0, 1))]).fits
 
