@@ -503,10 +503,8 @@ def _search(
         came = moved.argmin(axis=0)
         reach = np.take_along_axis(moved, came[None], axis=0)[0]
         reach[combine(reach, rest[None]) >= best[0]] = np.inf
-        for m, d in enumerate(free):
-            better = reach[m] < np.inf
-            if not better.any():
-                continue
+        for m in np.flatnonzero(np.isfinite(reach).any(axis=1)):
+            d, better = free[m], reach[m] < np.inf
             target = mask | int(closure[d])
             if target not in pending:
                 pending[target] = _no_arrivals(n, layers)
