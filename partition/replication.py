@@ -62,14 +62,20 @@ def group_work(nodes: int, layers: int, largest: int) -> int:
 
 def replica_groups(cost: CostModel, work_limit: float) -> list[tuple[int, ...]]:
     """The groups the exact search considers: every set of two or more nodes that have
-    memory and take time, up to the largest size whose search stays within ``work_limit``
-    stage edges and whose tables within :data:`TABLE_LIMIT` entries (none if pairs do not)."""
+    memory, take time and store a stage alike (the same stage memory everywhere: the members
+    run one artifact, so nodes with different ``quantize`` never share a stage), up to the
+    largest size whose search stays within ``work_limit`` stage edges and whose tables within
+    :data:`TABLE_LIMIT` entries (none if pairs do not)."""
     n, layers = cost.num_nodes, cost.num_layers
     totals = np.asarray(cost.layer_seconds, dtype=float).sum(axis=1)
-    usable = [d for d in range(n) if cost.node_memory_bytes[d] > 0 and totals[d] > 0]
+    memory = cost.node_stage_memory()
+    alike: dict[bytes, list[int]] = {}
+    for d in range(n):
+        if cost.node_memory_bytes[d] > 0 and totals[d] > 0:
+            alike.setdefault(np.ascontiguousarray(memory[d]).tobytes(), []).append(d)
     chosen: list[tuple[int, ...]] = []
-    for size in range(2, len(usable) + 1):
-        more = list(combinations(usable, size))
+    for size in range(2, max(map(len, alike.values()), default=0) + 1):
+        more = [g for usable in alike.values() for g in combinations(usable, size)]
         virtual = n + len(chosen) + len(more)
         tables = max(virtual * (layers + 1) ** 2, (layers + 1) * virtual**2)
         if group_work(n, layers, size) > work_limit or tables > TABLE_LIMIT:
