@@ -280,7 +280,7 @@ def optimize(cost: CostModel, objective: Objective, limits: SolverLimits = DEFAU
 def _unreplicated(cost: CostModel, exhaustive: bool) -> str:
     """Why the search for throughput cannot replicate stages here, or ``""``."""
     if cost.compression is not None:
-        return "compression is chosen with the stages"
+        return "encodings and weight formats are chosen with the stages"
     if not exhaustive:
         return "the cluster and model are past the exact search's limit"
     if group_work(cost.num_nodes, cost.num_layers, 2) > EXACT_WORK_LIMIT:
