@@ -46,9 +46,8 @@ def replica_shares(cost: CostModel, nodes: Sequence[int]) -> tuple[float, ...]:
     if len(nodes) == 1:
         return (1.0,)
     totals = np.asarray(cost.layer_seconds, dtype=float)[list(nodes)].sum(axis=1)
-    with np.errstate(divide="ignore"):
-        speed = np.where(totals > 0, 1.0 / totals, 0.0) if (totals > 0).all() else (
-            (totals <= 0).astype(float))
+    # Nodes that take no time are infinitely fast: they take all the requests.
+    speed = 1.0 / totals if (totals > 0).all() else (totals <= 0).astype(float)
     return tuple(float(s) for s in speed / speed.sum())
 
 
@@ -87,13 +86,12 @@ def replica_groups(cost: CostModel, work_limit: float) -> list[tuple[int, ...]]:
 @dataclass(frozen=True)
 class GroupTables:
     """The search's tables over virtual nodes (every single node, then each group):
-    ``members[g]`` and ``shares[g]``; busy times ``stage[g, i, j]`` and ``hop[b, g, h]``;
+    ``members[g]``; busy times ``stage[g, i, j]`` and ``hop[b, g, h]``;
     the latency side, ``mean_stage`` and ``mean_hop`` (expected compute and transfer) and
     ``mean_delay[g, h]`` (expected link latency); and ``layer_floor[l]``, the least busy
     time any virtual node spends on layer ``l``."""
 
     members: tuple[tuple[int, ...], ...]
-    shares: tuple[tuple[float, ...], ...]
     stage: np.ndarray
     hop: np.ndarray
     mean_stage: np.ndarray
@@ -116,15 +114,15 @@ def group_tables(
         """``table`` with its node axis ``axis`` replaced by groups: ``reduce`` over the
         members of each group of share times value."""
         moved = np.moveaxis(table, axis, 0)
-        out = np.stack([reduce(np.asarray(p).reshape(-1, *[1] * (moved.ndim - 1))
-                               * moved[list(g)], axis=0) for g, p in zip(members, shares,
-                                                                         strict=True)])
-        return np.moveaxis(out, 0, axis)
+        out = []
+        for g, p in zip(members, shares, strict=True):
+            weights = np.reshape(p, (-1,) + (1,) * (moved.ndim - 1))
+            out.append(reduce(weights * moved[list(g)], axis=0))
+        return np.moveaxis(np.stack(out), 0, axis)
 
     seconds = np.asarray(cost.layer_seconds, dtype=float)
     return GroupTables(
         members=members,
-        shares=shares,
         stage=over(stage, 0, np.max),
         hop=over(over(hop, 1, np.max), 2, np.max),
         mean_stage=over(stage, 0, np.sum),
