@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,12 @@ from partition.cost_builder import build_cost_model
 from partition.costs import CostModel
 from partition.errors import NoFeasiblePlanError
 from partition.layers import build_layer_graph
+from partition.measured import Measured
 from partition.optimizer import Span, evaluate, optimize
 from partition.plan import Objective, Plan
 from partition.planning import plan_from_schedule
 from partition.replan_inputs import read_replan_inputs
+from partition.replanning import Replanner
 from partition.replication import group_work, replica_groups
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -204,3 +207,10 @@ def test_a_planner_made_replicated_plan_round_trips(sample_exported, tmp_path: P
     assert Plan.load(out) == made and Plan.from_dict(made.to_dict()) == made
     column = next(c for c in stages_table(made).columns if c.header == "node")
     assert list(column.cells) == ["node-1 25% + node-2 25% + node-3 25% + node-4 25%"]
+
+    # A running plan is priced in its own shares: node-2 twice as slow is busy twice as long.
+    replanner = Replanner(replace(made, replan=plan.replan), sample.model, layer_graph)
+    slowed = replanner.price(made, Measured(slowdown={"node-2": 2.0}))
+    assert slowed.stage_seconds[0] == pytest.approx(2 * whole.stage_seconds[0])
+    left = replanner.replan({"node-1", "node-2", "node-3"})
+    assert {n for s in left.stages for n in s.nodes} <= {"node-1", "node-2", "node-3"}
