@@ -27,8 +27,8 @@ fastest nodes the budget allows, and the whole cluster in a few fixed orders), a
 plan is the warm start of a mixed-integer program over the same tables (:mod:`partition.milp`,
 compression included) that HiGHS solves within :class:`~partition.milp.SolverLimits`. The
 result says ``exact=False`` unless the solver proved the plan optimal, and carries the
-solver's proven lower bound. Neither that path nor compression replicates stages
-(:attr:`OptimizeResult.unreplicated` says so). "No plan fits" is said only when proven: by
+solver's proven lower bound. Neither that path nor weight formats to choose replicate
+stages (:attr:`OptimizeResult.unreplicated` says so). "No plan fits" is said only when proven: by
 the exhaustive search, or by the solver's proof that its program has no solution.
 """
 
@@ -251,9 +251,10 @@ def optimize(cost: CostModel, objective: Objective, limits: SolverLimits = DEFAU
     states = tables.stage.shape[1]
     exhaustive = _work(cost.num_nodes, states - 1) <= EXACT_WORK_LIMIT
     wanted = replicate and objective is Objective.THROUGHPUT and cost.num_nodes > 1
-    unreplicated = _unreplicated(cost, exhaustive) if wanted else ""
+    unreplicated = _unreplicated(cost, exhaustive, states) if wanted else ""
     if exhaustive:
-        groups = replica_groups(cost, EXACT_WORK_LIMIT) if wanted and not unreplicated else []
+        groups = (replica_groups(cost, EXACT_WORK_LIMIT, states) if wanted and not unreplicated
+                  else [])
         searched = tables.replicated(cost, groups) if groups else tables
         path = _best(cost, searched, objective, searched.space())
         if path is None:
@@ -277,13 +278,13 @@ def optimize(cost: CostModel, objective: Objective, limits: SolverLimits = DEFAU
                           unreplicated=unreplicated)
 
 
-def _unreplicated(cost: CostModel, exhaustive: bool) -> str:
+def _unreplicated(cost: CostModel, exhaustive: bool, states: int) -> str:
     """Why the search for throughput cannot replicate stages here, or ``""``."""
-    if cost.compression is not None:
-        return "encodings and weight formats are chosen with the stages"
+    if cost.compression is not None and cost.compression.weights is not None:
+        return "weight formats are chosen with the stages"
     if not exhaustive:
         return "the cluster and model are past the exact search's limit"
-    if group_work(cost.num_nodes, cost.num_layers, 2) > EXACT_WORK_LIMIT:
+    if group_work(cost.num_nodes, states - 1, 2) > EXACT_WORK_LIMIT:
         return "even pairs of nodes exceed the exact search's budget"
     return ""
 
@@ -328,7 +329,8 @@ def _check_choices(
         raise ValueError(f"encodings {encodings} name no option of {opts.encodings}")
     if not all(0 <= w < len(opts.formats) for w in formats):
         raise ValueError(f"formats {formats} name no option of {opts.formats}")
-    if any(e and src == dst for e, (src, dst) in zip(encodings, pairwise(hops), strict=True)):
+    if any(e and set(src) & set(dst)
+           for e, (src, dst) in zip(encodings, pairwise(hops), strict=True)):
         raise ValueError("a stage that stays on a node has no link to encode")
 
 
@@ -374,11 +376,12 @@ class _Tables:
         return cls(stage, hop, delay, seconds.min(axis=0), StateIndex.plain(layers))
 
     def replicated(self, cost: CostModel, groups: list[tuple[int, ...]]) -> _Tables:
-        """The same graph with each of ``groups`` as one more node (plain tables only)."""
+        """The same graph with each of ``groups`` as one more node (not with weight formats
+        to choose: every stage edge in full precision, or the nodes' own format)."""
         made: GroupTables = group_tables(cost, self.stage, self.hop, self.delay, groups)
         return replace(self, stage=made.stage, hop=made.hop, delay=made.mean_delay,
                        layer_floor=made.layer_floor, members=made.members,
-                       mean_stage=made.mean_stage, mean_hop=made.mean_hop)
+                       mean_stage=made.mean_stage, mean_hop=made.mean_hop, stage_format=None)
 
     def space(self) -> _Space:
         """The exhaustive space over these tables' nodes (virtual ones included)."""

@@ -14,7 +14,10 @@ sends ``p_a · q_b`` of the requests over the link ``a -> b``, so it costs the b
 costs ``sum q_m T_m(i, j)`` and the hop ``sum p_a q_b (transfer_ab + delay_ab)``.
 
 Groups cost search time and table space, so their size is capped by the exact search's
-work budget (:func:`replica_groups`).
+work budget (:func:`replica_groups`). The expansion is the same over the tables with link
+encodings (:mod:`partition.choice_tables`: a member decodes and encodes what it handles, an
+encoded hop has no link from a node to itself) but not with weight formats offered: the
+members of a group run one artifact, so they would have to take one format together.
 """
 
 from __future__ import annotations
@@ -59,13 +62,16 @@ def group_work(nodes: int, layers: int, largest: int) -> int:
         layers + 1) ** 2
 
 
-def replica_groups(cost: CostModel, work_limit: float) -> list[tuple[int, ...]]:
+def replica_groups(
+    cost: CostModel, work_limit: float, states: int | None = None
+) -> list[tuple[int, ...]]:
     """The groups the exact search considers: every set of two or more nodes that have
     memory, take time and store a stage alike (the same stage memory everywhere: the members
     run one artifact, so nodes with different ``quantize`` never share a stage), up to the
     largest size whose search stays within ``work_limit`` stage edges and whose tables within
-    :data:`TABLE_LIMIT` entries (none if pairs do not)."""
-    n, layers = cost.num_nodes, cost.num_layers
+    :data:`TABLE_LIMIT` entries (none if pairs do not); ``states``: the search's state
+    indices (default: one per layer boundary; more with compression)."""
+    n, states = cost.num_nodes, states or cost.num_layers + 1
     totals = np.asarray(cost.layer_seconds, dtype=float).sum(axis=1)
     memory = cost.node_stage_memory()
     alike: dict[bytes, list[int]] = {}
@@ -76,8 +82,8 @@ def replica_groups(cost: CostModel, work_limit: float) -> list[tuple[int, ...]]:
     for size in range(2, max(map(len, alike.values()), default=0) + 1):
         more = [g for usable in alike.values() for g in combinations(usable, size)]
         virtual = n + len(chosen) + len(more)
-        tables = max(virtual * (layers + 1) ** 2, (layers + 1) * virtual**2)
-        if group_work(n, layers, size) > work_limit or tables > TABLE_LIMIT:
+        tables = max(virtual * states**2, states * virtual**2)
+        if group_work(n, states - 1, size) > work_limit or tables > TABLE_LIMIT:
             break
         chosen += more
     return chosen

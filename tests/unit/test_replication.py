@@ -10,7 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_optimizer import RELATIVE, random_cost, tiny_cost
+from test_optimizer import (
+    RELATIVE,
+    _pricers,
+    choice_instances,
+    random_cost,
+    tiny_cost,
+    units,
+)
 
 from coordinator.cli import main
 from coordinator.plan_tables import stages_table
@@ -82,6 +89,106 @@ def brute_force_replicated(cost: CostModel) -> list[tuple[float, float]]:
                     expected.append(math.fsum(w * (t + lat) for w, t, lat in pairs))
                 plans.append((math.fsum(expected), max(busy)))
     return plans
+
+
+def groupings(cost: CostModel, k: int) -> list[tuple[tuple[int, ...], ...]]:
+    """Every way to give k stages non-empty disjoint node sets whose members store a stage
+    alike (the same stage memory)."""
+    nodes, memory = cost.num_nodes, cost.node_stage_memory()
+    found = []
+    for owner in itertools.product(range(k + 1), repeat=nodes):  # k: the node is idle
+        groups = tuple(tuple(d for d in range(nodes) if owner[d] == s) for s in range(k))
+        if all(groups) and all(np.array_equal(memory[g[0]], memory[d])
+                               for g in groups for d in g):
+            found.append(groups)
+    return found
+
+
+def brute_force_encoded(cost: CostModel) -> list[tuple[float, float]]:
+    """As :func:`brute_force_replicated` with an encoding per hop (every link of a hop in
+    it; a hop with a link from a node to itself stays raw) within the error budget."""
+    links, layers = cost.compression.links, cost.num_layers
+    link, stage = _pricers(cost)
+    speed = [1.0 / math.fsum(row) for row in cost.layer_seconds.tolist()]
+
+    def shares(group: tuple[int, ...]) -> list[float]:
+        total = math.fsum(speed[d] for d in group)
+        return [speed[d] / total for d in group]
+
+    def hop(boundary: int, e: int, senders: tuple, receivers: tuple) -> tuple | None:
+        """(busy, expected time) of a hop, or None if it cannot carry encoding e."""
+        nbytes, encode, decode, _ = link(boundary, e)
+        busy, expected = [], []
+        for a, p in zip(senders, shares(senders), strict=True):
+            for b, q in zip(receivers, shares(receivers), strict=True):
+                if a == b:
+                    if e:
+                        return None
+                    busy.append(0.0)
+                    continue
+                if e == 0 and not links.raw:
+                    return None
+                t = nbytes / cost.link_bytes_per_s[a][b] + (encode if boundary == 0 else 0.0) + (
+                    decode if boundary == layers else 0.0)
+                busy.append(p * q * t)
+                expected.append(p * q * (t + cost.link_latency_s[a][b]))
+        return max(busy), math.fsum(expected)
+
+    plans = []
+    for k in range(1, min(layers, cost.num_nodes) + 1):
+        for cuts, groups in itertools.product(itertools.combinations(range(1, layers), k - 1),
+                                              groupings(cost, k)):
+            edges = (0, *cuts, layers)
+            ends = [(cost.source,), *groups, (cost.sink,)]
+            if any(stage(d, a, b, 0)[1] > cost.node_memory_bytes[d]
+                   for g, (a, b) in zip(groups, itertools.pairwise(edges), strict=True)
+                   for d in g):
+                continue
+            for encs in itertools.product(range(1 + len(links.names)), repeat=k + 1):
+                spent = sum(units(link(b, e)[3], cost.compression) for b, e in zip(
+                    edges, encs, strict=True))
+                if spent > cost.compression.budget_units and not math.isinf(
+                        cost.compression.max_error):
+                    continue
+                hops = [hop(b, e, ends[h], ends[h + 1])
+                        for h, (b, e) in enumerate(zip(edges, encs, strict=True))]
+                if None in hops:
+                    continue
+                busy, expected = [h[0] for h in hops], [h[1] for h in hops]
+                for h, (g, (a, b)) in enumerate(zip(groups, itertools.pairwise(edges),
+                                                    strict=True)):
+                    times = [stage(d, a, b, 0)[0] + link(a, encs[h])[2] + link(b, encs[h + 1])[1]
+                             for d in g]
+                    busy.append(max(p * t for p, t in zip(shares(g), times, strict=True)))
+                    expected.append(math.fsum(p * t for p, t in zip(shares(g), times,
+                                                                    strict=True)))
+                if all(math.isfinite(x) for x in busy + expected):
+                    plans.append((math.fsum(expected), max(busy)))
+    return plans
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_replicas_with_encodings_match_brute_force(seed: int) -> None:
+    """With link encodings offered (no weight formats), groups are searched too."""
+    checked = replicated = 0
+    for cost in choice_instances(60, 500 + seed):
+        if cost.compression.weights is not None or cost.num_nodes < 3:
+            continue
+        plans = brute_force_encoded(cost)
+        if not plans:
+            with pytest.raises(NoFeasiblePlanError):
+                optimize(cost, Objective.THROUGHPUT)
+            continue
+        checked += 1
+        narrowest = min(bottleneck for _, bottleneck in plans)
+        tied = min(lat for lat, neck in plans if neck <= narrowest * (1 + RELATIVE))
+        result = optimize(cost, Objective.THROUGHPUT)
+        assert result.exact and not result.unreplicated
+        assert result.schedule.bottleneck_s == pytest.approx(narrowest, rel=RELATIVE)
+        assert result.schedule.latency_s == pytest.approx(tied, rel=RELATIVE)
+        assert result.schedule.error_bound <= cost.compression.max_error
+        replicated += any(len(s.replicas) > 1 for s in result.schedule.spans)
+    assert checked >= 5 and replicated >= 1
 
 
 def small_instances(count: int, seed: int):
