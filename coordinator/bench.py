@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import torch
@@ -73,26 +73,47 @@ async def measure(
             start = time.perf_counter()
             await pipeline.infer(inputs)
             latencies.append(time.perf_counter() - start)
-        batch = iter([make_inputs(index) for index in range(requests)])
+        batch = [make_inputs(index) for index in range(requests)]
         loaded: list[float] = []
 
-        async def closed_loop() -> None:
-            for inputs in batch:
-                sent = time.perf_counter()
-                await pipeline.infer(inputs)
-                loaded.append(time.perf_counter() - sent)
+        async def send(index: int) -> None:
+            sent = time.perf_counter()
+            await pipeline.infer(batch[index])
+            loaded.append(time.perf_counter() - sent)
 
-        start = time.perf_counter()
-        with HostCpu() as host:
-            await asyncio.gather(*(closed_loop() for _ in range(max(concurrency, 1))))
-        elapsed = time.perf_counter() - start
+        load = await closed_loop(requests, concurrency, send)
     quantiles = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else latencies * 19
     return BenchResult(
         latency_p50_s=statistics.median(latencies),
         latency_p95_s=quantiles[18],
-        throughput_per_s=requests / elapsed,
+        throughput_per_s=requests / load.elapsed_s,
         requests=requests,
         concurrency=concurrency,
         loaded_latency_p50_s=statistics.median(loaded) if loaded else 0.0,
-        host_cpu=host.busy,
+        host_cpu=load.host_cpu,
     )
+
+
+@dataclass(frozen=True)
+class LoadRun:
+    """How long a closed loop took, and the host's CPU utilization meanwhile."""
+
+    elapsed_s: float
+    host_cpu: float
+
+
+async def closed_loop(
+    requests: int, concurrency: int, send: Callable[[int], Awaitable[None]]
+) -> LoadRun:
+    """Await ``send(index)`` for each of ``requests`` indices with ``concurrency`` in
+    flight: each one that finishes starts the next, with no drain between them."""
+    indices = iter(range(requests))
+
+    async def worker() -> None:
+        for index in indices:
+            await send(index)
+
+    started = time.perf_counter()
+    with HostCpu() as host:
+        await asyncio.gather(*(worker() for _ in range(max(concurrency, 1))))
+    return LoadRun(time.perf_counter() - started, host.busy)

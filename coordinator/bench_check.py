@@ -14,8 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from coordinator.bench import InputFactory
-from coordinator.host_cpu import HostCpu
+from coordinator.bench import InputFactory, closed_loop
 from coordinator.pipeline import Pipeline
 from partition.artifact import ProgramRunner
 from partition.errors import EdgesplitError
@@ -132,36 +131,33 @@ async def run_checked(
     accuracy = pipeline.plan.accuracy
     budget = accuracy.max_error if accuracy is not None else 0.0
     answers = [0] * requests
-    next_index = iter(range(requests))
     started = time.perf_counter()
 
-    async def worker() -> None:
-        for index in next_index:
-            sent = time.perf_counter()
-            try:
-                outputs = await pipeline.infer(reference.inputs(index))
-            except EdgesplitError as err:
-                run.failed += 1
-                if len(run.errors) < 5 and str(err) not in run.errors:
-                    run.errors.append(str(err))
-                continue
-            done = time.perf_counter()
-            answers[index] += 1
-            run.answered += 1
-            run.latencies_s.append(done - sent)
-            run.finished_at.append(done - started)
-            expected = reference.outputs(index)
-            if expected is not None and not matches(outputs, expected, budget):
-                run.mismatches += 1
-            if progress is not None:
-                waited = progress(run.answered)
-                if waited is not None:
-                    await waited
+    async def send(index: int) -> None:
+        sent = time.perf_counter()
+        try:
+            outputs = await pipeline.infer(reference.inputs(index))
+        except EdgesplitError as err:
+            run.failed += 1
+            if len(run.errors) < 5 and str(err) not in run.errors:
+                run.errors.append(str(err))
+            return
+        done = time.perf_counter()
+        answers[index] += 1
+        run.answered += 1
+        run.latencies_s.append(done - sent)
+        run.finished_at.append(done - started)
+        expected = reference.outputs(index)
+        if expected is not None and not matches(outputs, expected, budget):
+            run.mismatches += 1
+        if progress is not None:
+            waited = progress(run.answered)
+            if waited is not None:
+                await waited
 
-    with HostCpu() as host:
-        await asyncio.gather(*(worker() for _ in range(max(concurrency, 1))))
-    run.elapsed_s = time.perf_counter() - started
-    run.host_cpu = host.busy
+    load = await closed_loop(requests, concurrency, send)
+    run.elapsed_s = load.elapsed_s
+    run.host_cpu = load.host_cpu
     run.duplicates = sum(count - 1 for count in answers if count > 1)
     run.late_answers = pipeline.late_answers
     run.replans = [r.to_dict() for r in pipeline.replans]

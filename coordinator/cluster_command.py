@@ -16,6 +16,7 @@ from coordinator.isolation import Isolation
 from coordinator.local_cluster import (
     PLANNING_NODES_FILE,
     default_state_dir,
+    read_arbiters,
     read_cpu_groups,
     read_state,
     start_cluster,
@@ -34,7 +35,9 @@ STATUS_EVENTS = 20
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("up", help="start a simulated cluster of real workers here")
+    parser = commands.add_parser(
+        "up", help="start a simulated cluster of real workers here (and an arbiter process "
+                   "per shared medium)")
     parser.add_argument("nodes", metavar="NODES.yaml")
     parser.add_argument(
         "--secure", action="store_true",
@@ -68,6 +71,9 @@ def run_up(args: argparse.Namespace) -> int:
         console.print(
             f"{node.name} listening on {node.address} (pid {node.pid}, log {node.log_path})"
         )
+    for arbiter in read_arbiters(state_dir):
+        console.print(f"medium {arbiter.name}: arbiter on {arbiter.address} (pid "
+                      f"{arbiter.pid}, log {arbiter.log_path})")
     cpu_groups = read_cpu_groups(state_dir)
     stretch = cpu_groups.stretch if cpu_groups else 1.0
     if cpu_groups is not None:
@@ -101,9 +107,11 @@ def write_planning_nodes(
 
 def run_down(args: argparse.Namespace) -> int:
     state_dir = default_state_dir()
-    nodes = read_state(state_dir)
+    nodes, arbiters = read_state(state_dir), read_arbiters(state_dir)
     stop_cluster(state_dir, nodes, read_cpu_groups(state_dir))
-    console.print(f"stopped {len(nodes)} node(s)" if nodes else "no simulated cluster was up")
+    media = f" and {len(arbiters)} medium arbiter(s)" if arbiters else ""
+    console.print(f"stopped {len(nodes)} node(s){media}" if nodes or arbiters
+                  else "no simulated cluster was up")
     return 0
 
 

@@ -6,12 +6,14 @@ import asyncio
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from node.client import GrpcWorkerHandle, WorkerHandle
-from node.link import NO_EMULATION, LinkEmulation
+from node.link import NO_EMULATION, LinkEmulation, MediumUse
 from node.security import client_security
+from partition.cluster import MediumSpec
 from partition.errors import EdgesplitError
 from partition.plan import Link, Plan
 from partition.profiler import ProgressCallback
@@ -52,11 +54,14 @@ def deployment_record_path(plan_path: str | Path) -> Path:
     return path.with_name(path.stem + ".deployed.json")
 
 
-def link_emulation(link: Link, emulate: bool) -> LinkEmulation:
-    """The emulation a worker applies for ``link`` (none on real networks or within a node)."""
+def link_emulation(link: Link, emulate: bool, media: Sequence[MediumSpec] = ()) -> LinkEmulation:
+    """The emulation a worker applies for ``link`` (none on real networks or within a node),
+    with the airtime it takes on each of ``media`` it crosses."""
     if not emulate or link.src == link.dst:
         return NO_EMULATION
-    return LinkEmulation(link.bytes_per_s, link.latency_s)
+    crossed = tuple(MediumUse(m.name, m.bytes_per_s, uses) for m in media
+                    if (uses := m.uses(link.src, link.dst)))
+    return LinkEmulation(link.bytes_per_s, link.latency_s, crossed)
 
 
 async def deploy(
@@ -103,8 +108,9 @@ async def deploy(
                 after.address if after else None,
                 next_node=after.node if after else None,
                 previous_node=plan.stages[k - 1].node if k > 0 else None,
-                outbound=link_emulation(plan.links[k + 1], emulate_links),
-                inbound=link_emulation(plan.links[0], emulate_links) if k == 0 else NO_EMULATION,
+                outbound=link_emulation(plan.links[k + 1], emulate_links, plan.media),
+                inbound=(link_emulation(plan.links[0], emulate_links, plan.media) if k == 0
+                         else NO_EMULATION),
                 encoding=plan.links[k + 1].encoding,
             )
         log.info("deployed %d stage(s)", len(plan.stages))

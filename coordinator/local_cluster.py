@@ -2,10 +2,12 @@
 
 Emulation is a property of each worker: its node's ``speed`` becomes ``--speed-factor``, or
 with :attr:`Isolation.KERNEL` a CPU quota (see :mod:`coordinator.isolation`); link delays are
-set when the pipeline is wired (see :mod:`coordinator.deploy`). What ``up``
-started is recorded in the user's state directory, so ``down`` finds it from anywhere. With a
-``security`` block the workers run with TLS and the token, each with its certificate from
-beside the CA's (the layout ``coordinator certs`` writes); :func:`with_fresh_certs` makes one.
+set when the pipeline is wired (see :mod:`coordinator.deploy`). Each shared medium of the
+cluster gets its own arbiter process (:mod:`node.arbiter`), started before the workers,
+which are told its address, and stopped with them. What ``up`` started is recorded in the
+user's state directory, so ``down`` finds it from anywhere. With a ``security`` block the
+workers run with TLS and the token, each with its certificate from beside the CA's (the
+layout ``coordinator certs`` writes); :func:`with_fresh_certs` makes one.
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 import platformdirs
@@ -27,6 +32,7 @@ import psutil
 
 from coordinator.certs import make_certs, node_arguments
 from coordinator.isolation import CpuGroups, Isolation, cores_wanted, host_cores
+from coordinator.ports import free_ports
 from node.channels import channel_credentials, channel_options, token_metadata
 from node.rpc import edgesplit_pb2 as pb
 from node.rpc import edgesplit_pb2_grpc as pb_grpc
@@ -51,12 +57,22 @@ class LocalClusterError(EdgesplitError):
 
 @dataclass(frozen=True)
 class LocalNode:
-    """One worker process of the simulated cluster."""
+    """One process of the simulated cluster: a worker, or (``arbiter``) the arbiter of
+    the shared medium ``name``."""
 
     name: str
     address: str
     pid: int
     log_path: str
+    arbiter: bool = False
+
+
+class _Record(NamedTuple):
+    """What ``up`` recorded: the workers, their CPU groups, the media's arbiters."""
+
+    nodes: list[LocalNode]
+    cpu_groups: CpuGroups | None
+    arbiters: list[LocalNode]
 
 
 def default_state_dir() -> Path:
@@ -92,17 +108,64 @@ def start_cluster(
     if isolation is Isolation.KERNEL:
         cpu_groups = CpuGroups.create(cores_wanted(cluster), host_cores())
     started: list[LocalNode] = []
+    arbiters: list[LocalNode] = []
     try:
         write_state(state_dir, started, cpu_groups)  # records the groups before any node
+        ports = _arbiter_ports(cluster)
+        for medium, port in zip(cluster.media, ports, strict=True):
+            arbiters.append(_spawn_arbiter(medium.name, f"127.0.0.1:{port}", state_dir))
+            write_state(state_dir, started, cpu_groups, arbiters)
+        for arbiter in arbiters:
+            _wait_arbiter(arbiter)
+        media = {arbiter.name: arbiter.address for arbiter in arbiters}
         for spec in cluster.nodes:
-            started.append(_spawn(cluster, spec.name, state_dir, cpu_groups))
-            write_state(state_dir, started, cpu_groups)
+            started.append(_spawn(cluster, spec.name, state_dir, cpu_groups, media))
+            write_state(state_dir, started, cpu_groups, arbiters)
         for node in started:
             _wait_ready(node, security)
     except BaseException:
         stop_cluster(state_dir, started, cpu_groups)
         raise
     return started
+
+
+def _arbiter_ports(cluster: ClusterSpec) -> list[int]:
+    """A free port for each medium's arbiter, none of them a node's."""
+    taken = {node.address.rpartition(":")[2] for node in cluster.nodes}
+    while True:
+        ports = free_ports(len(cluster.media))
+        if not taken.intersection(map(str, ports)):
+            return ports
+
+
+def _spawn_arbiter(name: str, address: str, state_dir: Path) -> LocalNode:
+    """Start the arbiter of medium ``name`` on ``address``."""
+    log_path = state_dir / f"medium-{name}.log"
+    with log_path.open("ab") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, *_arbiter_arguments(name, address)], stdout=log_file,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    log.info("started the arbiter of medium %s on %s (pid %d)", name, address, process.pid)
+    return LocalNode(name, address, process.pid, str(log_path), arbiter=True)
+
+
+def _wait_arbiter(arbiter: LocalNode) -> None:
+    """Block until ``arbiter`` accepts connections; fail with its log if it exits first."""
+    host, _, port = arbiter.address.rpartition(":")
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection((host, int(port)), 1.0):
+            return
+        if _process(arbiter) is None:
+            tail = Path(arbiter.log_path).read_text(errors="replace").strip().splitlines()
+            raise LocalClusterError(f"the arbiter of medium {arbiter.name!r} exited at start: "
+                                    f"{tail[-1] if tail else 'no output'}")
+        if time.monotonic() > deadline:
+            raise LocalClusterError(
+                f"the arbiter of medium {arbiter.name!r} did not listen on {arbiter.address} "
+                f"within {READY_TIMEOUT_S:.0f} s; see {arbiter.log_path}")
+        time.sleep(0.1)
 
 
 def with_fresh_certs(cluster: ClusterSpec, state_dir: Path) -> ClusterSpec:
@@ -122,10 +185,12 @@ def _check_none_up(state_dir: Path) -> None:
 
 
 def _spawn(
-    cluster: ClusterSpec, name: str, state_dir: Path, cpu_groups: CpuGroups | None
+    cluster: ClusterSpec, name: str, state_dir: Path, cpu_groups: CpuGroups | None,
+    media: Mapping[str, str],
 ) -> LocalNode:
     """Start node ``name`` of ``cluster`` (with its credentials if the cluster has them), in
-    its CPU group if there are ``cpu_groups`` (the quota, not the worker, then slows it)."""
+    its CPU group if there are ``cpu_groups`` (the quota, not the worker, then slows it),
+    told the address of each medium's arbiter (``media``)."""
     spec = cluster.node(name)
     address, speed, threads = spec.address, spec.speed or 1.0, spec.threads or 1
     extra_args = node_arguments(cluster.security, name) if cluster.security else []
@@ -133,7 +198,7 @@ def _spawn(
     command = [
         sys.executable, *_node_arguments(name, address),
         "--speed-factor", str(1.0 if cpu_groups else speed), "--threads", str(threads),
-        *extra_args,
+        *extra_args, *(f"--medium={medium}={address}" for medium, address in media.items()),
     ]
     with log_path.open("ab") as log_file:
         process = subprocess.Popen(
@@ -200,10 +265,15 @@ def _node_arguments(name: str, address: str) -> list[str]:
     return ["-m", "node.cli", "--listen", address, "--name", name]
 
 
+def _arbiter_arguments(name: str, address: str) -> list[str]:
+    """An arbiter's command line after the interpreter."""
+    return ["-m", "node.arbiter", "--listen", address, "--medium", name]
+
+
 def _process(node: LocalNode) -> psutil.Process | None:
     """``node``'s process while it runs: its pid, if that is still this node's ``edge-node``
-    command (a pid may be reused). Reaps the node if it is our exited child."""
-    expected = _node_arguments(node.name, node.address)
+    (or arbiter) command (a pid may be reused). Reaps the node if it is our exited child."""
+    expected = (_arbiter_arguments if node.arbiter else _node_arguments)(node.name, node.address)
     try:
         process = psutil.Process(node.pid)
         if process.status() == psutil.STATUS_ZOMBIE:
@@ -215,22 +285,29 @@ def _process(node: LocalNode) -> psutil.Process | None:
     return process if arguments == expected else None
 
 
-def write_state(state_dir: Path, nodes: list[LocalNode], cpu_groups: CpuGroups | None) -> None:
+def write_state(state_dir: Path, nodes: list[LocalNode], cpu_groups: CpuGroups | None,
+                arbiters: list[LocalNode] | None = None) -> None:
+    """Record the cluster's processes; ``arbiters`` of ``None`` keeps those recorded."""
+    if arbiters is None:
+        arbiters = _read_record(state_dir).arbiters
     record = {"nodes": [asdict(n) for n in nodes],
-              "cpu_groups": cpu_groups.to_dict() if cpu_groups else None}
+              "cpu_groups": cpu_groups.to_dict() if cpu_groups else None,
+              "arbiters": [asdict(a) for a in arbiters]}
     (state_dir / STATE_FILE).write_text(json.dumps(record, indent=1))
 
 
-def _read_record(state_dir: Path) -> tuple[list[LocalNode], CpuGroups | None]:
-    """Every node and the CPU groups ``up`` recorded (running or not)."""
+def _read_record(state_dir: Path) -> _Record:
+    """Every process and the CPU groups ``up`` recorded (running or not)."""
     path = state_dir / STATE_FILE
     if not path.is_file():
-        return [], None
+        return _Record([], None, [])
     try:
         record = json.loads(path.read_text())
         nodes = [LocalNode(**entry) for entry in record["nodes"]]
+        arbiters = [LocalNode(**entry) for entry in record.get("arbiters", [])]
         groups = record["cpu_groups"]
-        return nodes, CpuGroups.from_dict(groups) if groups is not None else None
+        return _Record(nodes, CpuGroups.from_dict(groups) if groups is not None else None,
+                       arbiters)
     except (ValueError, TypeError, KeyError) as err:
         raise LocalClusterError(
             f"{path} is damaged ({err!r}); delete it and stop nodes by hand"
@@ -239,20 +316,26 @@ def _read_record(state_dir: Path) -> tuple[list[LocalNode], CpuGroups | None]:
 
 def read_state(state_dir: Path) -> list[LocalNode]:
     """The nodes recorded by ``up`` that still run; an empty list if none."""
-    nodes, _ = _read_record(state_dir)
-    return [n for n in nodes if _process(n) is not None]
+    return [n for n in _read_record(state_dir).nodes if _process(n) is not None]
+
+
+def read_arbiters(state_dir: Path) -> list[LocalNode]:
+    """The media's arbiters recorded by ``up`` that still run."""
+    return [a for a in _read_record(state_dir).arbiters if _process(a) is not None]
 
 
 def read_cpu_groups(state_dir: Path) -> CpuGroups | None:
     """The CPU groups of the cluster ``up`` started with kernel isolation, else ``None``;
     their :attr:`~CpuGroups.stretch` scales every node's speed (and so the predictions)."""
-    return _read_record(state_dir)[1]
+    return _read_record(state_dir).cpu_groups
 
 
 def stop_cluster(state_dir: Path, nodes: list[LocalNode], cpu_groups: CpuGroups | None) -> None:
-    """Stop ``nodes``, remove ``cpu_groups`` once they are empty, and clear the state (kept
-    if a group could not be removed, so ``down`` can try again)."""
+    """Stop ``nodes`` and then the media's recorded arbiters, remove ``cpu_groups`` once
+    they are empty, and clear the state (kept if a group could not be removed, so ``down``
+    can try again)."""
     stop_nodes(nodes)
+    stop_nodes(_read_record(state_dir).arbiters)
     if cpu_groups is not None:
         cpu_groups.remove()
     clear_state(state_dir)
@@ -300,7 +383,8 @@ class LocalCluster:
         :func:`stop_nodes` does, so the new one can take its port.
         """
         stop_nodes([n for n in self.nodes if n.name == name])
-        node = _spawn(self.cluster, name, self.state_dir, self.cpu_groups)
+        media = {a.name: a.address for a in _read_record(self.state_dir).arbiters}
+        node = _spawn(self.cluster, name, self.state_dir, self.cpu_groups, media)
         self.nodes = [node if n.name == name else n for n in self.nodes]
         write_state(self.state_dir, self.nodes, self.cpu_groups)
         _wait_ready(node, client_security(self.cluster.security))

@@ -708,6 +708,6 @@ def _wiring(
     """Stage ``k``'s next address, outbound link, inbound link and outbound encoding, as
     ``deploy`` wires them."""
     next_address = plan.stages[k + 1].address if k + 1 < len(plan.stages) else None
-    outbound = link_emulation(plan.links[k + 1], emulate)
-    inbound = link_emulation(plan.links[0], emulate) if k == 0 else NO_EMULATION
+    outbound = link_emulation(plan.links[k + 1], emulate, plan.media)
+    inbound = link_emulation(plan.links[0], emulate, plan.media) if k == 0 else NO_EMULATION
     return next_address, outbound, inbound, plan.links[k + 1].encoding

@@ -11,6 +11,7 @@ from coordinator.model_options import add_model_arguments, load_from_arguments
 from coordinator.plan_tables import (
     baselines_table,
     compression_lines,
+    media_table,
     replication_line,
     stages_table,
     totals_line,
@@ -139,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
 def show_plan(result: Plan) -> None:
     console.print(stages_table(result))
     console.print(totals_line(result))
+    if (media := media_table(result)) is not None:
+        console.print(media)
     for line in replication_line(result) + compression_lines(result):
         console.print(line)
     console.print(baselines_table(result))

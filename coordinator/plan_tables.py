@@ -1,4 +1,4 @@
-"""Rich tables for a plan's stages and its baselines."""
+"""Rich tables for a plan's stages, its shared media and its baselines."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from rich.table import Table
 from coordinator.bench import BENCH_CONCURRENCY
 from coordinator.console import ms
 from partition.plan import LinkEncoding, Objective, Plan, PlannedStage
-from partition.units import format_bytes
+from partition.units import format_bandwidth, format_bytes
 
 
 def stages_table(plan: Plan) -> Table:
@@ -67,6 +67,25 @@ def _gap(plan: Plan) -> str:
         return f"not proven optimal; no lower bound on the {name} was found"
     return (f"not proven optimal: {name} at most {value / plan.lower_bound_s - 1:.2%} above "
             f"the optimum, which is >= {ms(plan.lower_bound_s)} ms")
+
+
+def media_table(plan: Plan) -> Table | None:
+    """Each shared medium: its bandwidth, its nodes, how long a request keeps it busy (the
+    airtime of every hop on it) and that as a share of the plan's bottleneck; ``None`` for
+    a cluster without media."""
+    if not plan.media:
+        return None
+    table = Table(title="shared media (busy time per request)")
+    for column in ("medium", "bandwidth", "nodes", "hops on it", "busy ms", "of bottleneck"):
+        table.add_column(column, justify="left" if column in ("medium", "nodes", "hops on it")
+                         else "right")
+    for medium in plan.media:
+        hops = [f"{link.src} -> {link.dst}" + (" (x2)" if uses == 2 else "")
+                for link in plan.links if (uses := medium.uses(link.src, link.dst))]
+        table.add_row(medium.name, format_bandwidth(medium.bytes_per_s), ", ".join(medium.nodes),
+                      ", ".join(hops) or "none", ms(medium.busy_s),
+                      f"{medium.busy_s / plan.bottleneck_s:.0%}" if plan.bottleneck_s else "-")
+    return table
 
 
 def compression_lines(plan: Plan) -> list[str]:

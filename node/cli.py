@@ -45,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
         default=1.0,
         help="emulate a slower device: 0.5 makes compute take twice as long (default 1)",
     )
+    parser.add_argument(
+        "--medium", action="append", default=[], metavar="NAME=HOST:PORT", type=_medium,
+        help="the arbiter of a shared medium this node's emulated links may cross "
+             "(repeatable; `coordinator up` passes them)",
+    )
     _add_limits(parser.add_argument_group("limits on what callers may send"))
     _add_security(parser.add_argument_group("security (see README, Security)"))
     parser.add_argument(
@@ -55,6 +60,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     return parser
 
+
+
+def _medium(value: str) -> tuple[str, str]:
+    """``NAME=HOST:PORT`` as ``(name, address)``."""
+    name, _, address = value.partition("=")
+    if not name or ":" not in address:
+        raise argparse.ArgumentTypeError(f"{value!r} is not NAME=HOST:PORT (example: "
+                                         "wifi=127.0.0.1:50100)")
+    return name, address
 
 
 def _add_limits(group: argparse._ArgumentGroup) -> None:
@@ -120,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
             results_stall_s=args.results_stall_s,
             max_stage_bytes=args.max_stage_bytes,
             max_message_bytes=args.max_frame_bytes,
+            media=dict(args.medium),
         )
     except ValueError as err:
         parser.error(str(err))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -51,6 +52,8 @@ class NodeConfig:
     a stage artifact or model file sent to the node, ``upload_stall_s`` how long an upload
     may go without a chunk, and ``results_stall_s`` how long a full results buffer may go
     unread before its reader is cut off. ``security`` of ``None`` serves without TLS or token.
+    ``media`` maps each shared medium's name to its arbiter's ``host:port``
+    (:mod:`node.arbiter`): the media this node's emulated links may cross.
     """
 
     listen: str
@@ -63,6 +66,7 @@ class NodeConfig:
     upload_stall_s: float = UPLOAD_STALL_S
     results_stall_s: float = RESULTS_STALL_S
     security: Security | None = None
+    media: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 0 < self.speed_factor <= 1:

@@ -7,7 +7,7 @@ from enum import Enum
 from typing import Any
 
 from node.config import Device
-from node.link import LinkEmulation
+from node.link import LinkEmulation, MediumUse
 from node.rpc import edgesplit_pb2 as pb
 from partition.compression import LinkEncoding
 
@@ -115,11 +115,13 @@ class NodeInfo:
 
 
 def link_to_proto(link: LinkEmulation) -> pb.LinkEmulation:
-    return pb.LinkEmulation(**_field_values(link, LinkEmulation))
+    return pb.LinkEmulation(**_field_values(link, LinkEmulation) | {
+        "media": [pb.MediumUse(**_field_values(use, MediumUse)) for use in link.media]})
 
 
 def link_from_proto(msg: pb.LinkEmulation) -> LinkEmulation:
-    return LinkEmulation(**_field_values(msg, LinkEmulation))
+    return LinkEmulation(**_field_values(msg, LinkEmulation) | {
+        "media": tuple(MediumUse(**_field_values(use, MediumUse)) for use in msg.media)})
 
 
 def encoding_to_proto(encoding: LinkEncoding) -> int:

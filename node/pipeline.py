@@ -27,7 +27,7 @@ import torch
 
 from node.codec import ReceivedFrame, StageReport, encode_failure, encode_frame
 from node.config import Device
-from node.link import EmulatedLink, LinkEmulation, until
+from node.link import AirtimeBroker, EmulatedLink, LinkEmulation, until
 from node.messages import Failure, FailureCode, StageInfo
 from partition.artifact import ProgramRunner, run_stage
 from partition.compression import LinkEncoding
@@ -134,10 +134,13 @@ class LinkStats:
 
 
 class StageRunner:
-    """Runs this node's stage on queued frames and sends the results on."""
+    """Runs this node's stage on queued frames and sends the results on; ``airtime``
+    reserves the shared media its emulated links cross."""
 
-    def __init__(self, *, node_name: str, device: Device, speed_factor: float) -> None:
+    def __init__(self, *, node_name: str, device: Device, speed_factor: float,
+                 airtime: AirtimeBroker | None = None) -> None:
         self.node_name = node_name
+        self._airtime = airtime
         self.stats = RecentStats()
         """Stage time (real plus emulated) per request."""
         self.link_stats = LinkStats()
@@ -218,8 +221,8 @@ class StageRunner:
         if old is None or (old.destination, self._encoding) != (sink.destination, encoding):
             self.link_stats = LinkStats()
         self._encoding = encoding
-        self._outbound = EmulatedLink(outbound)
-        self.inbound = EmulatedLink(inbound)
+        self._outbound = EmulatedLink(outbound, self._airtime)
+        self.inbound = EmulatedLink(inbound, self._airtime)
         if old is not None and old is not sink:
             await old.close()
 

@@ -11,7 +11,10 @@ cluster a probe recovers the emulated figures plus what the loopback itself take
 A node probes for the coordinator, one probe at a time, within :data:`MAX_PROBE_BYTES`,
 :data:`MAX_PROBE_ROUNDS` and :data:`PROBE_TIMEOUT_S`, and sends nothing sized to a target
 before it answered a tiny ``Echo``: a probe cannot make a node hold much memory, run long,
-or pour data on an address that is not a worker accepting this node's credentials.
+or pour data on an address that is not a worker accepting this node's credentials. A node
+answers at most :data:`MAX_ECHO_STREAMS` ``Echo`` streams at once and closes one that stays
+idle for :data:`ECHO_IDLE_S` (:class:`EchoService`), so a peer without credentials on a
+cluster without TLS cannot hold streams open.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -42,6 +46,13 @@ PROBE_TIMEOUT_S = 120.0
 
 ECHO_TIMEOUT_S = 30.0
 """Deadline of one ``Echo``."""
+
+ECHO_IDLE_S = 10.0
+"""A node closes an ``Echo`` stream with no message for this long (a probe sends its next
+message as soon as the last reply arrives)."""
+
+MAX_ECHO_STREAMS = 4
+"""Most ``Echo`` streams a node answers at once (probes run one at a time per node)."""
 
 WARMUP_ROUNDS = 2
 """Untimed rounds before a probe's timed ones."""
@@ -164,6 +175,43 @@ async def measure_link(
     seconds = max(statistics.median(extra for _, extra in rounds), 1e-9)
     return LinkMeasurement(min(small for small, _ in rounds),
                            (len(sized) - len(_TINY)) / seconds, options.rounds)
+
+
+class EchoService:
+    """The answering side of ``Echo``: a byte count per message, within
+    :data:`MAX_ECHO_STREAMS` streams and :data:`ECHO_IDLE_S` of idleness."""
+
+    def __init__(self, max_streams: int = MAX_ECHO_STREAMS, idle_s: float = ECHO_IDLE_S) -> None:
+        self._max_streams = max_streams
+        self._idle_s = idle_s
+        self._streams = 0
+
+    async def answer(self, context: grpc.aio.ServicerContext) -> AsyncIterator[pb.EchoReply]:
+        """Reply to each message of the stream ``context`` reads, until it ends; abort with
+        RESOURCE_EXHAUSTED when :data:`MAX_ECHO_STREAMS` are open and DEADLINE_EXCEEDED
+        when the stream idles."""
+        if self._streams >= self._max_streams:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"this node answers {self._max_streams} Echo streams already; "
+                                "probe one link at a time")
+        self._streams += 1
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(self._idle_s):
+                        # context.read(), not the iterator, which would keep the payload alive.
+                        request = await context.read()
+                except TimeoutError:
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                        f"no Echo message for {self._idle_s:g} s; the stream "
+                                        "is closed")
+                if request is grpc.aio.EOF:
+                    return
+                received = len(request.payload)
+                del request
+                yield pb.EchoReply(received_bytes=received)
+        finally:
+            self._streams -= 1
 
 
 class NodeProber:

@@ -6,26 +6,29 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import NoReturn
 
 import grpc
 import torch
 
+from node.airtime import Arbiters
 from node.auth import AuthInterceptor, WiredPeers
 from node.codec import WireFrame, check_frame, decode_failure
 from node.config import NodeConfig
 from node.data_path import add_servicer
 from node.errors import FrameError, FrameSpecError, LimitError, ListenError, ProbeError
 from node.health import NodeHealth
+from node.link import MediumUse
 from node.loading import receive_artifact
 from node.messages import FailureCode, NodeInfo, encoding_from_proto, link_from_proto
 from node.next_hop import NextHop
 from node.pipeline import StageRunner, Work
-from node.probe import NodeProber, ProbeOptions
+from node.probe import EchoService, NodeProber, ProbeOptions
 from node.profiling import NodeProfiler
 from node.results import ResultsOwner
 from node.rpc import edgesplit_pb2 as pb
@@ -58,6 +61,19 @@ DRAIN_TIMEOUT_S = 5.0
 for a subscriber that is gone); the coordinator replays what it did not finish."""
 
 
+def media_problem(media: Sequence[MediumUse], arbiters: Mapping[str, str]) -> str | None:
+    """Why a Wire's links cannot cross ``media`` here (``arbiters``: the node's), or ``None``."""
+    for use in media:
+        if use.name not in arbiters:
+            return (f"Wire's link crosses medium {use.name!r}, but this node was started "
+                    "without its arbiter; start the cluster with `coordinator up`, which "
+                    "passes --medium NAME=HOST:PORT")
+        if not 0 < use.bytes_per_s < math.inf or use.uses not in (1, 2):
+            return (f"Wire's medium {use.name!r} needs a positive finite bytes_per_s and 1 "
+                    f"or 2 uses, not {use.bytes_per_s!r} and {use.uses!r}")
+    return None
+
+
 class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
     """Decode, hand to the stage runner, encode; the logic lives in plain modules."""
 
@@ -72,6 +88,7 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
         self._peers = peers
         self._health = health
         self._prober = NodeProber(config.max_message_bytes, config.security)
+        self._echo = EchoService()
         self.resident_overhead_bytes = 0
         """Resident memory once serving, before any stage (set by :class:`EdgeNodeServer`)."""
 
@@ -149,6 +166,9 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
                 f"Wire names unknown outbound encoding {request.outbound_encoding}; upgrade "
                 "this node to the coordinator's version",
             )
+        outbound, inbound = link_from_proto(request.outbound), link_from_proto(request.inbound)
+        if problem := media_problem((*outbound.media, *inbound.media), self._config.media):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         if request.next_address and security and security.tls and not request.next_node:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -171,7 +191,6 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
         else:
             sink = self._results
         self._peers.previous = request.previous_node or None
-        outbound, inbound = link_from_proto(request.outbound), link_from_proto(request.inbound)
         await self._runner.wire(sink, outbound, inbound, encoding)
         await self._health.set_ready(self._runner.stage is not None)
         log.info(
@@ -278,11 +297,8 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
     async def Echo(
         self, request_iterator: AsyncIterator[pb.EchoRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.EchoReply]:
-        # context.read(), as in Submit: the iterator would keep the last payload alive.
-        while (request := await context.read()) is not grpc.aio.EOF:
-            received = len(request.payload)
-            del request
-            yield pb.EchoReply(received_bytes=received)
+        async for reply in self._echo.answer(context):
+            yield reply
 
 
 class EdgeNodeServer:
@@ -290,8 +306,10 @@ class EdgeNodeServer:
 
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
+        self.arbiters = Arbiters(config.media)
         self.runner = StageRunner(
-            node_name=config.name, device=config.device, speed_factor=config.speed_factor
+            node_name=config.name, device=config.device, speed_factor=config.speed_factor,
+            airtime=self.arbiters,
         )
         self.results = ResultsOwner(QUEUE_DEPTH, config.results_stall_s)
         profiler = NodeProfiler(
@@ -365,6 +383,7 @@ class EdgeNodeServer:
         log.info("node %r stopping", self.config.name)
         await self.server.stop(grace_s)
         await self.runner.stop()
+        await self.arbiters.close()
 
 
 async def serve(config: NodeConfig) -> None:

@@ -1,4 +1,5 @@
-"""The cluster spec, ``nodes.yaml``: nodes, the links between them, the source and the sink.
+"""The cluster spec, ``nodes.yaml``: nodes, the links between them, the shared media, the
+source and the sink.
 
 Every mistake raises :class:`ClusterSpecError` with one line naming the file, the field's
 path and the bad value, e.g. ``nodes.yaml: nodes[1].memory: '2 GiBs' is not a size``.
@@ -23,11 +24,12 @@ from partition.units import parse_bandwidth, parse_duration, parse_size
 
 _T = TypeVar("_T")
 
-_TOP_FIELDS = ("nodes", "links", "source", "sink", "security")
+_TOP_FIELDS = ("nodes", "links", "media", "source", "sink", "security")
 _NODE_FIELDS = ("name", "address", "memory", "speed", "threads", "quantize")
 _LINKS_FIELDS = ("default", "overrides")
 _DEFAULT_FIELDS = ("bandwidth", "latency")
 _OVERRIDE_FIELDS = ("from", "to", "bandwidth", "latency")
+_MEDIUM_FIELDS = ("name", "bandwidth", "nodes")
 _ADDRESS = re.compile(r"^(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):(?P<port>\d{1,5})$")
 
 
@@ -56,6 +58,25 @@ class LinkSpec:
     latency_s: float
 
 
+@dataclass(frozen=True)
+class MediumSpec:
+    """A shared medium (one Wi-Fi access point's airtime, a half-duplex radio): its
+    bandwidth in bytes per second and the nodes on it.
+
+    A transfer between two nodes uses the medium once for each of its ends on it (station
+    to access point to station costs twice its bytes in airtime) and keeps it busy its
+    bytes over the bandwidth per use; the link between the two nodes limits it too.
+    """
+
+    name: str
+    bytes_per_s: float
+    nodes: tuple[str, ...]
+
+    def uses(self, a: str, b: str) -> int:
+        """How many times a transfer from ``a`` to ``b`` crosses this medium (0 to 2)."""
+        return 0 if a == b else (a in self.nodes) + (b in self.nodes)
+
+
 _SELF_LINK = LinkSpec(math.inf, 0.0)
 
 WORKER_OVERHEAD_BYTES = 330 * 1024**2
@@ -70,6 +91,7 @@ class ClusterSpec:
 
     ``links`` holds every override in both directions (a reverse given explicitly wins);
     any other pair uses ``default_link``, which the loader requires whenever a pair is left.
+    ``media`` are the shared media; a node is on one of them at most.
     """
 
     nodes: tuple[NodeSpec, ...]
@@ -78,6 +100,7 @@ class ClusterSpec:
     source: str
     sink: str
     security: SecuritySpec | None = None
+    media: tuple[MediumSpec, ...] = ()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -258,7 +281,43 @@ class _Parser:
         source = self.node_ref(top.get("source", names[0]), "source", names)
         sink = self.node_ref(top.get("sink", names[0]), "sink", names)
         security = None if top.get("security") is None else self.security(top["security"])
-        return ClusterSpec(nodes, default, links, source, sink, security)
+        media = self.media(top.get("media"), names)
+        return ClusterSpec(nodes, default, links, source, sink, security, media)
+
+    def media(self, data: object, names: list[str]) -> tuple[MediumSpec, ...]:
+        if data is None:
+            return ()
+        if not isinstance(data, list):
+            raise self.fail("media", f"{data!r} is not a list of media")
+        media: list[MediumSpec] = []
+        on: dict[str, str] = {}
+        for i, raw in enumerate(data):
+            path = f"media[{i}]"
+            fields = self.mapping(raw, path, _MEDIUM_FIELDS)
+            name = self.required(fields, path, "name")
+            if not isinstance(name, str) or not name.strip() or not name.isprintable():
+                raise self.fail(f"{path}.name", f"{name!r} is not a name (printable text)")
+            if any(medium.name == name for medium in media):
+                raise self.fail(f"{path}.name", f"{name!r} is used by another medium already; "
+                                                f"names must be unique")
+            raw_bandwidth = self.required(fields, path, "bandwidth")
+            bandwidth = self.unit(raw_bandwidth, f"{path}.bandwidth", parse_bandwidth)
+            if not 0 < bandwidth < math.inf:
+                raise self.fail(f"{path}.bandwidth", f"{raw_bandwidth!r} must be positive "
+                                                     f"and finite")
+            members = self.required(fields, path, "nodes")
+            if not isinstance(members, list) or not members:
+                raise self.fail(f"{path}.nodes", f"{members!r} is not a non-empty list of "
+                                                 f"node names")
+            for k, member in enumerate(members):
+                where = f"{path}.nodes[{k}]"
+                self.node_ref(member, where, names)
+                if member in on:
+                    raise self.fail(where, f"{member!r} is on medium {on[member]!r} already; "
+                                           f"a node may be on one medium only")
+                on[member] = name
+            media.append(MediumSpec(name, bandwidth, tuple(members)))
+        return tuple(media)
 
     def security(self, data: object) -> SecuritySpec:
         fields = self.mapping(data, "security", SECURITY_FIELDS)

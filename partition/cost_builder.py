@@ -9,6 +9,7 @@ import numpy as np
 from partition.cluster import ClusterSpec, cost_arrays
 from partition.costs import CostModel
 from partition.layers import LayerGraph
+from partition.media import Media
 from partition.profiler import Profile
 from partition.quantize import WeightFormat, dequantized_bytes, weight_bytes
 from partition.queues import held_frames_bytes
@@ -105,4 +106,5 @@ def build_cost_model(
         source=arrays.source,
         sink=arrays.sink,
         layer_param_bytes=np.array([layer.param_bytes for layer in layer_graph.layers]),
+        media=Media.of(cluster),
     )

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from partition.media import Media
+
 
 @dataclass(frozen=True)
 class LinkChoices:
@@ -97,6 +99,8 @@ class CostModel:
     layer_param_bytes : optional ``(L,)`` parameter bytes of each layer (for the baselines).
     compression : optional encodings and weight formats the optimizer may choose, and the
         error budget; without it every link is raw and every weight full precision.
+    media : optional shared media (:mod:`partition.media`); each is one resource for every
+        transfer on it.
     """
 
     node_names: tuple[str, ...]
@@ -110,6 +114,7 @@ class CostModel:
     sink: int
     layer_param_bytes: np.ndarray | None = None
     compression: Compression | None = None
+    media: Media | None = None
 
     @property
     def num_layers(self) -> int:

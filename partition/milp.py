@@ -8,7 +8,9 @@ binary ``y[v, a, c]`` says state ``v``'s tensors cross from ``a`` to ``c``. Flow
 chain the stages from the model's input to its output, links pair the stage ending at ``v``
 with the one starting there, and each node runs at most one stage. Latency is the sum of the
 chosen edges; the bottleneck is a variable ``T`` at least each node's stage time and each
-link's time (each node and each state has at most one of them, so one row each suffices).
+link's time (each node and each state has at most one of them, so one row each suffices),
+and with shared media at least each medium's busy time, the sum of the airtime of the hops
+chosen (one row per medium).
 Throughput then takes a second program, with at most :data:`TIE_BREAK_SHARE` of the time:
 the least latency among plans within the bottleneck found (the exact search's tie-break).
 
@@ -61,7 +63,9 @@ DEFAULT_LIMITS = SolverLimits()
 class StateGraph(NamedTuple):
     """The optimizer's tables: ``stage[d, v, v']`` and ``hop[v, a, c]`` (``inf``: no edge;
     a hop's busy time), the state indices a plan may start and end at, the source and sink
-    nodes, and ``delay[a, c]``, the latency a hop adds to a request's latency only."""
+    nodes, ``delay[a, c]``, the latency a hop adds to a request's latency only, and
+    ``airtime[m, v, a, c]``, how long a hop keeps shared medium ``m`` busy (``None``: no
+    media; a plan's bottleneck is then at least each medium's summed airtime)."""
 
     stage: np.ndarray
     hop: np.ndarray
@@ -70,6 +74,7 @@ class StateGraph(NamedTuple):
     source: int
     sink: int
     delay: np.ndarray | None = None
+    airtime: np.ndarray | None = None
 
     def relaxed(self) -> tuple:
         """The arguments :func:`~partition.relaxation.relax` takes: the edges (hops at their
@@ -93,8 +98,10 @@ class Solved:
 
 
 def solve(graph: StateGraph, objective: Objective, warm: Path | None,
-          limits: SolverLimits) -> Solved:
-    """The best path for ``objective``, starting from the plan ``warm`` if one is known.
+          limits: SolverLimits, proven_s: float = 0.0) -> Solved:
+    """The best path for ``objective``, starting from the plan ``warm`` if one is known;
+    ``proven_s`` is a lower bound on the optimum proven elsewhere (a bottleneck warm start
+    that meets it needs only the latency tie-break).
 
     Raises
     ------
@@ -116,8 +123,11 @@ def solve(graph: StateGraph, objective: Objective, warm: Path | None,
                 f"limit of {limits.time_limit_s:g} s; plan over fewer nodes or with a coarser "
                 "--granularity")
         warm = found.path
-    program = _Program(graph, bottleneck, _value(graph, warm, bottleneck), price=True)
-    if bottleneck:
+    value = _value(graph, warm, bottleneck)
+    if bottleneck and value <= proven_s * (1 + KEEP_SLACK):
+        best = _Outcome(highspy.HighsModelStatus.kOptimal, warm, proven_s)
+    elif bottleneck:
+        program = _Program(graph, bottleneck, value, price=True)
         # Simplex may stall on the bottleneck program's first LP; then an interior point
         # method solves it, for a bound at least.
         best = program.run(warm, min(deadline, time.monotonic() + SIMPLEX_SHARE
@@ -125,12 +135,15 @@ def solve(graph: StateGraph, objective: Objective, warm: Path | None,
         if best.status != highspy.HighsModelStatus.kOptimal and best.lower_bound <= 0:
             best = program.run(best.path or warm, deadline, limits.relative_gap, "ipx")
     else:
-        best = program.run(warm, deadline, limits.relative_gap)
+        best = _Program(graph, bottleneck, value, price=True).run(warm, deadline,
+                                                                  limits.relative_gap)
     path = best.path or warm
     if bottleneck and time.monotonic() < deadline:
         # Among the plans within the bottleneck found, the fastest.
-        capped = _capped(graph, _value(graph, path, True)).with_delays()
-        tied = _Program(capped, False, _value(capped, path, False), price=True).run(
+        neck = _value(graph, path, True)
+        capped = _capped(graph, neck).with_delays()
+        tied = _Program(capped, False, _value(capped, path, False), price=True,
+                        medium_cap=neck * (1 + KEEP_SLACK)).run(
             path, min(deadline, time.monotonic() + TIE_BREAK_SHARE * limits.time_limit_s),
             limits.relative_gap)
         path = tied.path or path
@@ -138,12 +151,24 @@ def solve(graph: StateGraph, objective: Objective, warm: Path | None,
 
 
 def _value(graph: StateGraph, path: Path, bottleneck: bool) -> float:
-    """A path's latency or bottleneck over the graph's edges."""
+    """A path's latency or bottleneck over the graph's edges (and media)."""
     items = [float(graph.hop[path[0][1], graph.source, path[0][0]])]
     for (d, v, w), after in zip(path, [*path[1:], None], strict=True):
         items.append(float(graph.stage[d, v, w]))
         items.append(float(graph.hop[w, d, after[0] if after else graph.sink]))
-    return max(items) if bottleneck else sum(items)
+    if not bottleneck:
+        return sum(items)
+    return max(items + _medium_busy(graph, path).tolist())
+
+
+def _medium_busy(graph: StateGraph, path: Path) -> np.ndarray:
+    """``(M,)``: each medium's busy time along a path (empty without media)."""
+    if graph.airtime is None:
+        return np.zeros(0)
+    busy = graph.airtime[:, path[0][1], graph.source, path[0][0]].copy()
+    for (d, _, w), after in zip(path, [*path[1:], None], strict=True):
+        busy += graph.airtime[:, w, d, after[0] if after else graph.sink]
+    return busy
 
 
 def _capped(graph: StateGraph, limit: float) -> StateGraph:
@@ -161,10 +186,13 @@ class _Outcome(NamedTuple):
 
 class _Program:
     """One program over the graph's edges that could beat ``limit`` (``inf``: all edges);
-    ``price=False`` asks only for any path (zero objective)."""
+    ``price=False`` asks only for any path (zero objective). With media the bottleneck
+    covers each medium's busy time, and a latency program keeps it within ``medium_cap``."""
 
-    def __init__(self, graph: StateGraph, bottleneck: bool, limit: float, price: bool) -> None:
+    def __init__(self, graph: StateGraph, bottleneck: bool, limit: float, price: bool,
+                 medium_cap: float = np.inf) -> None:
         self.bottleneck = bottleneck and price
+        self.medium_cap = medium_cap
         self.price = price
         self.scale = limit if price and 0 < limit < np.inf else 1.0
         combine = np.maximum if bottleneck else np.add
@@ -225,11 +253,15 @@ class _Program:
         stage_s = g.stage[sd, si, sj] / self.scale
         link_s = g.hop[lv, la, lc] / self.scale
         xs, ys = np.arange(nx), nx + np.arange(ny)
+        media = self._airtime_columns(at_start, at_end)
         # Row keys (renumbered below): start, end, node once, then the bottleneck rows
-        # (per node, source, sink, per state), then the balances in and out of each state.
+        # (per node, source, sink, per state, per medium), then the balances in and out of
+        # each state.
         once, per_node = 2, 2 + n
         source_row, sink_row, per_state = 2 + 2 * n, 3 + 2 * n, 4 + 2 * n
-        into, out_of = per_state + states, per_state + states + states * n
+        per_medium = per_state + states
+        into = per_medium + len(media)
+        out_of = into + states * n
         rows = [np.zeros(at_start.sum()), np.ones(at_end.sum()), once + sd,
                 into + sj[~at_end] * n + sd[~at_end], into + lv * n + la,
                 out_of + si[~at_start] * n + sd[~at_start], out_of + lv * n + lc]
@@ -248,7 +280,14 @@ class _Program:
             vals += [-stage_s, -source_s[at_start], -sink_s[at_end], -link_s, np.ones(n),
                      np.ones(2), np.ones(len(crossed))]
             cost[t] = 1.0
-        elif self.price:
+        for m, used in enumerate(media):  # T at least the medium's busy time, or busy <= cap
+            hot = np.flatnonzero(used)
+            with_t = [nx + ny] * self.bottleneck
+            rows.append(np.full(len(hot) + len(with_t), per_medium + m))
+            cols.append(np.append(hot, with_t))
+            vals.append(np.append(-used[hot] if self.bottleneck else used[hot],
+                                  [1.0] * len(with_t)))
+        if self.price and not self.bottleneck:
             cost[:nx] = stage_s + source_s + sink_s
             cost[nx:] = link_s
         row = np.concatenate(rows).astype(np.int64)
@@ -257,6 +296,9 @@ class _Program:
         keys, row = np.unique(row, return_inverse=True)
         lower = np.select([keys < 2, keys < per_node, keys < into], [1.0, -np.inf, 0.0], 0.0)
         upper = np.select([keys < 2, keys < per_node, keys < into], [1.0, 1.0, np.inf], 0.0)
+        if not self.bottleneck:  # a latency program's media rows: busy time within the cap
+            capped = (keys >= per_medium) & (keys < into)
+            lower[capped], upper[capped] = -np.inf, self.medium_cap / self.scale
         order = np.lexsort((col, row))
         lp = highspy.HighsLp()
         lp.num_col_, lp.num_row_ = len(cost), len(keys)
@@ -271,6 +313,19 @@ class _Program:
         lp.integrality_ = ([highspy.HighsVarType.kInteger] * (nx + ny)
                            + [highspy.HighsVarType.kContinuous] * self.bottleneck)
         return lp
+
+    def _airtime_columns(self, at_start: np.ndarray, at_end: np.ndarray) -> np.ndarray:
+        """``(M, columns)``: each stage's and link's airtime on each medium, in units of the
+        program's scale (a stage carries its source's and sink's hop); none without media
+        or when the program neither has a bottleneck nor caps the media."""
+        g = self.graph
+        if g.airtime is None or not (self.bottleneck or np.isfinite(self.medium_cap)):
+            return np.zeros((0, len(self.stages[0]) + len(self.links[0])))
+        sd, si, sj = self.stages
+        la, lv, lc = self.links
+        source = np.where(at_start, g.airtime[:, si, g.source, sd], 0.0)
+        sink = np.where(at_end, g.airtime[:, sj, sd, g.sink], 0.0)
+        return np.hstack([source + sink, g.airtime[:, lv, la, lc]]) / self.scale
 
     def _columns_of(self, path: Path) -> np.ndarray:
         """The program's column values for a path (the warm start)."""

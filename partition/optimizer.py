@@ -28,8 +28,17 @@ plan is the warm start of a mixed-integer program over the same tables (:mod:`pa
 compression included) that HiGHS solves within :class:`~partition.milp.SolverLimits`. The
 result says ``exact=False`` unless the solver proved the plan optimal, and carries the
 solver's proven lower bound. Neither that path nor weight formats to choose replicate
-stages (:attr:`OptimizeResult.unreplicated` says so). "No plan fits" is said only when proven: by
-the exhaustive search, or by the solver's proof that its program has no solution.
+stages (:attr:`OptimizeResult.unreplicated` says so). "No plan fits" is said only when
+proven: by the exhaustive search, or by the solver's proof that its program has no solution.
+
+With shared media (:mod:`partition.media`) a hop also costs its airtime, but a medium's busy
+time is a sum over the plan's hops, which a minimax path cannot see: the throughput is then
+the solver's, with one more row per medium (and no replicated stage). Its warm start is the
+better of the search's best plan on each hop's own cost (re-priced with the media) and
+:func:`_least_airtime`'s, which is the optimum itself for one medium over an exhaustive space
+(the solver then only breaks the tie by latency). The search's bottleneck bounds the optimum
+from below, and where the search is exhaustive the solver runs to a zero gap. Latency adds
+each hop's time and needs no more than the hops' airtime.
 """
 
 from __future__ import annotations
@@ -101,11 +110,14 @@ class Schedule:
     ``spans``: source to the first stage, between consecutive stages, and the last stage to
     the sink. A link's transfer time is how long it is busy with a request (its bytes over
     the bandwidth, with the source's encoding and the sink's decoding); its delay, the
-    latency, adds to the request's latency only (0 where no link is used).
+    latency, adds to the request's latency only (0 where no link is used). With shared media
+    a transfer takes at least its airtime, and ``medium_seconds`` holds each medium's busy
+    time per request (:mod:`partition.media`).
     With replicated stages, ``stage_seconds`` is a stage's busiest replica's time per request
     (its share of the requests times its compute), ``transfer_seconds`` a hop's busiest link
     (one per sender and receiver pair, carrying the product of their shares), and
-    ``delay_seconds`` and ``latency_s`` are expected over the dealing.
+    ``delay_seconds`` and ``latency_s`` are expected over the dealing (a medium carries each
+    pair's airtime times the product of their shares).
     ``encodings`` and ``formats`` are option indices (0: raw, full precision) into the cost
     model's :class:`~partition.choice_tables.Options`; ``error_bound`` is the sum of the
     errors the chosen options cause alone.
@@ -121,6 +133,7 @@ class Schedule:
     encodings: tuple[int, ...] = ()
     formats: tuple[int, ...] = ()
     error_bound: float = 0.0
+    medium_seconds: tuple[float, ...] = ()
 
     @property
     def throughput_per_s(self) -> float:
@@ -153,9 +166,9 @@ def evaluate(
 
     A stage's time includes decoding what it receives and encoding what it sends; the
     source's encoding and the sink's decoding count with their links. The bottleneck is the
-    busiest stage or link; the latency adds every stage, transfer and link latency. A
-    replicated stage is priced as :class:`Schedule` says: busy times per replica and per
-    replica pair's link, the latency expected over the dealing.
+    busiest stage, link or shared medium; the latency adds every stage, transfer and link
+    latency. A replicated stage is priced as :class:`Schedule` says: busy times per replica
+    and per replica pair's link, the latency expected over the dealing.
 
     Raises
     ------
@@ -187,6 +200,13 @@ def evaluate(
         transfer.append(max(w * t for w, t, _ in pairs))
         mean_transfer.append(sum(w * t for w, t, _ in pairs))
         delay.append(sum(w * t for w, _, t in pairs))
+    media = () if cost.media is None else tuple(
+        float(t) for t in sum(
+            (p * q * cost.media.hop_airtime(float(opts.link_bytes[b, e]), src, dst)
+             for k, (b, e) in enumerate(zip(boundaries, codes, strict=True))
+             for src, p in zip(ends[k], shares[k], strict=True)
+             for dst, q in zip(ends[k + 1], shares[k + 1], strict=True)),
+            np.zeros(len(cost.media.names))))
     stage_error = opts.stage_error()
     error = sum(float(opts.link_error[b, e]) for b, (src, dst), e in
                 zip(boundaries, pairwise(ends), codes, strict=True) if src != dst)
@@ -194,7 +214,7 @@ def evaluate(
     return Schedule(
         spans=spans,
         latency_s=sum(mean_stage) + sum(mean_transfer) + sum(delay),
-        bottleneck_s=max(stage + transfer),
+        bottleneck_s=max(stage + transfer + list(media)),
         stage_seconds=tuple(stage),
         transfer_seconds=tuple(transfer),
         delay_seconds=tuple(delay),
@@ -204,6 +224,7 @@ def evaluate(
         encodings=codes,
         formats=kinds,
         error_bound=error,
+        medium_seconds=media,
     )
 
 
@@ -212,14 +233,18 @@ def _transfer_seconds(
 ) -> float:
     """How long the link from ``src`` to ``dst`` is busy with boundary ``boundary``'s
     tensors in ``encoding`` (0 if same node), with the source's encoding of the input and
-    the sink's decoding of the output; its latency is not busy time."""
+    the sink's decoding of the output, and at least its airtime on shared media; its latency
+    is not busy time."""
     if src == dst:
         return 0.0
-    seconds = float(opts.link_bytes[boundary, encoding]) / float(cost.link_bytes_per_s[src, dst])
+    nbytes = float(opts.link_bytes[boundary, encoding])
+    seconds = nbytes / float(cost.link_bytes_per_s[src, dst])
     if boundary == 0:
         seconds += float(opts.encode_s[0, encoding])
     if boundary == cost.num_layers:
         seconds += float(opts.decode_s[boundary, encoding])
+    if cost.media is not None:
+        seconds = max(seconds, float(cost.media.hop_airtime(nbytes, src, dst).sum()))
     return seconds
 
 
@@ -250,9 +275,10 @@ def optimize(cost: CostModel, objective: Objective, limits: SolverLimits = DEFAU
     tables = _Tables.build(cost)
     states = tables.stage.shape[1]
     exhaustive = _work(cost.num_nodes, states - 1) <= EXACT_WORK_LIMIT
+    media = tables.airtime is not None and objective is Objective.THROUGHPUT
     wanted = replicate and objective is Objective.THROUGHPUT and cost.num_nodes > 1
     unreplicated = _unreplicated(cost, exhaustive, states) if wanted else ""
-    if exhaustive:
+    if exhaustive and not media:
         groups = (replica_groups(cost, EXACT_WORK_LIMIT, states) if wanted and not unreplicated
                   else [])
         searched = tables.replicated(cost, groups) if groups else tables
@@ -262,18 +288,33 @@ def optimize(cost: CostModel, objective: Objective, limits: SolverLimits = DEFAU
                 _shortfall_message(cost, [_Space.any_order(cost.num_nodes)], None))
         best = searched.priced(cost, path)
         return OptimizeResult(best, True, objective.key(best)[0], unreplicated=unreplicated)
-    spaces = _restricted_spaces(cost, states)
-    warm = min((p for p in (_best(cost, tables, objective, sp) for sp in spaces) if p),
-               key=lambda p: objective.key(tables.priced(cost, p)), default=None)
+    spaces = ([_Space.any_order(cost.num_nodes)] if exhaustive
+              else _restricted_spaces(cost, states))
+    found = [p for p in (_best(cost, tables, objective, sp) for sp in spaces) if p]
+    proven = 0.0
+    if media:
+        least = [f for f in (_least_airtime(tables, cost, sp) for sp in spaces) if f]
+        found += [path for _, path in least]
+        if exhaustive and least and len(cost.media.names) == 1:
+            proven = least[0][0]
+    warm = min(found, key=lambda p: objective.key(tables.priced(cost, p)), default=None)
+    if warm is None and exhaustive:
+        raise NoFeasiblePlanError(_shortfall_message(cost, spaces, None))
     graph = StateGraph(tables.stage, tables.hop, tables.index.starts, tables.index.ends,
-                       cost.source, cost.sink, tables.delay)
-    solved = solve(graph, objective, _raw_path(warm), limits)
+                       cost.source, cost.sink, tables.delay, tables.airtime)
+    solved = solve(graph, objective, _raw_path(warm),
+                   replace(limits, relative_gap=0.0) if exhaustive else limits, proven)
     if solved.path is None:
         raise NoFeasiblePlanError(_shortfall_message(cost, spaces, limits))
     best = min((tables.priced(cost, _spans(p)) for p in (solved.path, _raw_path(warm)) if p),
                key=objective.key)
     answer = objective.key(best)[0]
-    bound = min(answer, max(solved.lower_bound_s, _lower_bound(cost, tables, objective)))
+    bound = max(solved.lower_bound_s, _lower_bound(cost, tables, objective), proven)
+    if exhaustive and warm is not None:
+        # The search's minimax over each hop's own cost: no plan's bottleneck is smaller.
+        priced = tables.priced(cost, warm)
+        bound = max(bound, *priced.stage_seconds, *priced.transfer_seconds)
+    bound = min(answer, bound)
     return OptimizeResult(best, bound >= answer * (1 - EXACT_TOLERANCE), bound, solver=True,
                           unreplicated=unreplicated)
 
@@ -282,6 +323,8 @@ def _unreplicated(cost: CostModel, exhaustive: bool, states: int) -> str:
     """Why the search for throughput cannot replicate stages here, or ``""``."""
     if cost.compression is not None and cost.compression.weights is not None:
         return "weight formats are chosen with the stages"
+    if cost.media is not None:
+        return "shared media are declared"
     if not exhaustive:
         return "the cluster and model are past the exact search's limit"
     if group_work(cost.num_nodes, states - 1, 2) > EXACT_WORK_LIMIT:
@@ -342,7 +385,9 @@ class _Tables:
     each layer's fastest time for pruning. With compression the indices are state indices
     (see ``index``) and ``stage_format`` holds each stage edge's weight format. With
     replica groups (:meth:`replicated`) the node indices are virtual nodes (``members``) and
-    a request's latency has its own stage and hop costs, ``mean_stage`` and ``mean_hop``."""
+    a request's latency has its own stage and hop costs, ``mean_stage`` and ``mean_hop``.
+    With shared media, ``airtime[m, v, a, c]`` is how long the hop keeps medium ``m`` busy,
+    and each hop costs at least its airtime on all media together (see :meth:`with_media`)."""
 
     stage: np.ndarray
     hop: np.ndarray
@@ -353,6 +398,7 @@ class _Tables:
     members: tuple[tuple[int, ...], ...] | None = None
     mean_stage: np.ndarray | None = None
     mean_hop: np.ndarray | None = None
+    airtime: np.ndarray | None = None
 
     @classmethod
     def build(cls, cost: CostModel) -> _Tables:
@@ -361,7 +407,7 @@ class _Tables:
         if cost.compression is not None:
             made = choice_tables(cost)
             return cls(made.stage, made.hop, delay, made.layer_floor, made.index,
-                       made.stage_format)
+                       made.stage_format).with_media(cost)
         seconds = np.asarray(cost.layer_seconds, dtype=float)
         n, layers = seconds.shape
         prefix = np.concatenate([np.zeros((n, 1)), np.cumsum(seconds, axis=1)], axis=1)
@@ -373,7 +419,17 @@ class _Tables:
         with np.errstate(divide="ignore", invalid="ignore"):
             hop = nbytes[:, None, None] / cost.link_bytes_per_s[None]
         hop[:, np.arange(n), np.arange(n)] = 0.0
-        return cls(stage, hop, delay, seconds.min(axis=0), StateIndex.plain(layers))
+        return cls(stage, hop, delay, seconds.min(axis=0),
+                   StateIndex.plain(layers)).with_media(cost)
+
+    def with_media(self, cost: CostModel) -> _Tables:
+        """The tables with each hop's airtime on ``cost``'s media (unchanged without)."""
+        if cost.media is None:
+            return self
+        opts = Options.of(cost)
+        airtime = cost.media.airtime(opts.link_bytes[self.index.layer_of,
+                                                     self.index.encoding_of])
+        return replace(self, hop=np.maximum(self.hop, airtime.sum(axis=0)), airtime=airtime)
 
     def replicated(self, cost: CostModel, groups: list[tuple[int, ...]]) -> _Tables:
         """The same graph with each of ``groups`` as one more node (not with weight formats
@@ -458,6 +514,46 @@ def _best(
     capped = tables.capped(found[0] * (1 + TIE_TOLERANCE)).with_delays()
     tied = _search(capped, cost.source, cost.sink, np.add, space)
     return (tied or found)[1]
+
+
+def _least_airtime(
+    tables: _Tables, cost: CostModel, space: _Space
+) -> tuple[float, tuple[Span, ...]] | None:
+    """A throughput path when media are shared, and its bottleneck counting all media's
+    airtime as one: ``min over T of max(T, f(T))``, where ``f(T)`` is the least airtime of
+    a path whose stages and hops each take at most ``T`` (a shortest path; ``f`` falls as
+    ``T`` grows, so ``T`` is bisected over the edge costs). With one medium this is the
+    least bottleneck over ``space``; with more it bounds the chosen path's from above."""
+    air = tables.airtime.sum(axis=0)
+    free = np.zeros_like(tables.layer_floor)
+
+    def least(limit: float) -> tuple[float, tuple[Span, ...]] | None:
+        capped = tables.capped(limit)
+        priced = replace(capped, stage=np.where(np.isfinite(capped.stage), 0.0, np.inf),
+                         hop=np.where(np.isfinite(capped.hop), air, np.inf), layer_floor=free)
+        return _search(priced, cost.source, cost.sink, np.add, space)
+
+    edges = np.concatenate([tables.stage.ravel(), tables.hop.ravel()])
+    limits = np.unique(edges[np.isfinite(edges)])
+    low, high = 0, len(limits) - 1  # find the first limit at least its least airtime
+    found = least(limits[high]) if len(limits) else None
+    if found is None:
+        return None
+    best = (max(limits[high], found[0]), found[1])
+    while low < high:
+        middle = (low + high) // 2
+        found = least(limits[middle])
+        if found is not None and max(limits[middle], found[0]) < best[0]:
+            best = (max(limits[middle], found[0]), found[1])
+        if found is not None and found[0] <= limits[middle]:
+            high = middle
+        else:
+            low = middle + 1
+    # The least is at that limit or, with more airtime, at the one below it.
+    found = least(limits[low - 1]) if low > 0 else None
+    if found is not None and max(limits[low - 1], found[0]) < best[0]:
+        best = (max(limits[low - 1], found[0]), found[1])
+    return best
 
 
 def _search(

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
+from partition.cluster import MediumSpec
 from partition.compression import LinkEncoding
 from partition.errors import PlanFormatError, TensorSpecError
 from partition.quantize import WeightFormat
@@ -72,6 +73,23 @@ class Link:
     def from_dict(cls, data: dict[str, Any]) -> Link:
         return cls(data["from"], data["to"], float(data["bytes_per_s"]), float(data["latency_s"]),
                    LinkEncoding(data["encoding"]))
+
+
+@dataclass(frozen=True)
+class PlannedMedium(MediumSpec):
+    """A shared medium of the plan's cluster and how long one request keeps it busy (the
+    airtime of every hop that uses it)."""
+
+    busy_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "bytes_per_s": self.bytes_per_s, "nodes": list(self.nodes),
+                "busy_s": self.busy_s}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PlannedMedium:
+        return cls(data["name"], float(data["bytes_per_s"]), tuple(data["nodes"]),
+                   float(data["busy_s"]))
 
 
 @dataclass(frozen=True)
@@ -279,6 +297,8 @@ class Plan:
     """Measured output error of a plan with compressed links (``None``: nothing measured)."""
     unreplicated: str = ""
     """Why the planner could not consider replicated stages though allowed to, or ``""``."""
+    media: tuple[PlannedMedium, ...] = ()
+    """The cluster's shared media (:mod:`partition.media`), each with its busy time."""
 
     @property
     def throughput_per_s(self) -> float:
@@ -324,6 +344,7 @@ class Plan:
             **({"security": self.security.to_dict()} if self.security else {}),
             **({"replan": self.replan} if self.replan is not None else {}),
             **({"accuracy": self.accuracy.to_dict()} if self.accuracy else {}),
+            **({"media": [m.to_dict() for m in self.media]} if self.media else {}),
         }
 
     @classmethod
@@ -365,6 +386,7 @@ class Plan:
             security=SecuritySpec.from_dict(data["security"]) if "security" in data else None,
             replan=data.get("replan"),
             accuracy=Accuracy.from_dict(data["accuracy"]) if "accuracy" in data else None,
+            media=tuple(PlannedMedium.from_dict(m) for m in data.get("media", ())),
         )
         if len(plan.addresses) != len(data["nodes"]):
             raise _invalid(origin, "nodes", "names a node twice")
@@ -449,6 +471,8 @@ _PLAN_FIELDS = {
         "max_error": _Number(infinite=True), "top1_agreement": _Optional(_Number()),
         "next_token_agreement": _Optional(_Number()),
     }),
+    "media": _Optional([{"name": str, "bytes_per_s": _Number(), "nodes": [str],
+                         "busy_s": _Number(infinite=True)}]),
 }
 _KINDS = {str: "a string", bool: "true or false", int: "a non-negative integer"}
 
@@ -522,6 +546,14 @@ def _check_plan(origin: str, plan: Plan) -> None:
         if baseline.stages:
             spans = [((node,), start, end) for node, start, end in baseline.stages]
             _check_chain(origin, f"baselines[{b}].", spans, baseline.links, plan)
+    for m, medium in enumerate(plan.media):
+        if not 0 < medium.bytes_per_s < math.inf:
+            raise _invalid(origin, f"media[{m}].bytes_per_s", "must be positive and finite",
+                           medium.bytes_per_s)
+        for k, node in enumerate(medium.nodes):
+            if node not in plan.addresses:
+                raise _invalid(origin, f"media[{m}].nodes[{k}]", "is not one of nodes[].name",
+                               node)
 
 
 def _hop_ends(

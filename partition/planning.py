@@ -23,6 +23,7 @@ from partition.plan import (
     LinkEncoding,
     Objective,
     Plan,
+    PlannedMedium,
     PlannedStage,
     Replica,
 )
@@ -48,7 +49,7 @@ def plan(
     (:mod:`partition.compression_planning`) and the plan records its measured accuracy, the
     nodes' own weight formats included (pass a request with mode ``none`` to measure those
     alone); the baselines stay raw. With ``replicate``, a stage may run on several nodes
-    (:func:`partition.optimizer.optimize`; not with compression).
+    (:func:`partition.optimizer.optimize`; not with weight formats to choose or shared media).
     """
     cost = build_cost_model(layer_graph, cluster, profiles)
     result, priced, accuracy = search(cost, layer_graph, cluster, objective, compression,
@@ -71,8 +72,8 @@ def search(
 ) -> tuple[OptimizeResult, CostModel, Accuracy | None]:
     """The optimizer's best schedule for ``objective`` (replicated stages allowed if
     ``replicate``); with ``compression`` chosen with its encodings and weight formats (each
-    node's own ``quantize`` as the default) and never replicated, priced on the cost model
-    with its compression, and its measured accuracy."""
+    node's own ``quantize`` as the default; replicated only where no weight format is offered),
+    priced on the cost model with its compression, and its measured accuracy."""
     if compression is None:
         return optimize(cost, objective, replicate=replicate), cost, None
     own = [node.quantize or WeightFormat.NONE for node in cluster.nodes]
@@ -143,6 +144,8 @@ def plan_from_schedule(
         lower_bound_s=lower_bound_s,
         baselines=baseline_results,
         security=cluster.security,
+        media=tuple(PlannedMedium(m.name, m.bytes_per_s, m.nodes, busy) for m, busy
+                    in zip(cluster.media, schedule.medium_seconds, strict=True)),
     )
 
 

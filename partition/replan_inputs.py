@@ -1,5 +1,6 @@
-"""What re-planning needs, carried in ``plan.json``: the cluster spec, each node's profile,
-whether stages may be replicated and, for a compressed plan, what the planner was asked to
+"""What re-planning needs, carried in ``plan.json``: the cluster spec (its shared media
+included), each node's profile, whether stages may be replicated and, for a compressed plan,
+what the planner was asked to
 compress.
 
 Plain JSON data, written by :func:`replan_inputs` when a plan is made and read back by
@@ -14,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from partition.cluster import ClusterSpec, LinkSpec, NodeSpec
+from partition.cluster import ClusterSpec, LinkSpec, MediumSpec, NodeSpec
 from partition.compression_choice import Inputs, weight_offer
 from partition.compression_planning import CompressionRequest, CompressMode
 from partition.errors import PlanFormatError
@@ -77,6 +78,8 @@ def replan_inputs(
                       for (a, b), link in cluster.links.items()],
             "source": cluster.source,
             "sink": cluster.sink,
+            "media": [{"name": m.name, "bytes_per_s": m.bytes_per_s, "nodes": list(m.nodes)}
+                      for m in cluster.media],
         },
         "profiles": {name: profile.to_dict() for name, profile in profiles.items()},
         **({"compression": _compression(compression, cluster)} if compression else {}),
@@ -109,6 +112,8 @@ def read_replan_inputs(data: dict[str, Any]) -> ReplanInputs:
                    for x in cluster["links"]},
             source=cluster["source"],
             sink=cluster["sink"],
+            media=tuple(MediumSpec(m["name"], float(m["bytes_per_s"]), tuple(m["nodes"]))
+                        for m in cluster.get("media", ())),
         )
         profiles = {name: Profile.from_dict(p, f"plan.json replan.profiles.{name}")
                     for name, p in data["profiles"].items()}

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0f\x65\x64gesplit.proto\x12\x0c\x65\x64gesplit.v1\"\x11\n\x0f\x44\x65scribeRequest\"@\n\x0bLoadedStage\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\"\xe7\x03\n\x08NodeInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x11\n\tcpu_model\x18\x03 \x01(\t\x12\x11\n\tcpu_count\x18\x04 \x01(\r\x12\x15\n\rtorch_threads\x18\x05 \x01(\r\x12\x1a\n\x12memory_total_bytes\x18\x06 \x01(\x04\x12\x1e\n\x16memory_available_bytes\x18\x07 \x01(\x04\x12\x15\n\rtorch_version\x18\x08 \x01(\t\x12$\n\x06\x64\x65vice\x18\t \x01(\x0e\x32\x14.edgesplit.v1.Device\x12\x14\n\x0cspeed_factor\x18\n \x01(\x01\x12(\n\x05stage\x18\x0b \x01(\x0b\x32\x19.edgesplit.v1.LoadedStage\x12\x17\n\x0frequests_served\x18\x0c \x01(\x04\x12\x13\n\x0bqueue_depth\x18\r \x01(\r\x12\x19\n\x11p50_stage_seconds\x18\x0e \x01(\x01\x12\x13\n\x0blink_frames\x18\x0f \x01(\x04\x12\x18\n\x10link_bytes_per_s\x18\x10 \x01(\x01\x12\x18\n\x10link_p50_seconds\x18\x11 \x01(\x01\x12\x12\n\nbytes_sent\x18\x12 \x01(\x04\x12\x1f\n\x17resident_overhead_bytes\x18\x13 \x01(\x04\"W\n\x0eProfileOptions\x12\x13\n\x0bgranularity\x18\x01 \x01(\t\x12\x0f\n\x07threads\x18\x02 \x01(\r\x12\x0f\n\x07repeats\x18\x03 \x01(\r\x12\x0e\n\x06warmup\x18\x04 \x01(\r\"K\n\x0cProfileChunk\x12-\n\x07options\x18\x01 \x01(\x0b\x32\x1c.edgesplit.v1.ProfileOptions\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"%\n\rProfileResult\x12\x14\n\x0cprofile_json\x18\x01 \x01(\t\"E\n\x0bStageHeader\x12\x11\n\tspec_json\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"E\n\nStageChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.edgesplit.v1.StageHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"P\n\x0eLoadStageReply\x12(\n\x05stage\x18\x01 \x01(\x0b\x32\x19.edgesplit.v1.LoadedStage\x12\x14\n\x0cload_seconds\x18\x02 \x01(\x01\"7\n\rLinkEmulation\x12\x13\n\x0b\x62ytes_per_s\x18\x01 \x01(\x01\x12\x11\n\tlatency_s\x18\x02 \x01(\x01\"\xdd\x01\n\x0bWireRequest\x12\x14\n\x0cnext_address\x18\x01 \x01(\t\x12-\n\x08outbound\x18\x02 \x01(\x0b\x32\x1b.edgesplit.v1.LinkEmulation\x12,\n\x07inbound\x18\x03 \x01(\x0b\x32\x1b.edgesplit.v1.LinkEmulation\x12\x11\n\tnext_node\x18\x04 \x01(\t\x12\x15\n\rprevious_node\x18\x05 \x01(\t\x12\x31\n\x11outbound_encoding\x18\x06 \x01(\x0e\x32\x16.edgesplit.v1.Encoding\"\x0b\n\tWireReply\"z\n\x07\x46\x61ilure\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\'\n\x04\x63ode\x18\x02 \x01(\x0e\x32\x19.edgesplit.v1.FailureCode\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\x13\n\x0bstage_index\x18\x05 \x01(\x05\"P\n\x05\x46rame\x12\x0e\n\x06header\x18\x01 \x01(\x0c\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12&\n\x07\x66\x61ilure\x18\x03 \x01(\x0b\x32\x15.edgesplit.v1.Failure\"\x19\n\x03\x41\x63k\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\"\x10\n\x0eResultsRequest\"\xbf\x01\n\x0cProbeRequest\x12\x16\n\x0etarget_address\x18\x01 \x01(\t\x12\x13\n\x0btarget_node\x18\x02 \x01(\t\x12\x15\n\rpayload_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06rounds\x18\x04 \x01(\r\x12-\n\x08outbound\x18\x05 \x01(\x0b\x32\x1b.edgesplit.v1.LinkEmulation\x12,\n\x07inbound\x18\x06 \x01(\x0b\x32\x1b.edgesplit.v1.LinkEmulation\"F\n\nProbeReply\x12\x13\n\x0brtt_seconds\x18\x01 \x01(\x01\x12\x13\n\x0b\x62ytes_per_s\x18\x02 \x01(\x01\x12\x0e\n\x06rounds\x18\x03 \x01(\r\"\x1e\n\x0b\x45\x63hoRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"#\n\tEchoReply\x12\x16\n\x0ereceived_bytes\x18\x01 \x01(\x04*Q\n\x06\x44\x65vice\x12\x16\n\x12\x44\x45VICE_UNSPECIFIED\x10\x00\x12\x0e\n\nDEVICE_CPU\x10\x01\x12\x0f\n\x0b\x44\x45VICE_CUDA\x10\x02\x12\x0e\n\nDEVICE_MPS\x10\x03*p\n\x08\x45ncoding\x12\x10\n\x0c\x45NCODING_RAW\x10\x00\x12\x11\n\rENCODING_FP16\x10\x01\x12\x11\n\rENCODING_BF16\x10\x02\x12\x11\n\rENCODING_INT8\x10\x03\x12\x19\n\x15\x45NCODING_INT8_CHANNEL\x10\x04*m\n\x0b\x46\x61ilureCode\x12\x1c\n\x18\x46\x41ILURE_CODE_UNSPECIFIED\x10\x00\x12!\n\x1d\x46\x41ILURE_CODE_INVALID_ARGUMENT\x10\x01\x12\x1d\n\x19\x46\x41ILURE_CODE_STAGE_FAILED\x10\x02\x32\x8b\x04\n\x08\x45\x64geNode\x12\x41\n\x08\x44\x65scribe\x12\x1d.edgesplit.v1.DescribeRequest\x1a\x16.edgesplit.v1.NodeInfo\x12\x44\n\x07Profile\x12\x1a.edgesplit.v1.ProfileChunk\x1a\x1b.edgesplit.v1.ProfileResult(\x01\x12\x45\n\tLoadStage\x12\x18.edgesplit.v1.StageChunk\x1a\x1c.edgesplit.v1.LoadStageReply(\x01\x12:\n\x04Wire\x12\x19.edgesplit.v1.WireRequest\x1a\x17.edgesplit.v1.WireReply\x12\x34\n\x06Submit\x12\x13.edgesplit.v1.Frame\x1a\x11.edgesplit.v1.Ack(\x01\x30\x01\x12>\n\x07Results\x12\x1c.edgesplit.v1.ResultsRequest\x1a\x13.edgesplit.v1.Frame0\x01\x12=\n\x05Probe\x12\x1a.edgesplit.v1.ProbeRequest\x1a\x18.edgesplit.v1.ProbeReply\x12>\n\x04\x45\x63ho\x12\x19.edgesplit.v1.EchoRequest\x1a\x17.edgesplit.v1.EchoReply(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0f\x65\x64gesplit.proto\x12\x0c\x65\x64gesplit.v1\"\x11\n\x0f\x44\x65scribeRequest\"@\n\x0bLoadedStage\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\"\xe7\x03\n\x08NodeInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x11\n\tcpu_model\x18\x03 \x01(\t\x12\x11\n\tcpu_count\x18\x04 \x01(\r\x12\x15\n\rtorch_threads\x18\x05 \x01(\r\x12\x1a\n\x12memory_total_bytes\x18\x06 \x01(\x04\x12\x1e\n\x16memory_available_bytes\x18\x07 \x01(\x04\x12\x15\n\rtorch_version\x18\x08 \x01(\t\x12$\n\x06\x64\x65vice\x18\t \x01(\x0e\x32\x14.edgesplit.v1.Device\x12\x14\n\x0cspeed_factor\x18\n \x01(\x01\x12(\n\x05stage\x18\x0b \x01(\x0b\x32\x19.edgesplit.v1.LoadedStage\x12\x17\n\x0frequests_served\x18\x0c \x01(\x04\x12\x13\n\x0bqueue_depth\x18\r \x01(\r\x12\x19\n\x11p50_stage_seconds\x18\x0e \x01(\x01\x12\x13\n\x0blink_frames\x18\x0f \x01(\x04\x12\x18\n\x10link_bytes_per_s\x18\x10 \x01(\x01\x12\x18\n\x10link_p50_seconds\x18\x11 \x01(\x01\x12\x12\n\nbytes_sent\x18\x12 \x01(\x04\x12\x1f\n\x17resident_overhead_bytes\x18\x13 \x01(\x04\"W\n\x0eProfileOptions\x12\x13\n\x0bgranularity\x18\x01 \x01(\t\x12\x0f\n\x07threads\x18\x02 \x01(\r\x12\x0f\n\x07repeats\x18\x03 \x01(\r\x12\x0e\n\x06warmup\x18\x04 \x01(\r\"K\n\x0cProfileChunk\x12-\n\x07options\x18\x01 \x01(\x0b\x32\x1c.edgesplit.v1.ProfileOptions\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"%\n\rProfileResult\x12\x14\n\x0cprofile_json\x18\x01 \x01(\t\"E\n\x0bStageHeader\x12\x11\n\tspec_json\x18\x01 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"E\n\nStageChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.edgesplit.v1.StageHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"P\n\x0eLoadStageReply\x12(\n\x05stage\x18\x01 \x01(\x0b\x32\x19.edgesplit.v1.LoadedStage\x12\x14\n\x0cload_seconds\x18\x02 \x01(\x01\"_\n\rLinkEmulation\x12\x13\n\x0b\x62ytes_per_s\x18\x01 \x01(\x01\x12\x11\n\tlatency_s\x18\x02 \x01(\x01\x12&\n\x05media\x18\x03 \x03(\x0b\x32\x17.edgesplit.v1.MediumUse\"<\n\tMediumUse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x62ytes_per_s\x18\x02 \x01(\x01\x12\x0c\n\x04uses\x18\x03 \x01(\r\"\xdd\x01\n\x0bWireRequest\x12\x14\n\x0cnext_address\x18\x01 \x01(\t\x12-\n\x08outbound\x18\x02 \x01(\x0b\x32\x1b.edgesplit.v1.LinkEmulation\x12,\n\x07inbound\x18\x03 \x01(\x0b\x32\x1b.edgesplit.v1.LinkEmulation\x12\x11\n\tnext_node\x18\x04 \x01(\t\x12\x15\n\rprevious_node\x18\x05 \x01(\t\x12\x31\n\x11outbound_encoding\x18\x06 \x01(\x0e\x32\x16.edgesplit.v1.Encoding\"\x0b\n\tWireReply\"z\n\x07\x46\x61ilure\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\'\n\x04\x63ode\x18\x02 \x01(\x0e\x32\x19.edgesplit.v1.FailureCode\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12\x13\n\x0bstage_index\x18\x05 \x01(\x05\"P\n\x05\x46rame\x12\x0e\n\x06header\x18\x01 \x01(\x0c\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12&\n\x07\x66\x61ilure\x18\x03 \x01(\x0b\x32\x15.edgesplit.v1.Failure\"\x19\n\x03\x41\x63k\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\"\x10\n\x0eResultsRequest\"\xbf\x01\n\x0cProbeRequest\x12\x16\n\x0etarget_address\x18\x01 \x01(\t\x12\x13\n\x0btarget_node\x18\x02 \x01(\t\x12\x15\n\rpayload_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06rounds\x18\x04 \x01(\r\x12-\n\x08outbound\x18\x05 \x01(\x0b\x32\x1b.edgesplit.v1.LinkEmulation\x12,\n\x07inbound\x18\x06 \x01(\x0b\x32\x1b.edgesplit.v1.LinkEmulation\"F\n\nProbeReply\x12\x13\n\x0brtt_seconds\x18\x01 \x01(\x01\x12\x13\n\x0b\x62ytes_per_s\x18\x02 \x01(\x01\x12\x0e\n\x06rounds\x18\x03 \x01(\r\"\x1e\n\x0b\x45\x63hoRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"#\n\tEchoReply\x12\x16\n\x0ereceived_bytes\x18\x01 \x01(\x04*Q\n\x06\x44\x65vice\x12\x16\n\x12\x44\x45VICE_UNSPECIFIED\x10\x00\x12\x0e\n\nDEVICE_CPU\x10\x01\x12\x0f\n\x0b\x44\x45VICE_CUDA\x10\x02\x12\x0e\n\nDEVICE_MPS\x10\x03*p\n\x08\x45ncoding\x12\x10\n\x0c\x45NCODING_RAW\x10\x00\x12\x11\n\rENCODING_FP16\x10\x01\x12\x11\n\rENCODING_BF16\x10\x02\x12\x11\n\rENCODING_INT8\x10\x03\x12\x19\n\x15\x45NCODING_INT8_CHANNEL\x10\x04*m\n\x0b\x46\x61ilureCode\x12\x1c\n\x18\x46\x41ILURE_CODE_UNSPECIFIED\x10\x00\x12!\n\x1d\x46\x41ILURE_CODE_INVALID_ARGUMENT\x10\x01\x12\x1d\n\x19\x46\x41ILURE_CODE_STAGE_FAILED\x10\x02\x32\x8b\x04\n\x08\x45\x64geNode\x12\x41\n\x08\x44\x65scribe\x12\x1d.edgesplit.v1.DescribeRequest\x1a\x16.edgesplit.v1.NodeInfo\x12\x44\n\x07Profile\x12\x1a.edgesplit.v1.ProfileChunk\x1a\x1b.edgesplit.v1.ProfileResult(\x01\x12\x45\n\tLoadStage\x12\x18.edgesplit.v1.StageChunk\x1a\x1c.edgesplit.v1.LoadStageReply(\x01\x12:\n\x04Wire\x12\x19.edgesplit.v1.WireRequest\x1a\x17.edgesplit.v1.WireReply\x12\x34\n\x06Submit\x12\x13.edgesplit.v1.Frame\x1a\x11.edgesplit.v1.Ack(\x01\x30\x01\x12>\n\x07Results\x12\x1c.edgesplit.v1.ResultsRequest\x1a\x13.edgesplit.v1.Frame0\x01\x12=\n\x05Probe\x12\x1a.edgesplit.v1.ProbeRequest\x1a\x18.edgesplit.v1.ProbeReply\x12>\n\x04\x45\x63ho\x12\x19.edgesplit.v1.EchoRequest\x1a\x17.edgesplit.v1.EchoReply(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgesplit_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DEVICE']._serialized_start=1917
-  _globals['_DEVICE']._serialized_end=1998
-  _globals['_ENCODING']._serialized_start=2000
-  _globals['_ENCODING']._serialized_end=2112
-  _globals['_FAILURECODE']._serialized_start=2114
-  _globals['_FAILURECODE']._serialized_end=2223
+  _globals['_DEVICE']._serialized_start=2019
+  _globals['_DEVICE']._serialized_end=2100
+  _globals['_ENCODING']._serialized_start=2102
+  _globals['_ENCODING']._serialized_end=2214
+  _globals['_FAILURECODE']._serialized_start=2216
+  _globals['_FAILURECODE']._serialized_end=2325
   _globals['_DESCRIBEREQUEST']._serialized_start=33
   _globals['_DESCRIBEREQUEST']._serialized_end=50
   _globals['_LOADEDSTAGE']._serialized_start=52
@@ -56,27 +56,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOADSTAGEREPLY']._serialized_start=955
   _globals['_LOADSTAGEREPLY']._serialized_end=1035
   _globals['_LINKEMULATION']._serialized_start=1037
-  _globals['_LINKEMULATION']._serialized_end=1092
-  _globals['_WIREREQUEST']._serialized_start=1095
-  _globals['_WIREREQUEST']._serialized_end=1316
-  _globals['_WIREREPLY']._serialized_start=1318
-  _globals['_WIREREPLY']._serialized_end=1329
-  _globals['_FAILURE']._serialized_start=1331
-  _globals['_FAILURE']._serialized_end=1453
-  _globals['_FRAME']._serialized_start=1455
-  _globals['_FRAME']._serialized_end=1535
-  _globals['_ACK']._serialized_start=1537
-  _globals['_ACK']._serialized_end=1562
-  _globals['_RESULTSREQUEST']._serialized_start=1564
-  _globals['_RESULTSREQUEST']._serialized_end=1580
-  _globals['_PROBEREQUEST']._serialized_start=1583
-  _globals['_PROBEREQUEST']._serialized_end=1774
-  _globals['_PROBEREPLY']._serialized_start=1776
-  _globals['_PROBEREPLY']._serialized_end=1846
-  _globals['_ECHOREQUEST']._serialized_start=1848
-  _globals['_ECHOREQUEST']._serialized_end=1878
-  _globals['_ECHOREPLY']._serialized_start=1880
-  _globals['_ECHOREPLY']._serialized_end=1915
-  _globals['_EDGENODE']._serialized_start=2226
-  _globals['_EDGENODE']._serialized_end=2749
+  _globals['_LINKEMULATION']._serialized_end=1132
+  _globals['_MEDIUMUSE']._serialized_start=1134
+  _globals['_MEDIUMUSE']._serialized_end=1194
+  _globals['_WIREREQUEST']._serialized_start=1197
+  _globals['_WIREREQUEST']._serialized_end=1418
+  _globals['_WIREREPLY']._serialized_start=1420
+  _globals['_WIREREPLY']._serialized_end=1431
+  _globals['_FAILURE']._serialized_start=1433
+  _globals['_FAILURE']._serialized_end=1555
+  _globals['_FRAME']._serialized_start=1557
+  _globals['_FRAME']._serialized_end=1637
+  _globals['_ACK']._serialized_start=1639
+  _globals['_ACK']._serialized_end=1664
+  _globals['_RESULTSREQUEST']._serialized_start=1666
+  _globals['_RESULTSREQUEST']._serialized_end=1682
+  _globals['_PROBEREQUEST']._serialized_start=1685
+  _globals['_PROBEREQUEST']._serialized_end=1876
+  _globals['_PROBEREPLY']._serialized_start=1878
+  _globals['_PROBEREPLY']._serialized_end=1948
+  _globals['_ECHOREQUEST']._serialized_start=1950
+  _globals['_ECHOREQUEST']._serialized_end=1980
+  _globals['_ECHOREPLY']._serialized_start=1982
+  _globals['_ECHOREPLY']._serialized_end=2017
+  _globals['_EDGENODE']._serialized_start=2328
+  _globals['_EDGENODE']._serialized_end=2851
 # @@protoc_insertion_point(module_scope)

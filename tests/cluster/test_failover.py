@@ -31,6 +31,7 @@ from coordinator.ports import free_ports
 from coordinator.recovery import PlanRecovery
 from node.client import GrpcWorkerHandle
 from node.errors import NodeUnreachableError
+from node.health import is_serving
 from node.link import LinkEmulation
 from partition.artifact import ProgramRunner
 from partition.cluster import ClusterSpec, parse_cluster
@@ -114,7 +115,7 @@ def serving(node: LocalNode) -> bool:
                 health_pb2.HealthCheckRequest(), timeout=2.0)
         except grpc.RpcError:
             return False
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
+    return is_serving(reply)
 
 
 def signal_node(node: LocalNode, signum: int) -> None:

@@ -11,6 +11,7 @@ import pytest
 from partition.cluster import (
     WORKER_OVERHEAD_BYTES,
     LinkSpec,
+    MediumSpec,
     cost_arrays,
     load_cluster,
     memory_for_stages,
@@ -81,7 +82,7 @@ def test_cost_arrays(tmp_path: Path) -> None:
     assert (arrays.source, arrays.sink) == (0, 2)
 
 
-@pytest.mark.parametrize("name", ["homogeneous", "heterogeneous", "memory-tight"])
+@pytest.mark.parametrize("name", ["homogeneous", "heterogeneous", "memory-tight", "shared-wifi"])
 def test_examples_load(name: str) -> None:
     cluster = load_cluster(EXAMPLES / f"cluster-{name}.yaml")
     assert len(cluster.nodes) >= 3
@@ -97,6 +98,18 @@ def test_minimal_spec_defaults_source_and_sink(tmp_path: Path) -> None:
 NODE_A = "  - {name: a, address: 'h:1', memory: 1GiB}\n"
 NODE_B = "  - {name: b, address: 'h:2', memory: 1GiB}\n"
 LINKS = "links:\n  default: {bandwidth: 1Gbps, latency: 1ms}\n"
+TWO = "nodes:\n" + NODE_A + NODE_B + LINKS
+
+
+def test_media(tmp_path: Path) -> None:
+    cluster = load_cluster(write(tmp_path, GOOD + "media:\n"
+                                 "  - {name: wifi, bandwidth: 20Mbps, nodes: [camera, gateway]}\n"))
+    wifi = MediumSpec("wifi", 2.5e6, ("camera", "gateway"))
+    assert cluster.media == (wifi,)
+    # station -> access point -> station: twice; a station to a wired node: once
+    assert [wifi.uses(a, b) for a, b in [("camera", "gateway"), ("gateway", "box"),
+                                         ("box", "camera"), ("camera", "camera")]] == [2, 1, 1, 0]
+    assert load_cluster(write(tmp_path, GOOD)).media == ()
 
 
 @pytest.mark.parametrize("text, message", [
@@ -170,6 +183,31 @@ LINKS = "links:\n  default: {bandwidth: 1Gbps, latency: 1ms}\n"
     ("nodes:\n" + NODE_A + LINKS + "  overrides: {from: a}\n",
      "links.overrides: {'from': 'a'} is not a list of links"),
     ("nodes:\n  - just-a-name\n", "nodes[0]: 'just-a-name' is not a mapping"),
+    # media
+    (TWO + "media: {name: wifi}\n", "media: {'name': 'wifi'} is not a list of media"),
+    (TWO + "media: [{name: wifi, bandwidth: 1Mbps}]\n", "media[0]: missing field 'nodes'"),
+    (TWO + "media: [{bandwidth: 1Mbps, nodes: [a]}]\n", "media[0]: missing field 'name'"),
+    (TWO + "media: [{name: wifi, nodes: [a]}]\n", "media[0]: missing field 'bandwidth'"),
+    (TWO + "media: [{name: wifi, bandwidth: 1Mbps, nodes: [a], band: 5GHz}]\n",
+     "media[0].band: unknown field 'band'"),
+    (TWO + "media: [{name: wifi, bandwidth: 1Mbps, nodes: [a, c]}]\n",
+     "media[0].nodes[1]: 'c' is not a node (nodes: a, b)"),
+    (TWO + "media: [{name: wifi, bandwidth: 1Mbps, nodes: []}]\n",
+     "media[0].nodes: [] is not a non-empty list of node names"),
+    (TWO + "media: [{name: wifi, bandwidth: 0Mbps, nodes: [a]}]\n",
+     "media[0].bandwidth: '0Mbps' must be positive and finite"),
+    (TWO + "media: [{name: wifi, bandwidth: 10, nodes: [a]}]\n",
+     "media[0].bandwidth: 10 is not a bandwidth"),
+    (TWO + "media: [{name: '', bandwidth: 1Mbps, nodes: [a]}]\n",
+     "media[0].name: '' is not a name"),
+    (TWO + "media:\n  - {name: wifi, bandwidth: 1Mbps, nodes: [a]}\n"
+     "  - {name: wifi, bandwidth: 2Mbps, nodes: [b]}\n",
+     "media[1].name: 'wifi' is used by another medium already"),
+    (TWO + "media:\n  - {name: wifi, bandwidth: 1Mbps, nodes: [a]}\n"
+     "  - {name: radio, bandwidth: 2Mbps, nodes: [b, a]}\n",
+     "media[1].nodes[1]: 'a' is on medium 'wifi' already; a node may be on one medium only"),
+    (TWO + "media: [{name: wifi, bandwidth: 1Mbps, nodes: [a, a]}]\n",
+     "media[0].nodes[1]: 'a' is on medium 'wifi' already"),
     # the file as a whole
     ("nodes: []\n", "nodes: [] is not a non-empty list of nodes"),
     ("links: {}\n", "nodes: None is not a non-empty list of nodes"),

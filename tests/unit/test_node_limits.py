@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import msgpack
 import pytest
 
@@ -11,8 +12,10 @@ from coordinator.ports import free_ports
 from node.codec import MAX_HEADER_BYTES, MAX_TENSORS, decode_frame
 from node.errors import FrameError, LimitError
 from node.next_hop import NextHop
+from node.probe import EchoService
 from node.profiling import MAX_REPEATS, ProfileOptions
 from node.results import ResultsOwner
+from node.rpc import edgesplit_pb2 as pb
 
 STALL_S = 0.05
 
@@ -110,3 +113,53 @@ def test_profile_options_beyond_bounds(options: ProfileOptions) -> None:
     with pytest.raises(LimitError, match="Profile option"):
         options.check(max_threads=2)
     ProfileOptions("auto", 2, MAX_REPEATS, 0).check(max_threads=2)
+
+
+class _Aborted(Exception):
+    pass
+
+
+class _EchoContext:
+    """A servicer context that reads queued Echo messages (``None``: wait forever)."""
+
+    def __init__(self, *messages: bytes | None) -> None:
+        self._messages = list(messages)
+        self.status: tuple[grpc.StatusCode, str] | None = None
+
+    async def read(self):
+        if not self._messages:
+            return grpc.aio.EOF
+        payload = self._messages.pop(0)
+        if payload is None:
+            await asyncio.Event().wait()
+        return pb.EchoRequest(payload=payload)
+
+    async def abort(self, code: grpc.StatusCode, details: str):
+        self.status = (code, details)
+        raise _Aborted
+
+
+async def test_echo_answers_byte_counts_and_closes_an_idle_stream() -> None:
+    echo = EchoService(max_streams=1, idle_s=0.05)
+    ended = _EchoContext(b"abc", b"")
+    assert [r.received_bytes async for r in echo.answer(ended)] == [3, 0]
+    idle = _EchoContext(b"x", None)
+    replies = []
+    with pytest.raises(_Aborted):
+        async for reply in echo.answer(idle):
+            replies.append(reply.received_bytes)
+    assert replies == [1]
+    assert idle.status[0] is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "no Echo message for 0.05 s" in idle.status[1]
+
+
+async def test_echo_refuses_a_stream_beyond_its_limit_and_frees_closed_ones() -> None:
+    echo = EchoService(max_streams=1, idle_s=5.0)
+    holding = echo.answer(_EchoContext(b"x", None))
+    assert (await anext(holding)).received_bytes == 1
+    extra = _EchoContext(b"y")
+    with pytest.raises(_Aborted):
+        await anext(echo.answer(extra))
+    assert extra.status[0] is grpc.StatusCode.RESOURCE_EXHAUSTED
+    await holding.aclose()
+    assert [r.received_bytes async for r in echo.answer(_EchoContext(b"zz"))] == [2]

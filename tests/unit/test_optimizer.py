@@ -1,10 +1,11 @@
-"""The optimizer against an independent brute force (with and without compression choices),
-the pricing by hand, and the baselines."""
+"""The optimizer against an independent brute force (with and without compression choices
+and shared media), the pricing by hand, and the baselines."""
 
 from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from partition import optimizer
 from partition.baselines import baselines
 from partition.costs import Compression, CostModel, LinkChoices, WeightChoices
 from partition.errors import NoFeasiblePlanError, PlanningError
+from partition.media import Media
 from partition.milp import SolverLimits
 from partition.optimizer import OptimizeResult, Span, evaluate, optimize
 from partition.plan import Objective
@@ -59,6 +61,25 @@ def random_cost(rng: np.random.Generator, nodes: int, layers: int, tight: bool) 
     )
 
 
+def random_media(rng: np.random.Generator, cost: CostModel) -> CostModel:
+    """``cost`` with one or two shared media, each node on one of them or on none."""
+    nodes, count = cost.num_nodes, int(rng.integers(1, 3))
+    on = rng.integers(-1, count, nodes)  # -1: on no medium
+    uses = np.array([[[0 if a == b else int(on[a] == m) + int(on[b] == m)
+                       for b in range(nodes)] for a in range(nodes)] for m in range(count)])
+    bandwidth = rng.choice([1e6, 1e7, 1e8], count) * rng.uniform(0.5, 2, count)
+    return replace(cost, media=Media(tuple(f"m{m}" for m in range(count)), bandwidth, uses))
+
+
+def airtimes(cost: CostModel, nbytes: float, a: int, b: int) -> list[float]:
+    """Each medium's busy time moving ``nbytes`` from ``a`` to ``b`` (none without media)."""
+    media = cost.media
+    if media is None:
+        return []
+    return [nbytes * float(media.uses[m][a][b]) / float(media.bytes_per_s[m])
+            if a != b and media.uses[m][a][b] else 0.0 for m in range(len(media.names))]
+
+
 def brute_force(cost: CostModel) -> list[tuple[float, float]]:
     """(latency, bottleneck) of every plan that fits, priced from scratch."""
     layers, nodes = cost.num_layers, cost.num_nodes
@@ -66,10 +87,13 @@ def brute_force(cost: CostModel) -> list[tuple[float, float]]:
     plans = []
 
     def hop(boundary: int, a: int, b: int) -> float:
-        """The link's busy time: a frame's latency delays it but keeps no link busy."""
+        """The link's busy time (at least the hop's airtime on the media): a frame's latency
+        delays it but keeps no link busy."""
         if a == b:
             return 0.0
-        return cost.boundary_bytes[boundary] / cost.link_bytes_per_s[a][b]
+        nbytes = cost.boundary_bytes[boundary]
+        return max(nbytes / cost.link_bytes_per_s[a][b],
+                   math.fsum(airtimes(cost, nbytes, a, b)))
 
     def delay(a: int, b: int) -> float:
         return 0.0 if a == b else cost.link_latency_s[a][b]
@@ -82,30 +106,35 @@ def brute_force(cost: CostModel) -> list[tuple[float, float]]:
                 if any(cost.node_stage_memory()[d][a][b] > cost.node_memory_bytes[d]
                        for d, (a, b) in zip(assign, ranges, strict=True)):
                     continue
-                costs, delays = [], []
+                costs, delays, air = [], [], []
                 where = cost.source
                 for d, (a, b) in zip(assign, ranges, strict=True):
                     costs.append(hop(a, where, d))
                     delays.append(delay(where, d))
+                    air.append(airtimes(cost, cost.boundary_bytes[a], where, d))
                     costs.append(math.fsum(seconds[d][a:b]))
                     where = d
                 costs.append(hop(layers, where, cost.sink))
                 delays.append(delay(where, cost.sink))
-                plans.append((math.fsum(costs + delays), max(costs)))
+                air.append(airtimes(cost, cost.boundary_bytes[layers], where, cost.sink))
+                busy = [math.fsum(per_medium) for per_medium in zip(*air, strict=True)]
+                plans.append((math.fsum(costs + delays), max(costs + busy)))
     return plans
 
 
-def instances(count: int, seed: int):
+def instances(count: int, seed: int, media: bool = False):
     rng = np.random.default_rng(seed)
     for _ in range(count):
         nodes = int(rng.integers(2, 7))
         layers = int(rng.integers(1, 9 if nodes <= 4 else 7))
-        yield random_cost(rng, nodes, layers, tight=bool(rng.random() < 0.4))
+        cost = random_cost(rng, nodes, layers, tight=bool(rng.random() < 0.4))
+        yield random_media(rng, cost) if media else cost
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_optimizer_matches_brute_force(seed: int) -> None:
-    for cost in instances(100, seed):
+@pytest.mark.parametrize("seed, media", [*((seed, False) for seed in range(6)),
+                                         *((seed, True) for seed in range(6, 9))])
+def test_optimizer_matches_brute_force(seed: int, media: bool) -> None:
+    for cost in instances(100 if not media else 40, seed, media):
         plans = brute_force(cost)
         if not plans:
             with pytest.raises(NoFeasiblePlanError, match="no plan fits"):
@@ -153,6 +182,23 @@ def test_evaluate_by_hand() -> None:
     assert schedule.bottleneck_s == 3.0
     assert schedule.throughput_per_s == pytest.approx(1 / 3)
     assert schedule.fits
+
+
+@pytest.mark.parametrize("on_air, transfer, busy, bottleneck", [
+    ((1, 1), (0.0, 4.0, 0.8), 4.8, 4.8),  # a -> access point -> b: twice the bytes
+    ((0, 1), (0.0, 2.0, 0.4), 2.4, 3.0),  # a wired, b a station: once; a's stage is busiest
+])
+def test_evaluate_by_hand_with_a_shared_medium(
+    on_air: tuple[int, int], transfer: tuple[float, ...], busy: float, bottleneck: float
+) -> None:
+    uses = np.array([[[0, on_air[0] + on_air[1]], [on_air[0] + on_air[1], 0]]])
+    cost = replace(tiny_cost(), media=Media(("air",), np.array([250.0]), uses))
+    schedule = evaluate(cost, [Span(0, 0, 2), Span(1, 2, 3)])
+    # 500 B then 100 B at 250 B/s per use; each link alone would take 0.5 s and 0.1 s
+    assert schedule.transfer_seconds == pytest.approx(transfer)
+    assert schedule.medium_seconds == pytest.approx((busy,))
+    assert schedule.bottleneck_s == pytest.approx(bottleneck)
+    assert schedule.latency_s == pytest.approx(3.0 + 1.5 + sum(transfer) + 1.0)
 
 
 def test_evaluate_single_node_off_source() -> None:
@@ -250,6 +296,13 @@ def check_same_answer(cost: CostModel, objective: Objective) -> None:
 @pytest.mark.parametrize("seed", range(3))
 def test_solver_matches_the_exact_search(objective: Objective, seed: int) -> None:
     for cost in instances(60, 200 + seed):
+        check_same_answer(cost, objective)
+
+
+@pytest.mark.parametrize("objective", list(Objective))
+def test_solver_past_the_exact_limit_with_media(objective: Objective) -> None:
+    """Warm-started from the restricted searches instead of the exhaustive one."""
+    for cost in instances(40, 210, media=True):
         check_same_answer(cost, objective)
 
 
@@ -437,7 +490,7 @@ def _price_choices(cost, chain, edges, ranges, encs, fmts, link, stage):
     """(latency, bottleneck) of one plan with its choices, or None if it is not admitted."""
     compression = cost.compression
     spent = 0
-    items, delays = [], []
+    items, delays, air = [], [], []
     for h, (a, b) in enumerate(itertools.pairwise(chain)):
         boundary, e = edges[h], encs[h]
         if a == b:
@@ -453,7 +506,8 @@ def _price_choices(cost, chain, edges, ranges, encs, fmts, link, stage):
         delays.append(cost.link_latency_s[a][b])
         seconds += (encode if boundary == 0 else 0.0) + (decode if boundary == cost.num_layers
                                                          else 0.0)
-        items.append(seconds)
+        air.append(airtimes(cost, nbytes, a, b))
+        items.append(max(seconds, math.fsum(air[-1])))
     stages = []
     for k, ((a, b), d, w) in enumerate(zip(ranges, chain[1:-1], fmts, strict=True)):
         seconds, memory, error = stage(d, a, b, w)
@@ -466,21 +520,24 @@ def _price_choices(cost, chain, edges, ranges, encs, fmts, link, stage):
     every = items + stages
     if not all(math.isfinite(x) for x in every):
         return None
-    return math.fsum(every + delays), max(every)
+    busy = [math.fsum(per_medium) for per_medium in zip(*air, strict=True)]
+    return math.fsum(every + delays), max(every + busy)
 
 
-def choice_instances(count: int, seed: int):
+def choice_instances(count: int, seed: int, media: bool = False):
     rng = np.random.default_rng(seed)
     for _ in range(count):
         nodes = int(rng.integers(2, 5))
         layers = int(rng.integers(1, 5 if nodes <= 3 else 4))
-        cost = random_cost(rng, nodes, layers, tight=bool(rng.random() < 0.3))
-        yield random_compression(rng, cost)
+        cost = random_compression(rng, random_cost(rng, nodes, layers,
+                                                   tight=bool(rng.random() < 0.3)))
+        yield random_media(rng, cost) if media else cost
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_optimizer_with_choices_matches_brute_force(seed: int) -> None:
-    for cost in choice_instances(40, 100 + seed):
+@pytest.mark.parametrize("seed, media", [(100, False), (101, False), (102, False),
+                                         (103, True), (104, True)])
+def test_optimizer_with_choices_matches_brute_force(seed: int, media: bool) -> None:
+    for cost in choice_instances(40 if not media else 20, seed, media):
         plans = brute_force_choices(cost)
         if not plans:
             for objective in Objective:

@@ -34,7 +34,7 @@ def test_plan_works_on_every_example_cluster(
     architecture: str, sample_exported, tmp_path: Path, capsys
 ) -> None:
     sample = sample_exported(architecture)
-    assert len(CLUSTERS) == 3
+    assert len(CLUSTERS) == 4
     for cluster in CLUSTERS:
         out = tmp_path / f"{cluster.stem}.json"
         code = main(["plan", str(sample.path), "--nodes", str(cluster), "-o", str(out),
@@ -49,9 +49,10 @@ def test_plan_works_on_every_example_cluster(
         for baseline in plan.baselines:  # exact: never worse than a rule that fits
             if baseline.fits:
                 assert plan.throughput_per_s >= baseline.throughput_per_s * (1 - 1e-9)
+        assert [m.name for m in plan.media] == (["wifi"] if "wifi" in cluster.stem else [])
     printed = capsys.readouterr().out
     assert "baselines on the same cost model" in printed and "predicted: latency" in printed
-    assert "DADS min cut" in printed
+    assert "DADS min cut" in printed and "shared media (busy time per request)" in printed
 
 
 def test_plan_writes_a_versioned_json_and_a_picture(

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from partition.cluster import ClusterSpec, LinkSpec, MediumSpec, NodeSpec
 from partition.errors import ModelLoadError, ModelMismatchError, PlanFormatError
 from partition.layers import build_layer_graph
-from partition.plan import Accuracy, Objective, Plan
+from partition.plan import Accuracy, Objective, Plan, PlannedMedium
+from partition.replan_inputs import read_replan_inputs, replan_inputs
 from partition.split import plan_layer_graph
 
 REPO = Path(__file__).resolve().parents[2]
@@ -71,6 +73,37 @@ def test_accuracy_is_optional_and_round_trips(sample_exported, tmp_path: Path) -
     with pytest.raises(PlanFormatError, match=r"accuracy\.max_rel_error \(-1\) must be a "
                                               "non-negative number"):
         Plan.from_dict(data)
+
+
+def test_media_are_optional_and_round_trip(sample_exported) -> None:
+    plan = _plan_of(sample_exported("skip_dag"))
+    data = {**plan.to_dict(), "nodes": [{"name": "src", "address": "a:1"}],
+            "stages": [_stage(len(plan.layer_names))],
+            "links": [{"from": "src", "to": "src", "bytes_per_s": 1.0, "latency_s": 0.0,
+                       "encoding": "raw"}] * 2}
+    assert "media" not in data and Plan.from_dict(data).media == ()
+    wifi = PlannedMedium("wifi", 2.5e6, ("src",), 0.125)
+    data["media"] = [wifi.to_dict()]
+    assert Plan.from_dict(data).media == (wifi,)
+    assert Plan.from_dict(data).to_dict()["media"] == data["media"]
+    data["media"] = [{**wifi.to_dict(), "nodes": ["src", "phone"]}]
+    with pytest.raises(PlanFormatError, match=r"media\[0\]\.nodes\[1\] \('phone'\) is not one "
+                                              "of nodes"):
+        Plan.from_dict(data)
+    data["media"] = [{**wifi.to_dict(), "bytes_per_s": 0}]
+    with pytest.raises(PlanFormatError, match=r"media\[0\]\.bytes_per_s \(0\.0\) must be "
+                                              "positive"):
+        Plan.from_dict(data)
+
+
+def test_replan_inputs_keep_the_media() -> None:
+    cluster = ClusterSpec(
+        (NodeSpec("a", "h:1", 10), NodeSpec("b", "h:2", 10)), LinkSpec(1e6, 0.0), {}, "a", "b",
+        media=(MediumSpec("wifi", 2e6, ("a", "b")),))
+    assert read_replan_inputs(replan_inputs(cluster, {})).cluster == cluster
+    older = replan_inputs(cluster, {})
+    del older["cluster"]["media"]  # written before media: none
+    assert read_replan_inputs(older).cluster.media == ()
 
 
 def _stage(layers: int) -> dict:

@@ -27,6 +27,7 @@ from partition.costs import CostModel
 from partition.errors import NoFeasiblePlanError
 from partition.layers import build_layer_graph
 from partition.measured import Measured
+from partition.media import Media
 from partition.optimizer import Span, evaluate, optimize
 from partition.plan import Objective, Plan
 from partition.planning import plan_from_schedule
@@ -239,6 +240,19 @@ def test_evaluate_a_replicated_stage_by_hand() -> None:
     assert evaluate(tiny_cost(), [Span(0, 0, 3, (0, 1), (0.5, 0.5))]).bottleneck_s == 3.0
     too_small = CostModel(**{**tiny_cost().__dict__, "node_memory_bytes": np.array([10, 9])})
     assert not evaluate(too_small, [Span(0, 0, 3, (0, 1))]).fits
+
+
+def test_a_replicated_hop_on_a_shared_medium_by_hand() -> None:
+    """a and b both on one medium of 500 B/s (a transfer uses it twice): 1000 B to b for 2/3
+    of the requests and 100 B back from b for 2/3; optimize then does not replicate."""
+    uses = np.array([[[0, 2], [2, 0]]])
+    cost = replace(tiny_cost(), media=Media(("air",), np.array([500.0]), uses))
+    schedule = evaluate(cost, [Span(0, 0, 3, (0, 1))])
+    # Each link's transfer takes its airtime (4 s and 0.4 s) for 2/3 of the requests.
+    assert schedule.transfer_seconds == pytest.approx((4 * 2 / 3, 0.4 * 2 / 3))
+    assert schedule.medium_seconds == pytest.approx((4.4 * 2 / 3,))
+    assert schedule.bottleneck_s == pytest.approx(4.4 * 2 / 3)
+    assert optimize(cost, Objective.THROUGHPUT).unreplicated == "shared media are declared"
 
 
 @pytest.mark.parametrize("spans, message", [
