@@ -17,18 +17,20 @@ def pipeline_timeline(plan: Plan, requests: int) -> list[tuple[str, int, float, 
 
     Resources are the hops (``"src -> dst"``) and the stages (``"stage k on node"``); each
     is busy with one request at a time, as in the cost model: a hop for its transfer time,
-    after which its latency delays the request without keeping the hop busy.
+    after which its latency delays the request without keeping the hop busy. A replicated
+    stage (``"stage k on a+b"``) and its hops are drawn as one resource busy for its busiest
+    replica's or link's share of each request, and a hop's latency as its longest link's.
     """
     resources: list[tuple[str, float, float]] = []  # name, busy seconds, delay after
     for k, stage in enumerate(plan.stages):
-        link = plan.links[k]
-        delay = 0.0 if link.src == link.dst else link.latency_s
-        resources.append((f"{link.src} -> {link.dst}", stage.transfer_in_s, delay))
-        resources.append((f"stage {k} on {stage.node}", stage.compute_s, 0.0))
-    last = plan.links[-1]
-    if last.src != last.dst:
-        resources.append((f"{last.src} -> {last.dst}",
-                          plan.stages[-1].bytes_out / last.bytes_per_s, last.latency_s))
+        resources.append((_hop_name(plan, k), stage.transfer_in_s, _hop_delay(plan, k)))
+        resources.append((f"stage {k} on {'+'.join(stage.nodes)}", stage.compute_s, 0.0))
+    last, hop = plan.stages[-1], len(plan.stages)
+    crossing = [(r.share, link) for r, link in zip(last.replicas, plan.hop_links(hop),
+                                                   strict=True) if link.src != link.dst]
+    if crossing:
+        busy = max(share * last.bytes_out / link.bytes_per_s for share, link in crossing)
+        resources.append((_hop_name(plan, hop), busy, _hop_delay(plan, hop)))
 
     bars = []
     free_at = [0.0] * len(resources)
@@ -41,6 +43,17 @@ def pipeline_timeline(plan: Plan, requests: int) -> list[tuple[str, int, float, 
             if busy > 0:
                 bars.append((name, request, start, start + busy))
     return bars
+
+
+def _hop_name(plan: Plan, k: int) -> str:
+    senders, receivers = plan.hop_ends(k)
+    return f"{'+'.join(senders)} -> {'+'.join(receivers)}"
+
+
+def _hop_delay(plan: Plan, k: int) -> float:
+    """The longest latency among hop ``k``'s links between two nodes (0 if none)."""
+    return max((link.latency_s for link in plan.hop_links(k) if link.src != link.dst),
+               default=0.0)
 
 
 def plot_plan(plan: Plan, path: str | Path, requests: int = 4) -> Path:
