@@ -22,7 +22,7 @@ from coordinator.deploy_command import (
     emulate_links,
     ensure_deployed,
 )
-from coordinator.events import events_path_for
+from coordinator.events import events_path_for, stage_names
 from coordinator.host_cpu import host_cpu_line
 from coordinator.pipeline import Pipeline
 from coordinator.verify import Difference, verify
@@ -111,7 +111,8 @@ def _verify(plan: Plan, args: argparse.Namespace) -> list[Difference]:
     if not differences:
         console.print(f"verified {len(chosen)} request(s) stage by stage: every stage agrees")
     for stage, node, what, requests in _grouped(differences):
-        address = plan.stages[stage].address if 0 <= stage < len(plan.stages) else "?"
+        address = (", ".join(r.address for r in plan.stages[stage].replicas)
+                   if 0 <= stage < len(plan.stages) else "?")
         console.print(f"stage {stage} on node {node!r} ({address}) {what}, in "
                       f"{requests} of {len(chosen)} verified request(s)", markup=False)
     return differences
@@ -216,7 +217,7 @@ def baselines_measured_table(rows: list[tuple[str, Plan, BenchResult]]) -> Table
         table.add_column(column, justify="left" if column in ("strategy", "stages") else "right")
     for name, plan, result in rows:
         table.add_row(
-            name, " ".join(f"{s.node}[{s.start},{s.end})" for s in plan.stages),
+            name, " ".join(stage_names(plan.stages)),
             ms(result.latency_p50_s), f"{result.throughput_per_s:.1f}",
             f"{plan.throughput_per_s:.1f}",
             f"{ours.throughput_per_s / result.throughput_per_s:.2f}x", f"{result.host_cpu:.0%}",

@@ -10,7 +10,7 @@ import yaml
 from rich.table import Table
 
 from coordinator.console import console, ms
-from coordinator.deploy import Deployment, deployment_record_path, plan_digest
+from coordinator.deploy import Deployment, deployment_record_path, plan_digest, replicas
 from coordinator.events import events_path_for
 from coordinator.isolation import Isolation
 from coordinator.local_cluster import (
@@ -123,7 +123,7 @@ def run_status(args: argparse.Namespace) -> int:
         security = cluster.security
     elif args.plan:
         plan = Plan.load(args.plan)
-        targets = [(s.node, s.address) for s in plan.stages]
+        targets = [(r.node, r.address) for _, r in replicas(plan)]
         security = plan.security
         record = Deployment.load(deployment_record_path(args.plan))
         if record is not None and record.plan_sha256 == plan_digest(plan):

@@ -1,4 +1,9 @@
-"""Ship each stage of a plan to its node and wire the chain source -> stages -> sink."""
+"""Ship each stage of a plan to its nodes and wire the chain source -> stages -> sink.
+
+A replicated stage's artifact is exported once and shipped to each of its nodes; every node
+of a stage deals its output frames among the next stage's nodes by their shares, and
+accepts frames from every node of the stage before.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +17,12 @@ from pathlib import Path
 
 from node.client import GrpcWorkerHandle, WorkerHandle
 from node.link import NO_EMULATION, LinkEmulation, MediumUse
+from node.messages import Hop, Wiring
 from node.security import client_security
 from partition.cluster import MediumSpec
-from partition.errors import EdgesplitError
-from partition.plan import Link, Plan
+from partition.compression import LinkEncoding
+from partition.errors import EdgesplitError, PlanFormatError
+from partition.plan import Link, Plan, Replica
 from partition.profiler import ProgressCallback
 from partition.split import StageArtifact
 
@@ -24,7 +31,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Deployment:
-    """What ``deploy`` left on the nodes: each stage's address and artifact hash."""
+    """What ``deploy`` left on the nodes: each stage's nodes' addresses and artifact hashes
+    (stage after stage, a stage's replicas in order)."""
 
     plan_sha256: str
     addresses: tuple[str, ...]
@@ -64,6 +72,52 @@ def link_emulation(link: Link, emulate: bool, media: Sequence[MediumSpec] = ()) 
     return LinkEmulation(link.bytes_per_s, link.latency_s, crossed)
 
 
+def replicas(plan: Plan) -> list[tuple[int, Replica]]:
+    """Every node running a stage of ``plan``: (stage index, replica), stage after stage."""
+    return [(k, replica) for k, stage in enumerate(plan.stages) for replica in stage.replicas]
+
+
+def hop_link(plan: Plan, k: int, src: str, dst: str) -> Link:
+    """The link of hop ``k`` from ``src`` to ``dst``."""
+    for link in plan.hop_links(k):
+        if (link.src, link.dst) == (src, dst):
+            return link
+    raise PlanFormatError(f"plan has no link from {src!r} to {dst!r} in hop {k}; make the plan "
+                          "again with `coordinator plan`")
+
+
+def hop_encoding(plan: Plan, k: int, sender: str) -> LinkEncoding:
+    """The encoding ``sender`` sends hop ``k``'s frames in (one per sender: a frame is
+    encoded once, then dealt among the receivers)."""
+    encodings = {link.encoding for link in plan.hop_links(k) if link.src == sender}
+    if len(encodings) != 1:
+        raise PlanFormatError(
+            f"plan's links of hop {k} from {sender!r} have encodings "
+            f"{sorted(e.value for e in encodings)}; a node sends one hop in one encoding, so "
+            "make the plan again with `coordinator plan`")
+    return encodings.pop()
+
+
+def replica_wiring(plan: Plan, k: int, node: str, emulate: bool) -> Wiring:
+    """How ``node``, one of stage ``k``'s nodes, is wired: to every node of stage ``k + 1``
+    with its share (or to the sink), from every node of stage ``k - 1``, emulating its
+    links when ``emulate``."""
+    stages = plan.stages
+    after = stages[k + 1].replicas if k + 1 < len(stages) else ()
+    return Wiring(
+        next_hops=tuple(Hop(r.address, r.node, r.share,
+                            link_emulation(hop_link(plan, k + 1, node, r.node), emulate,
+                                           plan.media))
+                        for r in after),
+        previous_nodes=stages[k - 1].nodes if k else (),
+        outbound=(NO_EMULATION if after else
+                  link_emulation(hop_link(plan, k + 1, node, plan.sink), emulate, plan.media)),
+        inbound=(link_emulation(hop_link(plan, 0, plan.source, node), emulate, plan.media)
+                 if k == 0 else NO_EMULATION),
+        encoding=hop_encoding(plan, k + 1, node),
+    )
+
+
 async def deploy(
     plan: Plan,
     artifacts: list[StageArtifact],
@@ -72,11 +126,11 @@ async def deploy(
     progress: ProgressCallback | None = None,
     handles: dict[str, WorkerHandle] | None = None,
 ) -> Deployment:
-    """Check every node answers, load each stage, then wire the chain (each node sends in
-    its outbound link's encoding).
+    """Check every node answers, load each stage on each of its nodes, then wire the chain
+    (each node sends in its outbound hop's encoding).
 
     ``progress(bytes_sent, total_bytes)`` follows the uploads. ``handles`` maps addresses to
-    already-open handles (default: a gRPC handle per stage, closed afterwards).
+    already-open handles (default: a gRPC handle per stage's node, closed afterwards).
 
     Raises
     ------
@@ -86,10 +140,11 @@ async def deploy(
     owned = handles is None
     handles = handles or plan_handles(plan)
     try:
-        nodes = [handles[s.address] for s in plan.stages]
-        await asyncio.gather(*(node.describe() for node in nodes))
-        total = sum(len(a.data) for a in artifacts)
-        sent = [0] * len(artifacts)
+        placed = replicas(plan)
+        wirings = {r.node: replica_wiring(plan, k, r.node, emulate_links) for k, r in placed}
+        await asyncio.gather(*(handles[r.address].describe() for _, r in placed))
+        total = sum(len(artifacts[k].data) for k, _ in placed)
+        sent = [0] * len(placed)
 
         def on_bytes(index: int) -> ProgressCallback:
             def update(done: int, _total: int) -> None:
@@ -100,35 +155,27 @@ async def deploy(
 
         # One node at a time: a node times its stage as it loads it, and nodes that share a
         # machine (a simulated cluster) would otherwise slow each other's timing down.
-        for k, (node, artifact) in enumerate(zip(nodes, artifacts, strict=True)):
-            await node.load_stage(artifact.spec, artifact.data, on_bytes(k))
-        for k in reversed(range(len(plan.stages))):  # downstream first: no frame finds a gap
-            after = plan.stages[k + 1] if k + 1 < len(plan.stages) else None
-            await nodes[k].wire(
-                after.address if after else None,
-                next_node=after.node if after else None,
-                previous_node=plan.stages[k - 1].node if k > 0 else None,
-                outbound=link_emulation(plan.links[k + 1], emulate_links, plan.media),
-                inbound=(link_emulation(plan.links[0], emulate_links, plan.media) if k == 0
-                         else NO_EMULATION),
-                encoding=plan.links[k + 1].encoding,
-            )
-        log.info("deployed %d stage(s)", len(plan.stages))
+        for i, (k, replica) in enumerate(placed):
+            artifact = artifacts[k]
+            await handles[replica.address].load_stage(artifact.spec, artifact.data, on_bytes(i))
+        for _, replica in reversed(placed):  # downstream first: no frame finds a gap
+            await handles[replica.address].wire(wirings[replica.node])
+        log.info("deployed %d stage(s) on %d node(s)", len(plan.stages), len(placed))
     finally:
         if owned:
             await asyncio.gather(*(h.close() for h in handles.values()))
     return Deployment(
         plan_sha256=plan_digest(plan),
-        addresses=tuple(s.address for s in plan.stages),
-        artifact_sha256=tuple(a.spec.artifact_sha256 for a in artifacts),
+        addresses=tuple(r.address for _, r in placed),
+        artifact_sha256=tuple(artifacts[k].spec.artifact_sha256 for k, _ in placed),
         emulated_links=emulate_links,
     )
 
 
 def plan_handles(plan: Plan) -> dict[str, GrpcWorkerHandle]:
-    """A gRPC handle per stage's node, by address, with the plan's credentials."""
+    """A gRPC handle per node running a stage, by address, with the plan's credentials."""
     security = client_security(plan.security)
-    return {s.address: GrpcWorkerHandle(s.address, s.node, security) for s in plan.stages}
+    return {r.address: GrpcWorkerHandle(r.address, r.node, security) for _, r in replicas(plan)}
 
 
 async def is_deployed(plan: Plan, record: Deployment | None) -> bool:

@@ -9,7 +9,13 @@ from collections.abc import Iterable
 import torch
 
 from coordinator.console import console, progress_bar
-from coordinator.deploy import Deployment, deploy, deployment_record_path, is_deployed
+from coordinator.deploy import (
+    Deployment,
+    deploy,
+    deployment_record_path,
+    is_deployed,
+    replicas,
+)
 from coordinator.events import events_path_for
 from coordinator.local_cluster import default_state_dir, read_state
 from coordinator.pipeline import Pipeline, bind_inputs
@@ -59,7 +65,7 @@ def run_deploy(args: argparse.Namespace) -> int:
     record = ship(plan, args)
     console.print(
         f"deployed {len(plan.stages)} stage(s) to "
-        f"{', '.join(f'{s.node} ({s.address})' for s in plan.stages)}"
+        f"{', '.join(f'{r.node} ({r.address})' for _, r in replicas(plan))}"
         + ("; links emulated" if record.emulated_links else "")
     )
     return 0
@@ -79,7 +85,7 @@ def ship(plan: Plan, args: argparse.Namespace) -> Deployment:
 
 def emulate_links(plan: Plan, args: argparse.Namespace) -> bool:
     """``--emulate-links`` if given, else whether the plan runs on a simulated cluster."""
-    return links_emulated([stage.address for stage in plan.stages], args.emulate_links)
+    return links_emulated([r.address for _, r in replicas(plan)], args.emulate_links)
 
 
 def links_emulated(addresses: Iterable[str], choice: bool | None) -> bool:

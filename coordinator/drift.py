@@ -1,7 +1,8 @@
 """Drift: a stage or a link running slower than when it was deployed, for a sustained while.
 
-Each stage's node reports the median time of its recent requests and the median time its
-outbound link was busy with each of its recent frames (its latency excluded), counted since
+Each stage's node (each replica) reports the median time of its recent requests and, per
+outbound link (to each node of the next stage, or to the sink), the median time the link
+was busy with each of its recent frames (its latency excluded), counted since
 the stage was loaded and the link wired (``Describe``; a link is measured only on frames the
 receiver took at once). The first medians over a full window are the baselines; a stage or
 link whose median stays more than :data:`DRIFT_RATIO` off its baseline for
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from coordinator.deploy import replicas
 from node.client import WorkerHandle
 from partition.errors import EdgesplitError
 from partition.plan import Plan
@@ -83,27 +85,32 @@ class DriftWatch:
         self._baselines: dict[tuple[str, str, int, int], _Baseline] = {}
 
     async def poll(self, plan: Plan, handles: dict[str, WorkerHandle]) -> Drift:
-        """The stages' nodes and the links of ``plan`` that drifted."""
+        """The stages' nodes (every replica) and the links of ``plan`` (every pair link)
+        that drifted."""
         found = Drift()
-        for stage, link in zip(plan.stages, plan.links[1:], strict=True):
+        for _, replica in replicas(plan):
+            node = replica.node
+            stage = next(s for s in plan.stages if node in s.nodes)
             try:
-                info = await handles[stage.node].describe()
+                info = await handles[node].describe()
             except EdgesplitError:
                 continue  # the health watch handles nodes that do not answer
-            base = self._baselines.setdefault((stage.node, "", stage.start, stage.end),
+            base = self._baselines.setdefault((node, "", stage.start, stage.end),
                                               _Baseline(0.0))
             ratio = base.drift(info.requests_served, info.p50_stage_seconds)
             if ratio is not None:
-                found.nodes[stage.node] = ratio
-            if link.src == link.dst:
-                continue  # the results stay on the node: no link to measure
-            base = self._baselines.setdefault((stage.node, link.dst, stage.start, stage.end),
-                                              _Baseline(LINK_NOISE_S))
-            ratio = base.drift(info.link_frames, info.link_p50_seconds)
-            if ratio is not None:
-                found.links[link.src, link.dst] = ratio
-                # bytes as sent (encoded, if the link is) over the busy time per frame
-                found.bandwidth[link.src, link.dst] = info.link_bytes_per_s
+                found.nodes[node] = ratio
+            for link in info.outbound_links:
+                dst = link.node or plan.sink
+                if dst == node:
+                    continue  # the results stay on the node: no link to measure
+                base = self._baselines.setdefault((node, dst, stage.start, stage.end),
+                                                  _Baseline(LINK_NOISE_S))
+                ratio = base.drift(link.link_frames, link.link_p50_seconds)
+                if ratio is not None:
+                    found.links[node, dst] = ratio
+                    # bytes as sent (encoded, if the link is) over the busy time per frame
+                    found.bandwidth[node, dst] = link.link_bytes_per_s
         return found
 
     def forget(self, nodes: set[str]) -> None:

@@ -40,8 +40,9 @@ class Replan:
 
 
 def stage_names(stages) -> list[str]:
-    """``node[start,end)`` for each stage of a plan."""
-    return [f"{s.node}[{s.start},{s.end})" for s in stages]
+    """``node[start,end)`` for each stage of a plan (``a+b[start,end)`` for a stage
+    replicated on nodes ``a`` and ``b``)."""
+    return [f"{'+'.join(s.nodes)}[{s.start},{s.end})" for s in stages]
 
 
 def events_path_for(plan_path: str | Path) -> Path:

@@ -10,7 +10,11 @@ naming the cause (:class:`RequestFailedError`, :class:`RequestTimeoutError`,
 :class:`PipelineBrokenError`). With failover on (the default), a node that dies, hangs or
 leaves is routed around: the plan is re-made over the nodes left, only the stages that
 change are loaded, the chain is rewired and every unanswered request is replayed; a node
-that comes back is used again. See :mod:`coordinator.ledger` for how answers count once.
+that comes back is used again. A node that replicates a stage with other nodes is just left
+out: its share goes to the stage's other nodes, its neighbours are rewired and every
+unanswered request is replayed, without re-planning. Inputs are dealt among the first
+stage's nodes by their shares, and results are taken from every node of the last stage.
+See :mod:`coordinator.ledger` for how answers count once.
 """
 
 from __future__ import annotations
@@ -27,15 +31,15 @@ from typing import Protocol
 
 import torch
 
-from coordinator.deploy import link_emulation
+from coordinator.deploy import hop_encoding, replica_wiring, replicas
 from coordinator.drift import POLL_S, Drift, DriftWatch
 from coordinator.events import EventLog, Replan, stage_names
 from coordinator.health_watch import NodeState, NodeWatch
 from coordinator.ledger import Ledger, Request, RequestFailedError
+from coordinator.replicas import without_replicas
 from node.client import FrameSender, GrpcWorkerHandle, Result, ResultStream, WorkerHandle
-from node.link import NO_EMULATION, LinkEmulation
+from node.dealer import Dealer
 from node.security import client_security
-from partition.compression import LinkEncoding
 from partition.errors import EdgesplitError, TensorSpecError
 from partition.measured import AS_PLANNED, Measured
 from partition.plan import Plan, PlannedStage, Priced
@@ -161,7 +165,7 @@ class Pipeline:
         self.measured = AS_PLANNED
         """Nodes' slowdowns and links' bandwidths measured off the plan (see
         :mod:`coordinator.drift`)."""
-        addresses = {**plan.addresses, **{s.node: s.address for s in plan.stages}}
+        addresses = {**plan.addresses, **{r.node: r.address for _, r in replicas(plan)}}
         security = client_security(plan.security)
         self._handles: dict[str, WorkerHandle] = {
             name: GrpcWorkerHandle(address, name, security)
@@ -176,8 +180,11 @@ class Pipeline:
         self._emulate = loopback(plan) if emulate_links is None else emulate_links
         self._ready = asyncio.Event()
         self._send_lock = asyncio.Lock()
-        self._sender: FrameSender | None = None
-        self._sender_node: str | None = None
+        self._senders: dict[str, FrameSender] = {}
+        """The data path into each node of the first stage."""
+        self._entry: tuple[str, ...] = ()
+        self._dealer = Dealer([1.0])
+        """Deals requests among the ``_entry`` nodes by their shares."""
         self._readers: dict[str, tuple[ResultStream, asyncio.Task[None]]] = {}
         self._watches: dict[str, NodeWatch] = {}
         self._loaded: dict[str, tuple[int, int, str]] = {}
@@ -218,16 +225,13 @@ class Pipeline:
         return pipeline
 
     async def _open(self) -> None:
-        infos = await asyncio.gather(*(self._handles[s.node].describe()
-                                       for s in self.plan.stages))
-        for stage, info in zip(self.plan.stages, infos, strict=True):
+        placed = replicas(self.plan)
+        infos = await asyncio.gather(*(self._handles[r.node].describe() for _, r in placed))
+        for (k, replica), info in zip(placed, infos, strict=True):
+            stage = self.plan.stages[k]
             if info.stage is not None:
-                self._loaded[stage.node] = (stage.start, stage.end, info.stage.sha256)
-        await self._subscribe(self.plan.stages[-1].node)
-        first = self.plan.stages[0].node
-        sender = await self._handles[first].open_sender(self.plan.links[0].encoding)
-        self._sender, self._sender_node = sender, first
-        self._ready.set()
+                self._loaded[replica.node] = (stage.start, stage.end, info.stage.sha256)
+        await self._switch_data_path(self.plan, force=())
         self._tasks.append(asyncio.create_task(self._deadlines()))
         self._tasks.append(asyncio.create_task(self._supervise()))
         if self._failover:
@@ -287,14 +291,15 @@ class Pipeline:
         """Send ``request`` under the current plan version, unless it was already (or, with
         ``again``, send it once more); while the chain is switching, the switch replays it."""
         async with self._send_lock:
-            if (request.answer.done() or not self._ready.is_set() or self._sender is None
+            if (request.answer.done() or not self._ready.is_set() or not self._senders
                     or (request.sent_version == self._ledger.version and not again)):
                 return
+            node = self._entry[self._dealer.deal()]
             wire_id = self._ledger.wire_id(request, self._deadline_s)
             try:
-                await self._sender.send(wire_id, request.tensors)
+                await self._senders[node].send(wire_id, request.tensors)
             except EdgesplitError as err:
-                self._data_path_trouble(self._sender_node, f"sending failed: {err}")
+                self._data_path_trouble(node, f"sending failed: {err}")
 
     async def _subscribe(self, node: str) -> None:
         stream = await self._handles[node].open_results(self.plan.outputs)
@@ -310,7 +315,7 @@ class Pipeline:
             reason = f"its results stream broke: {err}"
         if self._readers.get(node, (None,))[0] is results:
             del self._readers[node]
-            if node == self.plan.stages[-1].node:
+            if node in self.plan.stages[-1].nodes:
                 self._data_path_trouble(node, reason)
 
     def _on_result(self, result: Result) -> None:
@@ -353,14 +358,14 @@ class Pipeline:
                         f"request got no answer within {self._deadline_s:.1f} s, sent "
                         f"{request.timeouts + 1} times, though every node answers its health "
                         f"checks; look for errors in the nodes' logs "
-                        f"({', '.join(s.node for s in self.plan.stages)})"
+                        f"({', '.join(r.node for _, r in replicas(self.plan))})"
                     ))
 
     # -- watching and switching ------------------------------------------------------------
 
     def _on_state(self, watch: NodeWatch, state: NodeState) -> None:
         name = watch.name
-        in_plan = any(s.node == name for s in self.plan.stages)
+        in_plan = name in _nodes(self.plan)
         if state is NodeState.DEAD:
             detected = time.monotonic() - watch.last_ok
             self.events.record(f"node lost: {name} stopped answering (declared dead "
@@ -406,11 +411,11 @@ class Pipeline:
 
     async def _check(self) -> None:
         plan = self.plan
-        lost = [s.node for s in plan.stages
-                if self._watches[s.node].state in (NodeState.DEAD, NodeState.DRAINING)]
-        stageless = [s.node for s in plan.stages
-                     if self._watches[s.node].state is NodeState.NO_STAGE
-                     and not await self._holds_stage(s.node)]
+        lost = [n for n in _nodes(plan)
+                if self._watches[n].state in (NodeState.DEAD, NodeState.DRAINING)]
+        stageless = [n for n in _nodes(plan)
+                     if self._watches[n].state is NodeState.NO_STAGE
+                     and not await self._holds_stage(n)]
         if lost or stageless:
             node = (lost or stageless)[0]
             state = self._watches[node].state
@@ -423,7 +428,11 @@ class Pipeline:
                     "request(s) got no answer; check it with `coordinator status`, then "
                     "deploy again"))
                 return
-            await self._switch(cause, self._watches[node], exclude=set(lost))
+            smaller = without_replicas(plan, {*lost, *stageless})
+            if smaller is not None:
+                await self._leave_out(cause, self._watches[node], smaller)
+            else:
+                await self._switch(cause, self._watches[node], exclude=set(lost))
         elif self._trouble:
             await self._reopen()
         elif self._returned and self._rebalance and self._failover:
@@ -470,7 +479,7 @@ class Pipeline:
                 log.info("reopening the data path failed (%s); retrying in %.1f s", err, delay)
                 await asyncio.sleep(delay)
                 delay *= 2
-                if any(not self._watches[s.node].state.usable for s in self.plan.stages):
+                if any(not self._watches[n].state.usable for n in _nodes(self.plan)):
                     self._wake.set()  # a node died meanwhile: switch plans instead
                     return
                 continue
@@ -507,7 +516,7 @@ class Pipeline:
             return
         old = self.plan
         try:  # export what the switch ships while the old chain still runs (if it does)
-            for stage in self._to_load(new):
+            for stage, _ in self._to_load(new):
                 await recovery.artifact(stage)
         except EdgesplitError as err:
             if only_if_better:
@@ -520,17 +529,45 @@ class Pipeline:
                         old_stages=stage_names(old.stages), new_stages=stage_names(new.stages),
                         predicted_gain=gain if math.isfinite(gain) else None,
                         failed_at=failed.last_ok if failed else started)
-        recovering = not only_if_better
+        predicted = (f"{gain:+.0%} against the old plan" if math.isfinite(gain) else
+                     "the old plan had lost a node")
+        await self._move(
+            replan, new, failed, recovering=not only_if_better,
+            headline=f"re-planned ({cause}): {' '.join(replan.old_stages)} -> "
+                     f"{' '.join(replan.new_stages)}, predicted "
+                     f"{new.throughput_per_s:.1f} req/s ({predicted})")
+
+    async def _leave_out(self, cause: str, failed: NodeWatch, new: Plan) -> None:
+        """A node that replicates a stage is lost: run ``new``, the plan without it (its
+        share dealt to the stage's other nodes), without re-planning: rewire its neighbours,
+        replay."""
+        old = self.plan
+        replan = Replan(at_s=self.events.elapsed(), cause=cause,
+                        old_stages=stage_names(old.stages), new_stages=stage_names(new.stages),
+                        failed_at=failed.last_ok)
+        await self._move(
+            replan, new, failed, recovering=True,
+            headline=f"left out a replica ({cause}): {' '.join(replan.old_stages)} -> "
+                     f"{' '.join(replan.new_stages)}, no re-plan")
+
+    async def _move(
+        self, replan: Replan, new: Plan, failed: NodeWatch | None, *, recovering: bool,
+        headline: str,
+    ) -> None:
+        """Load ``new``'s stages (on nodes the old plan leaves idle while it still runs),
+        rewire, move the data path onto it and replay; retried by the supervisor (up to
+        :data:`SWITCH_ATTEMPTS`) if that fails."""
+        old, cause = self.plan, replan.cause
         if failed is not None:
             replan.detection_s = failed.changed_at - failed.last_ok
         try:
             # nodes the old plan leaves idle are loaded while it still runs
-            early = [s for s in self._to_load(new) if s.node not in {x.node for x in old.stages}]
+            early = [(s, n) for s, n in self._to_load(new) if n not in _nodes(old)]
             replan.moved_bytes = await self._load(early)
             self._ready.clear()
             self._ledger.new_version()  # a failure while switching is the old chain's
             paused = time.monotonic()
-            replan.moved_bytes += await self._apply(old, new, {s.node for s in early})
+            replan.moved_bytes += await self._apply(old, new, {n for _, n in early})
         except EdgesplitError as err:
             self._attempts += 1
             if self._attempts >= SWITCH_ATTEMPTS:
@@ -548,11 +585,7 @@ class Pipeline:
         if recovering:  # else a recovery still waiting for its first answer goes on
             self._recovering = replan
         self.replans.append(replan)
-        predicted = (f"{gain:+.0%} against the old plan" if math.isfinite(gain) else
-                     "the old plan had lost a node")
-        self.events.record(f"re-planned ({cause}): {' '.join(replan.old_stages)} -> "
-                           f"{' '.join(replan.new_stages)}, predicted "
-                           f"{new.throughput_per_s:.1f} req/s ({predicted})")
+        self.events.record(headline)
         self.events.record(f"stages moved: {replan.moved_bytes} bytes; stream paused "
                            f"{replan.pause_s:.2f} s")
         replan.replayed = await self._replay()
@@ -575,69 +608,74 @@ class Pipeline:
         (with the measured figures; a plan on a lost node counts as stopped)."""
         old = await recovery.price(self.plan, self.measured)
         fresh = await recovery.price(new, self.measured)
-        if any(not self._watches[s.node].state.usable for s in self.plan.stages):
+        if any(not self._watches[n].state.usable for n in _nodes(self.plan)):
             return float("inf")
         return old.bottleneck_s / fresh.bottleneck_s - 1
 
     async def _apply(self, old: Plan, new: Plan, fresh: set[str]) -> int:
-        """Load the stages ``new`` changes (but the ``fresh`` nodes, just loaded), wire its
-        chain downstream first and move the data path onto it; the bytes shipped."""
-        handles = [self._handles[s.node] for s in new.stages]
-        infos = await asyncio.gather(*(h.describe() for h in handles))
-        stale = [s for s, info in zip(new.stages, infos, strict=True)  # a restarted node
-                 if s.node not in fresh and s not in self._to_load(new)
-                 and (info.stage is None or info.stage.sha256 != self._loaded[s.node][2])]
-        loading = [s for s in self._to_load(new) if s.node not in fresh] + stale
+        """Load the stages ``new`` changes (but on the ``fresh`` nodes, just loaded), wire
+        its nodes downstream first (those whose wiring changes) and move the data path onto
+        it; the bytes shipped."""
+        placed = replicas(new)
+        infos = await asyncio.gather(*(self._handles[r.node].describe() for _, r in placed))
+        to_load = self._to_load(new)
+        stale = [(new.stages[k], r.node) for (k, r), info in zip(placed, infos, strict=True)
+                 if r.node not in fresh and (new.stages[k], r.node) not in to_load
+                 and (info.stage is None  # a restarted node
+                      or info.stage.sha256 != self._loaded[r.node][2])]
+        loading = [(s, n) for s, n in to_load if n not in fresh] + stale
         moved = await self._load(loading)
-        changed = fresh | {s.node for s in loading}
-        before = {s.node: _wiring(old, k, self._emulate) for k, s in enumerate(old.stages)}
-        for k in reversed(range(len(new.stages))):
-            node, wiring = new.stages[k].node, _wiring(new, k, self._emulate)
-            if node in changed or before.get(node) != wiring:
-                next_address, outbound, inbound, encoding = wiring
-                await handles[k].wire(
-                    next_address, next_node=new.stages[k + 1].node if next_address else None,
-                    previous_node=new.stages[k - 1].node if k > 0 else None,
-                    outbound=outbound, inbound=inbound, encoding=encoding,
-                )
-                changed.add(node)
+        changed = fresh | {n for _, n in loading}
+        before = {r.node: replica_wiring(old, k, r.node, self._emulate)
+                  for k, r in replicas(old)}
+        for k, replica in reversed(placed):
+            wiring = replica_wiring(new, k, replica.node, self._emulate)
+            if replica.node in changed or before.get(replica.node) != wiring:
+                await self._handles[replica.node].wire(wiring)
+                changed.add(replica.node)
         await self._switch_data_path(new, force=changed)
         return moved
 
-    async def _load(self, stages: list[PlannedStage]) -> int:
-        """Ship ``stages`` to their nodes at once; the bytes shipped."""
+    async def _load(self, placements: list[tuple[PlannedStage, str]]) -> int:
+        """Ship each (stage, node) of ``placements`` at once (a stage exported once for all
+        its nodes); the bytes shipped."""
         recovery = self._get_recovery()
-        artifacts = [await recovery.artifact(s) for s in stages]
-        await asyncio.gather(*(self._handles[s.node].load_stage(a.spec, a.data)
-                               for s, a in zip(stages, artifacts, strict=True)))
-        for s, a in zip(stages, artifacts, strict=True):
-            self._loaded[s.node] = (s.start, s.end, a.spec.artifact_sha256)
+        artifacts = [await recovery.artifact(s) for s, _ in placements]
+        await asyncio.gather(*(self._handles[n].load_stage(a.spec, a.data)
+                               for (_, n), a in zip(placements, artifacts, strict=True)))
+        for (s, n), a in zip(placements, artifacts, strict=True):
+            self._loaded[n] = (s.start, s.end, a.spec.artifact_sha256)
         return sum(len(a.data) for a in artifacts)
 
-    def _to_load(self, plan: Plan) -> list[PlannedStage]:
-        """The stages of ``plan`` whose node does not hold that layer range already."""
-        return [s for s in plan.stages
-                if self._loaded.get(s.node, (None, None))[:2] != (s.start, s.end)]
+    def _to_load(self, plan: Plan) -> list[tuple[PlannedStage, str]]:
+        """(stage, node) for each node of ``plan`` that does not hold its stage's layer
+        range already."""
+        return [(s, n) for s in plan.stages for n in s.nodes
+                if self._loaded.get(n, (None, None))[:2] != (s.start, s.end)]
 
     async def _switch_data_path(self, plan: Plan, *, force: Collection[str]) -> None:
-        """Results from ``plan``'s last node, frames into its first (reopened if in
-        ``force``); the old results streams of nodes still alive are closed."""
-        last, first = plan.stages[-1].node, plan.stages[0].node
-        if last in force and last in self._readers:
-            self._close_reader(last)
-        if last not in self._readers:
-            await self._subscribe(last)
-        for node in [n for n in self._readers if n != last]:
+        """Results from every node of ``plan``'s last stage, requests dealt among its first
+        stage's nodes (streams to nodes in ``force`` reopened); the old results streams of
+        nodes still alive are closed."""
+        last, first = plan.stages[-1], plan.stages[0]
+        for node in last.nodes:
+            if node in force and node in self._readers:
+                self._close_reader(node)
+            if node not in self._readers:
+                await self._subscribe(node)
+        for node in [n for n in self._readers if n not in last.nodes]:
             if self._watches[node].state.usable:
                 self._close_reader(node)
-        encoding = plan.links[0].encoding
-        if (self._sender is None or self._sender_node != first or first in force
-                or self._sender.encoding is not encoding):
-            if self._sender is not None:
-                self._sender.abort()
-            self._sender = None
-            self._sender = await self._handles[first].open_sender(encoding)
-            self._sender_node = first
+        encoding = hop_encoding(plan, 0, plan.source)
+        for node, sender in list(self._senders.items()):
+            if node not in first.nodes or node in force or sender.encoding is not encoding:
+                sender.abort()
+                del self._senders[node]
+        for node in first.nodes:
+            if node not in self._senders:
+                self._senders[node] = await self._handles[node].open_sender(encoding)
+        self._entry = first.nodes
+        self._dealer = Dealer([r.share for r in first.replicas])
         self._ready.set()
 
     def _close_reader(self, node: str) -> None:
@@ -682,8 +720,8 @@ class Pipeline:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(*(w.stop() for w in self._watches.values()))
-        if self._sender is not None:
-            sender, self._sender = self._sender, None
+        senders, self._senders = self._senders, {}
+        for sender in senders.values():
             try:
                 async with asyncio.timeout(2.0):
                     await sender.close()
@@ -702,12 +740,6 @@ class Pipeline:
                         self._ledger.strays)
 
 
-def _wiring(
-    plan: Plan, k: int, emulate: bool
-) -> tuple[str | None, LinkEmulation, LinkEmulation, LinkEncoding]:
-    """Stage ``k``'s next address, outbound link, inbound link and outbound encoding, as
-    ``deploy`` wires them."""
-    next_address = plan.stages[k + 1].address if k + 1 < len(plan.stages) else None
-    outbound = link_emulation(plan.links[k + 1], emulate, plan.media)
-    inbound = link_emulation(plan.links[0], emulate, plan.media) if k == 0 else NO_EMULATION
-    return next_address, outbound, inbound, plan.links[k + 1].encoding
+def _nodes(plan: Plan) -> list[str]:
+    """Every node running a stage of ``plan``."""
+    return [replica.node for _, replica in replicas(plan)]

@@ -9,51 +9,48 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from coordinator.deploy import hop_link  # noqa: E402
+from node.dealer import Dealer  # noqa: E402
 from partition.plan import Plan  # noqa: E402
 
 
 def pipeline_timeline(plan: Plan, requests: int) -> list[tuple[str, int, float, float]]:
     """``(resource, request, start_s, end_s)`` for ``requests`` sent back to back.
 
-    Resources are the hops (``"src -> dst"``) and the stages (``"stage k on node"``); each
-    is busy with one request at a time, as in the cost model: a hop for its transfer time,
-    after which its latency delays the request without keeping the hop busy. A replicated
-    stage (``"stage k on a+b"``) and its hops are drawn as one resource busy for its busiest
-    replica's or link's share of each request, and a hop's latency as its longest link's.
+    Resources are the links (``"src -> dst"``) and the stages' nodes (``"stage k on
+    node"``); each is busy with one request at a time, as in the cost model: a link for its
+    transfer time, after which its latency delays the request without keeping the link
+    busy. Requests are dealt among a replicated stage's nodes as the runtime deals them; a
+    replica takes the stage's busy time per request over its share (the planner gives each
+    replica the share that evens out their busy times).
     """
-    resources: list[tuple[str, float, float]] = []  # name, busy seconds, delay after
-    for k, stage in enumerate(plan.stages):
-        resources.append((_hop_name(plan, k), stage.transfer_in_s, _hop_delay(plan, k)))
-        resources.append((f"stage {k} on {'+'.join(stage.nodes)}", stage.compute_s, 0.0))
-    last, hop = plan.stages[-1], len(plan.stages)
-    crossing = [(r.share, link) for r, link in zip(last.replicas, plan.hop_links(hop),
-                                                   strict=True) if link.src != link.dst]
-    if crossing:
-        busy = max(share * last.bytes_out / link.bytes_per_s for share, link in crossing)
-        resources.append((_hop_name(plan, hop), busy, _hop_delay(plan, hop)))
-
+    dealers = [Dealer([r.share for r in stage.replicas]) for stage in plan.stages]
+    free_at: dict[str, float] = {}
     bars = []
-    free_at = [0.0] * len(resources)
+
+    def occupy(name: str, request: int, ready: float, busy: float) -> float:
+        start = max(ready, free_at.get(name, 0.0))
+        free_at[name] = start + busy
+        if busy > 0:
+            bars.append((name, request, start, start + busy))
+        return start + busy
+
     for request in range(requests):
-        ready = 0.0
-        for index, (name, busy, delay) in enumerate(resources):
-            start = max(ready, free_at[index])
-            free_at[index] = start + busy
-            ready = start + busy + delay
-            if busy > 0:
-                bars.append((name, request, start, start + busy))
+        ready, sender = 0.0, plan.source
+        for k, (stage, dealer) in enumerate(zip(plan.stages, dealers, strict=True)):
+            replica = stage.replicas[dealer.deal()]
+            link = hop_link(plan, k, sender, replica.node)
+            if link.src != link.dst:
+                ready = occupy(f"{link.src} -> {link.dst}", request, ready,
+                               stage.transfer_in_s) + link.latency_s
+            ready = occupy(f"stage {k} on {replica.node}", request, ready,
+                           stage.compute_s / replica.share)
+            sender = replica.node
+        last = hop_link(plan, len(plan.stages), sender, plan.sink)
+        if last.src != last.dst:
+            occupy(f"{last.src} -> {last.dst}", request, ready,
+                   plan.stages[-1].bytes_out / last.bytes_per_s)
     return bars
-
-
-def _hop_name(plan: Plan, k: int) -> str:
-    senders, receivers = plan.hop_ends(k)
-    return f"{'+'.join(senders)} -> {'+'.join(receivers)}"
-
-
-def _hop_delay(plan: Plan, k: int) -> float:
-    """The longest latency among hop ``k``'s links between two nodes (0 if none)."""
-    return max((link.latency_s for link in plan.hop_links(k) if link.src != link.dst),
-               default=0.0)
 
 
 def plot_plan(plan: Plan, path: str | Path, requests: int = 4) -> Path:

@@ -73,10 +73,11 @@ class PlanRecovery:
     async def prewarm(
         self, plan: Plan, usable: Collection[str], measured: Measured = AS_PLANNED
     ) -> None:
-        """Make the plan without each of ``plan``'s nodes and the plan over the whole
-        cluster (where a returning node leads), and export their stages; forget the rest."""
+        """Make the plan without each node that runs a stage of ``plan`` alone (losing a
+        replica of a stage needs no new plan) and the plan over the whole cluster (where a
+        returning node leads), and export their stages; forget the rest."""
         replanner = await self.prepare()
-        candidates = [set(usable) - {s.node} for s in plan.stages]
+        candidates = [set(usable) - {s.node} for s in plan.stages if not s.replicated]
         candidates.append(set(replanner.cluster.names))
         needed = {_artifact_key(s) for s in plan.stages}
         for nodes in candidates:

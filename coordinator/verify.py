@@ -10,7 +10,9 @@ report); the first whose *sent* fingerprint differs computed something else from
 input (a faulty or tampered node). Frames cross each link here as they do there: in the
 link's encoding, decoded (:func:`partition.compression.roundtrip`). A trace is only as
 honest as the nodes that carry it, so the final outputs are compared too: they can never
-differ unnoticed.
+differ unnoticed. Requests are dealt among a replicated first stage's nodes and answered by
+any node of the last; a trace does not say which node of a replicated stage ran it, so a
+difference there names the stage's nodes.
 """
 
 from __future__ import annotations
@@ -18,20 +20,22 @@ from __future__ import annotations
 import asyncio
 import math
 import secrets
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from coordinator.bench import InputFactory
+from coordinator.deploy import hop_encoding
 from coordinator.pipeline import bind_inputs
-from node.client import GrpcWorkerHandle
+from node.client import FrameSender, GrpcWorkerHandle, Result, ResultStream
 from node.codec import StageReport, Trace
+from node.dealer import Dealer
 from node.pipeline import FINGERPRINT_VALUES, fingerprint
 from partition.artifact import ProgramRunner, load_program, run_stage
 from partition.compression import LinkEncoding, roundtrip
 from partition.errors import EdgesplitError
-from partition.plan import Plan
+from partition.plan import Plan, PlannedStage
 from partition.spec import StageSpec
 from partition.split import StageArtifact
 
@@ -67,21 +71,27 @@ async def verify(
         If a verified request gets no answer within :data:`ANSWER_TIMEOUT_S`.
     """
     programs = [(load_program(a.data), a.spec) for a in artifacts]
-    first = GrpcWorkerHandle(plan.stages[0].address, plan.stages[0].node)
-    last = GrpcWorkerHandle(plan.stages[-1].address, plan.stages[-1].node)
-    results = await last.open_results(plan.outputs)
-    sender = await first.open_sender(plan.links[0].encoding)
-    answers = aiter(results)
+    first = [GrpcWorkerHandle(r.address, r.node) for r in plan.stages[0].replicas]
+    last = [GrpcWorkerHandle(r.address, r.node) for r in plan.stages[-1].replicas]
+    dealer = Dealer([r.share for r in plan.stages[0].replicas])
+    streams: list[ResultStream] = []
+    senders: list[FrameSender] = []
+    encodings = [plan.hop_links(k)[0].encoding for k in range(len(plan.stages) + 1)]
     found = []
     try:
+        for handle in last:
+            streams.append(await handle.open_results(plan.outputs))
+        answers = aiter(_merged(streams))
+        encoding = hop_encoding(plan, 0, plan.source)
+        for handle in first:
+            senders.append(await handle.open_sender(encoding))
         for index in requests:
             inputs = bind_inputs(plan.inputs, make_inputs(index))
             request_id = secrets.randbits(64)
-            await sender.send(request_id, inputs, trace=())
+            await senders[dealer.deal()].send(request_id, inputs, trace=())
             async with asyncio.timeout(ANSWER_TIMEOUT_S):
                 while (result := await anext(answers)).request_id != request_id:
                     pass
-            encodings = [link.encoding for link in plan.links]
             local, outputs = _local_trace(programs, inputs, encodings)
             if result.outputs is None:
                 failure = result.failure
@@ -94,16 +104,48 @@ async def verify(
             if difference is not None:
                 found.append(difference)
     except (TimeoutError, StopAsyncIteration):
+        names = ", ".join(f"{h.name!r} at {h.address}" for h in last)
         raise EdgesplitError(
-            f"a verified request got no answer from {last.name!r} at {last.address}; "
-            "check the nodes with `coordinator status`"
+            f"a verified request got no answer from the last stage ({names}); check the "
+            "nodes with `coordinator status`"
         ) from None
     finally:
-        await sender.close()
-        await results.close()
-        await first.close()
-        await last.close()
+        for sender in senders:
+            await sender.close()
+        for stream in streams:
+            await stream.close()
+        for handle in (*first, *last):
+            await handle.close()
     return found
+
+
+async def _merged(streams: Sequence[ResultStream]) -> AsyncIterator[Result]:
+    """The results of every stream as they arrive, until all have ended (an error ending
+    one is raised)."""
+    queue: asyncio.Queue[Result | EdgesplitError | None] = asyncio.Queue()
+
+    async def forward(stream: ResultStream) -> None:
+        try:
+            async for result in stream:
+                await queue.put(result)
+            await queue.put(None)
+        except EdgesplitError as err:
+            await queue.put(err)
+
+    tasks = [asyncio.create_task(forward(stream)) for stream in streams]
+    try:
+        ended = 0
+        while ended < len(streams):
+            item = await queue.get()
+            if isinstance(item, EdgesplitError):
+                raise item
+            if item is None:
+                ended += 1
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 def _local_trace(
@@ -134,19 +176,25 @@ def first_difference(
     for k, (stage, mine) in enumerate(zip(plan.stages, local, strict=True)):
         theirs = remote[k] if k < len(remote) and remote[k].index == k else None
         if theirs is None:
-            return Difference(request, k, stage.node, "sent no report for a traced request")
+            return Difference(request, k, _named(stage), "sent no report for a traced request")
         if not same(theirs.received, mine.received):
-            source = f"stage {k - 1} on {plan.stages[k - 1].node!r}" if k else "the coordinator"
-            return Difference(request, k, stage.node,
+            source = (f"stage {k - 1} on {_named(plan.stages[k - 1])!r}" if k
+                      else "the coordinator")
+            return Difference(request, k, _named(stage),
                               f"received other tensors than {source} sent")
         if not same(theirs.sent, mine.sent):
-            return Difference(request, k, stage.node, "computed other outputs from the same "
-                              "inputs (a faulty or tampered stage)")
+            return Difference(request, k, _named(stage), "computed other outputs from the "
+                              "same inputs (a faulty or tampered stage)")
     if not same(answered, final):
         stage = plan.stages[-1]
-        return Difference(request, stage.index, stage.node,
+        return Difference(request, stage.index, _named(stage),
                           "answered other outputs than it reported computing")
     return None
+
+
+def _named(stage: PlannedStage) -> str:
+    """The node of ``stage``, or ``a or b`` for one replicated on ``a`` and ``b``."""
+    return " or ".join(stage.nodes)
 
 
 def same(theirs: Sequence[float], mine: Sequence[float]) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -34,7 +34,7 @@ class Role(StrEnum):
     NODE = "node"
     """Any node of the cluster."""
     UPSTREAM = "upstream"
-    """The node that ``Wire`` named as the previous stage's."""
+    """A node that ``Wire`` named as one of the previous stage's."""
 
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["EdgeNode"]
@@ -68,9 +68,10 @@ ALLOWED_ROLES: dict[str, frozenset[Role]] = _by_method({
 
 @dataclass
 class WiredPeers:
-    """What ``Wire`` told this node about its neighbours: the node that may ``Submit`` here."""
+    """What ``Wire`` told this node about its neighbours: the nodes that may ``Submit`` here
+    (every node of the previous stage)."""
 
-    previous: str | None = None
+    previous: frozenset[str] = frozenset()
 
 
 def token_matches(metadata: Sequence[tuple[str, str | bytes]], token: bytes) -> bool:
@@ -84,13 +85,13 @@ def token_matches(metadata: Sequence[tuple[str, str | bytes]], token: bytes) -> 
     return False
 
 
-def permitted(allowed: frozenset[Role], peer: str | None, previous: str | None) -> bool:
+def permitted(allowed: frozenset[Role], peer: str | None, previous: Collection[str]) -> bool:
     """May the holder of the certificate named ``peer`` call a method ``allowed`` roles may?"""
     if peer is None:
         return False
     if peer == COORDINATOR_NAME:
         return Role.COORDINATOR in allowed
-    return Role.NODE in allowed or (Role.UPSTREAM in allowed and peer == previous)
+    return Role.NODE in allowed or (Role.UPSTREAM in allowed and peer in previous)
 
 
 def certificate_name(auth_context: Mapping[str, Sequence[bytes]]) -> str | None:

@@ -25,14 +25,7 @@ from node.data_path import results_stream, submit_stream
 from node.errors import FrameSpecError, NodeRejectedError, NodeUnreachableError, ProbeError
 from node.health import OVERALL, is_serving
 from node.link import NO_EMULATION, LinkEmulation
-from node.messages import (
-    Failure,
-    FailureCode,
-    NodeInfo,
-    StageInfo,
-    encoding_to_proto,
-    link_to_proto,
-)
+from node.messages import Failure, FailureCode, NodeInfo, StageInfo, Wiring, link_to_proto
 from node.probe import PROBE_TIMEOUT_S, LinkMeasurement, ProbeOptions, measure_link
 from node.profiling import ProfileOptions
 from node.rpc import edgesplit_pb2 as pb
@@ -124,21 +117,12 @@ class WorkerHandle(ABC):
         """Ship a stage artifact; the node checks its size and hash, then loads it."""
 
     @abstractmethod
-    async def wire(
-        self,
-        next_address: str | None,
-        *,
-        next_node: str | None = None,
-        previous_node: str | None = None,
-        outbound: LinkEmulation = NO_EMULATION,
-        inbound: LinkEmulation = NO_EMULATION,
-        encoding: LinkEncoding = LinkEncoding.RAW,
-    ) -> None:
-        """Send outputs to ``next_address``, or (``None``) to Results subscribers here, in
-        ``encoding`` (the outbound link's).
+    async def wire(self, wiring: Wiring) -> None:
+        """Deal outputs among ``wiring.next_hops``, or (none) send them to Results
+        subscribers here, in ``wiring.encoding`` (the outbound hop's).
 
-        With TLS, the next hop's certificate must name ``next_node``, and only
-        ``previous_node`` (besides the coordinator) may send frames here.
+        With TLS, each next hop's certificate must name its node, and only
+        ``wiring.previous_nodes`` (besides the coordinator) may send frames here.
         """
 
     @abstractmethod
@@ -226,26 +210,9 @@ class GrpcWorkerHandle(WorkerHandle):
             reply = await self._stub.LoadStage(chunks)
         return StageInfo.from_proto(reply.stage)
 
-    async def wire(
-        self,
-        next_address: str | None,
-        *,
-        next_node: str | None = None,
-        previous_node: str | None = None,
-        outbound: LinkEmulation = NO_EMULATION,
-        inbound: LinkEmulation = NO_EMULATION,
-        encoding: LinkEncoding = LinkEncoding.RAW,
-    ) -> None:
-        request = pb.WireRequest(
-            next_address=next_address or "",
-            next_node=next_node or "",
-            previous_node=previous_node or "",
-            outbound=link_to_proto(outbound),
-            inbound=link_to_proto(inbound),
-            outbound_encoding=encoding_to_proto(encoding),
-        )
+    async def wire(self, wiring: Wiring) -> None:
         with _mapped_errors(self, "Wire"):
-            await self._stub.Wire(request, timeout=CALL_TIMEOUT_S)
+            await self._stub.Wire(wiring.to_proto(), timeout=CALL_TIMEOUT_S)
 
     async def probe(
         self, target_address: str, options: ProbeOptions, *, target_node: str | None = None,

@@ -7,7 +7,7 @@ from enum import Enum
 from typing import Any
 
 from node.config import Device
-from node.link import LinkEmulation, MediumUse
+from node.link import NO_EMULATION, LinkEmulation, MediumUse
 from node.rpc import edgesplit_pb2 as pb
 from partition.compression import LinkEncoding
 
@@ -88,11 +88,16 @@ class NodeInfo:
     requests_served: int
     queue_depth: int
     p50_stage_seconds: float
-    link_frames: int
-    link_bytes_per_s: float
-    link_p50_seconds: float
     bytes_sent: int
     resident_overhead_bytes: int
+    outbound_links: tuple[OutboundLink, ...] = ()
+
+    def outbound_link(self, node: str | None) -> OutboundLink | None:
+        """The outbound link to ``node`` (``None``: to the Results stream), if wired."""
+        for link in self.outbound_links:
+            if link.node == node:
+                return link
+        return None
 
     def to_proto(self) -> pb.NodeInfo:
         return pb.NodeInfo(
@@ -100,6 +105,7 @@ class NodeInfo:
             | {
                 "device": _DEVICE_TO_PROTO[self.device],
                 "stage": self.stage.to_proto() if self.stage else None,
+                "outbound_links": [link.to_proto() for link in self.outbound_links],
             }
         )
 
@@ -110,7 +116,70 @@ class NodeInfo:
             | {
                 "device": _DEVICE_FROM_PROTO[msg.device],
                 "stage": StageInfo.from_proto(msg.stage) if msg.HasField("stage") else None,
+                "outbound_links": tuple(OutboundLink.from_proto(link)
+                                        for link in msg.outbound_links),
             }
+        )
+
+
+@dataclass(frozen=True)
+class OutboundLink:
+    """One of a node's outbound links: to ``node``, or (``None``) to the Results stream;
+    the frames dealt to it, and the frames measured on it with their median throughput and
+    busy time."""
+
+    node: str | None
+    frames_dealt: int
+    link_frames: int
+    link_bytes_per_s: float
+    link_p50_seconds: float
+
+    def to_proto(self) -> pb.OutboundLink:
+        return pb.OutboundLink(**_field_values(self, OutboundLink) | {"node": self.node or ""})
+
+    @classmethod
+    def from_proto(cls, msg: pb.OutboundLink) -> OutboundLink:
+        return cls(**_field_values(msg, cls) | {"node": msg.node or None})
+
+
+@dataclass(frozen=True)
+class Hop:
+    """A node of the next stage: its address, name, share of the frames, and the emulation
+    of the link to it."""
+
+    address: str
+    node: str
+    share: float = 1.0
+    link: LinkEmulation = NO_EMULATION
+
+    def to_proto(self) -> pb.NextHop:
+        return pb.NextHop(address=self.address, node=self.node, share=self.share,
+                          link=link_to_proto(self.link))
+
+    @classmethod
+    def from_proto(cls, msg: pb.NextHop) -> Hop:
+        return cls(msg.address, msg.node, msg.share, link_from_proto(msg.link))
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """What ``Wire`` tells a node: the next stage's nodes (none: results go to the Results
+    subscribers, over the ``outbound`` link to the sink), the previous stage's nodes (the
+    only ones that may send it frames, with TLS), the link from the source (first stage
+    only) and the encoding of the hop out."""
+
+    next_hops: tuple[Hop, ...] = ()
+    previous_nodes: tuple[str, ...] = ()
+    outbound: LinkEmulation = NO_EMULATION
+    inbound: LinkEmulation = NO_EMULATION
+    encoding: LinkEncoding = LinkEncoding.RAW
+
+    def to_proto(self) -> pb.WireRequest:
+        return pb.WireRequest(
+            next_hops=[hop.to_proto() for hop in self.next_hops],
+            previous_nodes=list(self.previous_nodes),
+            outbound=link_to_proto(self.outbound), inbound=link_to_proto(self.inbound),
+            outbound_encoding=encoding_to_proto(self.encoding),
         )
 
 

@@ -5,7 +5,9 @@ gRPC flow control turns into backpressure on the sender); a frame that crossed a
 inbound link waits in the queue until it is due. The compute loop decodes them, runs the
 stage and encodes its output for the outbound link, all in a worker thread, stretches that
 to the emulated speed (its calibrated time over the speed factor), and queues the frame;
-the send loop holds the emulated outbound link for the frame's transfer time, and the
+the send loop deals it to one of the node's outbound routes (one per node of the next
+stage, in proportion to their shares; the Results stream on a last stage's node), holds
+that route's emulated link for the frame's transfer time, and the
 delivery loop hands each frame to the sink when the link's latency has passed, in order,
 while the send loop already sends the next. Compute, send and delivery overlap, so
 consecutive stages work on different requests at once, like a pipeline.
@@ -18,17 +20,18 @@ import logging
 import statistics
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
 from node.codec import ReceivedFrame, StageReport, encode_failure, encode_frame
 from node.config import Device
+from node.dealer import Dealer
 from node.link import AirtimeBroker, EmulatedLink, LinkEmulation, until
-from node.messages import Failure, FailureCode, StageInfo
+from node.messages import Failure, FailureCode, OutboundLink, StageInfo
 from partition.artifact import ProgramRunner, run_stage
 from partition.compression import LinkEncoding
 from partition.loader import example_tensor
@@ -74,17 +77,18 @@ class Work:
 
 @dataclass(frozen=True)
 class InFlight:
-    """A frame that left this node over the emulated outbound link: when it arrives, and
-    how long it kept the link busy."""
+    """A frame that left this node over one route's emulated link: when it arrives, and how
+    long it kept the link busy."""
 
     request_id: int
     frame: bytes
+    route: Route
     arrives_at: float
     busy_s: float
 
 
 class FrameSink(Protocol):
-    """Where the send loop delivers frames: the next hop, or the Results subscribers."""
+    """Where the send loop delivers frames: a next hop, or the Results subscribers."""
 
     async def deliver(self, request_id: int, frame: bytes) -> None: ...
 
@@ -133,6 +137,31 @@ class LinkStats:
         self.seconds.record(seconds)
 
 
+@dataclass(frozen=True)
+class Outlet:
+    """A way out of this node as ``Wire`` names it: the sink, the receiving node's name
+    (``None`` for the Results stream), its share of the frames and the link's emulation."""
+
+    sink: FrameSink
+    node: str | None
+    share: float = 1.0
+    link: LinkEmulation = field(default_factory=LinkEmulation)
+
+
+@dataclass(eq=False)
+class Route:
+    """An outlet in use: its emulated link, the frames dealt to it and its statistics."""
+
+    outlet: Outlet
+    link: EmulatedLink
+    stats: LinkStats
+    dealt: int = 0
+
+    def report(self) -> OutboundLink:
+        return OutboundLink(self.outlet.node, self.dealt, self.stats.seconds.count,
+                            self.stats.bytes_per_s.p50, self.stats.seconds.p50)
+
+
 class StageRunner:
     """Runs this node's stage on queued frames and sends the results on; ``airtime``
     reserves the shared media its emulated links cross."""
@@ -143,11 +172,10 @@ class StageRunner:
         self._airtime = airtime
         self.stats = RecentStats()
         """Stage time (real plus emulated) per request."""
-        self.link_stats = LinkStats()
         self.stage: LoadedStage | None = None
-        self.sink: FrameSink | None = None
         self.inbound = EmulatedLink(LinkEmulation())
-        self._outbound = EmulatedLink(LinkEmulation())
+        self._routes: list[Route] = []
+        self._dealer = Dealer([1.0])
         self._encoding = LinkEncoding.RAW
         self._device = torch.device(device.value)
         self._speed_factor = speed_factor
@@ -156,10 +184,24 @@ class StageRunner:
         self._in_flight: asyncio.Queue[InFlight] = asyncio.Queue(IN_FLIGHT_FRAMES)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage")
         self._tasks: list[asyncio.Task[None]] = []
+        self._closing: set[asyncio.Task[None]] = set()
         self.holding = 0
         self.bytes_sent = 0
         """Bytes of the frames sent on since the node started."""
         """Frames accepted and not yet handed to the sink."""
+
+    @property
+    def wired(self) -> bool:
+        return bool(self._routes)
+
+    @property
+    def destinations(self) -> list[str]:
+        """Where frames go: the next nodes' addresses, or the Results subscribers."""
+        return [route.outlet.sink.destination for route in self._routes]
+
+    def outbound_links(self) -> list[OutboundLink]:
+        """Each route's frames dealt and link statistics since it was wired."""
+        return [route.report() for route in self._routes]
 
     @property
     def queue_depth(self) -> int:
@@ -188,8 +230,9 @@ class StageRunner:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self.sink is not None:
-            await self.sink.close()
+        for route in self._routes:
+            await route.outlet.sink.close()
+        await asyncio.gather(*self._closing, return_exceptions=True)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def place(self, program: ProgramRunner, spec: StageSpec, size_bytes: int) -> LoadedStage:
@@ -211,20 +254,30 @@ class StageRunner:
         self.stats = RecentStats()
 
     async def wire(
-        self, sink: FrameSink, outbound: LinkEmulation, inbound: LinkEmulation,
+        self, outlets: Sequence[Outlet], inbound: LinkEmulation,
         encoding: LinkEncoding = LinkEncoding.RAW,
     ) -> None:
-        """Send output frames to ``sink`` in ``encoding`` from now on, over the given
-        emulated links; the link's statistics start afresh if it goes elsewhere or carries
-        another encoding (a re-wire of the same link keeps them, so a change shows)."""
-        old, self.sink = self.sink, sink
-        if old is None or (old.destination, self._encoding) != (sink.destination, encoding):
-            self.link_stats = LinkStats()
+        """Deal output frames among ``outlets`` in proportion to their shares, in
+        ``encoding``, from now on; a link's statistics start afresh if it goes elsewhere or
+        carries another encoding (a re-wire of the same link keeps them, so a change shows).
+        Sinks no longer used are closed in the background (a hung next hop takes its close
+        timeout, and the new wiring need not wait for it)."""
+        kept = {route.outlet.sink.destination: route.stats for route in self._routes
+                if encoding is self._encoding}
+        old = [route.outlet.sink for route in self._routes]
+        self._routes = [
+            Route(outlet, EmulatedLink(outlet.link, self._airtime),
+                  kept.get(outlet.sink.destination) or LinkStats())
+            for outlet in outlets
+        ]
+        self._dealer = Dealer([outlet.share for outlet in outlets])
         self._encoding = encoding
-        self._outbound = EmulatedLink(outbound, self._airtime)
         self.inbound = EmulatedLink(inbound, self._airtime)
-        if old is not None and old is not sink:
-            await old.close()
+        for sink in old:
+            if all(sink is not outlet.sink for outlet in outlets):
+                closing = asyncio.create_task(sink.close())
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
 
     async def submit(self, work: Work) -> None:
         """Queue ``work``; waits while the queue is full."""
@@ -288,10 +341,14 @@ class StageRunner:
         while True:
             request_id, frame = await self._outbox.get()
             try:
+                if not self._routes:
+                    raise RuntimeError("a frame was computed before the node was wired")
+                route = self._routes[self._dealer.deal()]
+                route.dealt += 1
                 started = time.perf_counter()
-                arrives_at = await self._outbound.send(len(frame))
+                arrives_at = await route.link.send(len(frame))
                 busy_s = time.perf_counter() - started
-                await self._in_flight.put(InFlight(request_id, frame, arrives_at, busy_s))
+                await self._in_flight.put(InFlight(request_id, frame, route, arrives_at, busy_s))
             except BaseException:
                 self.holding -= 1
                 raise
@@ -301,18 +358,16 @@ class StageRunner:
             sent = await self._in_flight.get()
             try:
                 await until(sent.arrives_at)
-                sink = self.sink
-                if sink is None:
-                    raise RuntimeError("a frame was computed before the node was wired")
+                sink = sent.route.outlet.sink
                 unhindered = sink.backlog <= 1  # one frame may still be crossing the link
                 started = time.perf_counter()
                 await sink.deliver(sent.request_id, sent.frame)
             finally:
                 self.holding -= 1
             self.bytes_sent += len(sent.frame)
-            if unhindered and sink is self.sink:
-                self.link_stats.record(len(sent.frame),
-                                       sent.busy_s + time.perf_counter() - started)
+            if unhindered and any(route.outlet.sink is sink for route in self._routes):
+                sent.route.stats.record(len(sent.frame),
+                                        sent.busy_s + time.perf_counter() - started)
 
 
 FINGERPRINT_WEIGHTS = 7

@@ -25,9 +25,9 @@ from node.errors import FrameError, FrameSpecError, LimitError, ListenError, Pro
 from node.health import NodeHealth
 from node.link import MediumUse
 from node.loading import receive_artifact
-from node.messages import FailureCode, NodeInfo, encoding_from_proto, link_from_proto
+from node.messages import FailureCode, Hop, NodeInfo, encoding_from_proto, link_from_proto
 from node.next_hop import NextHop
-from node.pipeline import StageRunner, Work
+from node.pipeline import Outlet, StageRunner, Work
 from node.probe import EchoService, NodeProber, ProbeOptions
 from node.profiling import NodeProfiler
 from node.results import ResultsOwner
@@ -112,11 +112,9 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
             requests_served=self._runner.stats.count,
             queue_depth=self._runner.queue_depth,
             p50_stage_seconds=self._runner.stats.p50,
-            link_frames=self._runner.link_stats.seconds.count,
-            link_bytes_per_s=self._runner.link_stats.bytes_per_s.p50,
-            link_p50_seconds=self._runner.link_stats.seconds.p50,
             bytes_sent=self._runner.bytes_sent,
             resident_overhead_bytes=self.resident_overhead_bytes,
+            outbound_links=tuple(self._runner.outbound_links()),
         ).to_proto()
 
     async def Profile(
@@ -146,7 +144,7 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
         self._runner.install(stage)
         del artifact  # the upload, and the stage replaced, go back to the OS at once
         release_free_memory()
-        await self._health.set_ready(self._runner.sink is not None)
+        await self._health.set_ready(self._runner.wired)
         log.info(
             "stage %d loaded: sha256 %s, %d bytes, %.2f ms a request here",
             spec.index, spec.artifact_sha256, stage.size_bytes, stage.calibrated_s * 1e3,
@@ -166,45 +164,67 @@ class EdgeNodeServicer(pb_grpc.EdgeNodeServicer):
                 f"Wire names unknown outbound encoding {request.outbound_encoding}; upgrade "
                 "this node to the coordinator's version",
             )
+        hops = [Hop.from_proto(hop) for hop in request.next_hops]
         outbound, inbound = link_from_proto(request.outbound), link_from_proto(request.inbound)
-        if problem := media_problem((*outbound.media, *inbound.media), self._config.media):
+        crossed = [*outbound.media, *inbound.media, *(m for hop in hops for m in hop.link.media)]
+        if problem := media_problem(crossed, self._config.media):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
-        if request.next_address and security and security.tls and not request.next_node:
+        if security and security.tls and any(not hop.node for hop in hops):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                "with TLS, Wire must name the next node its certificate has to carry",
+                "with TLS, Wire must name each next node its certificate has to carry",
             )
-        if request.next_address:
-            hop = NextHop(request.next_address, self._config.max_message_bytes, security,
-                          request.next_node or None)
-            try:
-                await hop.connect()
-            except TimeoutError:
-                await hop.close()
-                await context.abort(
-                    grpc.StatusCode.FAILED_PRECONDITION,
-                    f"next hop {request.next_address} does not accept connections"
-                    + (f" or its certificate does not name node {request.next_node!r}"
-                       if security and security.tls else ""),
-                )
-            sink: NextHop | ResultsOwner = hop
-        else:
-            sink = self._results
-        self._peers.previous = request.previous_node or None
-        await self._runner.wire(sink, outbound, inbound, encoding)
+        if any(not hop.share > 0 for hop in hops):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"Wire gives next hop shares {[hop.share for hop in hops]}; each must be "
+                "positive (the next stage's shares add up to 1)",
+            )
+        outlets: list[Outlet] = []
+        try:
+            for hop in hops:
+                outlets.append(Outlet(await self._connect(hop, context), hop.node, hop.share,
+                                      hop.link))
+        except BaseException:
+            for outlet in outlets:
+                await outlet.sink.close()
+            raise
+        if not hops:
+            outlets.append(Outlet(self._results, None, 1.0, outbound))
+        self._peers.previous = frozenset(request.previous_nodes)
+        await self._runner.wire(outlets, inbound, encoding)
         await self._health.set_ready(self._runner.stage is not None)
         log.info(
             "wired: next hop %s in %s, outbound %s, inbound %s",
-            sink.destination, encoding.value, outbound, inbound,
+            ", ".join(f"{o.sink.destination} ({o.share:.0%})" for o in outlets), encoding.value,
+            [str(o.link) for o in outlets], inbound,
         )
         return pb.WireReply()
+
+    async def _connect(self, hop: Hop, context: grpc.aio.ServicerContext) -> NextHop:
+        """A stream to ``hop``, connected; the ``Wire`` call is refused if it does not
+        accept connections."""
+        security = self._config.security
+        next_hop = NextHop(hop.address, self._config.max_message_bytes, security,
+                           hop.node or None)
+        try:
+            await next_hop.connect()
+        except TimeoutError:
+            await next_hop.close()
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"next hop {hop.address} does not accept connections"
+                + (f" or its certificate does not name node {hop.node!r}"
+                   if security and security.tls else ""),
+            )
+        return next_hop
 
     async def Submit(
         self,
         request_iterator: AsyncIterator[WireFrame | FrameError],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.Ack]:
-        if self._runner.stage is None or self._runner.sink is None:
+        if self._runner.stage is None or not self._runner.wired:
             missing = "has no stage loaded; call LoadStage" if self._runner.stage is None else (
                 "is not wired; call Wire")
             # Take the frame the sender may be writing first: refusing a stream while a

@@ -29,9 +29,12 @@ class EdgeNodeStub:
     """One worker process. It runs at most one pipeline stage at a time.
 
     Data path. Frames enter the first stage's node through `Submit`; each node runs its stage
-    and forwards the output frame to the next node through that node's `Submit`, over one
-    long-lived stream per next hop; the last node delivers result frames to every `Results`
-    subscriber. Frames carry their request id end to end.
+    and forwards the output frame to the next stage's node through that node's `Submit`, over
+    one long-lived stream per next hop; the last node delivers result frames to every
+    `Results` subscriber. Frames carry their request id end to end. A replicated stage runs
+    on several nodes: the nodes before it deal their frames among its nodes in proportion to
+    their shares (smooth weighted round robin, node/dealer.py), and each of its nodes accepts
+    frames from every node of the stage before.
 
     Errors on the data path come in two kinds:
     * A malformed frame (header that is not valid msgpack of the right shape, an unknown
@@ -98,9 +101,12 @@ class EdgeNodeServicer:
     """One worker process. It runs at most one pipeline stage at a time.
 
     Data path. Frames enter the first stage's node through `Submit`; each node runs its stage
-    and forwards the output frame to the next node through that node's `Submit`, over one
-    long-lived stream per next hop; the last node delivers result frames to every `Results`
-    subscriber. Frames carry their request id end to end.
+    and forwards the output frame to the next stage's node through that node's `Submit`, over
+    one long-lived stream per next hop; the last node delivers result frames to every
+    `Results` subscriber. Frames carry their request id end to end. A replicated stage runs
+    on several nodes: the nodes before it deal their frames among its nodes in proportion to
+    their shares (smooth weighted round robin, node/dealer.py), and each of its nodes accepts
+    frames from every node of the stage before.
 
     Errors on the data path come in two kinds:
     * A malformed frame (header that is not valid msgpack of the right shape, an unknown
@@ -140,8 +146,9 @@ class EdgeNodeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Wire(self, request, context):
-        """Say where this node's output frames go, in which encoding, which node may send it
-        frames, and which links it emulates. INVALID_ARGUMENT for an unknown encoding.
+        """Say where this node's output frames go (dealt among the next stage's nodes), in which
+        encoding, which nodes may send it frames, and which links it emulates.
+        INVALID_ARGUMENT for an unknown encoding or a share that is not positive.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -237,9 +244,12 @@ class EdgeNode:
     """One worker process. It runs at most one pipeline stage at a time.
 
     Data path. Frames enter the first stage's node through `Submit`; each node runs its stage
-    and forwards the output frame to the next node through that node's `Submit`, over one
-    long-lived stream per next hop; the last node delivers result frames to every `Results`
-    subscriber. Frames carry their request id end to end.
+    and forwards the output frame to the next stage's node through that node's `Submit`, over
+    one long-lived stream per next hop; the last node delivers result frames to every
+    `Results` subscriber. Frames carry their request id end to end. A replicated stage runs
+    on several nodes: the nodes before it deal their frames among its nodes in proportion to
+    their shares (smooth weighted round robin, node/dealer.py), and each of its nodes accepts
+    frames from every node of the stage before.
 
     Errors on the data path come in two kinds:
     * A malformed frame (header that is not valid msgpack of the right shape, an unknown

@@ -17,6 +17,7 @@ import torch
 
 from coordinator.ports import free_ports
 from node.client import GrpcWorkerHandle, Result
+from node.messages import Wiring
 from partition.artifact import program_to_bytes, sha256
 from partition.spec import StageSpec, TensorSpec
 from partition.split import StageArtifact
@@ -190,7 +191,7 @@ async def p50_stage_seconds(address: str, name: str, *, rows: int, requests: int
     handle = GrpcWorkerHandle(address, name)
     try:
         await handle.load_stage(stage.spec, stage.data)
-        await handle.wire(None)
+        await handle.wire(Wiring())
         await answer(handle, {rid: {"x": torch.randn(shape)} for rid in range(requests)})
         info = await handle.describe()
     finally:

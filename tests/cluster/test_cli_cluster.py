@@ -34,6 +34,7 @@ from coordinator.ports import free_ports
 from coordinator.samples import build_sample, skip_dag, write_sample
 from node.client import GrpcWorkerHandle
 from node.link import LinkEmulation
+from node.messages import Wiring
 from partition.spec import TensorSpec
 
 DEMO_TIMEOUT_S = 480
@@ -157,10 +158,10 @@ async def test_emulated_link_delays_a_megabyte_by_a_second(start_nodes) -> None:
 
     try:
         await handle.load_stage(stage.spec, stage.data)
-        await handle.wire(None)
+        await handle.wire(Wiring())
         await one_request(1)  # warm up the connections
         plain = await one_request(2)
-        await handle.wire(None, outbound=LinkEmulation(bytes_per_s=1e6, latency_s=0.0))
+        await handle.wire(Wiring(outbound=LinkEmulation(bytes_per_s=1e6, latency_s=0.0)))
         emulated = await one_request(3)
     finally:
         await handle.close()

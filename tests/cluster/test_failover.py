@@ -33,6 +33,7 @@ from node.client import GrpcWorkerHandle
 from node.errors import NodeUnreachableError
 from node.health import is_serving
 from node.link import LinkEmulation
+from node.messages import Hop, Wiring
 from partition.artifact import ProgramRunner
 from partition.cluster import ClusterSpec, parse_cluster
 from partition.cost_builder import node_profiles
@@ -308,13 +309,13 @@ def test_degraded_link_is_planned_around(chaos: ChaosCluster) -> None:
         handle = GrpcWorkerHandle(first.address, first.node)
         try:  # a link that is slow before its baseline is taken is the baseline: wait for it
             async with asyncio.timeout(WAIT_S):
-                while (await handle.describe()).link_frames < WINDOW:
+                while (await handle.describe()).outbound_link(second.node).link_frames < WINDOW:
                     await asyncio.sleep(0.1)
             await asyncio.sleep(1.5 * POLL_S)  # the pipeline's drift watch polls meanwhile
             print(f"link {hop.src}->{hop.dst} slowed to {slower.bytes_per_s:.0f} B/s "
                   f"({first.bytes_out} B a frame)")
-            await handle.wire(second.address, next_node=second.node, outbound=slower,
-                              inbound=link_emulation(chaos.plan.links[0], True))
+            await handle.wire(Wiring((Hop(second.address, second.node, link=slower),),
+                                     inbound=link_emulation(chaos.plan.links[0], True)))
         finally:
             await handle.close()
 

@@ -27,7 +27,7 @@ from node.client import GrpcWorkerHandle
 from node.codec import encode_frame
 from node.data_path import results_stream, submit_stream
 from node.errors import NodeRejectedError
-from node.messages import FailureCode
+from node.messages import FailureCode, Wiring
 from node.rpc import edgesplit_pb2 as pb
 from node.rpc import edgesplit_pb2_grpc as pb_grpc
 from node.rpc_options import grpc_options
@@ -79,7 +79,7 @@ async def handle(node: NodeProcess) -> AsyncIterator[GrpcWorkerHandle]:
 async def deployed(handle: GrpcWorkerHandle, stage: StageArtifact) -> GrpcWorkerHandle:
     """The node running :func:`stage` alone, results to its Results stream."""
     await handle.load_stage(stage.spec, stage.data)
-    await handle.wire(None)
+    await handle.wire(Wiring())
     return handle
 
 

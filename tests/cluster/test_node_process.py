@@ -25,7 +25,7 @@ from node.client import GrpcWorkerHandle, Result
 from node.codec import encode_frame
 from node.config import Device
 from node.errors import NodeRejectedError, NodeUnreachableError
-from node.messages import FailureCode
+from node.messages import FailureCode, Hop, Wiring
 from node.rpc import edgesplit_pb2 as pb
 from node.rpc import edgesplit_pb2_grpc as pb_grpc
 from node.rpc_options import grpc_options
@@ -54,9 +54,9 @@ async def deploy(
     """Load ``stages[i]`` on ``nodes[i]`` and wire them into a chain, last node first."""
     for node, stage in zip(nodes, stages, strict=True):
         await node.load_stage(stage.spec, stage.data)
-    nexts = [n.address for n in nodes[1:]] + [None]
-    for node, next_address in reversed(list(zip(nodes, nexts, strict=True))):
-        await node.wire(next_address)
+    nexts = [(Hop(n.address, n.name),) for n in nodes[1:]] + [()]
+    for node, hops in reversed(list(zip(nodes, nexts, strict=True))):
+        await node.wire(Wiring(hops))
 
 
 async def collect(stream: AsyncIterator[Result], count: int) -> dict[int, Result]:

@@ -30,6 +30,7 @@ from coordinator.ports import free_ports
 from coordinator.samples import skip_dag, write_sample
 from node.client import GrpcWorkerHandle
 from node.errors import NodeRejectedError, NodeUnreachableError
+from node.messages import Hop, Wiring
 from node.probe import ProbeOptions
 from node.security import Security, client_security, load_security
 from partition.cluster import ClusterSpec, parse_cluster
@@ -163,7 +164,7 @@ async def test_a_node_certificate_cannot_load_or_wire(
         with pytest.raises(NodeRejectedError, match="PERMISSION_DENIED.*'n0' may not call"):
             await handle.load_stage(chain_stages[0].spec, chain_stages[0].data)
         with pytest.raises(NodeRejectedError, match="PERMISSION_DENIED"):
-            await handle.wire(secure.address("n0"), next_node="n0")
+            await handle.wire(Wiring((Hop(secure.address("n0"), "n0"),)))
         with pytest.raises(NodeRejectedError, match="PERMISSION_DENIED"):
             await handle.open_results()
     finally:
@@ -192,7 +193,7 @@ async def test_wire_refuses_a_next_hop_that_is_not_the_named_node(
     handle = GrpcWorkerHandle(secure.address("n0"), "n0", client_security(secure.security))
     try:  # n1's address, but the plan would say n2: n1's certificate does not name n2
         with pytest.raises(NodeRejectedError, match="FAILED_PRECONDITION"):
-            await handle.wire(secure.address("n1"), next_node="n2")
+            await handle.wire(Wiring((Hop(secure.address("n1"), "n2"),)))
     finally:
         await handle.close()
 

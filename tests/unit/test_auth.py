@@ -61,26 +61,27 @@ def test_role_table_covers_every_method_of_the_service_and_of_health() -> None:
 
 
 @pytest.mark.parametrize("name, peer, previous, allowed", [
-    ("LoadStage", COORDINATOR_NAME, None, True),
-    ("LoadStage", "b", "a", False),
-    ("Wire", "a", None, False),
-    ("Profile", "a", None, False),
-    ("Results", "a", None, False),
-    ("Describe", "a", None, True),
-    ("Describe", COORDINATOR_NAME, None, True),
-    ("Submit", COORDINATOR_NAME, None, True),
-    ("Submit", "a", "a", True),  # the node wired before this one
-    ("Submit", "c", "a", False),  # any other node
-    ("Submit", "a", None, False),  # the first stage: only the coordinator sends
-    ("Describe", None, None, False),  # no certificate at all
+    ("LoadStage", COORDINATOR_NAME, (), True),
+    ("LoadStage", "b", ("a",), False),
+    ("Wire", "a", (), False),
+    ("Profile", "a", (), False),
+    ("Results", "a", (), False),
+    ("Describe", "a", (), True),
+    ("Describe", COORDINATOR_NAME, (), True),
+    ("Submit", COORDINATOR_NAME, (), True),
+    ("Submit", "a", ("a",), True),  # the node wired before this one
+    ("Submit", "b", ("a", "b"), True),  # a replica of the previous stage
+    ("Submit", "c", ("a", "b"), False),  # any other node
+    ("Submit", "a", (), False),  # the first stage: only the coordinator sends
+    ("Describe", None, (), False),  # no certificate at all
 ])
-def test_permitted(name: str, peer: str | None, previous: str | None, allowed: bool) -> None:
-    assert permitted(ALLOWED_ROLES[method(name)], peer, previous) is allowed
+def test_permitted(name: str, peer: str | None, previous: tuple[str, ...], allowed: bool) -> None:
+    assert permitted(ALLOWED_ROLES[method(name)], peer, frozenset(previous)) is allowed
 
 
 def test_node_role_is_not_the_coordinator_role() -> None:
-    assert not permitted(frozenset({Role.COORDINATOR}), "camera", None)
-    assert not permitted(frozenset({Role.NODE}), COORDINATOR_NAME, None)
+    assert not permitted(frozenset({Role.COORDINATOR}), "camera", frozenset())
+    assert not permitted(frozenset({Role.NODE}), COORDINATOR_NAME, frozenset())
 
 
 @pytest.mark.parametrize("metadata, ok", [
@@ -164,7 +165,7 @@ async def test_roles_follow_the_certificate_and_the_wiring() -> None:
             await call(interceptor, name, node_a, "t")
         assert caught.value.code == grpc.StatusCode.PERMISSION_DENIED
         assert "'a' may not call" in str(caught.value)
-    peers.previous = "a"
+    peers.previous = frozenset({"a"})
     assert await call(interceptor, "Submit", node_a, "t") == "served"
     with pytest.raises(Aborted):  # the token is checked first, whatever the certificate
         await call(interceptor, "Describe", coordinator, "wrong")

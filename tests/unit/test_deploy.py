@@ -5,15 +5,17 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from replication import replicate
 
-from coordinator.deploy import deploy, link_emulation
-from coordinator.pipeline import _wiring
+from coordinator.deploy import deploy, link_emulation, replica_wiring
+from coordinator.replicas import without_replicas
 from node.client import WorkerHandle
 from node.errors import NodeUnreachableError
 from node.link import NO_EMULATION, LinkEmulation
 from node.messages import StageInfo
 from partition.compression import LinkEncoding
-from partition.plan import Link, Objective, Plan, PlannedStage
+from partition.errors import PlanFormatError
+from partition.plan import Link, Objective, Plan, PlannedStage, Replica
 from partition.spec import StageSpec
 from partition.split import StageArtifact
 
@@ -38,10 +40,8 @@ class FakeWorker(WorkerHandle):
         self.calls.append(("load", self.name, spec.index))
         return StageInfo(spec.index, spec.artifact_sha256, len(artifact))
 
-    async def wire(self, next_address, *, next_node=None, previous_node=None,
-                   outbound=NO_EMULATION, inbound=NO_EMULATION, encoding=LinkEncoding.RAW):
-        self.calls.append(("wire", self.name, next_address, outbound, inbound,
-                           next_node, previous_node, encoding))
+    async def wire(self, wiring):
+        self.calls.append(("wire", self.name, wiring))
 
     async def probe(self, target_address, options, *, target_node=None,
                     outbound=NO_EMULATION, inbound=NO_EMULATION):
@@ -95,14 +95,18 @@ async def test_deploy_loads_every_stage_then_wires_downstream_first() -> None:
     wires = [c for c in calls if c[0] == "wire"]
     assert [c[1] for c in loads] == ["a", "b", "c"]
     assert [c[1] for c in wires] == ["c", "b", "a"]  # no frame reaches an unwired node
-    assert wires[0][2] is None and wires[1][2] == "10.0.0.2:1" and wires[2][2] == "10.0.0.1:1"
-    assert wires[0][3] == LinkEmulation(4e6, 0.004)  # the last stage's link to the sink
-    assert wires[2][4] == LinkEmulation(1e6, 0.001)  # only the first stage emulates the source
-    assert wires[1][4] == NO_EMULATION
+    wirings = [c[2] for c in wires]
+    assert [[h.address for h in w.next_hops] for w in wirings] == [
+        [], ["10.0.0.2:1"], ["10.0.0.1:1"]]
+    assert wirings[0].outbound == LinkEmulation(4e6, 0.004)  # the last stage's link to the sink
+    assert wirings[1].next_hops[0].link == LinkEmulation(3e6, 0.003)
+    assert wirings[2].inbound == LinkEmulation(1e6, 0.001)  # only the first stage emulates
+    assert wirings[1].inbound == NO_EMULATION  # the source
     # Each node learns its neighbours' names: whose certificate it forwards to, and whose
     # frames it accepts.
-    assert [c[5:7] for c in wires] == [(None, "b"), ("c", "a"), ("b", None)]
-    assert {c[7] for c in wires} == {LinkEncoding.RAW}
+    assert [([h.node for h in w.next_hops], w.previous_nodes) for w in wirings] == [
+        ([], ("b",)), (["c"], ("a",)), (["b"], ())]
+    assert {w.encoding for w in wirings} == {LinkEncoding.RAW}
     assert progress[-1] == (600, 600)
     assert record.artifact_sha256 == ("ab" * 32,) * 3 and record.emulated_links
     assert not [c for c in calls if c[0] == "close"]  # handles given are left open
@@ -113,7 +117,9 @@ async def test_deploy_without_emulation_wires_plain_links() -> None:
     calls: list = []
     handles = {s.address: FakeWorker(s.node, s.address, calls) for s in plan.stages}
     await deploy(plan, _artifacts(plan), emulate_links=False, handles=handles)
-    assert all(c[3] == NO_EMULATION and c[4] == NO_EMULATION for c in calls if c[0] == "wire")
+    wirings = [c[2] for c in calls if c[0] == "wire"]
+    assert all(w.outbound == NO_EMULATION and w.inbound == NO_EMULATION
+               and all(h.link == NO_EMULATION for h in w.next_hops) for w in wirings)
 
 
 def _encoded_plan() -> Plan:
@@ -135,17 +141,18 @@ async def test_each_node_sends_in_its_outbound_links_encoding() -> None:
     calls: list = []
     handles = {s.address: FakeWorker(s.node, s.address, calls) for s in plan.stages}
     await deploy(plan, _artifacts(plan), emulate_links=False, handles=handles)
-    assert {c[1]: c[7] for c in calls if c[0] == "wire"} == ENCODED_AS
+    assert {c[1]: c[2].encoding for c in calls if c[0] == "wire"} == ENCODED_AS
 
 
 def test_failover_rewires_each_node_in_its_outbound_links_encoding() -> None:
     plan = _encoded_plan()
-    wirings = {s.node: _wiring(plan, k, emulate=False) for k, s in enumerate(plan.stages)}
-    assert {node: wiring[3] for node, wiring in wirings.items()} == ENCODED_AS
+    wirings = {s.node: replica_wiring(plan, k, s.node, emulate=False)
+               for k, s in enumerate(plan.stages)}
+    assert {node: wiring.encoding for node, wiring in wirings.items()} == ENCODED_AS
     recoded = replace(plan, links=(*plan.links[:2], replace(plan.links[2],
                                                             encoding=LinkEncoding.RAW),
                                    plan.links[3]))
-    assert _wiring(recoded, 1, emulate=False) != wirings["b"]  # a new encoding rewires "b"
+    assert replica_wiring(recoded, 1, "b", emulate=False) != wirings["b"]  # rewires "b"
 
 
 async def test_deploy_checks_every_node_before_shipping_anything() -> None:
@@ -163,3 +170,54 @@ def test_a_link_within_one_node_is_never_emulated() -> None:
     assert link_emulation(Link("a", "b", 1e6, 0.01), emulate=False) == NO_EMULATION
     link = Link("a", "b", 1e6, 0.01)
     assert link_emulation(replace(link), emulate=True) == LinkEmulation(1e6, 0.01)
+
+
+def _replicated() -> Plan:
+    """:func:`_plan` over a, b, c with the middle stage on b (3/4) and d (1/4)."""
+    plan = _plan(["a", "b", "c"])
+    plan = replace(plan, addresses={"a": "10.0.0.0:1", "b": "10.0.0.1:1", "c": "10.0.0.2:1",
+                                    "d": "10.0.0.3:1", "src": "10.0.0.9:1"})
+    return replicate(plan, 1, [("b", 0.75), ("d", 0.25)])
+
+
+async def test_deploy_ships_a_replicated_stage_to_each_replica_and_wires_the_shares() -> None:
+    plan = _replicated()
+    calls: list = []
+    handles = {r.address: FakeWorker(r.node, r.address, calls)
+               for s in plan.stages for r in s.replicas}
+    artifacts = _artifacts(plan)
+    record = await deploy(plan, artifacts, emulate_links=False, handles=handles)
+    assert [c[1:] for c in calls if c[0] == "load"] == [("a", 0), ("b", 1), ("d", 1), ("c", 2)]
+    wirings = {c[1]: c[2] for c in calls if c[0] == "wire"}
+    assert [c[1] for c in calls if c[0] == "wire"][-1] == "a"  # downstream first
+    assert [(h.node, h.share) for h in wirings["a"].next_hops] == [("b", 0.75), ("d", 0.25)]
+    assert [h.node for h in wirings["b"].next_hops] == [h.node for h in wirings["d"].next_hops]
+    assert wirings["c"].previous_nodes == ("b", "d")  # c accepts frames from both replicas
+    assert record.artifact_sha256 == (artifacts[0].spec.artifact_sha256,) * 4
+
+
+def test_leaving_out_a_replica_rewires_its_neighbours_only() -> None:
+    plan = _replicated()
+    smaller = without_replicas(plan, {"d"})
+    assert smaller is not None and smaller.stages[1].replicas == (Replica("b", "10.0.0.1:1", 1.0),)
+    assert [(link.src, link.dst) for link in smaller.links] == [
+        ("src", "a"), ("a", "b"), ("b", "c"), ("c", "src")]
+    before = {n: replica_wiring(plan, k, n, emulate=True)
+              for k, s in enumerate(plan.stages) for n in s.nodes}
+    after = {n: replica_wiring(smaller, k, n, emulate=True)
+             for k, s in enumerate(smaller.stages) for n in s.nodes}
+    changed = {n for n in after if after[n] != before[n]}
+    assert changed == {"a", "c"}  # the predecessor deals to b alone; c no longer expects d
+    assert [(h.node, h.share) for h in after["a"].next_hops] == [("b", 1.0)]
+    assert after["c"].previous_nodes == ("b",)
+    assert without_replicas(plan, {"a"}) is None  # a stage's only node: re-plan
+    assert without_replicas(smaller, {"b"}) is None
+    assert without_replicas(plan, {"elsewhere"}) is plan
+
+
+def test_a_sender_sends_one_hop_in_one_encoding() -> None:
+    plan = _replicated()
+    links = list(plan.links)
+    links[1] = replace(links[1], encoding=LinkEncoding.FP16)  # a -> b, but a -> d stays raw
+    with pytest.raises(PlanFormatError, match="hop 1 from 'a'"):
+        replica_wiring(replace(plan, links=tuple(links)), 0, "a", emulate=False)

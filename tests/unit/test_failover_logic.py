@@ -75,6 +75,24 @@ async def test_forgotten_requests_are_not_unanswered_and_fail_all_answers_the_re
         await asyncio.wait_for(waiting.answer, 1)
 
 
+async def test_a_lost_replica_s_requests_are_replayed_and_every_request_answered_once() -> None:
+    """The last stage runs on b and d; d dies with request 0, b answered request 1 but its
+    answer to request 2 is still on the way when the pipeline replays both unanswered ones
+    (and only those) to b alone: each of the three is answered exactly once."""
+    ledger = Ledger((OUT,))
+    requests = [ledger.accept({}) for _ in range(3)]
+    sent = [ledger.wire_id(r, 1.0) for r in requests]  # dealt: d, b, b
+    assert ledger.deliver(Result(sent[1], outputs={"y": torch.ones(1)})) is requests[1]
+    ledger.new_version()  # d left out: the replay goes under a new version
+    replayed = ledger.unanswered()
+    assert replayed == [requests[0], requests[2]]
+    again = {r.number: ledger.wire_id(r, 1.0) for r in replayed}
+    assert ledger.deliver(Result(sent[2], outputs={"y": torch.ones(1)})) is requests[2]  # late b
+    assert ledger.deliver(Result(again[2], outputs={"y": torch.ones(1)})) is None  # its replay
+    assert ledger.deliver(Result(again[0], outputs={"y": torch.ones(1)})) is requests[0]
+    assert all(r.answer.done() for r in requests) and ledger.late == 1 and not ledger.strays
+
+
 @pytest.fixture(scope="module")
 def skip_dag_plan(sample_exported) -> tuple:
     sample = sample_exported("skip_dag")
@@ -227,11 +245,14 @@ def test_replanning_without_the_calibration_file_uses_random_inputs(
 
 
 class _Reporting:
-    """A node's ``describe`` as the drift watch reads it: counters and medians set by hand."""
+    """A node's ``describe`` as the drift watch reads it: counters and medians set by hand,
+    with one outbound link (``link``) to ``next_node`` (``None``: the Results stream)."""
 
-    def __init__(self) -> None:
-        self.info = SimpleNamespace(requests_served=0, p50_stage_seconds=0.010, link_frames=0,
-                                    link_p50_seconds=0.001, link_bytes_per_s=1e7)
+    def __init__(self, next_node: str | None) -> None:
+        self.link = SimpleNamespace(node=next_node, link_frames=0, link_p50_seconds=0.001,
+                                    link_bytes_per_s=1e7)
+        self.info = SimpleNamespace(requests_served=0, p50_stage_seconds=0.010,
+                                    outbound_links=[self.link])
 
     async def describe(self) -> SimpleNamespace:
         return self.info
@@ -239,25 +260,27 @@ class _Reporting:
 
 async def test_drift_is_a_sustained_change_past_the_baseline(skip_dag_plan) -> None:
     made = skip_dag_plan[3]
-    handles = {name: _Reporting() for name in made.addresses}
+    after = {s.node: made.stages[k + 1].node if k + 1 < len(made.stages) else None
+             for k, s in enumerate(made.stages)}
+    handles = {name: _Reporting(after.get(name)) for name in made.addresses}
     watch = DriftWatch()
 
     async def poll(served: int) -> Drift:
         for handle in handles.values():
-            handle.info.requests_served = handle.info.link_frames = served
+            handle.info.requests_served = handle.link.link_frames = served
         return await watch.poll(made, handles)
 
     assert not await poll(WINDOW - 1)  # not a full window since the stage was loaded
     assert not await poll(WINDOW)  # the baselines
     first, hop = made.stages[0].node, made.links[1]
     handles[first].info.p50_stage_seconds = 0.030  # 3x slower
-    handles[first].info.link_p50_seconds = 0.0015  # 1.5x, but within the noise floor
+    handles[first].link.link_p50_seconds = 0.0015  # 1.5x, but within the noise floor
     found = [await poll(WINDOW + k) for k in range(SUSTAIN_POLLS)]
     assert [bool(d) for d in found] == [False] * (SUSTAIN_POLLS - 1) + [True]
     assert found[-1].nodes == {first: pytest.approx(3.0)} and not found[-1].links
     slow_s, frame_bytes = 0.001 + 2 * LINK_NOISE_S, 1e4
-    handles[first].info.link_p50_seconds = slow_s
-    handles[first].info.link_bytes_per_s = frame_bytes / slow_s
+    handles[first].link.link_p50_seconds = slow_s
+    handles[first].link.link_bytes_per_s = frame_bytes / slow_s
     found = [await poll(2 * WINDOW + k) for k in range(SUSTAIN_POLLS)]
     assert found[-1].links == {(hop.src, hop.dst): pytest.approx(slow_s / 0.001)}
     # the link's busy time per frame holds no latency: the bandwidth is bytes over it

@@ -8,7 +8,7 @@ import pytest
 
 from node.config import Device
 from node.link import NO_EMULATION, LinkEmulation, LinkSchedule
-from node.pipeline import StageRunner, Work
+from node.pipeline import Outlet, StageRunner, Work
 
 TRANSFER_S, LATENCY_S = 0.01, 0.05
 FRAME_BYTES = 1000
@@ -48,9 +48,10 @@ def test_no_emulation_delivers_at_once() -> None:
 class RecordingSink:
     """A next hop that records each frame and the loop time it was delivered."""
 
-    def __init__(self) -> None:
+    def __init__(self, destination: str = "next") -> None:
         self.delivered: list[tuple[int, bytes, float]] = []
         self.backlog = 0
+        self.destination = destination
 
     async def deliver(self, request_id: int, frame: bytes) -> None:
         self.delivered.append((request_id, frame, asyncio.get_running_loop().time()))
@@ -62,9 +63,16 @@ class RecordingSink:
 async def run(works: list[Work], outbound: LinkEmulation) -> tuple[StageRunner, RecordingSink]:
     """Submit ``works`` to a runner wired to a recording sink over ``outbound`` and wait
     until it has delivered them all."""
-    runner = StageRunner(node_name="n", device=Device.CPU, speed_factor=1.0)
     sink = RecordingSink()
-    await runner.wire(sink, outbound=outbound, inbound=NO_EMULATION)
+    runner = await run_dealt(works, [Outlet(sink, "next", 1.0, outbound)])
+    return runner, sink
+
+
+async def run_dealt(works: list[Work], outlets: list[Outlet]) -> StageRunner:
+    """Submit ``works`` to a runner wired to ``outlets`` and wait until it has delivered
+    them all."""
+    runner = StageRunner(node_name="n", device=Device.CPU, speed_factor=1.0)
+    await runner.wire(outlets, inbound=NO_EMULATION)
     runner.start()
     try:
         for work in works:
@@ -74,7 +82,7 @@ async def run(works: list[Work], outbound: LinkEmulation) -> tuple[StageRunner, 
                 await asyncio.sleep(0.01)
     finally:
         await runner.stop()
-    return runner, sink
+    return runner
 
 
 async def test_the_runner_delivers_in_order_when_due() -> None:
@@ -87,7 +95,23 @@ async def test_the_runner_delivers_in_order_when_due() -> None:
         assert len(frame) == FRAME_BYTES
         assert at >= started + (k + 1) * TRANSFER_S + LATENCY_S
     assert runner.bytes_sent == 3 * FRAME_BYTES
-    assert runner.link_stats.seconds.count == 3
+    [link] = runner.outbound_links()
+    assert (link.node, link.frames_dealt, link.link_frames) == ("next", 3, 3)
+
+
+async def test_the_runner_deals_frames_among_replicas_by_share_each_over_its_link() -> None:
+    """A next stage on two nodes (shares 3:1): frames are dealt 3:1, each crossing its own
+    emulated link (the slow one delays only its own frames' arrival)."""
+    fast, slow = RecordingSink("fast"), RecordingSink("slow")
+    started = asyncio.get_running_loop().time()
+    runner = await run_dealt([Work(r, failure=b"x") for r in range(8)], [
+        Outlet(fast, "fast", 0.75), Outlet(slow, "slow", 0.25, LinkEmulation(latency_s=LATENCY_S)),
+    ])
+    assert [r for r, _, _ in fast.delivered] == [0, 1, 3, 4, 5, 7]
+    assert [r for r, _, _ in slow.delivered] == [2, 6]
+    assert all(at >= started + LATENCY_S for _, _, at in slow.delivered)
+    assert [(link.node, link.frames_dealt) for link in runner.outbound_links()] == [
+        ("fast", 6), ("slow", 2)]
 
 
 async def test_an_inbound_frame_waits_in_the_queue_until_due() -> None:
