@@ -8,7 +8,11 @@ baseline that fits, one after another, with the same requests.
         [--json out/plan_quality.json] [--markdown] [--isolation kernel]
 
 ``--isolation kernel`` runs each worker under a CPU quota instead of sleeping (see README);
-speeds stretched to fit the host are planned with, so predictions match.
+speeds stretched to fit the host are planned with, so predictions match. ``--predict-only``
+plans and prints the predictions without starting any cluster.
+
+Our plan may run a stage on several nodes (replicated stages); when it does, the plan made
+with ``--no-replicate`` is measured beside it as "edgesplit 1/stage".
 
 Clusters: ``examples/cluster-homogeneous.yaml``, ``examples/cluster-heterogeneous.yaml``, and
 a memory-tight one derived per model from the homogeneous cluster: each node holds the largest
@@ -40,7 +44,7 @@ from partition.cluster import ClusterSpec, load_cluster
 from partition.cost_builder import node_profiles, stage_memory_matrix
 from partition.errors import NoFeasiblePlanError
 from partition.layers import LayerGraph
-from partition.plan import Objective
+from partition.plan import Objective, Plan
 from partition.planning import baseline_plan, plan
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -72,19 +76,52 @@ def memory_tight(base: ClusterSpec, layer_graph: LayerGraph) -> ClusterSpec:
     return replace(base, nodes=nodes)
 
 
+def stages_text(p: Plan) -> str:
+    """A plan's stages, a replicated one's nodes joined by ``+``: ``jetson+laptop[0,12)``."""
+    return " ".join(f"{'+'.join(s.nodes)}[{s.start},{s.end})" for s in p.stages)
+
+
+def case_plans(model: str, cluster_name: str, cluster: ClusterSpec,
+               sample: harness.Sample) -> tuple[list[tuple[str, Plan]], list[dict]]:
+    """Our plan (and, if it replicates a stage, the one without replicas) and every baseline
+    that fits, by strategy name; and a row for each plan that cannot run."""
+    try:
+        profiles = node_profiles(cluster, sample.profile, {})
+        ours = plan(sample.model, sample.layer_graph, cluster, profiles, Objective.THROUGHPUT)
+    except NoFeasiblePlanError as err:
+        return [], [{"model": model, "cluster": cluster_name, "strategy": "edgesplit",
+                     "stages": str(err)}]
+    plans = [("edgesplit", ours)]
+    if any(s.replicated for s in ours.stages):
+        plans.append(("edgesplit 1/stage", plan(sample.model, sample.layer_graph, cluster,
+                                                profiles, Objective.THROUGHPUT, replicate=False)))
+    plans += [(b.name, baseline_plan(ours, b, sample.layer_graph))
+              for b in ours.baselines if b.fits and b.stages]
+    skipped = [{"model": model, "cluster": cluster_name, "strategy": b.name,
+                "stages": "does not fit memory"}
+               for b in ours.baselines if not b.fits or not b.stages]
+    return plans, skipped
+
+
+def predict_case(model: str, cluster_name: str, cluster: ClusterSpec,
+                 sample: harness.Sample) -> None:
+    """Print each plan's predicted throughput and ours over it, without running anything."""
+    plans, skipped = case_plans(model, cluster_name, cluster, sample)
+    ours = plans[0][1].throughput_per_s if plans else 0.0
+    for name, p in plans:
+        print(f"{model:7} {cluster_name:14} {name:18} {p.throughput_per_s:9.1f} "
+              f"{ours / p.throughput_per_s:7.2f}x  {stages_text(p)}")
+    for row in skipped:
+        print(f"{model:7} {cluster_name:14} {row['strategy']:18} {'-':>9} {'-':>8}  "
+              f"{row['stages']}")
+
+
 def measure_case(model: str, cluster_name: str, cluster: ClusterSpec, sample: harness.Sample,
                  requests: int, isolation: Isolation) -> list[dict]:
     cluster = harness.fitted(harness.with_free_ports(cluster), isolation)
-    try:
-        ours = plan(sample.model, sample.layer_graph, cluster,
-                    node_profiles(cluster, sample.profile, {}), Objective.THROUGHPUT)
-    except NoFeasiblePlanError as err:
-        return [{"model": model, "cluster": cluster_name, "strategy": "edgesplit",
-                 "stages": str(err)}]
-    plans = [("edgesplit", ours)]
-    plans += [(b.name, baseline_plan(ours, b, sample.layer_graph))
-              for b in ours.baselines if b.fits and b.stages]
-    skipped = [b.name for b in ours.baselines if not b.fits or not b.stages]
+    plans, skipped = case_plans(model, cluster_name, cluster, sample)
+    if not plans:
+        return skipped
     results = harness.run_plans(
         cluster, [p for _, p in plans], sample.layer_graph,
         emulate=True, requests=requests, concurrency=BENCH_CONCURRENCY, isolation=isolation,
@@ -93,7 +130,7 @@ def measure_case(model: str, cluster_name: str, cluster: ClusterSpec, sample: ha
     for (name, p), result in zip(plans, results, strict=True):
         rows.append({
             "model": model, "cluster": cluster_name, "strategy": name,
-            "stages": " ".join(f"{s.node}[{s.start},{s.end})" for s in p.stages),
+            "stages": stages_text(p),
             "predicted_throughput": p.throughput_per_s,
             "measured_throughput": result.throughput_per_s,
             "predicted_latency_ms": p.latency_s * 1e3,
@@ -102,9 +139,7 @@ def measure_case(model: str, cluster_name: str, cluster: ClusterSpec, sample: ha
             "measured_loaded_latency_p50_ms": result.loaded_latency_p50_s * 1e3,
             "host_cpu_busy": result.host_cpu,
         })
-    rows += [{"model": model, "cluster": cluster_name, "strategy": name,
-              "stages": "does not fit memory"} for name in skipped]
-    return rows
+    return rows + skipped
 
 
 def measured(row: dict, rows: list[dict]) -> str:
@@ -147,19 +182,30 @@ def markdown_tables(rows: list[dict], floors: list[dict]) -> list[list[str]]:
     return [heterogeneous, others, floor]
 
 
+def clusters(sample: harness.Sample) -> list[tuple[str, ClusterSpec]]:
+    """The three clusters by name, the memory-tight one fitted to ``sample``."""
+    homogeneous = load_cluster(EXAMPLES / "cluster-homogeneous.yaml")
+    return [("homogeneous", homogeneous),
+            ("heterogeneous", load_cluster(EXAMPLES / "cluster-heterogeneous.yaml")),
+            ("memory-tight", memory_tight(homogeneous, sample.layer_graph))]
+
+
+def predict_model(name: str, folder: Path) -> None:
+    """Print the predictions of every plan of model ``name`` on the three clusters."""
+    builder, kwargs = MODELS[name]
+    sample = harness.prepare(getattr(samples, builder)(**kwargs), folder, name)
+    for cluster_name, cluster in clusters(sample):
+        predict_case(name, cluster_name, cluster, sample)
+
+
 def measure_model(name: str, folder: Path, requests: int, threads: int,
                   isolation: Isolation) -> list[dict]:
     """Every plan of model ``name`` measured on the three clusters, then the whole model in one
     process (the last row); prints the model's table."""
     builder, kwargs = MODELS[name]
     sample = harness.prepare(getattr(samples, builder)(**kwargs), folder, name)
-    homogeneous = load_cluster(EXAMPLES / "cluster-homogeneous.yaml")
     rows = []
-    for cluster_name, cluster in (
-        ("homogeneous", homogeneous),
-        ("heterogeneous", load_cluster(EXAMPLES / "cluster-heterogeneous.yaml")),
-        ("memory-tight", memory_tight(homogeneous, sample.layer_graph)),
-    ):
+    for cluster_name, cluster in clusters(sample):
         rows += measure_case(name, cluster_name, cluster, sample, requests, isolation)
     print_table(name, rows)
     single = peer_pipelining.measure_single_process(builder, kwargs, threads=threads,
@@ -177,9 +223,17 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write every row as JSON")
     parser.add_argument("--isolation", type=Isolation, choices=list(Isolation),
                         default=Isolation.NONE, help="how workers emulate speed (default none)")
+    parser.add_argument("--predict-only", action="store_true",
+                        help="print the plans' predictions; start no cluster")
     report.add_markdown_option(parser)
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="edgesplit-models-"))
+    if args.predict_only:
+        print(f"{'model':7} {'cluster':14} {'strategy':18} {'pred req/s':>9} {'ours/it':>8}  "
+              "stages")
+        for name in args.models:
+            predict_model(name, folder)
+        return
     threads = min(4, os.cpu_count() or 1)  # the clusters' four one-thread workers, capped
     every = []
     with report.usual_output(args.markdown):

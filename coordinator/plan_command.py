@@ -12,6 +12,7 @@ from coordinator.plan_tables import (
     baselines_table,
     compression_lines,
     media_table,
+    replication_line,
     stages_table,
     totals_line,
 )
@@ -56,6 +57,11 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         default=WeightFormat.NONE.value, metavar="|".join(f.value for f in WeightFormat),
         help="how stages store their weights, unless a node's `quantize` in NODES.yaml says "
         "otherwise (default: none, float32)",
+    )
+    parser.add_argument(
+        "--no-replicate", dest="replicate", action="store_false",
+        help="run every stage on one node (by default a slow stage may run on several nodes "
+             "at once, requests dealt among them; runtimes before plan schema 2 cannot)",
     )
     parser.add_argument("-o", "--output", default="plan.json", help="where to write the plan")
     parser.add_argument("--plot", metavar="PNG", help="also draw the pipeline over time")
@@ -121,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
 
         overheads = worker_overheads(cluster)
     result = plan(model, layer_graph, memory_for_stages(cluster, overheads), profiles,
-                  Objective(args.objective), compression)
+                  Objective(args.objective), compression, args.replicate)
     result.save(args.output)
     show_plan(result)
     console.print(f"wrote {args.output}")
@@ -136,7 +142,7 @@ def show_plan(result: Plan) -> None:
     console.print(totals_line(result))
     if (media := media_table(result)) is not None:
         console.print(media)
-    for line in compression_lines(result):
+    for line in replication_line(result) + compression_lines(result):
         console.print(line)
     console.print(baselines_table(result))
 

@@ -11,21 +11,33 @@ from partition.units import format_bandwidth, format_bytes
 
 
 def stages_table(plan: Plan) -> Table:
-    """Stage, node, layers, compute, bytes in/out, transfer in, weights, memory used /
-    available."""
+    """Stage, node (a replicated stage's nodes and their shares), layers, compute, bytes
+    in/out, transfer in, weights, memory used / available."""
     table = Table(title=f"plan ({plan.objective.value}): {len(plan.stages)} stage(s)")
     for column in ("stage", "node", "layers", "compute ms", "in", "transfer in ms", "out",
                    "weights", "memory used / available"):
         table.add_column(column, justify="left" if column in ("node", "layers") else "right")
     for stage in plan.stages:
         table.add_row(
-            str(stage.index), stage.node,
+            str(stage.index), _nodes(stage),
             f"[{stage.start}, {stage.end}) {stage.first_layer} .. {stage.last_layer}",
             ms(stage.compute_s), format_bytes(stage.bytes_in), ms(stage.transfer_in_s),
             format_bytes(stage.bytes_out), _weights(stage),
             f"{format_bytes(stage.memory_bytes)} / {format_bytes(stage.memory_available_bytes)}",
         )
     return table
+
+
+def _nodes(stage: PlannedStage) -> str:
+    """The stage's node, or its replicas with their shares: ``jetson 50% + laptop 50%``."""
+    if not stage.replicated:
+        return stage.node
+    return " + ".join(f"{r.node} {r.share:.0%}" for r in stage.replicas)
+
+
+def replication_line(plan: Plan) -> list[str]:
+    """Why no stage could be replicated, when the planner was allowed to but could not."""
+    return [f"replication: not considered, {plan.unreplicated}"] if plan.unreplicated else []
 
 
 def _weights(stage: PlannedStage) -> str:
@@ -101,7 +113,7 @@ def baselines_table(plan: Plan) -> Table:
                    "ours / it (throughput)", "it / ours (latency)", "fits"):
         table.add_column(column, justify="left" if column in ("strategy", "stages") else "right")
     table.add_row(
-        "edgesplit", " ".join(f"{s.node}[{s.start},{s.end})" for s in plan.stages),
+        "edgesplit", " ".join(f"{'+'.join(s.nodes)}[{s.start},{s.end})" for s in plan.stages),
         ms(plan.latency_s), f"{plan.throughput_per_s:.1f}", "1.00x", "1.00x", "yes",
     )
     for base in plan.baselines:

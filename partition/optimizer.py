@@ -13,6 +13,11 @@ visited in increasing bit-mask order (adding a node makes the mask larger, so th
 topological order), and each set's stage edges are relaxed at once with numpy. States whose
 cost plus a lower bound on the layers left is no better than the best plan so far are pruned.
 
+A stage may run on several nodes at once (a replica group, requests dealt in proportion to
+the members' speeds): for throughput, the exact search also offers every group the work budget
+allows as a virtual node that takes all its members (:mod:`partition.replication`). Latency
+does not: a replicated stage's expected latency is never below its best member's alone.
+
 With compression offered (:class:`~partition.costs.Compression`), the encoding at each cut,
 the weight format of each stage and the error spent are coordinates of the same states; the
 search is unchanged and :mod:`partition.choice_tables` builds its larger tables.
@@ -22,17 +27,18 @@ fastest nodes the budget allows, and the whole cluster in a few fixed orders), a
 plan is the warm start of a mixed-integer program over the same tables (:mod:`partition.milp`,
 compression included) that HiGHS solves within :class:`~partition.milp.SolverLimits`. The
 result says ``exact=False`` unless the solver proved the plan optimal, and carries the
-solver's proven lower bound. "No plan fits" is said only when proven: by the exhaustive
-search, or by the solver's proof that its program has no solution.
+solver's proven lower bound. Neither that path nor weight formats to choose replicate
+stages (:attr:`OptimizeResult.unreplicated` says so). "No plan fits" is said only when
+proven: by the exhaustive search, or by the solver's proof that its program has no solution.
 
 With shared media (:mod:`partition.media`) a hop also costs its airtime, but a medium's busy
 time is a sum over the plan's hops, which a minimax path cannot see: the throughput is then
-the solver's, with one more row per medium. Its warm start is the better of the search's
-best plan on each hop's own cost (re-priced with the media) and :func:`_least_airtime`'s,
-which is the optimum itself for one medium over an exhaustive space (the solver then only
-breaks the tie by latency). The search's bottleneck bounds the optimum from below, and
-where the search is exhaustive the solver runs to a zero gap. Latency adds each hop's time
-and needs no more than the hops' airtime.
+the solver's, with one more row per medium (and no replicated stage). Its warm start is the
+better of the search's best plan on each hop's own cost (re-priced with the media) and
+:func:`_least_airtime`'s, which is the optimum itself for one medium over an exhaustive space
+(the solver then only breaks the tie by latency). The search's bottleneck bounds the optimum
+from below, and where the search is exhaustive the solver runs to a zero gap. Latency adds
+each hop's time and needs no more than the hops' airtime.
 """
 
 from __future__ import annotations
@@ -51,6 +57,13 @@ from partition.errors import NoFeasiblePlanError, PlanningError
 from partition.milp import DEFAULT_LIMITS, SolverLimits, StateGraph, solve
 from partition.plan import Objective
 from partition.relaxation import relax
+from partition.replication import (
+    GroupTables,
+    group_tables,
+    group_work,
+    replica_groups,
+    replica_shares,
+)
 from partition.units import format_bytes
 
 EXACT_WORK_LIMIT = 4e8
@@ -65,11 +78,28 @@ EXACT_TOLERANCE = 1e-9
 
 @dataclass(frozen=True)
 class Span:
-    """Layers ``[start, end)`` run on node index ``node``."""
+    """Layers ``[start, end)`` run on node index ``node``; a replicated stage runs on every
+    node of ``replicas`` (``node`` first; defaults to ``node`` alone), each taking its share
+    of the requests: ``shares`` if given (a running plan's), else the cost model's
+    :func:`~partition.replication.replica_shares`."""
 
     node: int
     start: int
     end: int
+    replicas: tuple[int, ...] = ()
+    shares: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.replicas:
+            object.__setattr__(self, "replicas", (self.node,))
+        if self.replicas[0] != self.node:
+            raise ValueError(f"{self} must list its node first among its replicas")
+        if self.shares and len(self.shares) != len(self.replicas):
+            raise ValueError(f"{self} must give one share per replica")
+
+    def dealt(self, cost: CostModel) -> tuple[float, ...]:
+        """Each replica's share of the requests."""
+        return self.shares or replica_shares(cost, self.replicas)
 
 
 @dataclass(frozen=True)
@@ -83,6 +113,11 @@ class Schedule:
     latency, adds to the request's latency only (0 where no link is used). With shared media
     a transfer takes at least its airtime, and ``medium_seconds`` holds each medium's busy
     time per request (:mod:`partition.media`).
+    With replicated stages, ``stage_seconds`` is a stage's busiest replica's time per request
+    (its share of the requests times its compute), ``transfer_seconds`` a hop's busiest link
+    (one per sender and receiver pair, carrying the product of their shares), and
+    ``delay_seconds`` and ``latency_s`` are expected over the dealing (a medium carries each
+    pair's airtime times the product of their shares).
     ``encodings`` and ``formats`` are option indices (0: raw, full precision) into the cost
     model's :class:`~partition.choice_tables.Options`; ``error_bound`` is the sum of the
     errors the chosen options cause alone.
@@ -110,12 +145,14 @@ class Schedule:
 class OptimizeResult:
     """The best schedule found; ``lower_bound_s`` bounds the objective's optimum from below
     (it equals the schedule's latency or bottleneck when ``exact``); ``solver``: found by
-    HiGHS past the exhaustive search's limit."""
+    HiGHS past the exhaustive search's limit; ``unreplicated``: see the attribute."""
 
     schedule: Schedule
     exact: bool
     lower_bound_s: float
     solver: bool = False
+    unreplicated: str = ""
+    """Why replicated stages were not considered though asked for (one clause), or ``""``."""
 
 
 def evaluate(
@@ -130,7 +167,8 @@ def evaluate(
     A stage's time includes decoding what it receives and encoding what it sends; the
     source's encoding and the sink's decoding count with their links. The bottleneck is the
     busiest stage, link or shared medium; the latency adds every stage, transfer and link
-    latency.
+    latency. A replicated stage is priced as :class:`Schedule` says: busy times per replica
+    and per replica pair's link, the latency expected over the dealing.
 
     Raises
     ------
@@ -141,38 +179,48 @@ def evaluate(
     spans = tuple(spans)
     _check_spans(cost, spans)
     opts = Options.of(cost)
-    hops = [cost.source, *(s.node for s in spans), cost.sink]
+    ends = [(cost.source,), *(s.replicas for s in spans), (cost.sink,)]
+    shares = [(1.0,), *(s.dealt(cost) for s in spans), (1.0,)]
     boundaries = [0, *(s.end for s in spans)]
-    codes = tuple(encodings) if encodings is not None else (0,) * len(hops[1:])
+    codes = tuple(encodings) if encodings is not None else (0,) * len(ends[1:])
     kinds = tuple(formats) if formats is not None else (0,) * len(spans)
-    _check_choices(opts, hops, codes, kinds)
-    stage = tuple(
-        float(opts.layer_seconds[w, s.node, s.start:s.end].sum())
-        + float(opts.decode_s[s.start, codes[k]]) + float(opts.encode_s[s.end, codes[k + 1]])
-        for k, (s, w) in enumerate(zip(spans, kinds, strict=True))
-    )
-    transfer = tuple(
-        _transfer_seconds(cost, opts, b, src, dst, e)
-        for b, (src, dst), e in zip(boundaries, pairwise(hops), codes, strict=True)
-    )
-    delay = tuple(0.0 if src == dst else float(cost.link_latency_s[src, dst])
-                  for src, dst in pairwise(hops))
-    media = () if cost.media is None else cost.media.busy_seconds(
-        hops, [float(opts.link_bytes[b, e]) for b, e in zip(boundaries, codes, strict=True)])
+    _check_choices(opts, ends, codes, kinds)
+    stage, mean_stage = [], []
+    for k, (s, w) in enumerate(zip(spans, kinds, strict=True)):
+        codec = float(opts.decode_s[s.start, codes[k]]) + float(opts.encode_s[s.end, codes[k + 1]])
+        each = [float(opts.layer_seconds[w, d, s.start:s.end].sum()) + codec for d in s.replicas]
+        stage.append(max(p * t for p, t in zip(shares[k + 1], each, strict=True)))
+        mean_stage.append(sum(p * t for p, t in zip(shares[k + 1], each, strict=True)))
+    transfer, mean_transfer, delay = [], [], []
+    for k, (b, e) in enumerate(zip(boundaries, codes, strict=True)):
+        pairs = [(p * q, _transfer_seconds(cost, opts, b, src, dst, e),
+                  0.0 if src == dst else float(cost.link_latency_s[src, dst]))
+                 for src, p in zip(ends[k], shares[k], strict=True)
+                 for dst, q in zip(ends[k + 1], shares[k + 1], strict=True)]
+        transfer.append(max(w * t for w, t, _ in pairs))
+        mean_transfer.append(sum(w * t for w, t, _ in pairs))
+        delay.append(sum(w * t for w, _, t in pairs))
+    media = () if cost.media is None else tuple(
+        float(t) for t in sum(
+            (p * q * cost.media.hop_airtime(float(opts.link_bytes[b, e]), src, dst)
+             for k, (b, e) in enumerate(zip(boundaries, codes, strict=True))
+             for src, p in zip(ends[k], shares[k], strict=True)
+             for dst, q in zip(ends[k + 1], shares[k + 1], strict=True)),
+            np.zeros(len(cost.media.names))))
     stage_error = opts.stage_error()
     error = sum(float(opts.link_error[b, e]) for b, (src, dst), e in
-                zip(boundaries, pairwise(hops), codes, strict=True) if src != dst)
+                zip(boundaries, pairwise(ends), codes, strict=True) if src != dst)
     error += sum(float(stage_error[w, s.start, s.end]) for s, w in zip(spans, kinds, strict=True))
     return Schedule(
         spans=spans,
-        latency_s=sum(stage) + sum(transfer) + sum(delay),
-        bottleneck_s=max(stage + transfer + media),
-        stage_seconds=stage,
-        transfer_seconds=transfer,
-        delay_seconds=delay,
-        fits=all(np.floor(opts.stage_memory[w, s.node, s.start, s.end])
-                 <= int(cost.node_memory_bytes[s.node])
-                 for s, w in zip(spans, kinds, strict=True)),
+        latency_s=sum(mean_stage) + sum(mean_transfer) + sum(delay),
+        bottleneck_s=max(stage + transfer + list(media)),
+        stage_seconds=tuple(stage),
+        transfer_seconds=tuple(transfer),
+        delay_seconds=tuple(delay),
+        fits=all(np.floor(opts.stage_memory[w, d, s.start, s.end])
+                 <= int(cost.node_memory_bytes[d])
+                 for s, w in zip(spans, kinds, strict=True) for d in s.replicas),
         encodings=codes,
         formats=kinds,
         error_bound=error,
@@ -200,14 +248,17 @@ def _transfer_seconds(
     return seconds
 
 
-def optimize(cost: CostModel, objective: Objective,
-             limits: SolverLimits = DEFAULT_LIMITS) -> OptimizeResult:
+def optimize(cost: CostModel, objective: Objective, limits: SolverLimits = DEFAULT_LIMITS,
+             replicate: bool = True) -> OptimizeResult:
     """The best plan for ``objective`` that fits every node's memory.
 
     Latency is minimized exactly; throughput maximized (bottleneck minimized) with ties
     broken by latency. Exhaustive while ``N · 2^(N-1) · (L+1)²`` is within
     :data:`EXACT_WORK_LIMIT`, else HiGHS's best within ``limits`` and its proven lower bound
-    (``exact`` only when that bound meets the plan).
+    (``exact`` only when that bound meets the plan). With ``replicate``, the exhaustive
+    search for throughput may run a stage on a group of nodes, groups as large as the same
+    budget allows (:func:`~partition.replication.replica_groups`); ``exact`` then means
+    optimal over those groups.
 
     Raises
     ------
@@ -225,13 +276,18 @@ def optimize(cost: CostModel, objective: Objective,
     states = tables.stage.shape[1]
     exhaustive = _work(cost.num_nodes, states - 1) <= EXACT_WORK_LIMIT
     media = tables.airtime is not None and objective is Objective.THROUGHPUT
+    wanted = replicate and objective is Objective.THROUGHPUT and cost.num_nodes > 1
+    unreplicated = _unreplicated(cost, exhaustive, states) if wanted else ""
     if exhaustive and not media:
-        path = _best(cost, tables, objective, _Space.any_order(cost.num_nodes))
+        groups = (replica_groups(cost, EXACT_WORK_LIMIT, states) if wanted and not unreplicated
+                  else [])
+        searched = tables.replicated(cost, groups) if groups else tables
+        path = _best(cost, searched, objective, searched.space())
         if path is None:
             raise NoFeasiblePlanError(
                 _shortfall_message(cost, [_Space.any_order(cost.num_nodes)], None))
-        best = tables.priced(cost, path)
-        return OptimizeResult(best, True, objective.key(best)[0])
+        best = searched.priced(cost, path)
+        return OptimizeResult(best, True, objective.key(best)[0], unreplicated=unreplicated)
     spaces = ([_Space.any_order(cost.num_nodes)] if exhaustive
               else _restricted_spaces(cost, states))
     found = [p for p in (_best(cost, tables, objective, sp) for sp in spaces) if p]
@@ -259,7 +315,21 @@ def optimize(cost: CostModel, objective: Objective,
         priced = tables.priced(cost, warm)
         bound = max(bound, *priced.stage_seconds, *priced.transfer_seconds)
     bound = min(answer, bound)
-    return OptimizeResult(best, bound >= answer * (1 - EXACT_TOLERANCE), bound, solver=True)
+    return OptimizeResult(best, bound >= answer * (1 - EXACT_TOLERANCE), bound, solver=True,
+                          unreplicated=unreplicated)
+
+
+def _unreplicated(cost: CostModel, exhaustive: bool, states: int) -> str:
+    """Why the search for throughput cannot replicate stages here, or ``""``."""
+    if cost.compression is not None and cost.compression.weights is not None:
+        return "weight formats are chosen with the stages"
+    if cost.media is not None:
+        return "shared media are declared"
+    if not exhaustive:
+        return "the cluster and model are past the exact search's limit"
+    if group_work(cost.num_nodes, states - 1, 2) > EXACT_WORK_LIMIT:
+        return "even pairs of nodes exceed the exact search's budget"
+    return ""
 
 
 def _raw_path(path: tuple[Span, ...] | None) -> tuple[tuple[int, int, int], ...] | None:
@@ -283,17 +353,18 @@ def _check_spans(cost: CostModel, spans: tuple[Span, ...]) -> None:
     for span in spans:
         if span.start != position or span.end <= span.start:
             raise ValueError(f"{span} does not continue the layers at {position}")
-        if not 0 <= span.node < cost.num_nodes:
+        if not all(0 <= d < cost.num_nodes for d in span.replicas):
             raise ValueError(f"{span} names no node (there are {cost.num_nodes})")
         position = span.end
     if position != cost.num_layers:
         raise ValueError(f"the stages end at layer {position}, not {cost.num_layers}")
-    if len({s.node for s in spans}) != len(spans):
-        raise ValueError("a node holds more than one stage")
+    used = [d for s in spans for d in s.replicas]
+    if len(set(used)) != len(used):
+        raise ValueError("a node holds more than one stage or replica")
 
 
 def _check_choices(
-    opts: Options, hops: list[int], encodings: tuple[int, ...], formats: tuple[int, ...]
+    opts: Options, hops: list[tuple[int, ...]], encodings: tuple[int, ...], formats: tuple[int, ...]
 ) -> None:
     if len(encodings) != len(hops) - 1 or len(formats) != len(hops) - 2:
         raise ValueError("give one encoding per link and one weight format per stage")
@@ -301,7 +372,8 @@ def _check_choices(
         raise ValueError(f"encodings {encodings} name no option of {opts.encodings}")
     if not all(0 <= w < len(opts.formats) for w in formats):
         raise ValueError(f"formats {formats} name no option of {opts.formats}")
-    if any(e and src == dst for e, (src, dst) in zip(encodings, pairwise(hops), strict=True)):
+    if any(e and set(src) & set(dst)
+           for e, (src, dst) in zip(encodings, pairwise(hops), strict=True)):
         raise ValueError("a stage that stays on a node has no link to encode")
 
 
@@ -311,9 +383,11 @@ class _Tables:
     and ``hop[b, a, c]``, the time a hop keeps its link busy, plus ``delay[a, c]``, the
     latency a hop adds on top of that to a request's latency (see :meth:`with_delays`), and
     each layer's fastest time for pruning. With compression the indices are state indices
-    (see ``index``) and ``stage_format`` holds each stage edge's weight format. With shared
-    media, ``airtime[m, v, a, c]`` is how long the hop keeps medium ``m`` busy, and each hop
-    costs at least its airtime on all media together (see :meth:`with_media`)."""
+    (see ``index``) and ``stage_format`` holds each stage edge's weight format. With
+    replica groups (:meth:`replicated`) the node indices are virtual nodes (``members``) and
+    a request's latency has its own stage and hop costs, ``mean_stage`` and ``mean_hop``.
+    With shared media, ``airtime[m, v, a, c]`` is how long the hop keeps medium ``m`` busy,
+    and each hop costs at least its airtime on all media together (see :meth:`with_media`)."""
 
     stage: np.ndarray
     hop: np.ndarray
@@ -321,6 +395,9 @@ class _Tables:
     layer_floor: np.ndarray
     index: StateIndex
     stage_format: np.ndarray | None = None
+    members: tuple[tuple[int, ...], ...] | None = None
+    mean_stage: np.ndarray | None = None
+    mean_hop: np.ndarray | None = None
     airtime: np.ndarray | None = None
 
     @classmethod
@@ -354,20 +431,45 @@ class _Tables:
                                                      self.index.encoding_of])
         return replace(self, hop=np.maximum(self.hop, airtime.sum(axis=0)), airtime=airtime)
 
+    def replicated(self, cost: CostModel, groups: list[tuple[int, ...]]) -> _Tables:
+        """The same graph with each of ``groups`` as one more node (not with weight formats
+        to choose: every stage edge in full precision, or the nodes' own format)."""
+        made: GroupTables = group_tables(cost, self.stage, self.hop, self.delay, groups)
+        return replace(self, stage=made.stage, hop=made.hop, delay=made.mean_delay,
+                       layer_floor=made.layer_floor, members=made.members,
+                       mean_stage=made.mean_stage, mean_hop=made.mean_hop, stage_format=None)
+
+    def space(self) -> _Space:
+        """The exhaustive space over these tables' nodes (virtual ones included)."""
+        if self.members is None:
+            return _Space.any_order(self.stage.shape[0])
+        bits = np.array([sum(1 << d for d in g) for g in self.members], dtype=np.int64)
+        return _Space(bits, 0, bits)
+
     def capped(self, limit: float) -> _Tables:
         """The same graph without any stage or hop busier than ``limit``."""
-        return replace(self, stage=np.where(self.stage <= limit, self.stage, np.inf),
-                       hop=np.where(self.hop <= limit, self.hop, np.inf))
+        stage, hop = self.stage <= limit, self.hop <= limit
+        return replace(
+            self, stage=np.where(stage, self.stage, np.inf), hop=np.where(hop, self.hop, np.inf),
+            mean_stage=None if self.mean_stage is None else np.where(stage, self.mean_stage,
+                                                                     np.inf),
+            mean_hop=None if self.mean_hop is None else np.where(hop, self.mean_hop, np.inf),
+        )
 
     def with_delays(self) -> _Tables:
-        """The same graph with each hop also costing its latency: edge costs whose sum along
-        a path is a request's latency."""
-        return replace(self, hop=self.hop + self.delay[None], delay=np.zeros_like(self.delay))
+        """The same graph with a request's latency as edge costs (for replica groups the
+        expected ones): each hop also costs its latency."""
+        stage = self.stage if self.mean_stage is None else self.mean_stage
+        hop = self.hop if self.mean_hop is None else self.mean_hop
+        return replace(self, stage=stage, hop=hop + self.delay[None],
+                       delay=np.zeros_like(self.delay), mean_stage=None, mean_hop=None)
 
     def priced(self, cost: CostModel, path: tuple[Span, ...]) -> Schedule:
         """Price a path of :func:`_search`, whose spans run between state indices."""
         layer, code = self.index.layer_of, self.index.encoding_of
-        spans = [Span(s.node, int(layer[s.start]), int(layer[s.end])) for s in path]
+        groups = self.members or tuple((d,) for d in range(self.stage.shape[0]))
+        spans = [Span(groups[s.node][0], int(layer[s.start]), int(layer[s.end]),
+                      groups[s.node]) for s in path]
         encodings = [*(int(code[s.start]) for s in path), int(code[path[-1].end])]
         formats = None if self.stage_format is None else [
             int(self.stage_format[s.node, s.start, s.end]) for s in path
@@ -376,16 +478,19 @@ class _Tables:
 
 
 class _Space(NamedTuple):
-    """Which node sets a search may visit: moving to node ``d`` from set ``S`` leads to
-    ``S | closure[d]``; the ``retired`` nodes are never used."""
+    """Which node sets a search may visit: search node ``d`` stands for the nodes ``bits[d]``
+    (itself, or a replica group's members) and may be used from a set ``S`` without them,
+    leading to ``S | closure[d]``; the ``retired`` nodes are never used."""
 
     closure: np.ndarray
     retired: int
+    bits: np.ndarray
 
     @classmethod
     def any_order(cls, nodes: int, retired: int = 0) -> _Space:
         """The exhaustive space: using node ``d`` adds only ``d``."""
-        return cls(1 << np.arange(nodes, dtype=np.int64), retired)
+        bits = 1 << np.arange(nodes, dtype=np.int64)
+        return cls(bits, retired, bits)
 
     @classmethod
     def in_order(cls, order: Sequence[int]) -> _Space:
@@ -393,7 +498,7 @@ class _Space(NamedTuple):
         closure = np.zeros(len(order), dtype=np.int64)
         for position, node in enumerate(order):
             closure[node] = sum(1 << int(d) for d in order[: position + 1])
-        return cls(closure, 0)
+        return cls(closure, 0, 1 << np.arange(len(order), dtype=np.int64))
 
 
 def _best(
@@ -467,9 +572,9 @@ def _search(
     pending: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     trail: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     best = (np.inf, -1, -1, -1)
-    closure = space.closure
+    closure, bits = space.closure, space.bits
     for d in range(n):
-        if space.retired >> d & 1:
+        if space.retired & int(bits[d]):
             continue
         arrivals = _no_arrivals(n, layers)
         arrivals[0][d, index.starts] = hop[index.starts, source, d]
@@ -489,18 +594,16 @@ def _search(
         k, e = np.unravel_index(int(finish.argmin()), finish.shape)
         if finish[k, e] < best[0]:
             best = (float(finish[k, e]), mask, int(nodes[k]), int(index.ends[e]))
-        free = [d for d in range(n) if not mask >> d & 1]
+        free = [d for d in range(n) if not mask & int(bits[d])]
         if not free:
             continue
         # Hop edges to every unused node: moved[k, m, j] over last node k and next node m.
-        moved = combine(done[:, None, :], hop[:, nodes][:, :, free].transpose(1, 2, 0))
+        moved = combine(done[:, None, :], hop[:, nodes[:, None], free].transpose(1, 2, 0))
         came = moved.argmin(axis=0)
         reach = np.take_along_axis(moved, came[None], axis=0)[0]
         reach[combine(reach, rest[None]) >= best[0]] = np.inf
-        for m, d in enumerate(free):
-            better = reach[m] < np.inf
-            if not better.any():
-                continue
+        for m in np.flatnonzero(np.isfinite(reach).any(axis=1)):
+            d, better = free[m], reach[m] < np.inf
             target = mask | int(closure[d])
             if target not in pending:
                 pending[target] = _no_arrivals(n, layers)

@@ -295,6 +295,8 @@ class Plan:
     """What re-planning needs, as plain JSON data (see :mod:`partition.replan_inputs`)."""
     accuracy: Accuracy | None = None
     """Measured output error of a plan with compressed links (``None``: nothing measured)."""
+    unreplicated: str = ""
+    """Why the planner could not consider replicated stages though allowed to, or ``""``."""
     media: tuple[PlannedMedium, ...] = ()
     """The cluster's shared media (:mod:`partition.media`), each with its busy time."""
 
@@ -336,6 +338,7 @@ class Plan:
                 "latency_s": self.latency_s, "bottleneck_s": self.bottleneck_s,
                 "throughput_per_s": self.throughput_per_s,
                 "exact": self.exact, "lower_bound_s": self.lower_bound_s,
+                **({"unreplicated": self.unreplicated} if self.unreplicated else {}),
             },
             "baselines": [b.to_dict() for b in self.baselines],
             **({"security": self.security.to_dict()} if self.security else {}),
@@ -378,6 +381,7 @@ class Plan:
             latency_s=float(predicted["latency_s"]),
             bottleneck_s=float(predicted["bottleneck_s"]),
             exact=bool(predicted["exact"]), lower_bound_s=float(predicted["lower_bound_s"]),
+            unreplicated=predicted.get("unreplicated", ""),
             baselines=tuple(BaselineResult.from_dict(b) for b in data["baselines"]),
             security=SecuritySpec.from_dict(data["security"]) if "security" in data else None,
             replan=data.get("replan"),
@@ -458,7 +462,8 @@ _PLAN_FIELDS = {
     "objective": Objective, "source": str, "sink": str,
     "nodes": [{"name": str, "address": str}], "stages": [_STAGE], "links": [_LINK],
     "predicted": {"latency_s": _Number(infinite=True), "bottleneck_s": _Number(infinite=True),
-                  "exact": bool, "lower_bound_s": _Number(infinite=True)},
+                  "exact": bool, "lower_bound_s": _Number(infinite=True),
+                  "unreplicated": _Optional(str)},
     "baselines": [_BASELINE],
     "accuracy": _Optional({
         "inputs": int, "max_abs_error": _Number(infinite=True),

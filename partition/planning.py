@@ -25,6 +25,7 @@ from partition.plan import (
     Plan,
     PlannedMedium,
     PlannedStage,
+    Replica,
 )
 from partition.profiler import Profile
 from partition.quantize import WeightFormat, weight_bytes
@@ -38,6 +39,7 @@ def plan(
     profiles: dict[str, Profile],
     objective: Objective = Objective.THROUGHPUT,
     compression: CompressionRequest | None = None,
+    replicate: bool = True,
 ) -> Plan:
     """Choose the stages that optimize ``objective`` and price the baselines beside them.
 
@@ -46,10 +48,12 @@ def plan(
     encoding (and, offered, each stage's weight format) is chosen with the stages
     (:mod:`partition.compression_planning`) and the plan records its measured accuracy, the
     nodes' own weight formats included (pass a request with mode ``none`` to measure those
-    alone); the baselines stay raw.
+    alone); the baselines stay raw. With ``replicate``, a stage may run on several nodes
+    (:func:`partition.optimizer.optimize`; not with weight formats to choose or shared media).
     """
     cost = build_cost_model(layer_graph, cluster, profiles)
-    result, priced, accuracy = search(cost, layer_graph, cluster, objective, compression)
+    result, priced, accuracy = search(cost, layer_graph, cluster, objective, compression,
+                                      replicate)
     made = plan_from_schedule(
         model, layer_graph, cluster, priced, result.schedule, objective,
         exact=result.exact, lower_bound_s=result.lower_bound_s,
@@ -58,22 +62,24 @@ def plan(
             for b in baselines(cost, objective, layer_graph.value_flow())
         ),
     )
-    return replace(made, replan=replan_inputs(cluster, profiles, compression),
-                   accuracy=accuracy)
+    return replace(made, replan=replan_inputs(cluster, profiles, compression, replicate),
+                   accuracy=accuracy, unreplicated=result.unreplicated)
 
 
 def search(
     cost: CostModel, layer_graph: LayerGraph, cluster: ClusterSpec, objective: Objective,
-    compression: CompressionRequest | MeasuredOffer | None = None,
+    compression: CompressionRequest | MeasuredOffer | None = None, replicate: bool = True,
 ) -> tuple[OptimizeResult, CostModel, Accuracy | None]:
-    """The optimizer's best schedule for ``objective``; with ``compression`` chosen with
-    its encodings and weight formats (each node's own ``quantize`` as the default), priced
-    on the cost model with its compression, and its measured accuracy."""
+    """The optimizer's best schedule for ``objective`` (replicated stages allowed if
+    ``replicate``); with ``compression`` chosen with its encodings and weight formats (each
+    node's own ``quantize`` as the default; replicated only where no weight format is offered),
+    priced on the cost model with its compression, and its measured accuracy."""
     if compression is None:
-        return optimize(cost, objective), cost, None
+        return optimize(cost, objective, replicate=replicate), cost, None
     own = [node.quantize or WeightFormat.NONE for node in cluster.nodes]
     chosen = choose(cost, layer_graph, objective, compression, own)
-    return chosen.result, chosen.cost, chosen.accuracy
+    result = chosen.result if replicate else replace(chosen.result, unreplicated="")
+    return result, chosen.cost, chosen.accuracy
 
 
 def plan_from_schedule(
@@ -90,7 +96,8 @@ def plan_from_schedule(
 ) -> Plan:
     """Describe a priced schedule as a :class:`Plan` (also used to deploy a baseline): each
     link in the schedule's encoding, each stage in its weight format (option 0: the node's
-    ``quantize``)."""
+    ``quantize``), a replicated stage with each replica's share of the requests and, as its
+    memory, the replica's whose stage takes the largest part of its memory."""
     addresses = {node.name: node.address for node in cluster.nodes}
     configured = {node.name: node.quantize or WeightFormat.NONE for node in cluster.nodes}
     opts = Options.of(cost)
@@ -99,17 +106,24 @@ def plan_from_schedule(
     for k, (span, w) in enumerate(zip(schedule.spans, chosen, strict=True)):
         node = cost.node_names[span.node]
         fmt = WeightFormat(opts.formats[w]) if w else configured[node]
+        need = {d: int(opts.stage_memory[w, d, span.start, span.end]) for d in span.replicas}
+        tightest = max(span.replicas, key=lambda d: need[d] / max(cost.node_memory_bytes[d], 1))
         stage = _planned_stage(
             layer_graph, k, node, addresses, span.start, span.end,
             compute_s=schedule.stage_seconds[k],
             transfer_in_s=schedule.transfer_seconds[k],
-            memory_bytes=int(opts.stage_memory[w, span.node, span.start, span.end]),
-            memory_available_bytes=int(cost.node_memory_bytes[span.node]),
+            memory_bytes=need[tightest],
+            memory_available_bytes=int(cost.node_memory_bytes[tightest]),
         )
         sizes = weight_bytes(layer_graph, fmt)
         params = {name for layer in layer_graph.layers[span.start:span.end]
                   for name in layer.params}
-        stages.append(replace(stage, weights=fmt, artifact_bytes=sum(sizes[n] for n in params)))
+        replicas = tuple(
+            Replica(cost.node_names[d], addresses[cost.node_names[d]], share)
+            for d, share in zip(span.replicas, span.dealt(cost), strict=True)
+        )
+        stages.append(replace(stage, weights=fmt, artifact_bytes=sum(sizes[n] for n in params),
+                              replicas=replicas))
     encodings = tuple(LinkEncoding(opts.encodings[e]) for e in schedule.encodings) or None
     return Plan(
         model_sha256=model.sha256,
@@ -123,7 +137,7 @@ def plan_from_schedule(
         sink=cluster.sink,
         addresses=addresses,
         stages=tuple(stages),
-        links=_links(cluster, [s.node for s in stages], encodings),
+        links=_links(cluster, [s.nodes for s in stages], encodings),
         latency_s=schedule.latency_s,
         bottleneck_s=schedule.bottleneck_s,
         exact=exact,
@@ -176,14 +190,17 @@ def _planned_stage(
 
 
 def _links(
-    cluster: ClusterSpec, nodes: list[str], encodings: tuple[LinkEncoding, ...] | None = None
+    cluster: ClusterSpec, nodes: list[tuple[str, ...]],
+    encodings: tuple[LinkEncoding, ...] | None = None,
 ) -> tuple[Link, ...]:
-    """The hops source -> each node in turn -> sink, in ``encodings`` (default raw)."""
-    hops = [cluster.source, *nodes, cluster.sink]
+    """The hops source -> each stage's nodes in turn -> sink, in ``encodings`` (default
+    raw): a link from every sender of a hop to every receiver."""
+    hops = [(cluster.source,), *nodes, (cluster.sink,)]
     codes = encodings or (LinkEncoding.RAW,) * (len(hops) - 1)
     return tuple(
         Link(a, b, cluster.link(a, b).bytes_per_s, cluster.link(a, b).latency_s, e)
-        for a, b, e in zip(hops[:-1], hops[1:], codes, strict=True)
+        for senders, receivers, e in zip(hops[:-1], hops[1:], codes, strict=True)
+        for a in senders for b in receivers
     )
 
 
@@ -197,6 +214,6 @@ def _baseline_result(
     return BaselineResult(
         name, description,
         tuple((node, s.start, s.end) for node, s in zip(nodes, schedule.spans, strict=True)),
-        _links(cluster, nodes),
+        _links(cluster, [(node,) for node in nodes]),
         schedule.latency_s, schedule.throughput_per_s, schedule.fits, note,
     )

@@ -1,5 +1,6 @@
 """What re-planning needs, carried in ``plan.json``: the cluster spec (its shared media
-included), each node's profile and, for a compressed plan, what the planner was asked to
+included), each node's profile, whether stages may be replicated and, for a compressed plan,
+what the planner was asked to
 compress.
 
 Plain JSON data, written by :func:`replan_inputs` when a plan is made and read back by
@@ -54,13 +55,15 @@ class ReplanInputs:
     cluster: ClusterSpec
     profiles: dict[str, Profile]
     compression: CompressionSettings | None
+    replicate: bool = True
 
 
 def replan_inputs(
     cluster: ClusterSpec, profiles: dict[str, Profile],
-    compression: CompressionRequest | None = None,
+    compression: CompressionRequest | None = None, replicate: bool = True,
 ) -> dict[str, Any]:
-    """``cluster``, ``profiles`` (one per node) and ``compression`` as JSON data."""
+    """``cluster``, ``profiles`` (one per node), ``compression`` and whether stages may be
+    replicated as JSON data."""
     return {
         "version": VERSION,
         "cluster": {
@@ -80,6 +83,7 @@ def replan_inputs(
         },
         "profiles": {name: profile.to_dict() for name, profile in profiles.items()},
         **({"compression": _compression(compression, cluster)} if compression else {}),
+        **({} if replicate else {"replicate": False}),
     }
 
 
@@ -119,7 +123,7 @@ def read_replan_inputs(data: dict[str, Any]) -> ReplanInputs:
         raise PlanFormatError(
             f"plan.json: replan is malformed ({err!r}); plan again to re-plan after failures"
         ) from err
-    return ReplanInputs(spec, profiles, settings)
+    return ReplanInputs(spec, profiles, settings, bool(data.get("replicate", True)))
 
 
 def _compression(request: CompressionRequest, cluster: ClusterSpec) -> dict[str, Any]:

@@ -57,6 +57,7 @@ class Replanner:
         inputs = read_replan_inputs(current.replan)
         self.cluster, self.profiles = inputs.cluster, inputs.profiles
         self.compression = inputs.compression
+        self.replicate = inputs.replicate
         self._read_calibration = read_calibration
         self._offer: MeasuredOffer | None = None
 
@@ -83,9 +84,11 @@ class Replanner:
         return cluster, build_cost_model(self.layer_graph, cluster, profiles)
 
     def price(self, plan_: Plan, measured: Measured = AS_PLANNED) -> Schedule:
-        """``plan_``'s stages priced with the ``measured`` figures."""
+        """``plan_``'s stages, dealt in its shares, priced with the ``measured`` figures."""
         _, cost = self.cost(None, measured)
-        spans = [Span(cost.node_names.index(s.node), s.start, s.end) for s in plan_.stages]
+        spans = [Span(cost.node_names.index(s.node), s.start, s.end,
+                      tuple(cost.node_names.index(n) for n in s.nodes),
+                      tuple(r.share for r in s.replicas)) for s in plan_.stages]
         return evaluate(cost, spans)
 
     def replan(self, usable: Collection[str], measured: Measured = AS_PLANNED) -> Plan:
@@ -103,7 +106,7 @@ class Replanner:
         try:
             with np.errstate(divide="ignore", invalid="ignore"):  # nodes without memory
                 result, cost, accuracy = search(cost, self.layer_graph, cluster,
-                                                self.current.objective, offer)
+                                                self.current.objective, offer, self.replicate)
         except NoFeasiblePlanError as err:
             raise NoFeasiblePlanError(
                 f"no plan fits the nodes left ({', '.join(sorted(usable))}): {err}"
@@ -113,7 +116,8 @@ class Replanner:
             self.current.objective, exact=result.exact, lower_bound_s=result.lower_bound_s,
         )
         return replace(made, model_path=self.current.model_path, replan=self.current.replan,
-                       addresses=self.current.addresses, accuracy=accuracy)
+                       addresses=self.current.addresses, accuracy=accuracy,
+                       unreplicated=result.unreplicated)
 
     def _measured_offer(self) -> MeasuredOffer:
         """The compression request's candidates, measured alone (once)."""

@@ -150,7 +150,7 @@ def test_optimizer_matches_brute_force(seed: int, media: bool) -> None:
 
         narrowest = min(bottleneck for _, bottleneck in plans)
         tied = min(lat for lat, neck in plans if neck <= narrowest * (1 + RELATIVE))
-        result = optimize(cost, Objective.THROUGHPUT)
+        result = optimize(cost, Objective.THROUGHPUT, replicate=False)
         assert result.exact and result.schedule.fits
         assert result.schedule.bottleneck_s == pytest.approx(narrowest, rel=RELATIVE)
         assert result.schedule.latency_s == pytest.approx(tied, rel=RELATIVE)
@@ -217,7 +217,7 @@ def test_latency_delays_a_request_but_keeps_no_link_busy() -> None:
     schedule = evaluate(cost, [Span(0, 0, 2), Span(1, 2, 3)])
     assert schedule.bottleneck_s == 3.0
     assert schedule.latency_s == pytest.approx(3.0 + 0.5 + 10.0 + 1.5 + 0.1 + 10.0)
-    widest = optimize(cost, Objective.THROUGHPUT).schedule
+    widest = optimize(cost, Objective.THROUGHPUT, replicate=False).schedule
     assert widest.spans == (Span(0, 0, 1), Span(1, 1, 3))
     assert widest.bottleneck_s == pytest.approx(2.5)  # b's compute; 2000 B take 2 s
     assert optimize(cost, Objective.LATENCY).schedule.spans == (Span(0, 0, 3),)
@@ -277,7 +277,7 @@ def check_same_answer(cost: CostModel, objective: Objective) -> None:
     """The solver finds a plan exactly when the exact search does, and one as good: the
     objective equal, the tie-break's latency too, the lower bound proven and met."""
     try:
-        exact = optimize(cost, objective)
+        exact = optimize(cost, objective, replicate=False)
     except NoFeasiblePlanError:
         assert solver_answer(cost, objective) is None
         return
@@ -551,7 +551,7 @@ def test_optimizer_with_choices_matches_brute_force(seed: int, media: bool) -> N
 
         narrowest = min(bottleneck for _, bottleneck in plans)
         tied = min(lat for lat, neck in plans if neck <= narrowest * (1 + RELATIVE))
-        result = optimize(cost, Objective.THROUGHPUT)
+        result = optimize(cost, Objective.THROUGHPUT, replicate=False)
         assert result.schedule.bottleneck_s == pytest.approx(narrowest, rel=RELATIVE)
         assert result.schedule.latency_s == pytest.approx(tied, rel=RELATIVE)
         check_admitted(cost, result.schedule)
