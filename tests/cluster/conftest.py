@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from cli_helpers import edge_node_running
+from cli_helpers import coordinator_in_process, edge_node_running
 from cluster_helpers import (
     CHAIN_SHAPE,
     NodeProcess,
@@ -74,6 +76,16 @@ def cli_env(tmp_path: Path, sample_cache_dir: Path) -> dict[str, str]:
         "EDGESPLIT_STATE": str(tmp_path / "state"),
         "EDGESPLIT_CACHE": str(sample_cache_dir),
     }
+
+
+@pytest.fixture
+def coordinator_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """``coordinator_here(*args)``: ``coordinator ARGS`` run in this process (see
+    :func:`cli_helpers.coordinator_in_process`), with :func:`cli_env`'s state directory."""
+    monkeypatch.setenv("EDGESPLIT_STATE", str(tmp_path / "state"))
+    return functools.partial(coordinator_in_process, capsys)
 
 
 @pytest.fixture

@@ -39,14 +39,14 @@ def write_nodes(path: Path, names: list[str]) -> Path:
 
 
 def test_probe_recovers_the_emulated_links_and_writes_a_nodes_yaml(
-    tmp_path: Path, cli_env: dict[str, str], up_nodes: list[LocalNode],
+    tmp_path: Path, coordinator_here, up_nodes: list[LocalNode],
 ) -> None:
     nodes = write_nodes(tmp_path / "nodes.yaml", ["camera", "gateway", "laptop"])
-    out = ok(coordinator(cli_env, "up", nodes))
+    out = ok(coordinator_here("up", nodes))
     for match in re.finditer(r"(\w+) listening on (\S+) \(pid (\d+), log (\S+)\)", out):
         up_nodes.append(LocalNode(match[1], match[2], int(match[3]), match[4]))
     measured_path = tmp_path / "measured.yaml"
-    out = ok(coordinator(cli_env, "probe", nodes, "-o", measured_path))
+    out = ok(coordinator_here("probe", nodes, "-o", measured_path))
     assert "through the emulated links" in out
     assert re.search(r"coordinator\s+│\s+camera \(source\)", out), out
     assert re.search(r"coordinator\s+│\s+laptop \(sink\)", out), out
@@ -60,7 +60,7 @@ def test_probe_recovers_the_emulated_links_and_writes_a_nodes_yaml(
         want, got = given.link(a, b), measured.link(a, b)
         assert got.bytes_per_s == pytest.approx(want.bytes_per_s, rel=TOLERANCE), (a, b, got)
         assert got.latency_s == pytest.approx(want.latency_s, rel=TOLERANCE), (a, b, got)
-    ok(coordinator(cli_env, "down"))
+    ok(coordinator_here("down"))
 
 
 def test_probe_names_an_unreachable_node(
