@@ -15,14 +15,18 @@ from cluster_helpers import (
     NodeProcess,
     Scale,
     Shift,
+    Split,
     make_stage,
     spawn_node,
-    stop_node,
+    split_in_three,
+    stop_node_processes,
+    three_node_cluster,
     wait_listening,
 )
 
-from coordinator.local_cluster import LocalNode, read_state, stop_nodes
+from coordinator.local_cluster import LocalCluster, LocalNode, read_state, stop_nodes
 from coordinator.ports import free_ports
+from partition.cluster import ClusterSpec
 from partition.errors import EdgesplitError
 from partition.spec import TensorSpec
 from partition.split import StageArtifact
@@ -52,8 +56,7 @@ def start_nodes(tmp_path: Path) -> Iterator[Callable[..., list[NodeProcess]]]:
     try:
         yield start
     finally:
-        for node in started:
-            stop_node(node)
+        stop_node_processes(started)
 
 
 @pytest.fixture(scope="session")
@@ -66,6 +69,22 @@ def chain_stages() -> tuple[StageArtifact, StageArtifact]:
         make_stage(Scale(2.0), index=0, receives=x, sends=a),
         make_stage(Shift(3.0), index=1, receives=a, sends=b),
     )
+
+
+@pytest.fixture(scope="session")
+def three_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterSpec]:
+    """Three real ``edge-node`` processes of :func:`three_node_cluster`, shared by the modules
+    whose tests each deploy the plan they run; stopped when the session ends."""
+    spec = three_node_cluster()
+    with LocalCluster(spec, tmp_path_factory.mktemp("three-workers")):
+        yield spec
+
+
+@pytest.fixture(scope="session")
+def three_stages(three_workers: ClusterSpec, sample_exported) -> Callable[[str], Split]:
+    """``three_stages(name)``: :func:`split_in_three` of the sample over
+    :func:`three_workers` (made once per model and session)."""
+    return functools.cache(lambda name: split_in_three(three_workers, sample_exported(name)))
 
 
 @pytest.fixture
