@@ -106,13 +106,13 @@ def test_up_plan_deploy_run_status_down(
 
 
 def test_deploy_to_an_unreachable_node_is_one_line(
-    tmp_path: Path, cli_env: dict[str, str], skip_dag_file: Path
+    tmp_path: Path, cli_env: dict[str, str], coordinator_here, skip_dag_file: Path
 ) -> None:
     address = f"127.0.0.1:{free_ports(1)[0]}"  # nothing listens there
     nodes = nodes_yaml(tmp_path / "nodes.yaml", [("ghost", address, "1GiB")])
     plan_path = tmp_path / "plan.json"
-    ok(coordinator(cli_env, "plan", skip_dag_file, "--nodes", nodes, "-o", plan_path,
-                   "--repeats", "1"))
+    ok(coordinator_here("plan", skip_dag_file, "--nodes", nodes, "-o", plan_path,
+                        "--repeats", "1"))
     line = one_error_line(coordinator(cli_env, "deploy", plan_path))
     assert f"node 'ghost' at {address} is unreachable" in line, line
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cli_helpers import coordinator, ok, one_error_line
+from cli_helpers import ok, one_error_line
 
 from coordinator.local_cluster import LocalNode
 from coordinator.ports import free_ports
@@ -64,7 +64,7 @@ def test_probe_recovers_the_emulated_links_and_writes_a_nodes_yaml(
 
 
 def test_probe_names_an_unreachable_node(
-    tmp_path: Path, cli_env: dict[str, str], start_nodes,
+    tmp_path: Path, coordinator_here, start_nodes,
 ) -> None:
     [alive] = start_nodes(1)
     [dead_port] = free_ports(1)
@@ -74,15 +74,15 @@ def test_probe_names_an_unreachable_node(
         f"  - {{name: ghost, address: '127.0.0.1:{dead_port}', memory: 1GiB}}\n"
         "links:\n  default: {bandwidth: 1Gbps, latency: 1ms}\n"
     )
-    line = one_error_line(coordinator(cli_env, "probe", nodes, "--no-emulate-links"))
+    line = one_error_line(coordinator_here("probe", nodes, "--no-emulate-links"))
     assert "node 'ghost'" in line and f"127.0.0.1:{dead_port}" in line, line
 
 
-def test_probe_refuses_options_out_of_range(tmp_path: Path, cli_env: dict[str, str]) -> None:
+def test_probe_refuses_options_out_of_range(tmp_path: Path, coordinator_here) -> None:
     nodes = write_nodes(tmp_path / "nodes.yaml", ["a", "b"])
-    line = one_error_line(coordinator(cli_env, "probe", nodes, "--rounds", "0"))
+    line = one_error_line(coordinator_here("probe", nodes, "--rounds", "0"))
     assert "--rounds 0" in line, line
-    line = one_error_line(coordinator(cli_env, "probe", nodes, "--bytes", "1GiB"))
+    line = one_error_line(coordinator_here("probe", nodes, "--bytes", "1GiB"))
     assert "--bytes" in line, line
 
 
