@@ -109,6 +109,11 @@ class CountingListener:
         while data := _recv(connection):
             self.received += len(data)
 
+    @property
+    def connected(self) -> bool:
+        """True once something connected (a node's probe reached this address)."""
+        return bool(self._connections)
+
     def close(self) -> None:
         self.socket.close()
         for connection in self._connections:
@@ -139,7 +144,9 @@ async def test_a_probe_sends_nothing_sized_to_an_address_that_is_not_a_worker(
     try:
         asked = ProbeOptions(MAX_PROBE_BYTES, MAX_PROBE_ROUNDS)
         first = asyncio.create_task(handle.probe(listener.address, asked))
-        await asyncio.sleep(1.0)  # the first probe waits on the silent target
+        async with asyncio.timeout(30):  # the first probe waits on the silent target
+            while not listener.connected:
+                await asyncio.sleep(0.05)
         with pytest.raises(NodeRejectedError, match="RESOURCE_EXHAUSTED.*one link at a time"):
             await handle.probe(listener.address, ProbeOptions(1, 1))
         with pytest.raises(NodeRejectedError, match="FAILED_PRECONDITION.*does not answer"):
