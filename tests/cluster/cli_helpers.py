@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 import psutil
+import pytest
 
+from coordinator.cli import main
 from partition.cluster import WORKER_OVERHEAD_BYTES
 from partition.cost_builder import stage_memory_matrix
 from partition.layers import LayerGraph, build_layer_graph
@@ -25,6 +27,18 @@ def coordinator(
         [sys.executable, "-m", "coordinator.cli", *map(str, args)],
         env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def coordinator_in_process(
+    capsys: pytest.CaptureFixture[str], *args: str | Path
+) -> subprocess.CompletedProcess[str]:
+    """Run ``coordinator ARGS`` through ``coordinator.cli.main`` in this process, in its
+    environment: what :func:`coordinator` runs, without the seconds a fresh interpreter
+    spends importing torch and every command."""
+    capsys.readouterr()  # what the test printed before is not the command's
+    code = main([str(arg) for arg in args])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(["coordinator", *map(str, args)], code, out, err)
 
 
 def ok(done: subprocess.CompletedProcess[str]) -> str:

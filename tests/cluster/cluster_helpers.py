@@ -14,13 +14,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_zoo import ExportedSample
 
 from coordinator.ports import free_ports
 from node.client import GrpcWorkerHandle, Result
 from node.messages import Wiring
-from partition.artifact import program_to_bytes, sha256
+from partition.artifact import ProgramRunner, program_to_bytes, sha256
+from partition.cluster import ClusterSpec, parse_cluster
+from partition.cost_builder import build_cost_model
+from partition.layers import LayerGraph, build_layer_graph
+from partition.optimizer import Span, evaluate
+from partition.plan import Objective, Plan
+from partition.planning import plan_from_schedule
+from partition.profiler import profile_layers
 from partition.spec import StageSpec, TensorSpec
-from partition.split import StageArtifact
+from partition.split import StageArtifact, split
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
@@ -90,8 +98,16 @@ def wait_listening(node: NodeProcess, timeout_s: float = READY_TIMEOUT_S) -> Non
 
 def stop_node(node: NodeProcess) -> None:
     """SIGTERM, then SIGKILL if the node has not exited after :data:`STOP_TIMEOUT_S`."""
-    if node.process.poll() is None:
+    stop_node_processes([node])
+
+
+def stop_node_processes(nodes: list[NodeProcess]) -> None:
+    """:func:`stop_node` for each of ``nodes``, all sent SIGTERM before any is waited for
+    (a node drains for a second before it exits)."""
+    running = [node for node in nodes if node.process.poll() is None]
+    for node in running:
         node.process.terminate()
+    for node in running:
         try:
             node.process.wait(STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -198,3 +214,50 @@ async def p50_stage_seconds(address: str, name: str, *, rows: int, requests: int
         await handle.close()
     assert info.requests_served == requests
     return info.p50_stage_seconds
+
+
+def three_node_cluster() -> ClusterSpec:
+    """Three nodes of speed 1 on free ports of 127.0.0.1, 1 Gbps links; node-0 is the source
+    and the sink."""
+    return parse_cluster(
+        {
+            "nodes": [
+                {"name": f"node-{i}", "address": f"127.0.0.1:{port}", "memory": "2GiB",
+                 "speed": 1.0}
+                for i, port in enumerate(free_ports(3))
+            ],
+            "links": {"default": {"bandwidth": "1Gbps", "latency": "1ms"}},
+            "source": "node-0",
+            "sink": "node-0",
+        },
+        "three-node test cluster",
+    )
+
+
+@dataclass(frozen=True)
+class Split:
+    """A sample model planned into three stages over the cluster, and its stage artifacts."""
+
+    sample: ExportedSample
+    layer_graph: LayerGraph
+    plan: Plan
+    artifacts: list[StageArtifact]
+    reference: ProgramRunner
+
+
+def split_in_three(cluster: ClusterSpec, sample: ExportedSample) -> Split:
+    """``sample`` split at ``L//3`` and ``2L//3`` onto the cluster's nodes 0, 1, 2, priced on
+    a quick profile of this machine."""
+    model = sample.model
+    layer_graph = build_layer_graph(model.program)
+    profile = profile_layers(layer_graph, model.sha256, model.example_inputs, repeats=1, warmup=1)
+    cost = build_cost_model(layer_graph, cluster, {n: profile for n in cluster.names})
+    count = layer_graph.num_layers
+    cuts = [0, count // 3, 2 * count // 3, count]
+    spans = [Span(index, start, end)
+             for index, (start, end) in enumerate(zip(cuts, cuts[1:], strict=False))]
+    plan = plan_from_schedule(
+        model, layer_graph, cluster, cost, evaluate(cost, spans), Objective.THROUGHPUT,
+        exact=False, lower_bound_s=0.0,
+    )
+    return Split(sample, layer_graph, plan, split(plan, layer_graph), ProgramRunner(model.program))

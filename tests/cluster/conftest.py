@@ -2,25 +2,31 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from cli_helpers import edge_node_running
+from cli_helpers import coordinator_in_process, edge_node_running
 from cluster_helpers import (
     CHAIN_SHAPE,
     NodeProcess,
     Scale,
     Shift,
+    Split,
     make_stage,
     spawn_node,
-    stop_node,
+    split_in_three,
+    stop_node_processes,
+    three_node_cluster,
     wait_listening,
 )
 
-from coordinator.local_cluster import LocalNode, read_state, stop_nodes
+from coordinator.local_cluster import LocalCluster, LocalNode, read_state, stop_nodes
 from coordinator.ports import free_ports
+from partition.cluster import ClusterSpec
 from partition.errors import EdgesplitError
 from partition.spec import TensorSpec
 from partition.split import StageArtifact
@@ -50,8 +56,7 @@ def start_nodes(tmp_path: Path) -> Iterator[Callable[..., list[NodeProcess]]]:
     try:
         yield start
     finally:
-        for node in started:
-            stop_node(node)
+        stop_node_processes(started)
 
 
 @pytest.fixture(scope="session")
@@ -66,6 +71,22 @@ def chain_stages() -> tuple[StageArtifact, StageArtifact]:
     )
 
 
+@pytest.fixture(scope="session")
+def three_workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterSpec]:
+    """Three real ``edge-node`` processes of :func:`three_node_cluster`, shared by the modules
+    whose tests each deploy the plan they run; stopped when the session ends."""
+    spec = three_node_cluster()
+    with LocalCluster(spec, tmp_path_factory.mktemp("three-workers")):
+        yield spec
+
+
+@pytest.fixture(scope="session")
+def three_stages(three_workers: ClusterSpec, sample_exported) -> Callable[[str], Split]:
+    """``three_stages(name)``: :func:`split_in_three` of the sample over
+    :func:`three_workers` (made once per model and session)."""
+    return functools.cache(lambda name: split_in_three(three_workers, sample_exported(name)))
+
+
 @pytest.fixture
 def cli_env(tmp_path: Path, sample_cache_dir: Path) -> dict[str, str]:
     """The environment of ``coordinator`` subprocesses: a private state dir and cache."""
@@ -74,6 +95,16 @@ def cli_env(tmp_path: Path, sample_cache_dir: Path) -> dict[str, str]:
         "EDGESPLIT_STATE": str(tmp_path / "state"),
         "EDGESPLIT_CACHE": str(sample_cache_dir),
     }
+
+
+@pytest.fixture
+def coordinator_here(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """``coordinator_here(*args)``: ``coordinator ARGS`` run in this process (see
+    :func:`cli_helpers.coordinator_in_process`), with :func:`cli_env`'s state directory."""
+    monkeypatch.setenv("EDGESPLIT_STATE", str(tmp_path / "state"))
+    return functools.partial(coordinator_in_process, capsys)
 
 
 @pytest.fixture

@@ -3,6 +3,8 @@ devices and slow links.
 
 Every process a test starts is stopped when it ends, pass or fail: the ``up`` tests stop
 the nodes recorded in the state directory, the demo test kills any worker left on its ports.
+The long up-to-down flow runs its commands in this process (``coordinator_here``); the
+others run ``python -m coordinator.cli`` as the console script would.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def skip_dag_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_up_plan_deploy_run_status_down(
-    tmp_path: Path, cli_env: dict[str, str], up_nodes: list[LocalNode], skip_dag_file: Path
+    tmp_path: Path, coordinator_here, up_nodes: list[LocalNode], skip_dag_file: Path
 ) -> None:
     # The model fits on neither node alone, so the plan uses both.
     alpha, beta = free_ports(2)
@@ -56,24 +58,24 @@ def test_up_plan_deploy_run_status_down(
     nodes = nodes_yaml(tmp_path / "nodes.yaml",
                        [(name, address, memory) for name, address in addresses.items()])
 
-    out = ok(coordinator(cli_env, "up", nodes))
+    out = ok(coordinator_here("up", nodes))
     for match in re.finditer(r"(\w+) listening on (\S+) \(pid (\d+), log (\S+)\)", out):
         up_nodes.append(LocalNode(match[1], match[2], int(match[3]), match[4]))
     assert {(n.name, n.address) for n in up_nodes} == set(addresses.items()), out
     assert all(edge_node_running(n.pid) for n in up_nodes)
 
-    rows = status_rows(ok(coordinator(cli_env, "status")))
+    rows = status_rows(ok(coordinator_here("status")))
     assert {name: rows[name][1:3] for name in addresses} == {
         name: [address, "up"] for name, address in addresses.items()
     }
 
     plan_path = tmp_path / "plan.json"
-    ok(coordinator(cli_env, "plan", skip_dag_file, "--nodes", nodes, "-o", plan_path,
+    ok(coordinator_here("plan", skip_dag_file, "--nodes", nodes, "-o", plan_path,
                    "--repeats", "3"))
-    ok(coordinator(cli_env, "deploy", plan_path))
+    ok(coordinator_here("deploy", plan_path))
     x = torch.randn(SKIP_DAG_INPUT, generator=torch.Generator().manual_seed(7))
     torch.save(x, tmp_path / "in.pt")
-    ok(coordinator(cli_env, "run", plan_path, "--input", tmp_path / "in.pt",
+    ok(coordinator_here("run", plan_path, "--input", tmp_path / "in.pt",
                    "--output", tmp_path / "out.pt"))
     module, _ = build_sample(skip_dag())
     with torch.no_grad():
@@ -83,7 +85,7 @@ def test_up_plan_deploy_run_status_down(
 
     deployed = json.loads((tmp_path / "plan.deployed.json").read_text())
     assert len(deployed["artifact_sha256"]) == 2
-    rows = status_rows(ok(coordinator(cli_env, "status")))
+    rows = status_rows(ok(coordinator_here("status")))
     for address, sha in zip(deployed["addresses"], deployed["artifact_sha256"], strict=True):
         [row] = [cells for cells in rows.values() if cells[1] == address]
         assert row[2] == "up" and row[4] == sha[:12], row
@@ -91,12 +93,12 @@ def test_up_plan_deploy_run_status_down(
 
     bad = torch.randn(4, 32)
     torch.save(bad, tmp_path / "bad.pt")
-    line = one_error_line(coordinator(cli_env, "run", plan_path, "--input", tmp_path / "bad.pt",
+    line = one_error_line(coordinator_here("run", plan_path, "--input", tmp_path / "bad.pt",
                                       "--output", tmp_path / "bad-out.pt"))
     assert "float32[4, 32]" in line and "the model takes x: float32[4, 64]" in line, line
     assert not (tmp_path / "bad-out.pt").exists()
 
-    assert "stopped 2 node(s)" in ok(coordinator(cli_env, "down"))
+    assert "stopped 2 node(s)" in ok(coordinator_here("down"))
     deadline = time.monotonic() + 15
     while any(edge_node_running(n.pid) for n in up_nodes) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -105,13 +107,13 @@ def test_up_plan_deploy_run_status_down(
 
 
 def test_deploy_to_an_unreachable_node_is_one_line(
-    tmp_path: Path, cli_env: dict[str, str], skip_dag_file: Path
+    tmp_path: Path, cli_env: dict[str, str], coordinator_here, skip_dag_file: Path
 ) -> None:
     address = f"127.0.0.1:{free_ports(1)[0]}"  # nothing listens there
     nodes = nodes_yaml(tmp_path / "nodes.yaml", [("ghost", address, "1GiB")])
     plan_path = tmp_path / "plan.json"
-    ok(coordinator(cli_env, "plan", skip_dag_file, "--nodes", nodes, "-o", plan_path,
-                   "--repeats", "1"))
+    ok(coordinator_here("plan", skip_dag_file, "--nodes", nodes, "-o", plan_path,
+                        "--repeats", "1"))
     line = one_error_line(coordinator(cli_env, "deploy", plan_path))
     assert f"node 'ghost' at {address} is unreachable" in line, line
 

@@ -9,10 +9,9 @@ frame with a malformed int8 tensor, and a Wire naming an unknown encoding, are r
 
 from __future__ import annotations
 
-import functools
 import math
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 
 import grpc
@@ -20,12 +19,12 @@ import msgpack
 import pytest
 import torch
 import yaml
-from test_pipeline import Split, make_inputs, split_in_three, three_node_cluster
+from cluster_helpers import Split
+from test_pipeline import make_inputs
 
 from coordinator.bench_check import Reference, run_checked
 from coordinator.cli import main
 from coordinator.deploy import deploy
-from coordinator.local_cluster import LocalCluster
 from coordinator.pipeline import Pipeline
 from coordinator.verify import verify
 from node.client import GrpcWorkerHandle
@@ -53,19 +52,6 @@ SHRINK = {"fp16": 0.6, "int8": 0.35}
 """Most bytes each node may send, against raw links, for the same requests."""
 
 REQUESTS = 4
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterSpec]:
-    spec = three_node_cluster()
-    with LocalCluster(spec, tmp_path_factory.mktemp("compression-cluster")):
-        yield spec
-
-
-@pytest.fixture(scope="module")
-def parts_of(cluster: ClusterSpec, sample_exported) -> Callable[[str], Split]:
-    """``parts_of(name)``: the sample split in three over the cluster (once per model)."""
-    return functools.cache(lambda name: split_in_three(cluster, sample_exported(name)))
 
 
 def encoded(plan: Plan, encodings: tuple[LinkEncoding, ...]) -> Plan:
@@ -105,9 +91,9 @@ def relative_error(got: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, 
 
 @pytest.mark.parametrize("name", ["resnet", "bert"])
 async def test_compressed_links_answer_within_tolerance_with_fewer_bytes(
-    name: str, parts_of: Callable[[str], Split]
+    name: str, three_stages: Callable[[str], Split]
 ) -> None:
-    parts = parts_of(name)
+    parts = three_stages(name)
     requests = [make_inputs(parts.plan.inputs, parts.sample.module, seed)
                 for seed in range(REQUESTS)]
     expected = [parts.reference(*(r[s.name] for s in parts.plan.inputs)) for r in requests]
@@ -130,9 +116,9 @@ async def test_compressed_links_answer_within_tolerance_with_fewer_bytes(
 
 
 async def test_a_malformed_int8_tensor_closes_the_stream(
-    parts_of: Callable[[str], Split]
+    three_stages: Callable[[str], Split]
 ) -> None:
-    parts = parts_of("resnet")
+    parts = three_stages("resnet")
     plan = encoded(parts.plan, ENCODINGS["int8"])
     await deploy(plan, parts.artifacts, emulate_links=False)
     [spec] = plan.inputs
@@ -161,7 +147,7 @@ async def test_a_malformed_int8_tensor_closes_the_stream(
 
 
 async def test_auto_compression_over_a_slow_link_answers_within_its_budget(
-    cluster: ClusterSpec, sample_exported, tmp_path
+    three_workers: ClusterSpec, sample_exported, tmp_path
 ) -> None:
     """node-0 holds the inputs and wants the results but computes 100x slower, and its links
     run at 1 Mbps: the plan moves the model off it and encodes what crosses those links."""
@@ -171,7 +157,7 @@ async def test_auto_compression_over_a_slow_link_answers_within_its_budget(
     nodes = tmp_path / "nodes.yaml"
     nodes.write_text(yaml.safe_dump({
         "nodes": [{"name": n.name, "address": n.address, "memory": "2GiB",
-                   "speed": 0.01 if n.name == "node-0" else 1.0} for n in cluster.nodes],
+                   "speed": 0.01 if n.name == "node-0" else 1.0} for n in three_workers.nodes],
         "links": {"default": {"bandwidth": "1Gbps", "latency": "1ms"}, "overrides": slow},
         "source": "node-0", "sink": "node-0",
     }))

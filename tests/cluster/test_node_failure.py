@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from pathlib import Path
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 import torch
+from cli_helpers import edge_node_running
 
 from coordinator.deploy import deploy
 from coordinator.local_cluster import LocalCluster
@@ -20,16 +22,23 @@ from partition.cluster import parse_cluster
 from partition.cost_builder import build_cost_model
 from partition.layers import build_layer_graph
 from partition.optimizer import Span, evaluate
-from partition.plan import Objective
+from partition.plan import Objective, Plan
 from partition.planning import plan_from_schedule
 from partition.profiler import profile_layers
-from partition.split import split
+from partition.split import StageArtifact, split
 
 
-@pytest.mark.parametrize("victim", [1, 2], ids=["middle node", "last node"])
-async def test_requests_in_flight_fail_when_a_node_dies(
-    victim: int, sample_exported, tmp_path: Path
-) -> None:
+@dataclass(frozen=True)
+class Deployable:
+    """The module's three workers, and ``skip_dag`` split in thirds over them."""
+
+    local: LocalCluster
+    plan: Plan
+    artifacts: list[StageArtifact]
+
+
+@pytest.fixture(scope="module")
+def three_nodes(sample_exported, tmp_path_factory) -> Iterator[Deployable]:
     sample = sample_exported("skip_dag")
     cluster = parse_cluster({
         "nodes": [{"name": f"n{i}", "address": f"127.0.0.1:{port}", "memory": "1GiB"}
@@ -45,13 +54,31 @@ async def test_requests_in_flight_fail_when_a_node_dies(
                                                                                 count)]
     plan = plan_from_schedule(sample.model, layer_graph, cluster, cost, evaluate(cost, spans),
                               Objective.THROUGHPUT, exact=False, lower_bound_s=0.0)
-    with LocalCluster(cluster, tmp_path / "state") as local:
-        await deploy(plan, split(plan, layer_graph), emulate_links=False)
-        async with await Pipeline.connect(plan, failover=False) as pipeline:
-            (first,) = await pipeline.infer(sample.inputs)
-            assert torch.allclose(first, sample.expected[0], atol=1e-5)
-            os.kill(local.nodes[victim].pid, signal.SIGKILL)
-            batch = [torch.randn_like(sample.inputs[0]) for _ in range(5)]
-            with pytest.raises((PipelineBrokenError, NodeUnreachableError),
-                               match="lost and failover is off"):
-                await asyncio.wait_for(pipeline.map(batch), timeout=30)
+    with LocalCluster(cluster, tmp_path_factory.mktemp("node-failure") / "state") as local:
+        yield Deployable(local, plan, split(plan, layer_graph))
+
+
+@pytest.fixture
+def deployable(three_nodes: Deployable) -> Deployable:
+    """The module's workers, a node an earlier test killed started again."""
+    for node in three_nodes.local.nodes:
+        if not edge_node_running(node.pid):
+            three_nodes.local.restart(node.name)
+    return three_nodes
+
+
+@pytest.mark.parametrize("victim", [1, 2], ids=["middle node", "last node"])
+async def test_requests_in_flight_fail_when_a_node_dies(
+    victim: int, sample_exported, deployable: Deployable
+) -> None:
+    sample = sample_exported("skip_dag")
+    plan, local = deployable.plan, deployable.local
+    await deploy(plan, deployable.artifacts, emulate_links=False)
+    async with await Pipeline.connect(plan, failover=False) as pipeline:
+        (first,) = await pipeline.infer(sample.inputs)
+        assert torch.allclose(first, sample.expected[0], atol=1e-5)
+        os.kill(local.nodes[victim].pid, signal.SIGKILL)
+        batch = [torch.randn_like(sample.inputs[0]) for _ in range(5)]
+        with pytest.raises((PipelineBrokenError, NodeUnreachableError),
+                           match="lost and failover is off"):
+            await asyncio.wait_for(pipeline.map(batch), timeout=30)

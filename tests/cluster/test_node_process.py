@@ -201,7 +201,9 @@ async def test_64_mb_tensor_passes_through_a_node(start_nodes, handles) -> None:
     torch.testing.assert_close(answers[5].outputs["y"], x + 1)
 
 
-def test_port_taken_exits_with_one_clear_line(start_nodes) -> None:
+def test_port_taken_exits_with_one_clear_line_and_sigterm_stops_cleanly(start_nodes) -> None:
+    """A second node on a node's port exits with one line; the first, sent SIGTERM, exits
+    cleanly (one node serves both checks: each start costs seconds of imports)."""
     [node] = start_nodes(1)
     done = subprocess.run(
         node_command(node.address), capture_output=True, text=True, timeout=60
@@ -213,9 +215,6 @@ def test_port_taken_exits_with_one_clear_line(start_nodes) -> None:
     )
     assert "Traceback" not in done.stderr
 
-
-def test_sigterm_stops_cleanly(start_nodes) -> None:
-    [node] = start_nodes(1)
     node.process.send_signal(signal.SIGTERM)
     assert node.process.wait(STOP_TIMEOUT_S) == 0
     assert "stopping" in node.log()

@@ -1,4 +1,5 @@
-"""Six sample models split into three stages on a simulated cluster of three real workers.
+"""Six sample models split into three stages on a simulated cluster of three real workers
+(the session's ``three_workers``).
 
 Every request's outputs must equal the single-process model's, one at a time and with 50
 different requests in flight; bad inputs are refused before anything is sent.
@@ -6,99 +7,19 @@ different requests in flight; bad inputs are refused before anything is sent.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-
 import pytest
 import torch
-from model_zoo import ExportedSample
+from cluster_helpers import Split
 
 import node.client
 from coordinator.deploy import deploy
-from coordinator.local_cluster import LocalCluster
 from coordinator.pipeline import Pipeline
-from coordinator.ports import free_ports
-from partition.artifact import ProgramRunner
-from partition.cluster import ClusterSpec, parse_cluster
-from partition.cost_builder import build_cost_model
 from partition.errors import TensorSpecError
-from partition.layers import LayerGraph, build_layer_graph
-from partition.optimizer import Span, evaluate
-from partition.plan import Objective, Plan
-from partition.planning import plan_from_schedule
-from partition.profiler import profile_layers
 from partition.spec import TensorSpec, dtype_from_name
-from partition.split import StageArtifact, split
 
 MODELS = ("resnet", "mobilenet_v2", "gpt2", "bert", "vit", "skip_dag")
 CONCURRENT_REQUESTS = 50
 ATOL = 1e-5
-
-
-def three_node_cluster() -> ClusterSpec:
-    return parse_cluster(
-        {
-            "nodes": [
-                {"name": f"node-{i}", "address": f"127.0.0.1:{port}", "memory": "2GiB",
-                 "speed": 1.0}
-                for i, port in enumerate(free_ports(3))
-            ],
-            "links": {"default": {"bandwidth": "1Gbps", "latency": "1ms"}},
-            "source": "node-0",
-            "sink": "node-0",
-        },
-        "three-node test cluster",
-    )
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterSpec]:
-    """Three real ``edge-node`` processes (speed 1), stopped when the module ends."""
-    spec = three_node_cluster()
-    with LocalCluster(spec, tmp_path_factory.mktemp("pipeline-cluster")):
-        yield spec
-
-
-@dataclass(frozen=True)
-class Split:
-    """A sample model planned into three stages over the cluster, and its stage artifacts."""
-
-    sample: ExportedSample
-    layer_graph: LayerGraph
-    plan: Plan
-    artifacts: list[StageArtifact]
-    reference: ProgramRunner
-
-
-def split_in_three(cluster: ClusterSpec, sample: ExportedSample) -> Split:
-    """``sample`` split at ``L//3`` and ``2L//3`` onto the cluster's nodes 0, 1, 2, priced on
-    a quick profile of this machine."""
-    model = sample.model
-    layer_graph = build_layer_graph(model.program)
-    profile = profile_layers(layer_graph, model.sha256, model.example_inputs, repeats=1, warmup=1)
-    cost = build_cost_model(layer_graph, cluster, {n: profile for n in cluster.names})
-    count = layer_graph.num_layers
-    cuts = [0, count // 3, 2 * count // 3, count]
-    spans = [Span(index, start, end)
-             for index, (start, end) in enumerate(zip(cuts, cuts[1:], strict=False))]
-    plan = plan_from_schedule(
-        model, layer_graph, cluster, cost, evaluate(cost, spans), Objective.THROUGHPUT,
-        exact=False, lower_bound_s=0.0,
-    )
-    return Split(sample, layer_graph, plan, split(plan, layer_graph), ProgramRunner(model.program))
-
-
-@pytest.fixture(scope="module")
-def three_stages(cluster: ClusterSpec, sample_exported) -> Callable[[str], Split]:
-    """``three_stages(name)``: :func:`split_in_three` of the sample (made once per model)."""
-    made: dict[str, Split] = {}
-
-    def get(name: str) -> Split:
-        if name not in made:
-            made[name] = split_in_three(cluster, sample_exported(name))
-        return made[name]
-
-    return get
 
 
 def vocab_size(module: torch.nn.Module) -> int:

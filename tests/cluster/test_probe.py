@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cli_helpers import coordinator, ok, one_error_line
+from cli_helpers import ok, one_error_line
 
 from coordinator.local_cluster import LocalNode
 from coordinator.ports import free_ports
@@ -39,14 +39,14 @@ def write_nodes(path: Path, names: list[str]) -> Path:
 
 
 def test_probe_recovers_the_emulated_links_and_writes_a_nodes_yaml(
-    tmp_path: Path, cli_env: dict[str, str], up_nodes: list[LocalNode],
+    tmp_path: Path, coordinator_here, up_nodes: list[LocalNode],
 ) -> None:
     nodes = write_nodes(tmp_path / "nodes.yaml", ["camera", "gateway", "laptop"])
-    out = ok(coordinator(cli_env, "up", nodes))
+    out = ok(coordinator_here("up", nodes))
     for match in re.finditer(r"(\w+) listening on (\S+) \(pid (\d+), log (\S+)\)", out):
         up_nodes.append(LocalNode(match[1], match[2], int(match[3]), match[4]))
     measured_path = tmp_path / "measured.yaml"
-    out = ok(coordinator(cli_env, "probe", nodes, "-o", measured_path))
+    out = ok(coordinator_here("probe", nodes, "-o", measured_path))
     assert "through the emulated links" in out
     assert re.search(r"coordinator\s+│\s+camera \(source\)", out), out
     assert re.search(r"coordinator\s+│\s+laptop \(sink\)", out), out
@@ -60,11 +60,11 @@ def test_probe_recovers_the_emulated_links_and_writes_a_nodes_yaml(
         want, got = given.link(a, b), measured.link(a, b)
         assert got.bytes_per_s == pytest.approx(want.bytes_per_s, rel=TOLERANCE), (a, b, got)
         assert got.latency_s == pytest.approx(want.latency_s, rel=TOLERANCE), (a, b, got)
-    ok(coordinator(cli_env, "down"))
+    ok(coordinator_here("down"))
 
 
 def test_probe_names_an_unreachable_node(
-    tmp_path: Path, cli_env: dict[str, str], start_nodes,
+    tmp_path: Path, coordinator_here, start_nodes,
 ) -> None:
     [alive] = start_nodes(1)
     [dead_port] = free_ports(1)
@@ -74,15 +74,15 @@ def test_probe_names_an_unreachable_node(
         f"  - {{name: ghost, address: '127.0.0.1:{dead_port}', memory: 1GiB}}\n"
         "links:\n  default: {bandwidth: 1Gbps, latency: 1ms}\n"
     )
-    line = one_error_line(coordinator(cli_env, "probe", nodes, "--no-emulate-links"))
+    line = one_error_line(coordinator_here("probe", nodes, "--no-emulate-links"))
     assert "node 'ghost'" in line and f"127.0.0.1:{dead_port}" in line, line
 
 
-def test_probe_refuses_options_out_of_range(tmp_path: Path, cli_env: dict[str, str]) -> None:
+def test_probe_refuses_options_out_of_range(tmp_path: Path, coordinator_here) -> None:
     nodes = write_nodes(tmp_path / "nodes.yaml", ["a", "b"])
-    line = one_error_line(coordinator(cli_env, "probe", nodes, "--rounds", "0"))
+    line = one_error_line(coordinator_here("probe", nodes, "--rounds", "0"))
     assert "--rounds 0" in line, line
-    line = one_error_line(coordinator(cli_env, "probe", nodes, "--bytes", "1GiB"))
+    line = one_error_line(coordinator_here("probe", nodes, "--bytes", "1GiB"))
     assert "--bytes" in line, line
 
 
@@ -108,6 +108,11 @@ class CountingListener:
     def _drain(self, connection: socket.socket) -> None:
         while data := _recv(connection):
             self.received += len(data)
+
+    @property
+    def connected(self) -> bool:
+        """True once something connected (a node's probe reached this address)."""
+        return bool(self._connections)
 
     def close(self) -> None:
         self.socket.close()
@@ -139,7 +144,9 @@ async def test_a_probe_sends_nothing_sized_to_an_address_that_is_not_a_worker(
     try:
         asked = ProbeOptions(MAX_PROBE_BYTES, MAX_PROBE_ROUNDS)
         first = asyncio.create_task(handle.probe(listener.address, asked))
-        await asyncio.sleep(1.0)  # the first probe waits on the silent target
+        async with asyncio.timeout(30):  # the first probe waits on the silent target
+            while not listener.connected:
+                await asyncio.sleep(0.05)
         with pytest.raises(NodeRejectedError, match="RESOURCE_EXHAUSTED.*one link at a time"):
             await handle.probe(listener.address, ProbeOptions(1, 1))
         with pytest.raises(NodeRejectedError, match="FAILED_PRECONDITION.*does not answer"):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import coordinator, ok, split_in_two_memory, status_rows
+from cli_helpers import ok, split_in_two_memory, status_rows
 from cluster_helpers import Shift, make_stage, node_command, spawn_node, stop_node
 from cluster_helpers import wait_listening as wait_node_listening
 from model_zoo import ExportedSample
@@ -271,7 +271,7 @@ def test_an_unreadable_credential_is_one_line(tmp_path: Path) -> None:
 
 
 def test_up_secure_then_plan_deploy_run_status(
-    tmp_path: Path, cli_env: dict[str, str], up_nodes: list[LocalNode],  # noqa: F811
+    tmp_path: Path, coordinator_here, up_nodes: list[LocalNode],
 ) -> None:
     addresses = {"alpha": f"127.0.0.1:{free_ports(1)[0]}", "beta": f"127.0.0.1:{free_ports(1)[0]}"}
     model = write_sample(skip_dag(), tmp_path / "skip_dag.pt2")
@@ -281,22 +281,22 @@ def test_up_secure_then_plan_deploy_run_status(
         f"  - {{name: {name}, address: '{address}', memory: {memory}}}\n"
         for name, address in addresses.items()
     ) + "links:\n  default: {bandwidth: 1Gbps, latency: 1ms}\n")
-    out = ok(coordinator(cli_env, "up", nodes, "--secure"))
+    out = ok(coordinator_here("up", nodes, "--secure"))
     for match in re.finditer(r"(\w+) listening on (\S+) \(pid (\d+), log (\S+)\)", out):
         up_nodes.append(LocalNode(match[1], match[2], int(match[3]), match[4]))
     secure_nodes = tmp_path / "state" / "nodes.yaml"
     assert f"plan with --nodes {secure_nodes}" in out
 
     plan_path = tmp_path / "plan.json"
-    ok(coordinator(cli_env, "plan", model, "--nodes", secure_nodes, "-o", plan_path,
+    ok(coordinator_here("plan", model, "--nodes", secure_nodes, "-o", plan_path,
                    "--repeats", "2"))
-    ok(coordinator(cli_env, "deploy", plan_path))
+    ok(coordinator_here("deploy", plan_path))
     torch.save(torch.randn(4, 64), tmp_path / "in.pt")
-    ok(coordinator(cli_env, "run", plan_path, "--input", tmp_path / "in.pt",
+    ok(coordinator_here("run", plan_path, "--input", tmp_path / "in.pt",
                    "--output", tmp_path / "out.pt"))
-    rows = status_rows(ok(coordinator(cli_env, "status")))
+    rows = status_rows(ok(coordinator_here("status")))
     assert {name: rows[name][2] for name in addresses} == {"alpha": "up", "beta": "up"}
-    assert "plan:" not in ok(coordinator(cli_env, "status", "--plan", plan_path))
+    assert "plan:" not in ok(coordinator_here("status", "--plan", plan_path))
 
     # Someone with the coordinator's credentials replaces the last stage: status flags it.
     plan = Plan.load(plan_path)
@@ -312,6 +312,6 @@ def test_up_secure_then_plan_deploy_run_status(
             await handle.close()
 
     asyncio.run(replace_stage())
-    rows = status_rows(ok(coordinator(cli_env, "status", "--plan", plan_path)))
+    rows = status_rows(ok(coordinator_here("status", "--plan", plan_path)))
     assert "(plan: " in rows[handle_name][4], rows
-    ok(coordinator(cli_env, "down"))
+    ok(coordinator_here("down"))

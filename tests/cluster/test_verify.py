@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import torch
-from test_pipeline import three_node_cluster
 
 from coordinator.cli import main
 from coordinator.deploy import deployment_record_path
-from coordinator.local_cluster import LocalCluster
 from coordinator.samples import SAMPLES, build_sample
 from node.client import GrpcWorkerHandle
 from partition.cluster import ClusterSpec
@@ -32,13 +28,6 @@ from partition.profiler import profile_layers
 from partition.split import split
 
 BENCH = ["-n", "4", "-c", "2", "--no-emulate-links", "--verify-fraction", "1"]
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterSpec]:
-    spec = three_node_cluster()
-    with LocalCluster(spec, tmp_path_factory.mktemp("verify-cluster")):
-        yield spec
 
 
 def two_stage_plan(cluster: ClusterSpec, sample) -> Plan:
@@ -71,9 +60,9 @@ async def load_other_weights(plan: Plan, stage: int, directory: Path) -> str:
 
 
 def test_bench_verify_names_the_tampered_stage_and_only_then(
-    cluster: ClusterSpec, sample_exported, tmp_path: Path, capsys
+    three_workers: ClusterSpec, sample_exported, tmp_path: Path, capsys
 ) -> None:
-    plan = two_stage_plan(cluster, sample_exported("skip_dag"))
+    plan = two_stage_plan(three_workers, sample_exported("skip_dag"))
     assert [s.node for s in plan.stages] == ["node-0", "node-1"]
     path = tmp_path / "plan.json"
     plan.save(path)

@@ -8,6 +8,7 @@ import grpc
 import msgpack
 import pytest
 
+import node.results
 from coordinator.ports import free_ports
 from node.codec import MAX_HEADER_BYTES, MAX_TENSORS, decode_frame
 from node.errors import FrameError, LimitError
@@ -20,7 +21,8 @@ from node.rpc import edgesplit_pb2 as pb
 STALL_S = 0.05
 
 
-async def test_results_go_to_one_owner_in_order() -> None:
+async def test_results_go_to_one_owner_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(node.results, "HANDOVER_S", STALL_S)  # the second owner waits this long
     owner = ResultsOwner(depth=2, stall_s=STALL_S)
     written: list[bytes] = []
 
