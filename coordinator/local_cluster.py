@@ -140,7 +140,7 @@ def start_cluster(
             started.append(_spawn(cluster, spec.name, state_dir, cpu_groups, namespaces, media))
             write_state(state_dir, started, cpu_groups)
         for node in started:
-            _wait_ready(node, security)
+            _ready(node, cluster, security, cpu_groups)
     except BaseException:
         stop_cluster(state_dir, started, cpu_groups, namespaces)
         raise
@@ -207,10 +207,10 @@ def _spawn(
     namespaces: Namespaces | None,
     media: Mapping[str, str],
 ) -> LocalNode:
-    """Start node ``name`` of ``cluster`` (with its credentials if the cluster has them), in
-    its CPU group if there are ``cpu_groups`` (the quota, not the worker, then slows it) and
-    in its namespace if there are ``namespaces`` (the kernel, not the worker, then limits
-    its links' bandwidth), told the address of each medium's arbiter (``media``)."""
+    """Start node ``name`` of ``cluster`` (with its credentials if the cluster has them),
+    unslowed if there are ``cpu_groups`` (its group's quota, set by :func:`_ready`, slows
+    it), in its namespace if there are ``namespaces`` (the kernel, not the worker, then
+    limits its links' bandwidth), told the address of each medium's arbiter (``media``)."""
     spec = cluster.node(name)
     address, speed, threads = spec.address, spec.speed or 1.0, spec.threads or 1
     extra_args = node_arguments(cluster.security, name) if cluster.security else []
@@ -219,7 +219,7 @@ def _spawn(
         sys.executable, *_node_arguments(name, address),
         "--speed-factor", str(1.0 if cpu_groups else speed), "--threads", str(threads),
         *(["--links-shaped"] if namespaces else []), *extra_args,
-        *(f"--medium={medium}={address}" for medium, address in media.items()),
+        *(f"--medium={medium}={arbiter}" for medium, arbiter in media.items()),
     ]
     with log_path.open("ab") as log_file:
         def start() -> subprocess.Popen[bytes]:
@@ -232,13 +232,18 @@ def _spawn(
         process = namespaces.run_inside(name, start) if namespaces else start()
     node = LocalNode(name, address, process.pid, str(log_path))
     log.info("started %s on %s (pid %d)", name, address, process.pid)
-    if cpu_groups is not None:
-        try:
-            cpu_groups.place(name, process.pid, speed, threads)
-        except BaseException:
-            stop_nodes([node])
-            raise
     return node
+
+
+def _ready(node: LocalNode, cluster: ClusterSpec, security: Security | None,
+           cpu_groups: CpuGroups | None) -> None:
+    """Wait until ``node`` answers, then put it in its CPU group if there are ``cpu_groups``:
+    it imports and starts at the host's speed (a quarter-core quota made that take ~14 s)
+    and computes at its own."""
+    _wait_ready(node, security)
+    if cpu_groups is not None:
+        spec = cluster.node(node.name)
+        cpu_groups.place(node.name, node.pid, spec.speed or 1.0, spec.threads or 1)
 
 
 def _wait_ready(node: LocalNode, security: Security | None) -> None:
@@ -448,7 +453,11 @@ class LocalCluster:
                       media)
         self.nodes = [node if n.name == name else n for n in self.nodes]
         write_state(self.state_dir, self.nodes, self.cpu_groups)
-        _wait_ready(node, client_security(self.cluster.security))
+        try:
+            _ready(node, self.cluster, client_security(self.cluster.security), self.cpu_groups)
+        except BaseException:
+            stop_nodes([node])
+            raise
         return node
 
     def cut(self, name: str) -> None:
