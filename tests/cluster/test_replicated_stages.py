@@ -14,8 +14,9 @@ from dataclasses import replace
 
 import pytest
 import torch
+from cluster_helpers import Split, split_in_three
 from replication import replicate
-from test_pipeline import Split, assert_outputs_equal, make_inputs, split_in_three
+from test_pipeline import assert_outputs_equal, make_inputs
 
 from coordinator.deploy import deploy
 from coordinator.local_cluster import LocalCluster
