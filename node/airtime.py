@@ -10,11 +10,12 @@ import msgpack
 
 from node.arbiter import pack, read_message
 from node.link import MediumUse
+from partition.errors import EdgesplitError
 
 log = logging.getLogger(__name__)
 
 
-class ArbiterError(Exception):
+class ArbiterError(EdgesplitError):
     """An arbiter refused a reservation or could not be reached."""
 
 
@@ -30,21 +31,34 @@ class _Arbiter:
     async def reserve(self, earliest: float, seconds: float) -> float:
         """The start of ``seconds`` of airtime, not before ``earliest``."""
         async with self._lock:
+            request = pack({"earliest": earliest, "seconds": seconds})
             try:
-                if self._stream is None:
-                    host, _, port = self.address.rpartition(":")
-                    self._stream = await asyncio.open_connection(host, int(port))
-                reader, writer = self._stream
-                writer.write(pack({"earliest": earliest, "seconds": seconds}))
-                await writer.drain()
-                reply = msgpack.unpackb(await read_message(reader))
+                try:
+                    reply = await self._ask(request)
+                except (OSError, asyncio.IncompleteReadError):
+                    # The arbiter may have closed an idle connection: one new one.
+                    reply = await self._ask(request)
             except (OSError, ValueError, asyncio.IncompleteReadError) as err:
-                self._stream = None
                 raise ArbiterError(f"medium {self.name!r}: arbiter at {self.address} is "
                                    f"unreachable ({err!r})") from err
         if not isinstance(reply, dict) or "start" not in reply:
             raise ArbiterError(f"medium {self.name!r}: arbiter refused: {reply!r}")
         return float(reply["start"])
+
+    async def _ask(self, request: bytes) -> object:
+        """Send ``request`` (a connection opened if none is) and read the reply; a failed
+        connection is dropped."""
+        try:
+            if self._stream is None:
+                host, _, port = self.address.rpartition(":")
+                self._stream = await asyncio.open_connection(host, int(port))
+            reader, writer = self._stream
+            writer.write(request)
+            await writer.drain()
+            return msgpack.unpackb(await read_message(reader))
+        except (OSError, ValueError, asyncio.IncompleteReadError):
+            self._stream = None
+            raise
 
     async def close(self) -> None:
         if self._stream is not None:

@@ -34,6 +34,10 @@ MAX_MESSAGE_BYTES = 256
 """Longest message either side sends (a request is about 30 bytes)."""
 MAX_HOLD_S = 60.0
 """Longest airtime one reservation may take, and how far ahead it may start."""
+MAX_CONNECTIONS = 256
+"""Most connections an arbiter keeps open (one per worker that crosses the medium)."""
+IDLE_S = 300.0
+"""An arbiter closes a connection that sends nothing for this long (a worker reconnects)."""
 _LENGTH = struct.Struct(">I")
 
 
@@ -58,6 +62,7 @@ class Medium:
     def __init__(self, name: str) -> None:
         self.name = name
         self._schedule = LinkSchedule(NO_EMULATION)
+        self._connections = 0
 
     def answer(self, body: bytes, now: float) -> dict[str, Any]:
         """The reply to one request's ``body`` received at ``now``: the reservation's start,
@@ -82,20 +87,29 @@ class Medium:
     async def serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        """Answer one worker's requests until it hangs up or sends a frame too long."""
+        """Answer one worker's requests until it hangs up, idles for :data:`IDLE_S` or
+        sends a frame too long; beyond :data:`MAX_CONNECTIONS` a connection is refused."""
+        if self._connections >= MAX_CONNECTIONS:
+            writer.write(pack({"error": f"this arbiter serves {MAX_CONNECTIONS} connections "
+                                        "already"}))
+            writer.close()
+            return
+        self._connections += 1
         try:
             while True:
                 try:
-                    body = await read_message(reader)
+                    async with asyncio.timeout(IDLE_S):
+                        body = await read_message(reader)
                 except ValueError as err:
                     writer.write(pack({"error": str(err)}))
                     await writer.drain()
                     return
                 writer.write(pack(self.answer(body, time.monotonic())))
                 await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
+        except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
             pass
         finally:
+            self._connections -= 1
             writer.close()
 
 

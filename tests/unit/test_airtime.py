@@ -90,6 +90,29 @@ def test_each_use_is_reserved_after_the_one_before() -> None:
     asyncio.run(scenario())
 
 
+def test_an_idle_connection_is_closed_and_the_worker_reconnects(monkeypatch) -> None:
+    monkeypatch.setattr("node.arbiter.IDLE_S", 0.05)
+    monkeypatch.setattr("node.arbiter.MAX_CONNECTIONS", 1)
+
+    async def scenario() -> None:
+        server, address = await _serve(Medium("wifi"))
+        arbiters = Arbiters({"wifi": address})
+        use = [MediumUse("wifi", 1000.0, 1)]
+        now = time.monotonic()
+        assert await arbiters.hold(use, 100, now) == pytest.approx(now + 0.1)
+        # a second connection beyond the limit is refused while the first one is open
+        reader, writer = await asyncio.open_connection(*address.split(":"))
+        assert "connections already" in msgpack.unpackb(await read_message(reader))["error"]
+        writer.close()
+        await asyncio.sleep(0.2)  # the arbiter closes the idle connection
+        later = time.monotonic()
+        assert await arbiters.hold(use, 100, later) == pytest.approx(later + 0.1)
+        await arbiters.close()
+        server.close()
+
+    asyncio.run(scenario())
+
+
 def test_an_unreachable_arbiter_is_skipped() -> None:
     async def scenario() -> float:
         arbiters = Arbiters({"wifi": "127.0.0.1:1"})
