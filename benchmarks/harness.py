@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import report
 
 from coordinator.bench import BenchResult, measure, random_inputs
 from coordinator.deploy import deploy
+from coordinator.host_budget import fit_speeds, measure_frame_cost
 from coordinator.isolation import (
     Isolation,
     cores_wanted,
@@ -64,15 +66,30 @@ def with_free_ports(cluster: ClusterSpec) -> ClusterSpec:
     return replace(cluster, nodes=nodes)
 
 
-def fitted(cluster: ClusterSpec, isolation: Isolation) -> ClusterSpec:
-    """``cluster`` as :func:`run_plans` will run it with ``isolation``: with kernel isolation,
-    its speeds stretched to fit this host (plan with it, so predictions match)."""
-    if isolation is Isolation.NONE:
-        return cluster
-    stretch = cpu_stretch(cores_wanted(cluster), host_cores())
-    if stretch < 1:
-        print(f"kernel isolation: speeds stretched by {stretch:.3g} to fit this host")
-    return with_stretched_speeds(cluster, stretch)
+def fitted(cluster: ClusterSpec, isolation: Isolation, sample: Sample,
+           plans_for: Callable[[ClusterSpec], list[Plan]]) -> ClusterSpec:
+    """``cluster`` as :func:`run_plans` should run it with ``isolation``: with kernel
+    isolation, its speeds stretched so the CPU quotas fit this host; with either, stretched
+    further until the neediest of ``plans_for(cluster)`` needs at most the host's safe share
+    of CPU at its predicted throughput (see :mod:`coordinator.host_budget`). Plan with it, so
+    predictions match; says so in one line when it stretches."""
+    cores = host_cores()
+    declared = 1.0
+    if isolation is Isolation.KERNEL:
+        declared = cpu_stretch(cores_wanted(cluster), cores)
+        cluster = with_stretched_speeds(cluster, declared)
+    fit, stretch, need = fit_speeds(cluster, plans_for, lambda p: stage_seconds(p, sample.profile),
+                                    measure_frame_cost(), cores)
+    if declared * stretch < 1:
+        print(f"speeds stretched by {declared * stretch:.3g} to fit this host: {need.describe()}"
+              + ("" if need.fits else ", still above it"))
+    return fit
+
+
+def stage_seconds(plan: Plan, profile: Profile) -> list[float]:
+    """Each stage's real compute time per request on this host, from its layers' times in
+    ``profile`` (a replicated stage's replicas share its requests, so it counts once)."""
+    return [sum(layer.median_s for layer in profile.layers[s.start:s.end]) for s in plan.stages]
 
 
 def run_plans(

@@ -103,9 +103,19 @@ def case_plans(model: str, cluster_name: str, cluster: ClusterSpec,
     return plans, skipped
 
 
+def fit_case(model: str, cluster_name: str, cluster: ClusterSpec, sample: harness.Sample,
+             isolation: Isolation) -> ClusterSpec:
+    """``cluster`` on free ports, fitted to this host for every plan of the case."""
+    return harness.fitted(
+        harness.with_free_ports(cluster), isolation, sample,
+        lambda c: [p for _, p in case_plans(model, cluster_name, c, sample)[0]])
+
+
 def predict_case(model: str, cluster_name: str, cluster: ClusterSpec,
-                 sample: harness.Sample) -> None:
-    """Print each plan's predicted throughput and ours over it, without running anything."""
+                 sample: harness.Sample, isolation: Isolation) -> None:
+    """Print each plan's predicted throughput and ours over it, on ``cluster`` fitted to
+    this host as :func:`measure_case` would run it, without running anything."""
+    cluster = fit_case(model, cluster_name, cluster, sample, isolation)
     plans, skipped = case_plans(model, cluster_name, cluster, sample)
     ours = plans[0][1].throughput_per_s if plans else 0.0
     for name, p in plans:
@@ -118,7 +128,7 @@ def predict_case(model: str, cluster_name: str, cluster: ClusterSpec,
 
 def measure_case(model: str, cluster_name: str, cluster: ClusterSpec, sample: harness.Sample,
                  requests: int, isolation: Isolation) -> list[dict]:
-    cluster = harness.fitted(harness.with_free_ports(cluster), isolation)
+    cluster = fit_case(model, cluster_name, cluster, sample, isolation)
     plans, skipped = case_plans(model, cluster_name, cluster, sample)
     if not plans:
         return skipped
@@ -190,12 +200,12 @@ def clusters(sample: harness.Sample) -> list[tuple[str, ClusterSpec]]:
             ("memory-tight", memory_tight(homogeneous, sample.layer_graph))]
 
 
-def predict_model(name: str, folder: Path) -> None:
+def predict_model(name: str, folder: Path, isolation: Isolation) -> None:
     """Print the predictions of every plan of model ``name`` on the three clusters."""
     builder, kwargs = MODELS[name]
     sample = harness.prepare(getattr(samples, builder)(**kwargs), folder, name)
     for cluster_name, cluster in clusters(sample):
-        predict_case(name, cluster_name, cluster, sample)
+        predict_case(name, cluster_name, cluster, sample, isolation)
 
 
 def measure_model(name: str, folder: Path, requests: int, threads: int,
@@ -232,7 +242,7 @@ def main() -> None:
         print(f"{'model':7} {'cluster':14} {'strategy':18} {'pred req/s':>9} {'ours/it':>8}  "
               "stages")
         for name in args.models:
-            predict_model(name, folder)
+            predict_model(name, folder, args.isolation)
         return
     threads = min(4, os.cpu_count() or 1)  # the clusters' four one-thread workers, capped
     every = []

@@ -35,6 +35,13 @@ class BenchResult:
     loaded_latency_p50_s: float
     host_cpu: float = 0.0
     """Share of the host's CPU time busy while the requests in flight ran."""
+    offered_per_s: float | None = None
+    """The most requests a second the run offered, if it was paced (see :func:`closed_loop`)."""
+
+    def predicted(self, plan: Plan) -> tuple[float, float]:
+        """``plan``'s predicted throughput and p50 latency for this run's load."""
+        return (plan.throughput_under(self.offered_per_s),
+                plan.latency_under_load(self.concurrency, self.offered_per_s))
 
 
 def random_inputs(specs: tuple[TensorSpec, ...]) -> InputFactory:
@@ -57,10 +64,12 @@ def random_inputs(specs: tuple[TensorSpec, ...]) -> InputFactory:
 async def measure(
     plan: Plan, make_inputs: InputFactory, *, requests: int, concurrency: int,
     latency_requests: int = 20, warmup: int = 3, rebalance: bool = True,
+    rate_per_s: float | None = None,
 ) -> BenchResult:
     """Wait until failover is prepared (its background work would slow the run down), warm
     up, time ``latency_requests`` one at a time, then ``requests`` with ``concurrency`` in
-    flight (a closed loop: each answer sends the next request, no drain between them)."""
+    flight (a closed loop: each answer sends the next request, no drain between them), at
+    most ``rate_per_s`` a second if given."""
     async with await Pipeline.connect(
         plan, window=max(concurrency, 1), rebalance=rebalance
     ) as pipeline:
@@ -81,7 +90,7 @@ async def measure(
             await pipeline.infer(batch[index])
             loaded.append(time.perf_counter() - sent)
 
-        load = await closed_loop(requests, concurrency, send)
+        load = await closed_loop(requests, concurrency, send, rate_per_s)
     quantiles = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else latencies * 19
     return BenchResult(
         latency_p50_s=statistics.median(latencies),
@@ -91,6 +100,7 @@ async def measure(
         concurrency=concurrency,
         loaded_latency_p50_s=statistics.median(loaded) if loaded else 0.0,
         host_cpu=load.host_cpu,
+        offered_per_s=rate_per_s,
     )
 
 
@@ -103,14 +113,19 @@ class LoadRun:
 
 
 async def closed_loop(
-    requests: int, concurrency: int, send: Callable[[int], Awaitable[None]]
+    requests: int, concurrency: int, send: Callable[[int], Awaitable[None]],
+    rate_per_s: float | None = None,
 ) -> LoadRun:
     """Await ``send(index)`` for each of ``requests`` indices with ``concurrency`` in
-    flight: each one that finishes starts the next, with no drain between them."""
+    flight: each one that finishes starts the next, with no drain between them; with
+    ``rate_per_s``, request ``index`` starts no earlier than ``index / rate_per_s`` seconds
+    in (the wait is not part of its latency)."""
     indices = iter(range(requests))
 
     async def worker() -> None:
         for index in indices:
+            if rate_per_s:
+                await asyncio.sleep(started + index / rate_per_s - time.perf_counter())
             await send(index)
 
     started = time.perf_counter()

@@ -120,9 +120,10 @@ def matches(
 
 async def run_checked(
     pipeline: Pipeline, reference: Reference, *, requests: int, concurrency: int,
-    progress: ProgressHook | None = None,
+    progress: ProgressHook | None = None, rate_per_s: float | None = None,
 ) -> CheckedRun:
-    """Send ``requests`` requests with ``concurrency`` in flight; check every answer.
+    """Send ``requests`` requests with ``concurrency`` in flight (at most ``rate_per_s`` a
+    second if given); check every answer.
 
     The reference outputs are computed first, and the pipeline's failover prepared."""
     await asyncio.to_thread(reference.prepare)
@@ -155,7 +156,7 @@ async def run_checked(
             if waited is not None:
                 await waited
 
-    load = await closed_loop(requests, concurrency, send)
+    load = await closed_loop(requests, concurrency, send, rate_per_s)
     run.elapsed_s = load.elapsed_s
     run.host_cpu = load.host_cpu
     run.duplicates = sum(count - 1 for count in answers if count > 1)

@@ -23,6 +23,7 @@ from coordinator.deploy_command import (
     ensure_deployed,
 )
 from coordinator.events import events_path_for, stage_names
+from coordinator.host_budget import deployed_need, safe_rate
 from coordinator.host_cpu import host_cpu_line
 from coordinator.pipeline import Pipeline
 from coordinator.verify import Difference, verify
@@ -124,11 +125,23 @@ def _grouped(differences: list[Difference]) -> list[tuple[int, str, str, int]]:
     return [(stage, node, what, n) for (stage, node, what), n in counts.items()]
 
 
+def offered_rate(plan: Plan) -> float | None:
+    """The requests a second to offer ``plan`` so this host's share of its work stays within
+    the safe share of its cores (``None``: as many as it takes); says so when it lowers it."""
+    need = asyncio.run(deployed_need(plan))
+    rate = safe_rate(need)
+    if rate is not None:
+        console.print(f"offered load lowered to {rate:.1f} req/s, or the host's CPU would "
+                      f"bound the figures: {need.describe()}")
+    return rate
+
+
 def _measure(plan: Plan, args: argparse.Namespace) -> BenchResult:
+    rate = offered_rate(plan)
     with console.status(f"{args.requests} requests, {args.concurrency} in flight"):
         return asyncio.run(measure(
             plan, random_inputs(plan.inputs), requests=args.requests,
-            concurrency=args.concurrency, rebalance=args.rebalance,
+            concurrency=args.concurrency, rebalance=args.rebalance, rate_per_s=rate,
         ))
 
 
@@ -136,6 +149,7 @@ def _run_checked(plan: Plan, args: argparse.Namespace) -> int:
     """Every request counted (and with ``--check`` compared); a table, and ``--json``."""
     runner = ProgramRunner(plan_model(plan, args.model)[0].program) if args.check else None
     reference = Reference(runner, random_inputs(plan.inputs), [s.name for s in plan.inputs])
+    rate = offered_rate(plan)
 
     async def go() -> CheckedRun:
         async with await Pipeline.connect(
@@ -144,11 +158,12 @@ def _run_checked(plan: Plan, args: argparse.Namespace) -> int:
             events_path=events_path_for(args.plan),
         ) as pipeline:
             return await run_checked(pipeline, reference, requests=args.requests,
-                                     concurrency=args.concurrency)
+                                     concurrency=args.concurrency, rate_per_s=rate)
 
     with console.status(f"{args.requests} requests, {args.concurrency} in flight"):
         result = asyncio.run(go())
-    console.print(checked_table(result, args.check, plan.latency_under_load(args.concurrency)))
+    console.print(checked_table(result, args.check,
+                                plan.latency_under_load(args.concurrency, rate)))
     console.print(host_cpu_line(result.host_cpu))
     for replan in result.replans:
         console.print(replan_line(replan))
@@ -198,13 +213,12 @@ def prediction_table(plan: Plan, result: BenchResult) -> Table:
                   _error(result.latency_p50_s, plan.latency_s))
     table.add_row("latency p95 ms, 1 in flight", ms(result.latency_p95_s), ms(plan.latency_s),
                   _error(result.latency_p95_s, plan.latency_s))
-    loaded = plan.latency_under_load(result.concurrency)
+    throughput, loaded = result.predicted(plan)
     table.add_row(f"latency p50 ms, {result.concurrency} in flight",
                   ms(result.loaded_latency_p50_s), ms(loaded),
                   _error(result.loaded_latency_p50_s, loaded))
-    table.add_row("throughput req/s", f"{result.throughput_per_s:.1f}",
-                  f"{plan.throughput_per_s:.1f}",
-                  _error(result.throughput_per_s, plan.throughput_per_s))
+    table.add_row("throughput req/s", f"{result.throughput_per_s:.1f}", f"{throughput:.1f}",
+                  _error(result.throughput_per_s, throughput))
     return table
 
 
@@ -219,7 +233,7 @@ def baselines_measured_table(rows: list[tuple[str, Plan, BenchResult]]) -> Table
         table.add_row(
             name, " ".join(stage_names(plan.stages)),
             ms(result.latency_p50_s), f"{result.throughput_per_s:.1f}",
-            f"{plan.throughput_per_s:.1f}",
+            f"{result.predicted(plan)[0]:.1f}",
             f"{ours.throughput_per_s / result.throughput_per_s:.2f}x", f"{result.host_cpu:.0%}",
         )
     return table

@@ -12,7 +12,7 @@ from rich.table import Table
 from coordinator.console import console, ms
 from coordinator.deploy import Deployment, deployment_record_path, plan_digest, replicas
 from coordinator.events import events_path_for
-from coordinator.isolation import Isolation
+from coordinator.isolation import HOST_SHARE, Isolation, cores_wanted, host_cores
 from coordinator.local_cluster import (
     PLANNING_NODES_FILE,
     default_state_dir,
@@ -82,6 +82,11 @@ def run_up(args: argparse.Namespace) -> int:
         console.print(f"each worker runs under a CPU quota in {cpu_groups.path}/<node>")
         if line := cpu_groups.stretch_line():
             console.print(line, markup=False)
+    if cpu_groups is None and (wanted := cores_wanted(cluster)) > HOST_SHARE * host_cores():
+        console.print(f"at full load the nodes compute up to {wanted:.2f} cores' worth for real, "
+                      f"more than {HOST_SHARE:.0%} of this host's {host_cores()}: `coordinator "
+                      "bench` offers fewer requests a second to fit (--isolation kernel "
+                      "stretches the speeds instead)")
     if namespaces is not None:
         console.print(f"each worker runs in network namespace {namespaces.prefix}<node>, its "
                       f"address in {namespaces.block}; tc shapes every link's bandwidth")

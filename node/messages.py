@@ -61,6 +61,8 @@ class StageInfo:
     index: int
     sha256: str
     size_bytes: int
+    calibrated_seconds: float = 0.0
+    """The stage's real compute time on the node's host, timed as it loaded."""
 
     def to_proto(self) -> pb.LoadedStage:
         return pb.LoadedStage(**_field_values(self, StageInfo))

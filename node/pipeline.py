@@ -59,7 +59,8 @@ class LoadedStage:
 
     @property
     def info(self) -> StageInfo:
-        return StageInfo(self.spec.index, self.spec.artifact_sha256, self.size_bytes)
+        return StageInfo(self.spec.index, self.spec.artifact_sha256, self.size_bytes,
+                         self.calibrated_s)
 
 
 @dataclass(frozen=True)

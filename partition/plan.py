@@ -314,10 +314,17 @@ class Plan:
         offsets = _hop_offsets(self.source, self.sink, [s.nodes for s in self.stages])
         return self.links[offsets[k]:offsets[k + 1]]
 
-    def latency_under_load(self, in_flight: int) -> float:
-        """A request's predicted latency with ``in_flight`` requests kept in flight
-        (:func:`partition.queueing.latency_under_load`)."""
-        return latency_under_load(self.latency_s, self.bottleneck_s, max(in_flight, 1))
+    def latency_under_load(self, in_flight: int, offered_per_s: float | None = None) -> float:
+        """A request's predicted latency with ``in_flight`` requests kept in flight, at most
+        ``offered_per_s`` a second if given (:func:`partition.queueing.latency_under_load`)."""
+        return latency_under_load(self.latency_s, self.bottleneck_s, max(in_flight, 1),
+                                  offered_per_s)
+
+    def throughput_under(self, offered_per_s: float | None) -> float:
+        """The predicted throughput when at most ``offered_per_s`` requests a second come."""
+        if offered_per_s is None:
+            return self.throughput_per_s
+        return min(self.throughput_per_s, offered_per_s)
 
     def to_dict(self) -> dict[str, Any]:
         return {

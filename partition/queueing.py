@@ -15,15 +15,21 @@ with more, the bottleneck never idles and serves one request per ``s_max``. Litt
 gives the latency ``R = W / X = max(D, W · s_max)``. Mean-value analysis with exponential
 service times would predict more near the knee ``W ≈ D / s_max`` (requests bunch up);
 measured service times vary a little, so measured latency there lies between the two.
+
+Paced at ``λ`` requests a second below ``1 / s_max`` (a request waits for its turn before it
+is sent, and that wait is not its latency), requests enter ``1 / λ`` apart, no station makes
+one wait, and every request takes ``D``.
 """
 
 from __future__ import annotations
 
 
-def latency_under_load(latency_s: float, bottleneck_s: float, in_flight: int) -> float:
-    """Steady-state latency of a request with ``in_flight`` requests kept in flight, for a
-    plan whose one idle request takes ``latency_s`` and whose busiest stage or link takes
-    ``bottleneck_s`` per request (see the module docstring).
+def latency_under_load(latency_s: float, bottleneck_s: float, in_flight: int,
+                       offered_per_s: float | None = None) -> float:
+    """Steady-state latency of a request with ``in_flight`` requests kept in flight, at most
+    ``offered_per_s`` sent a second if given, for a plan whose one idle request takes
+    ``latency_s`` and whose busiest stage or link takes ``bottleneck_s`` per request (see
+    the module docstring).
 
     >>> latency_under_load(0.010, 0.004, 1)
     0.01
@@ -31,6 +37,8 @@ def latency_under_load(latency_s: float, bottleneck_s: float, in_flight: int) ->
     0.01
     >>> latency_under_load(0.010, 0.004, 8)  # the bottleneck is saturated: 8 x 4 ms
     0.032
+    >>> latency_under_load(0.010, 0.004, 8, offered_per_s=200)  # paced below 250/s
+    0.01
 
     Raises
     ------
@@ -39,4 +47,6 @@ def latency_under_load(latency_s: float, bottleneck_s: float, in_flight: int) ->
     """
     if in_flight < 1:
         raise ValueError(f"in_flight must be at least 1, not {in_flight}")
+    if offered_per_s is not None and offered_per_s * bottleneck_s < 1:
+        return latency_s
     return max(latency_s, in_flight * bottleneck_s)

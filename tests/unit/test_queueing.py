@@ -71,3 +71,8 @@ def test_matches_a_simulated_pipeline(seed: int) -> None:
         for in_flight in (1, 2, 3, 5, 8, 16):
             assert latency_under_load(idle, bottleneck, in_flight) == pytest.approx(
                 simulated_latency(stations, in_flight), rel=1e-9), (stations, in_flight)
+
+
+def test_paced_below_the_bottleneck_every_request_takes_the_idle_time() -> None:
+    assert latency_under_load(0.010, 0.004, 8, offered_per_s=200) == pytest.approx(0.010)
+    assert latency_under_load(0.010, 0.004, 8, offered_per_s=300) == pytest.approx(0.032)
