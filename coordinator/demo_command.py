@@ -16,9 +16,10 @@ import torch
 
 from coordinator import samples
 from coordinator.bench import BENCH_CONCURRENCY, InputFactory, measure, random_inputs
-from coordinator.bench_command import prediction_table
+from coordinator.bench_command import offered_rate, prediction_table
 from coordinator.console import console, progress_bar
 from coordinator.deploy import deploy
+from coordinator.host_cpu import host_cpu_line
 from coordinator.local_cluster import LocalCluster
 from coordinator.pipeline import Pipeline
 from coordinator.plan_command import show_plan
@@ -99,10 +100,12 @@ def run(args: argparse.Namespace) -> int:
                                             args.requests))
         console.print(f"[bold]6. checked[/] {checked} outputs: all equal the single-process "
                       "model's (atol 1e-5)")
+        rate = offered_rate(result)
         with console.status("7. measuring latency and throughput"):
             measured = asyncio.run(measure(result, make_inputs, requests=args.requests,
-                                           concurrency=BENCH_CONCURRENCY))
+                                           concurrency=BENCH_CONCURRENCY, rate_per_s=rate))
         console.print(prediction_table(result, measured))
+        console.print(host_cpu_line(measured.host_cpu))
     console.print(f"cluster stopped; demo took {time.perf_counter() - started:.0f} s")
     return 0
 

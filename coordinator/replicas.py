@@ -27,8 +27,7 @@ def without_replicas(plan: Plan, lost: Collection[str]) -> Plan | None:
             return None
         total = sum(r.share for r in kept)
         kept = [replace(r, share=r.share / total) for r in kept]
-        stages.append(replace(stage, node=kept[0].node, address=kept[0].address,
-                              replicas=tuple(kept)))
+        stages.append(replace(stage, replicas=tuple(kept)))
     links = tuple(link for k in range(len(plan.stages) + 1) for link in plan.hop_links(k)
                   if link.src not in lost and link.dst not in lost)
     return replace(plan, stages=tuple(stages), links=links)

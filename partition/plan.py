@@ -145,11 +145,12 @@ class Replica:
 
 @dataclass(frozen=True)
 class PlannedStage:
-    """One stage of a plan: layers ``[start, end)`` on ``node`` and its predicted costs.
+    """One stage of a plan: layers ``[start, end)`` on the nodes of ``replicas`` and its
+    predicted costs.
 
     A replicated stage runs on every node of ``replicas`` at once, each taking its
-    ``share`` of the requests; ``node`` and ``address`` are then the first replica's (code
-    that runs a stage must use ``replicas``). ``replicas`` defaults to ``node`` alone.
+    ``share`` of the requests; ``node`` and ``address`` name the first replica (for a stage
+    on one node, its node).
     ``compute_s`` is the stage's busy time per request (with replicas, the busiest
     replica's share of its compute).
     ``weights`` is how the stage's artifact stores its weights; ``artifact_bytes`` the
@@ -157,8 +158,7 @@ class PlannedStage:
     """
 
     index: int
-    node: str
-    address: str
+    replicas: tuple[Replica, ...]
     start: int
     end: int
     first_layer: str
@@ -171,11 +171,16 @@ class PlannedStage:
     memory_available_bytes: int
     weights: WeightFormat = WeightFormat.NONE
     artifact_bytes: int | None = None
-    replicas: tuple[Replica, ...] = ()
 
-    def __post_init__(self) -> None:
-        if not self.replicas:
-            object.__setattr__(self, "replicas", (Replica(self.node, self.address),))
+    @property
+    def node(self) -> str:
+        """The first replica's node."""
+        return self.replicas[0].node
+
+    @property
+    def address(self) -> str:
+        """The first replica's address."""
+        return self.replicas[0].address
 
     @property
     def nodes(self) -> tuple[str, ...]:
@@ -216,8 +221,7 @@ class PlannedStage:
         replicas = (tuple(Replica.from_dict(r) for r in data["nodes"]) if "nodes" in data
                     else (Replica(data["node"], data["address"]),))
         return cls(
-            index=int(data["index"]), node=replicas[0].node, address=replicas[0].address,
-            replicas=replicas,
+            index=int(data["index"]), replicas=replicas,
             start=int(data["start"]), end=int(data["end"]),
             first_layer=data["first_layer"], last_layer=data["last_layer"],
             receives=tuple(TensorSpec.from_dict(t) for t in data["receives"]),

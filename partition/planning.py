@@ -179,7 +179,7 @@ def _planned_stage(
 ) -> PlannedStage:
     """Stage ``index``: layers ``[start, end)`` of ``layer_graph`` on ``node``."""
     return PlannedStage(
-        index=index, node=node, address=addresses[node], start=start, end=end,
+        index=index, replicas=(Replica(node, addresses[node]),), start=start, end=end,
         first_layer=layer_graph.layers[start].name,
         last_layer=layer_graph.layers[end - 1].name,
         receives=layer_graph.boundary_tensors(start),

@@ -14,8 +14,7 @@ def replicate(plan: Plan, k: int, shares: Sequence[tuple[str, float]]) -> Plan:
     pair, each like the hop's first link of ``plan``."""
     replicas = tuple(Replica(node, plan.addresses[node], share) for node, share in shares)
     stages = list(plan.stages)
-    stages[k] = replace(stages[k], node=replicas[0].node, address=replicas[0].address,
-                        replicas=replicas)
+    stages[k] = replace(stages[k], replicas=replicas)
     made = replace(plan, stages=tuple(stages), links=())
     links = []
     for hop in range(len(stages) + 1):

@@ -68,7 +68,8 @@ class FakeWorker(WorkerHandle):
 
 def _plan(nodes: list[str]) -> Plan:
     stages = tuple(
-        PlannedStage(k, n, f"10.0.0.{k}:1", k, k + 1, f"l{k}", f"l{k}", (), (), 0.1, 0.0, 1, 2)
+        PlannedStage(k, (Replica(n, f"10.0.0.{k}:1"),), k, k + 1, f"l{k}", f"l{k}", (), (),
+                     0.1, 0.0, 1, 2)
         for k, n in enumerate(nodes)
     )
     hops = ["src", *nodes, "src"]

@@ -218,7 +218,7 @@ def valid_plan() -> dict[str, Any]:
     x, h, y = (TensorSpec(n, "float32", (2, 4)) for n in "xhy")
 
     def stage(k: int, node: str, start: int, end: int, receives, sends) -> PlannedStage:
-        return PlannedStage(k, node, f"127.0.0.1:{5000 + k}", start, end, f"l{start}",
+        return PlannedStage(k, (Replica(node, f"127.0.0.1:{5000 + k}"),), start, end, f"l{start}",
                             f"l{end - 1}", receives, sends, 0.001, 0.0, 100, 1000,
                             weights=(WeightFormat.NONE, WeightFormat.INT4)[k],
                             artifact_bytes=(400, 60)[k])
