@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import math
 import time
@@ -36,10 +37,11 @@ from coordinator.drift import POLL_S, Drift, DriftWatch
 from coordinator.events import EventLog, Replan, stage_names
 from coordinator.health_watch import NodeState, NodeWatch
 from coordinator.ledger import Ledger, Request, RequestFailedError
+from coordinator.netns import RANGE
 from coordinator.replicas import without_replicas
 from node.client import FrameSender, GrpcWorkerHandle, Result, ResultStream, WorkerHandle
 from node.dealer import Dealer
-from node.security import client_security
+from node.security import client_security, is_loopback
 from partition.errors import EdgesplitError, TensorSpecError
 from partition.measured import AS_PLANNED, Measured
 from partition.plan import Plan, PlannedStage, Priced
@@ -106,9 +108,18 @@ def default_deadline(plan: Plan, window: int) -> float:
 
 
 def loopback(plan: Plan) -> bool:
-    """True if every node of the plan is on this machine (a simulated cluster)."""
-    hosts = {address.rpartition(":")[0] for address in plan.addresses.values()}
-    return hosts <= {"127.0.0.1", "localhost", "[::1]"}
+    """True if every node of the plan is on this machine (a simulated cluster): on the
+    loopback, or on the home addresses ``coordinator up --isolation kernel`` gives its
+    nodes' namespaces (:data:`coordinator.netns.RANGE`)."""
+    return all(is_loopback(address) or _in_namespace_range(address)
+               for address in plan.addresses.values())
+
+
+def _in_namespace_range(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address.rpartition(":")[0]) in RANGE
+    except ValueError:  # a host name
+        return False
 
 
 def bind_inputs(specs: Sequence[TensorSpec], inputs: Inputs) -> dict[str, torch.Tensor]:

@@ -8,6 +8,7 @@ import pytest
 from replication import replicate
 
 from coordinator.deploy import deploy, link_emulation, replica_wiring
+from coordinator.pipeline import loopback
 from coordinator.replicas import without_replicas
 from node.client import WorkerHandle
 from node.errors import NodeUnreachableError
@@ -222,3 +223,13 @@ def test_a_sender_sends_one_hop_in_one_encoding() -> None:
     links[1] = replace(links[1], encoding=LinkEncoding.FP16)  # a -> b, but a -> d stays raw
     with pytest.raises(PlanFormatError, match="hop 1 from 'a'"):
         replica_wiring(replace(plan, links=tuple(links)), 0, "a", emulate=False)
+
+
+@pytest.mark.parametrize("host, here", [
+    ("127.0.0.1", True), ("localhost", True), ("198.18.3.7", True), ("198.19.255.1", True),
+    ("10.0.0.1", False), ("198.20.0.1", False), ("jetson.local", False),
+])
+def test_links_are_emulated_by_default_only_on_this_machine(host: str, here: bool) -> None:
+    plan = _plan(["a"])
+    plan = replace(plan, addresses={"a": f"{host}:50051", "src": "127.0.0.1:1"})
+    assert loopback(plan) is here
