@@ -33,12 +33,14 @@ proven: by the exhaustive search, or by the solver's proof that its program has 
 
 With shared media (:mod:`partition.media`) a hop also costs its airtime, but a medium's busy
 time is a sum over the plan's hops, which a minimax path cannot see: the throughput is then
-the solver's, with one more row per medium (and no replicated stage). Its warm start is the
-better of the search's best plan on each hop's own cost (re-priced with the media) and
-:func:`_least_airtime`'s, which is the optimum itself for one medium over an exhaustive space
-(the solver then only breaks the tie by latency). The search's bottleneck bounds the optimum
-from below, and where the search is exhaustive the solver runs to a zero gap. Latency adds
-each hop's time and needs no more than the hops' airtime.
+the solver's, with one more row per medium. Its warm start is the better of the search's
+best plan on each hop's own cost (re-priced with the media) and :func:`_least_airtime`'s,
+which is the optimum itself for one medium over an exhaustive space (the solver then only
+breaks the tie by latency). With one medium that bisection also runs over the replica
+groups (the solver has none), and its plan is taken if it is faster; ties among replicated
+plans are then not broken by latency. With more media no stage is replicated. The search's
+bottleneck bounds the optimum from below, and where the search is exhaustive the solver runs
+to a zero gap. Latency adds each hop's time and needs no more than the hops' airtime.
 """
 
 from __future__ import annotations
@@ -278,9 +280,9 @@ def optimize(cost: CostModel, objective: Objective, limits: SolverLimits = DEFAU
     media = tables.airtime is not None and objective is Objective.THROUGHPUT
     wanted = replicate and objective is Objective.THROUGHPUT and cost.num_nodes > 1
     unreplicated = _unreplicated(cost, exhaustive, states) if wanted else ""
+    groups = (replica_groups(cost, EXACT_WORK_LIMIT, states) if wanted and not unreplicated
+              else [])
     if exhaustive and not media:
-        groups = (replica_groups(cost, EXACT_WORK_LIMIT, states) if wanted and not unreplicated
-                  else [])
         searched = tables.replicated(cost, groups) if groups else tables
         path = _best(cost, searched, objective, searched.space())
         if path is None:
@@ -308,9 +310,14 @@ def optimize(cost: CostModel, objective: Objective, limits: SolverLimits = DEFAU
         raise NoFeasiblePlanError(_shortfall_message(cost, spaces, limits))
     best = min((tables.priced(cost, _spans(p)) for p in (solved.path, _raw_path(warm)) if p),
                key=objective.key)
+    if groups:  # one medium, exhaustive: the bisection is exact over the groups too
+        searched = tables.replicated(cost, groups)
+        grouped = _least_airtime(searched, cost, searched.space())
+        if grouped is not None:
+            best = min(best, searched.priced(cost, grouped[1]), key=objective.key)
     answer = objective.key(best)[0]
     bound = max(solved.lower_bound_s, _lower_bound(cost, tables, objective), proven)
-    if exhaustive and warm is not None:
+    if exhaustive and warm is not None and not groups:
         # The search's minimax over each hop's own cost: no plan's bottleneck is smaller.
         priced = tables.priced(cost, warm)
         bound = max(bound, *priced.stage_seconds, *priced.transfer_seconds)
@@ -323,10 +330,10 @@ def _unreplicated(cost: CostModel, exhaustive: bool, states: int) -> str:
     """Why the search for throughput cannot replicate stages here, or ``""``."""
     if cost.compression is not None and cost.compression.weights is not None:
         return "weight formats are chosen with the stages"
-    if cost.media is not None:
-        return "shared media are declared"
     if not exhaustive:
         return "the cluster and model are past the exact search's limit"
+    if cost.media is not None and len(cost.media.names) > 1:
+        return "more than one shared medium is declared"
     if group_work(cost.num_nodes, states - 1, 2) > EXACT_WORK_LIMIT:
         return "even pairs of nodes exceed the exact search's budget"
     return ""
@@ -434,10 +441,12 @@ class _Tables:
     def replicated(self, cost: CostModel, groups: list[tuple[int, ...]]) -> _Tables:
         """The same graph with each of ``groups`` as one more node (not with weight formats
         to choose: every stage edge in full precision, or the nodes' own format)."""
-        made: GroupTables = group_tables(cost, self.stage, self.hop, self.delay, groups)
+        made: GroupTables = group_tables(cost, self.stage, self.hop, self.delay, groups,
+                                         self.airtime)
         return replace(self, stage=made.stage, hop=made.hop, delay=made.mean_delay,
                        layer_floor=made.layer_floor, members=made.members,
-                       mean_stage=made.mean_stage, mean_hop=made.mean_hop, stage_format=None)
+                       mean_stage=made.mean_stage, mean_hop=made.mean_hop, stage_format=None,
+                       airtime=made.airtime)
 
     def space(self) -> _Space:
         """The exhaustive space over these tables' nodes (virtual ones included)."""

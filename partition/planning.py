@@ -49,7 +49,8 @@ def plan(
     (:mod:`partition.compression_planning`) and the plan records its measured accuracy, the
     nodes' own weight formats included (pass a request with mode ``none`` to measure those
     alone); the baselines stay raw. With ``replicate``, a stage may run on several nodes
-    (:func:`partition.optimizer.optimize`; not with weight formats to choose or shared media).
+    (:func:`partition.optimizer.optimize`; not with weight formats to choose or more than
+    one shared medium).
     """
     cost = build_cost_model(layer_graph, cluster, profiles)
     result, priced, accuracy = search(cost, layer_graph, cluster, objective, compression,

@@ -11,7 +11,9 @@ T_m(i, j)`` per request, so it costs the largest of those, and fits only where i
 member's memory. A hop from senders ``A`` (shares ``p``) to receivers ``B`` (shares ``q``)
 sends ``p_a · q_b`` of the requests over the link ``a -> b``, so it costs the busiest pair,
 ``max p_a · q_b · hop[boundary, a, b]``. Latency (expected over the dealing): the stage
-costs ``sum q_m T_m(i, j)`` and the hop ``sum p_a q_b (transfer_ab + delay_ab)``.
+costs ``sum q_m T_m(i, j)`` and the hop ``sum p_a q_b (transfer_ab + delay_ab)``. A shared
+medium is busy with what crosses it whichever pair sends it: the hop's airtime on it is
+``sum p_a q_b airtime_ab``.
 
 Groups cost search time and table space, so their size is capped by the exact search's
 work budget (:func:`replica_groups`). The expansion is the same over the tables with link
@@ -94,8 +96,9 @@ class GroupTables:
     """The search's tables over virtual nodes (every single node, then each group):
     ``members[g]``; busy times ``stage[g, i, j]`` and ``hop[b, g, h]``;
     the latency side, ``mean_stage`` and ``mean_hop`` (expected compute and transfer) and
-    ``mean_delay[g, h]`` (expected link latency); and ``layer_floor[l]``, the least busy
-    time any virtual node spends on layer ``l``."""
+    ``mean_delay[g, h]`` (expected link latency); ``layer_floor[l]``, the least busy
+    time any virtual node spends on layer ``l``; and with shared media, ``airtime[m, b, g,
+    h]``, the expected airtime of a hop (each pair of members by its share of requests)."""
 
     members: tuple[tuple[int, ...], ...]
     stage: np.ndarray
@@ -104,15 +107,16 @@ class GroupTables:
     mean_hop: np.ndarray
     mean_delay: np.ndarray
     layer_floor: np.ndarray
+    airtime: np.ndarray | None = None
 
 
 def group_tables(
     cost: CostModel, stage: np.ndarray, hop: np.ndarray, delay: np.ndarray,
-    groups: Sequence[tuple[int, ...]],
+    groups: Sequence[tuple[int, ...]], airtime: np.ndarray | None = None,
 ) -> GroupTables:
     """Expand the single nodes' ``stage[d, i, j]`` (``inf`` where it does not fit),
-    ``hop[b, a, c]`` (busy time) and ``delay[a, c]`` with ``groups`` (see the module
-    docstring)."""
+    ``hop[b, a, c]`` (busy time), ``delay[a, c]`` and ``airtime[m, b, a, c]`` (if media
+    are shared) with ``groups`` (see the module docstring)."""
     members = tuple((d,) for d in range(cost.num_nodes)) + tuple(groups)
     shares = tuple(replica_shares(cost, g) for g in members)
 
@@ -135,4 +139,5 @@ def group_tables(
         mean_hop=over(over(hop, 1, np.sum), 2, np.sum),
         mean_delay=over(over(delay, 0, np.sum), 1, np.sum),
         layer_floor=over(seconds, 0, np.max).min(axis=0),
+        airtime=None if airtime is None else over(over(airtime, 2, np.sum), 3, np.sum),
     )

@@ -5,7 +5,7 @@ medium-aware plan.
 one access point. The model widens a small input into a 1 MiB activation and narrows it
 again, so splitting it over both boards halves the compute but sends the activation over
 the Wi-Fi twice (board -> access point -> board). Planned without the medium, that split
-wins; planned with it, the whole model stays on one board. Both plans run on the same
+wins; planned with it, the whole model is dealt among the nodes. Both plans run on the same
 simulated cluster, whose arbiter process makes every transfer reserve its airtime (after
 it has refused some garbage), and the medium-aware plan must answer faster (a ranking; the
 predicted gap is several times).
@@ -105,11 +105,12 @@ async def test_the_medium_aware_plan_beats_the_per_link_plan(tmp_path: Path) -> 
     profiles = node_profiles(cluster, local, {})
 
     aware = plan(model, layer_graph, cluster, profiles, Objective.THROUGHPUT)
-    # One node a stage on both sides: with media the planner does not replicate yet, and
-    # without them it would replicate the whole model instead of splitting it.
+    # The per-link plan one node a stage: without the medium the planner would replicate the
+    # whole model instead of splitting it. With it, the whole model is dealt among the nodes
+    # (each request's input and output cross the Wi-Fi, its activation never does).
     per_link = plan(model, layer_graph, replace(cluster, media=()), profiles,
                     Objective.THROUGHPUT, replicate=False)
-    assert len(per_link.stages) >= 2 and len(aware.stages) == 1
+    assert len(per_link.stages) >= 2 and len(aware.stages) == 1 and aware.stages[0].replicated
     assert aware.exact and aware.media[0].name == "wifi"
     # The per-link choice, priced on the cluster as it is (with its medium) and deployed so.
     cost = build_cost_model(layer_graph, cluster, profiles)

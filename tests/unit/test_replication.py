@@ -43,7 +43,7 @@ def brute_force_replicated(cost: CostModel) -> list[tuple[float, float]]:
     """(expected latency, bottleneck) of every plan that fits, each stage on a non-empty set
     of nodes no other stage uses and whose stage memory is the same (they store weights
     alike), requests dealt in proportion to 1 / each node's whole-model time; priced from
-    scratch."""
+    scratch, each medium's busy time summed over every pair of every hop by its share."""
     layers, nodes = cost.num_layers, cost.num_nodes
     seconds = cost.layer_seconds.tolist()
     speed = [1.0 / math.fsum(row) for row in seconds]
@@ -53,12 +53,22 @@ def brute_force_replicated(cost: CostModel) -> list[tuple[float, float]]:
         total = math.fsum(speed[d] for d in group)
         return [speed[d] / total for d in group]
 
+    media = cost.media
+
+    def airtime(boundary: int, a: int, b: int) -> list[float]:
+        """Each medium's airtime of sending boundary ``boundary`` from ``a`` to ``b``."""
+        if media is None:
+            return []
+        return [media.uses[m][a][b] * cost.boundary_bytes[boundary] / media.bytes_per_s[m]
+                for m in range(len(media.names))]
+
     def link(boundary: int, a: int, b: int) -> tuple[float, float]:
-        """(busy time, latency) of sending boundary ``boundary`` from ``a`` to ``b``."""
+        """(busy time, latency) of sending boundary ``boundary`` from ``a`` to ``b``: at
+        least its airtime on every medium together."""
         if a == b:
             return 0.0, 0.0
-        return (cost.boundary_bytes[boundary] / cost.link_bytes_per_s[a][b],
-                cost.link_latency_s[a][b])
+        return (max(cost.boundary_bytes[boundary] / cost.link_bytes_per_s[a][b],
+                    math.fsum(airtime(boundary, a, b))), cost.link_latency_s[a][b])
 
     plans = []
     for k in range(1, min(layers, nodes) + 1):
@@ -78,6 +88,7 @@ def brute_force_replicated(cost: CostModel) -> list[tuple[float, float]]:
                     continue
                 ends = [(cost.source,), *groups, (cost.sink,)]
                 busy, expected = [], []
+                on_media = [0.0] * (0 if media is None else len(media.names))
                 for g, (a, b) in zip(groups, ranges, strict=True):
                     times = [math.fsum(seconds[d][a:b]) for d in g]
                     busy.append(max(p * t for p, t in zip(shares(g), times, strict=True)))
@@ -89,7 +100,11 @@ def brute_force_replicated(cost: CostModel) -> list[tuple[float, float]]:
                              for b, q in zip(ends[h + 1], shares(ends[h + 1]), strict=True)]
                     busy.append(max(w * t for w, t, _ in pairs))
                     expected.append(math.fsum(w * (t + lat) for w, t, lat in pairs))
-                plans.append((math.fsum(expected), max(busy)))
+                    for a, p in zip(ends[h], shares(ends[h]), strict=True):
+                        for b, q in zip(ends[h + 1], shares(ends[h + 1]), strict=True):
+                            for m, air in enumerate(airtime(boundary, a, b)):
+                                on_media[m] += p * q * air
+                plans.append((math.fsum(expected), max(busy + on_media)))
     return plans
 
 
@@ -224,6 +239,35 @@ def test_optimizer_matches_brute_force_over_replica_sets(seed: int) -> None:
     assert replicated >= 3
 
 
+def with_one_medium(cost: CostModel, rng: np.random.Generator) -> CostModel:
+    """``cost`` with one shared medium over a random half or more of its nodes, as slow as
+    its links (so it matters)."""
+    on = rng.random(cost.num_nodes) < 0.7
+    uses = (on[:, None].astype(float) + on[None, :]) * (1 - np.eye(cost.num_nodes))
+    bandwidth = float(np.median(cost.link_bytes_per_s[np.isfinite(cost.link_bytes_per_s)]))
+    return replace(cost, media=Media(("air",), np.array([bandwidth * rng.uniform(0.5, 4)]),
+                                     uses[None]))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_with_one_shared_medium_the_optimizer_matches_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(900 + seed)
+    replicated = 0
+    for cost in small_instances(25, 700 + seed):
+        cost = with_one_medium(cost, rng)
+        plans = brute_force_replicated(cost)
+        if not plans:
+            with pytest.raises(NoFeasiblePlanError, match="no plan fits"):
+                optimize(cost, Objective.THROUGHPUT)
+            continue
+        result = optimize(cost, Objective.THROUGHPUT)
+        assert result.exact and result.schedule.fits and not result.unreplicated
+        assert result.schedule.bottleneck_s == pytest.approx(
+            min(bottleneck for _, bottleneck in plans), rel=RELATIVE)
+        replicated += any(len(s.replicas) > 1 for s in result.schedule.spans)
+    assert replicated >= 2
+
+
 def test_evaluate_a_replicated_stage_by_hand() -> None:
     """a takes 6 s for the model, b 3 s: b gets 2/3 of the requests. Source and sink are a;
     the link is 1000 B/s plus 0.5 s each way."""
@@ -253,7 +297,16 @@ def test_a_replicated_hop_on_a_shared_medium_by_hand() -> None:
     assert schedule.transfer_seconds == pytest.approx((4 * 2 / 3, 0.4 * 2 / 3))
     assert schedule.medium_seconds == pytest.approx((4.4 * 2 / 3,))
     assert schedule.bottleneck_s == pytest.approx(4.4 * 2 / 3)
-    assert optimize(cost, Objective.THROUGHPUT).unreplicated == "shared media are declared"
+    # Replicated, a and b would keep the medium busy 4.4 x 2/3 s a request; a alone, 0 s
+    # and itself 6 s.
+    best = optimize(cost, Objective.THROUGHPUT)
+    assert best.exact and not best.unreplicated
+    assert best.schedule.bottleneck_s == pytest.approx(4.4 * 2 / 3)
+    assert [s.replicas for s in best.schedule.spans] == [(0, 1)]
+    two = replace(cost, media=Media(("air", "wire"), np.array([500.0, 500.0]),
+                                    np.concatenate([uses, uses])))
+    assert optimize(two, Objective.THROUGHPUT).unreplicated == (
+        "more than one shared medium is declared")
 
 
 @pytest.mark.parametrize("spans, message", [
