@@ -88,7 +88,8 @@ def _path_latencies(
 
 def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
     """The smallest value with at least half the weight at or below it; the midpoint to
-    the next value where exactly half is."""
+    the next value of positive weight where exactly half is."""
+    values, weights = values[weights > 0], weights[weights > 0]
     order = np.argsort(values, kind="stable")
     values, below = values[order], np.cumsum(weights[order])
     half = below[-1] / 2

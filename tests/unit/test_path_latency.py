@@ -117,3 +117,10 @@ def test_past_the_limit_the_median_is_drawn() -> None:
     assert median_path_latency(even, compute, hops, hops) == 36.0
     # ... and the drawn median is within one slow stage of it.
     assert abs(median_path_latency(even, compute, hops, hops, max_paths=1000) - 36.0) <= 4.0
+
+
+def test_a_replica_dealt_nothing_is_on_no_path() -> None:
+    """Half the requests take 1 s, half 9 s, and the replica of 2 s is dealt none (as when
+    another replica takes no time): the median is the midpoint of 1 and 9."""
+    free = [np.zeros((1, 3)), np.zeros((3, 1))]
+    assert median_path_latency([(0.5, 0.0, 0.5)], [(1.0, 2.0, 9.0)], free, free) == 5.0
