@@ -204,8 +204,8 @@ def _error(measured: float, predicted: float) -> str:
 
 def prediction_table(plan: Plan, result: BenchResult) -> Table:
     """Measured latency (one request alone, and p50 with the run's requests in flight)
-    and throughput beside the plan's prediction: a p50 beside the predicted median over the
-    paths requests take (with replicated stages below the mean, which the p95 row shows)."""
+    and throughput beside the plan's prediction: each p50 beside the median over the paths
+    requests take (``Plan.latency_p50_s``), the p95 beside the mean (``latency_s``)."""
     table = Table(title=f"measured vs predicted ({result.requests} requests, "
                         f"{result.concurrency} in flight)")
     for column in ("metric", "measured", "predicted", "error"):
