@@ -168,7 +168,7 @@ def measure_case(model: str, cluster_name: str, cluster: ClusterSpec, sample: ha
             stages=" ".join(f"{s.node}[{s.start},{s.end})" for s in made.stages),
             encodings=" ".join(link.encoding.value for link in made.links),
             predicted_throughput=made.throughput_per_s, measured_throughput=throughput,
-            predicted_latency_ms=made.latency_s * 1e3, measured_latency_p50_ms=latency * 1e3,
+            predicted_latency_ms=made.latency_p50_s * 1e3, measured_latency_p50_ms=latency * 1e3,
             artifact_bytes=sum(s.artifact_bytes or 0 for s in made.stages), worker_rss=rss,
             max_rel_error=accuracy.max_rel_error if accuracy else 0.0,
             agreement=(accuracy.top1_agreement if accuracy and accuracy.top1_agreement

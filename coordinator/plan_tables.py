@@ -48,12 +48,15 @@ def _weights(stage: PlannedStage) -> str:
 
 
 def totals_line(plan: Plan) -> str:
-    """The plan's predictions: latency alone and with `bench`'s requests in flight, and
-    throughput; when not proven optimal, how far at most the objective's value is from the
-    optimum (the solver's proven gap)."""
+    """The plan's predictions: latency alone (with replicated stages, the mean and the median
+    over the paths requests take, when they differ) and its median with `bench`'s requests in
+    flight, and throughput; when not proven optimal, how far at most the objective's value is
+    from the optimum (the solver's proven gap)."""
     bound = "" if plan.exact else f" ({_gap(plan)})"
+    alone = (f"{ms(plan.latency_s)} ms alone" if plan.latency_p50_s == plan.latency_s else
+             f"{ms(plan.latency_s)} ms alone on average, p50 {ms(plan.latency_p50_s)} ms")
     return (
-        f"predicted: latency {ms(plan.latency_s)} ms alone, "
+        f"predicted: latency {alone}, "
         f"{ms(plan.latency_under_load(BENCH_CONCURRENCY))} ms with {BENCH_CONCURRENCY} in "
         f"flight (bench's default), throughput {plan.throughput_per_s:.1f} "
         f"req/s (bottleneck {ms(plan.bottleneck_s)} ms){bound}"

@@ -13,7 +13,9 @@ def without_replicas(plan: Plan, lost: Collection[str]) -> Plan | None:
     stage's remaining nodes take its requests in proportion to their shares, and the hops
     keep only the links between nodes that remain. ``None`` if a stage would have no node
     left, or if a lost node is the source or the sink (a re-plan is needed then); ``plan``
-    itself if no node of it was lost.
+    itself if no node of it was lost. The predictions (latency mean and median, bottleneck,
+    stage times) stay ``plan``'s: the plan carries no per-replica times to price the new
+    dealing with (``Replanner.price`` does, from the cost model).
     """
     lost = set(lost)
     if not lost & {n for s in plan.stages for n in s.nodes}:

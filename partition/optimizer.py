@@ -57,6 +57,7 @@ from partition.choice_tables import Options, StateIndex, choice_tables
 from partition.costs import CostModel
 from partition.errors import NoFeasiblePlanError, PlanningError
 from partition.milp import DEFAULT_LIMITS, SolverLimits, StateGraph, solve
+from partition.path_latency import median_path_latency
 from partition.plan import Objective
 from partition.relaxation import relax
 from partition.replication import (
@@ -119,7 +120,9 @@ class Schedule:
     (its share of the requests times its compute), ``transfer_seconds`` a hop's busiest link
     (one per sender and receiver pair, carrying the product of their shares), and
     ``delay_seconds`` and ``latency_s`` are expected over the dealing (a medium carries each
-    pair's airtime times the product of their shares).
+    pair's airtime times the product of their shares). ``latency_p50_s`` is the median over
+    the paths a request may take, one replica a stage
+    (:func:`~partition.path_latency.median_path_latency`); without replicas, ``latency_s``.
     ``encodings`` and ``formats`` are option indices (0: raw, full precision) into the cost
     model's :class:`~partition.choice_tables.Options`; ``error_bound`` is the sum of the
     errors the chosen options cause alone.
@@ -127,6 +130,7 @@ class Schedule:
 
     spans: tuple[Span, ...]
     latency_s: float
+    latency_p50_s: float
     bottleneck_s: float
     stage_seconds: tuple[float, ...]
     transfer_seconds: tuple[float, ...]
@@ -170,7 +174,8 @@ def evaluate(
     source's encoding and the sink's decoding count with their links. The bottleneck is the
     busiest stage, link or shared medium; the latency adds every stage, transfer and link
     latency. A replicated stage is priced as :class:`Schedule` says: busy times per replica
-    and per replica pair's link, the latency expected over the dealing.
+    and per replica pair's link, the latency expected over the dealing and its median over
+    the paths a request may take.
 
     Raises
     ------
@@ -187,13 +192,14 @@ def evaluate(
     codes = tuple(encodings) if encodings is not None else (0,) * len(ends[1:])
     kinds = tuple(formats) if formats is not None else (0,) * len(spans)
     _check_choices(opts, ends, codes, kinds)
-    stage, mean_stage = [], []
+    stage, mean_stage, compute = [], [], []
     for k, (s, w) in enumerate(zip(spans, kinds, strict=True)):
         codec = float(opts.decode_s[s.start, codes[k]]) + float(opts.encode_s[s.end, codes[k + 1]])
         each = [float(opts.layer_seconds[w, d, s.start:s.end].sum()) + codec for d in s.replicas]
         stage.append(max(p * t for p, t in zip(shares[k + 1], each, strict=True)))
         mean_stage.append(sum(p * t for p, t in zip(shares[k + 1], each, strict=True)))
-    transfer, mean_transfer, delay = [], [], []
+        compute.append(each)
+    transfer, mean_transfer, delay, hops = [], [], [], []
     for k, (b, e) in enumerate(zip(boundaries, codes, strict=True)):
         pairs = [(p * q, _transfer_seconds(cost, opts, b, src, dst, e),
                   0.0 if src == dst else float(cost.link_latency_s[src, dst]))
@@ -202,6 +208,7 @@ def evaluate(
         transfer.append(max(w * t for w, t, _ in pairs))
         mean_transfer.append(sum(w * t for w, t, _ in pairs))
         delay.append(sum(w * t for w, _, t in pairs))
+        hops.append(np.reshape([t[1:] for t in pairs], (len(ends[k]), len(ends[k + 1]), 2)))
     media = () if cost.media is None else tuple(
         float(t) for t in sum(
             (p * q * cost.media.hop_airtime(float(opts.link_bytes[b, e]), src, dst)
@@ -216,6 +223,8 @@ def evaluate(
     return Schedule(
         spans=spans,
         latency_s=sum(mean_stage) + sum(mean_transfer) + sum(delay),
+        latency_p50_s=median_path_latency(shares[1:-1], compute, [h[..., 0] for h in hops],
+                                          [h[..., 1] for h in hops]),
         bottleneck_s=max(stage + transfer + list(media)),
         stage_seconds=tuple(stage),
         transfer_seconds=tuple(transfer),

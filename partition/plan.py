@@ -303,6 +303,15 @@ class Plan:
     """Why the planner could not consider replicated stages though allowed to, or ``""``."""
     media: tuple[PlannedMedium, ...] = ()
     """The cluster's shared media (:mod:`partition.media`), each with its busy time."""
+    latency_p50_s: float | None = None
+    """One request's idle latency, median over the paths it may take (one replica a stage,
+    :mod:`partition.path_latency`), where ``latency_s`` is their mean; what a measured p50
+    is compared with. ``None`` (a plan written before it was recorded) reads as
+    ``latency_s``, which it equals without replicated stages."""
+
+    def __post_init__(self) -> None:
+        if self.latency_p50_s is None:
+            object.__setattr__(self, "latency_p50_s", self.latency_s)
 
     @property
     def throughput_per_s(self) -> float:
@@ -319,9 +328,10 @@ class Plan:
         return self.links[offsets[k]:offsets[k + 1]]
 
     def latency_under_load(self, in_flight: int, offered_per_s: float | None = None) -> float:
-        """A request's predicted latency with ``in_flight`` requests kept in flight, at most
-        ``offered_per_s`` a second if given (:func:`partition.queueing.latency_under_load`)."""
-        return latency_under_load(self.latency_s, self.bottleneck_s, max(in_flight, 1),
+        """A request's predicted median latency with ``in_flight`` requests kept in flight, at
+        most ``offered_per_s`` a second if given (:func:`partition.queueing.latency_under_load`
+        from the idle median)."""
+        return latency_under_load(self.latency_p50_s, self.bottleneck_s, max(in_flight, 1),
                                   offered_per_s)
 
     def throughput_under(self, offered_per_s: float | None) -> float:
@@ -346,8 +356,8 @@ class Plan:
             "stages": [s.to_dict() for s in self.stages],
             "links": [link.to_dict() for link in self.links],
             "predicted": {
-                "latency_s": self.latency_s, "bottleneck_s": self.bottleneck_s,
-                "throughput_per_s": self.throughput_per_s,
+                "latency_s": self.latency_s, "latency_p50_s": self.latency_p50_s,
+                "bottleneck_s": self.bottleneck_s, "throughput_per_s": self.throughput_per_s,
                 "exact": self.exact, "lower_bound_s": self.lower_bound_s,
                 **({"unreplicated": self.unreplicated} if self.unreplicated else {}),
             },
@@ -390,6 +400,8 @@ class Plan:
             stages=tuple(PlannedStage.from_dict(s) for s in data["stages"]),
             links=tuple(Link.from_dict(x) for x in data["links"]),
             latency_s=float(predicted["latency_s"]),
+            latency_p50_s=(float(predicted["latency_p50_s"]) if "latency_p50_s" in predicted
+                           else None),
             bottleneck_s=float(predicted["bottleneck_s"]),
             exact=bool(predicted["exact"]), lower_bound_s=float(predicted["lower_bound_s"]),
             unreplicated=predicted.get("unreplicated", ""),
@@ -472,7 +484,9 @@ _PLAN_FIELDS = {
               "inputs": [_TENSOR], "outputs": [_TENSOR]},
     "objective": Objective, "source": str, "sink": str,
     "nodes": [{"name": str, "address": str}], "stages": [_STAGE], "links": [_LINK],
-    "predicted": {"latency_s": _Number(infinite=True), "bottleneck_s": _Number(infinite=True),
+    "predicted": {"latency_s": _Number(infinite=True),
+                  "latency_p50_s": _Optional(_Number(infinite=True)),
+                  "bottleneck_s": _Number(infinite=True),
                   "exact": bool, "lower_bound_s": _Number(infinite=True),
                   "unreplicated": _Optional(str)},
     "baselines": [_BASELINE],

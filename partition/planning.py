@@ -140,6 +140,7 @@ def plan_from_schedule(
         stages=tuple(stages),
         links=_links(cluster, [s.nodes for s in stages], encodings),
         latency_s=schedule.latency_s,
+        latency_p50_s=schedule.latency_p50_s,
         bottleneck_s=schedule.bottleneck_s,
         exact=exact,
         lower_bound_s=lower_bound_s,
@@ -153,7 +154,8 @@ def plan_from_schedule(
 def baseline_plan(plan_: Plan, baseline: BaselineResult, layer_graph: LayerGraph) -> Plan:
     """A deployable plan that runs ``baseline``'s stages on the same cluster and links.
 
-    A baseline has no per-stage predictions: its stages carry NaN times and zero memory.
+    A baseline has no per-stage predictions: its stages carry NaN times and zero memory. It
+    runs one node a stage, so its median latency is its latency.
     """
     stages = tuple(
         _planned_stage(
@@ -168,6 +170,7 @@ def baseline_plan(plan_: Plan, baseline: BaselineResult, layer_graph: LayerGraph
         stages=stages,
         links=baseline.links,
         latency_s=baseline.latency_s,
+        latency_p50_s=baseline.latency_s,
         bottleneck_s=1.0 / baseline.throughput_per_s,
         baselines=(),
     )

@@ -75,7 +75,17 @@ def test_plan_writes_a_versioned_json_and_a_picture(
                            requests=10, concurrency=3, loaded_latency_p50_s=1.0)
     rows = table_rows(prediction_table(plan, measured))
     assert rows["latency p50 ms, 3 in flight"][1] == ms(plan.latency_under_load(3))
+    assert plan.latency_p50_s == plan.latency_s  # one node a stage: one path
     assert rows["latency p50 ms, 1 in flight"][1] == ms(plan.latency_s)
+    assert "p50" not in totals_line(plan)
+    # Replicated, a measured p50 is compared with the median over the paths.
+    dealt = dataclasses.replace(plan, latency_p50_s=plan.latency_s / 2)
+    rows = table_rows(prediction_table(dealt, measured))
+    assert rows["latency p50 ms, 1 in flight"][1] == ms(plan.latency_s / 2)
+    assert rows["latency p95 ms, 1 in flight"][1] == ms(plan.latency_s)
+    assert dealt.latency_under_load(1) == plan.latency_s / 2
+    assert (f"latency {ms(plan.latency_s)} ms alone on average, p50 {ms(plan.latency_s / 2)} ms"
+            in totals_line(dealt))
     checked = CheckedRun(requests=2, answered=2, elapsed_s=1.0, latencies_s=[0.1, 0.3])
     table = checked_table(checked, False, plan.latency_under_load(2))
     assert {c.header: next(iter(c.cells)) for c in table.columns}["predicted p50 ms"] == ms(

@@ -96,6 +96,24 @@ def test_media_are_optional_and_round_trip(sample_exported) -> None:
         Plan.from_dict(data)
 
 
+def test_the_median_latency_round_trips_and_older_plans_read_the_mean(sample_exported) -> None:
+    plan = replace(_plan_of(sample_exported("skip_dag")), latency_s=0.25, latency_p50_s=0.125)
+    data = {**plan.to_dict(), "nodes": [{"name": "src", "address": "a:1"}],
+            "stages": [_stage(len(plan.layer_names))],
+            "links": [{"from": "src", "to": "src", "bytes_per_s": 1.0, "latency_s": 0.0,
+                       "encoding": "raw"}] * 2}
+    assert data["predicted"]["latency_p50_s"] == 0.125
+    assert Plan.from_dict(data).latency_p50_s == 0.125
+    older = {**data, "predicted": {k: v for k, v in data["predicted"].items()
+                                   if k != "latency_p50_s"}}
+    assert Plan.from_dict(older).latency_p50_s == 0.25
+    assert Plan.from_dict(older).to_dict()["predicted"]["latency_p50_s"] == 0.25
+    data["predicted"] = {**data["predicted"], "latency_p50_s": "fast"}
+    with pytest.raises(PlanFormatError, match=r"predicted\.latency_p50_s \('fast'\) must be a "
+                                              "non-negative number"):
+        Plan.from_dict(data)
+
+
 def test_replan_inputs_keep_the_media() -> None:
     cluster = ClusterSpec(
         (NodeSpec("a", "h:1", 10), NodeSpec("b", "h:2", 10)), LinkSpec(1e6, 0.0), {}, "a", "b",

@@ -378,6 +378,7 @@ def test_a_planner_made_replicated_plan_round_trips(sample_exported, tmp_path: P
     assert [(link.src, link.dst) for link in made.links] == [
         ("node-1", node) for node in stage.nodes] + [(node, "node-1") for node in stage.nodes]
     assert stage.compute_s == pytest.approx(whole.stage_seconds[0])
+    assert (made.latency_s, made.latency_p50_s) == (whole.latency_s, whole.latency_p50_s)
     made.save(out)
     assert Plan.load(out) == made and Plan.from_dict(made.to_dict()) == made
     column = next(c for c in stages_table(made).columns if c.header == "node")
@@ -389,5 +390,8 @@ def test_a_planner_made_replicated_plan_round_trips(sample_exported, tmp_path: P
     replanner = Replanner(replace(made, replan=plan.replan), sample.model, layer_graph)
     slowed = replanner.price(made, Measured(slowdown={"node-2": 2.0}))
     assert slowed.stage_seconds[0] == pytest.approx(2 * whole.stage_seconds[0])
+    # Three quarters of the requests avoid node-2: the median path still does.
+    assert slowed.latency_p50_s == pytest.approx(whole.latency_p50_s)
+    assert slowed.latency_s > whole.latency_s
     left = replanner.replan({"node-1", "node-2", "node-3"})
     assert {n for s in left.stages for n in s.nodes} <= {"node-1", "node-2", "node-3"}
