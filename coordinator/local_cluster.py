@@ -15,6 +15,7 @@ beside the CA's (the layout ``coordinator certs`` writes); :func:`with_fresh_cer
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -23,17 +24,17 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import grpc
 import platformdirs
 import psutil
 
 from coordinator.certs import make_certs, node_arguments
-from coordinator.isolation import CpuGroups, Isolation, IsolationError, cores_wanted, host_cores
+from coordinator.isolation import CpuGroups, Isolation, cores_wanted, host_cores
 from coordinator.netns import Namespaces
 from coordinator.ports import free_ports
 from node.channels import channel_credentials, channel_options, token_metadata
@@ -45,6 +46,7 @@ from partition.errors import EdgesplitError
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 READY_TIMEOUT_S = 60.0
 STOP_GRACE_S = 10.0
 STATE_FILE = "cluster.json"
@@ -109,12 +111,6 @@ def start_cluster(
                 "this machine only, so use 127.0.0.1:PORT addresses"
             )
     _check_none_up(state_dir)
-    if isolation is Isolation.KERNEL and cluster.media:
-        raise IsolationError(
-            "--isolation kernel does not emulate shared media (their arbiters listen on "
-            "127.0.0.1, outside the nodes' namespaces); use --isolation none for a cluster "
-            "with media"
-        )
     security = client_security(cluster.security)
     state_dir.mkdir(parents=True, exist_ok=True)
     cpu_groups = namespaces = None
@@ -131,10 +127,12 @@ def start_cluster(
             cluster = namespaces.at_home(cluster)
         ports = _arbiter_ports(cluster)
         for medium, port in zip(cluster.media, ports, strict=True):
-            arbiters.append(_spawn_arbiter(medium.name, f"127.0.0.1:{port}", state_dir))
+            host = namespaces.medium(medium.name).home if namespaces else "127.0.0.1"
+            arbiters.append(_in_medium(namespaces, medium.name, functools.partial(
+                _spawn_arbiter, medium.name, f"{host}:{port}", state_dir)))
             write_state(state_dir, started, cpu_groups, arbiters=arbiters)
         for arbiter in arbiters:
-            _wait_arbiter(arbiter)
+            _in_medium(namespaces, arbiter.name, functools.partial(_wait_arbiter, arbiter))
         media = {arbiter.name: arbiter.address for arbiter in arbiters}
         for spec in cluster.nodes:
             started.append(_spawn(cluster, spec.name, state_dir, cpu_groups, namespaces, media))
@@ -145,6 +143,12 @@ def start_cluster(
         stop_cluster(state_dir, started, cpu_groups, namespaces)
         raise
     return started
+
+
+def _in_medium(namespaces: Namespaces | None, medium: str, function: Callable[[], T]) -> T:
+    """``function()`` in medium ``medium``'s namespace if there are ``namespaces``, else
+    here: an arbiter runs, and is reached, there."""
+    return namespaces.run_in_medium(medium, function) if namespaces else function()
 
 
 def _arbiter_ports(cluster: ClusterSpec) -> list[int]:

@@ -15,6 +15,11 @@ the cluster's source to that node, node to root as the link from that node to th
 (neither is shaped for the source or the sink itself), which is how the plan prices a
 request's input and result. Latency is not shaped (``netem`` is not assumed): the workers
 still delay what they send by the link's latency.
+
+Each shared medium's arbiter (:mod:`node.arbiter`) runs in a namespace of its own on an
+address of the block (``.101`` onwards), joined by an unshaped veth to each node on the
+medium and to nothing else: its nodes reserve airtime there, and no other process (on this
+machine or off it) can reach it.
 """
 
 from __future__ import annotations
@@ -50,7 +55,10 @@ BLOCK_PREFIX = 24
 """Each cluster claims one block of this prefix length."""
 ROOT_END_OFFSET = 128
 """A node's root end is its home address plus this."""
-MAX_NODES = ROOT_END_OFFSET - 1
+MEDIUM_OFFSET = 100
+"""A medium's arbiter listens on the block's first address plus this and its index."""
+MAX_NODES = MEDIUM_OFFSET
+MAX_MEDIA = ROOT_END_OFFSET - MEDIUM_OFFSET
 TBF_LATENCY = "100ms"
 """How long a packet may wait in a shaped link's queue before it is dropped."""
 TBF_MIN_BURST_BYTES = 4 * 1024
@@ -110,12 +118,24 @@ class NodeNetwork:
 
 
 @dataclass(frozen=True)
+class MediumNetwork:
+    """A shared medium's namespace, where its arbiter runs, its address there, and the
+    nodes it has a link to (those on the medium)."""
+
+    medium: str
+    namespace: str
+    home: str
+    nodes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Namespaces:
     """The namespaces and links of one simulated cluster, all named ``prefix...``."""
 
     prefix: str
     block: str
     nodes: tuple[NodeNetwork, ...]
+    media: tuple[MediumNetwork, ...] = ()
 
     @classmethod
     def claim(cls, cluster: ClusterSpec, seed: str) -> Namespaces:
@@ -124,10 +144,11 @@ class Namespaces:
         cluster started again with the same seed (its state directory) gets the same
         addresses while no other cluster holds them, and plans made for it still apply."""
         check_available()
-        if len(cluster.nodes) > MAX_NODES:
+        if len(cluster.nodes) > MAX_NODES or len(cluster.media) > MAX_MEDIA:
             raise IsolationError(
-                f"--isolation kernel gives at most {MAX_NODES} nodes an address, and the "
-                f"cluster has {len(cluster.nodes)}; split it or use --isolation none"
+                f"--isolation kernel gives at most {MAX_NODES} nodes and {MAX_MEDIA} media an "
+                f"address, and the cluster has {len(cluster.nodes)} and {len(cluster.media)}; "
+                "split it or use --isolation none"
             )
         prefix = f"{NAME_PREFIX}{uuid.uuid4().hex[:6]}-"
         safe = all(_SAFE_NAME.match(name) for name in cluster.names)
@@ -146,7 +167,12 @@ class Namespaces:
                             str(hosts[i + ROOT_END_OFFSET]), f"{prefix}{i}")
                 for i, name in enumerate(cluster.names)
             )
-            return cls(prefix, str(block), nodes)
+            media = tuple(
+                MediumNetwork(medium.name, f"{prefix}m{k}", str(hosts[MEDIUM_OFFSET + k]),
+                              medium.nodes)
+                for k, medium in enumerate(cluster.media)
+            )
+            return cls(prefix, str(block), nodes, media)
         raise IsolationError(
             f"every /{BLOCK_PREFIX} block of {RANGE} is in use; run `coordinator down` "
             "for clusters left up"
@@ -185,6 +211,19 @@ class Namespaces:
                      "peer", "name", _peer_link(i), "netns", b.namespace])
                 _shape(a.namespace, _peer_link(j), cluster.link(a.node, b.node))
                 _shape(b.namespace, _peer_link(i), cluster.link(b.node, a.node))
+        names = [node.node for node in self.nodes]
+        for k, medium in enumerate(self.media):
+            run(["ip", "netns", "add", medium.namespace])
+            run(["ip", "-n", medium.namespace, "link", "set", HOME_LINK, "up"])
+            run(["ip", "-n", medium.namespace, "address", "add", f"{medium.home}/32", "dev",
+                 HOME_LINK])
+            for name in medium.nodes:
+                i, node = names.index(name), self.node(name)
+                run(["ip", "link", "add", _medium_link(k), "netns", node.namespace, "type",
+                     "veth", "peer", "name", _peer_link(i), "netns", medium.namespace])
+                run(["ip", "-n", medium.namespace, "link", "set", _peer_link(i), "up"])
+                run(["ip", "-n", medium.namespace, "route", "replace", f"{node.home}/32",
+                     "dev", _peer_link(i), "src", medium.home])
         for node in self.nodes:
             self.heal(node.node)
         log.info("namespaces %s* with homes in %s", self.prefix, self.block)
@@ -194,7 +233,14 @@ class Namespaces:
         index = [node.node for node in self.nodes].index(name)
         return [(ROOT_LINK, self.nodes[index].root_end), *(
             (_peer_link(j), peer.home) for j, peer in enumerate(self.nodes) if j != index
-        )]
+        ), *((_medium_link(k), medium.home) for k, medium in enumerate(self.media)
+             if name in medium.nodes)]
+
+    def medium(self, name: str) -> MediumNetwork:
+        for medium in self.media:
+            if medium.medium == name:
+                return medium
+        raise KeyError(name)
 
     def cut(self, name: str) -> None:
         """Cut node ``name`` off: every link of its namespace goes down (it keeps running,
@@ -220,6 +266,9 @@ class Namespaces:
                 run(["ip", "link", "delete", node.root_link])
             if (NETNS_DIR / node.namespace).exists():
                 run(["ip", "netns", "delete", node.namespace])
+        for medium in self.media:
+            if (NETNS_DIR / medium.namespace).exists():
+                run(["ip", "netns", "delete", medium.namespace])
         with contextlib.suppress(IsolationError):  # absent already
             run(["ip", "route", "delete", "unreachable", self.block])
         log.info("namespaces %s* removed", self.prefix)
@@ -227,44 +276,62 @@ class Namespaces:
     def run_inside(self, name: str, function: Callable[[], T]) -> T:
         """``function()`` in a thread that entered node ``name``'s namespace, so processes it
         starts run there (a namespace is a property of the thread; this one then ends)."""
-        path = NETNS_DIR / self.node(name).namespace
-        result: list[T] = []
-        failure: list[BaseException] = []
+        return _run_in(self.node(name).namespace, function)
 
-        def inside() -> None:
-            try:
-                _enter(path)
-                result.append(function())
-            except BaseException as err:  # handed to the caller's thread
-                failure.append(err)
-
-        thread = threading.Thread(target=inside, name=f"netns-{name}")
-        thread.start()
-        thread.join()
-        if failure:
-            raise failure[0]
-        return result[0]
+    def run_in_medium(self, name: str, function: Callable[[], T]) -> T:
+        """``function()`` in a thread that entered medium ``name``'s namespace (see
+        :meth:`run_inside`)."""
+        return _run_in(self.medium(name).namespace, function)
 
     def to_dict(self) -> dict[str, object]:
         return {"prefix": self.prefix, "block": self.block,
-                "nodes": [vars(node) for node in self.nodes]}
+                "nodes": [vars(node) for node in self.nodes],
+                "media": [{**vars(m), "nodes": list(m.nodes)} for m in self.media]}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Namespaces:
         """The namespaces a state file recorded; refuses names and blocks not ours."""
         prefix, block = str(data["prefix"]), ipaddress.IPv4Network(data["block"])
         nodes = tuple(NodeNetwork(**entry) for entry in data["nodes"])
+        media = tuple(MediumNetwork(**{**entry, "nodes": tuple(entry["nodes"])})
+                      for entry in data.get("media", []))
         if not prefix.startswith(NAME_PREFIX) or not block.subnet_of(RANGE) or any(
             not (n.namespace.startswith(prefix) and n.root_link.startswith(prefix))
             for n in nodes
-        ):
+        ) or any(not m.namespace.startswith(prefix) for m in media):
             raise ValueError(f"{data} names namespaces or addresses that are not edgesplit's")
-        return cls(prefix, str(block), nodes)
+        return cls(prefix, str(block), nodes, media)
+
+
+def _run_in(namespace: str, function: Callable[[], T]) -> T:
+    """``function()`` in a thread that entered ``namespace``."""
+    path = NETNS_DIR / namespace
+    result: list[T] = []
+    failure: list[BaseException] = []
+
+    def inside() -> None:
+        try:
+            _enter(path)
+            result.append(function())
+        except BaseException as err:  # handed to the caller's thread
+            failure.append(err)
+
+    thread = threading.Thread(target=inside, name=f"netns-{namespace}")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return result[0]
 
 
 def _peer_link(index: int) -> str:
     """The name, in a namespace, of its link to the ``index``-th node's."""
     return f"peer{index}"
+
+
+def _medium_link(index: int) -> str:
+    """The name, in a node's namespace, of its link to the ``index``-th medium's arbiter."""
+    return f"air{index}"
 
 
 def _ip(node: NodeNetwork, *arguments: str) -> None:

@@ -106,6 +106,19 @@ class Mlp(torch.nn.Module):
         return self.blocks(x)
 
 
+class WideMiddle(torch.nn.Module):
+    """16 features widened to 4096 and narrowed back: 4 KiB in and out at batch 64, 1 MiB
+    between (the activation a split sends)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.widen = torch.nn.Linear(16, 4096)
+        self.narrow = torch.nn.Linear(4096, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.narrow(torch.relu(self.widen(x)))
+
+
 class Inception(torch.nn.Module):
     """Three parallel convolution branches of different lengths, concatenated; the forward
     runs the wide one-layer branch first, so the program's order keeps its output live

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -17,7 +18,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from cli_helpers import coordinator, nodes_yaml, ok
+from model_zoo import WideMiddle
 
 from coordinator import local_cluster, netns
 from coordinator.bench import random_inputs
@@ -28,6 +31,7 @@ from coordinator.isolation import check_available as check_cgroups
 from coordinator.local_cluster import (
     LocalCluster,
     LocalClusterError,
+    read_arbiters,
     read_cpu_groups,
     read_namespaces,
     start_cluster,
@@ -42,9 +46,10 @@ from node.client import GrpcWorkerHandle
 from node.errors import NodeUnreachableError
 from node.probe import ProbeOptions
 from partition.artifact import ProgramRunner
-from partition.cluster import ClusterSpec, load_cluster, parse_cluster
+from partition.cluster import ClusterSpec, MediumSpec, load_cluster, parse_cluster
 from partition.cost_builder import build_cost_model
 from partition.layers import build_layer_graph
+from partition.loader import load_model
 from partition.optimizer import Span, evaluate
 from partition.plan import Objective
 from partition.planning import plan_from_schedule
@@ -56,6 +61,7 @@ TOLERANCE = 0.15
 """How close a probe must come to a shaped link's bandwidth."""
 REQUESTS = 40
 CUT_AFTER = 10
+MEDIUM_REQUESTS = 5
 
 
 def _unavailable() -> str | None:
@@ -264,3 +270,46 @@ async def answers(address: str, name: str, within_s: float = 0.0) -> bool:
             await asyncio.sleep(0.2)
         finally:
             await handle.close()
+
+
+
+async def test_a_shared_medium_is_enforced_from_a_namespace_only_its_nodes_reach(
+    tmp_path: Path,
+) -> None:
+    """Nodes a and b share a 40 Mbit/s medium and a 1 Gbps link: a frame of 1 MiB from a to
+    b takes 0.42 s of airtime (it uses the medium at both ends), which only the arbiter in
+    the medium's own namespace can impose; this machine cannot reach that arbiter."""
+    path = tmp_path / "wide.pt2"
+    torch.export.save(torch.export.export(WideMiddle().eval(), (torch.randn(64, 16),)), path)
+    model = load_model(path)
+    layer_graph = build_layer_graph(model.program)
+    given = replace(cluster_of(["a", "b"]), media=(MediumSpec("air", 5e6, ("a", "b")),))
+    with LocalCluster(given, tmp_path / "state", isolation=Isolation.KERNEL) as local:
+        cluster, namespaces = local.cluster, local.namespaces
+        assert namespaces is not None
+        [arbiter] = read_arbiters(tmp_path / "state")
+        host, _, port = arbiter.address.rpartition(":")
+        assert host == namespaces.medium("air").home
+        assert ipaddress.ip_address(host) in ipaddress.ip_network(namespaces.block)
+        with pytest.raises(OSError):
+            socket.create_connection((host, int(port)), timeout=2).close()
+        profile = profile_layers(layer_graph, model.sha256, model.example_inputs,
+                                 repeats=1, warmup=0)
+        cost = build_cost_model(layer_graph, cluster, {n: profile for n in cluster.names})
+        cut = next(k for k in range(1, layer_graph.num_layers)
+                   if sum(t.nbytes for t in layer_graph.boundary_tensors(k)) >= 1 << 20)
+        spans = [Span(0, 0, cut), Span(1, cut, layer_graph.num_layers)]
+        plan = plan_from_schedule(model, layer_graph, cluster, cost, evaluate(cost, spans),
+                                  Objective.THROUGHPUT, exact=False, lower_bound_s=0.0)
+        airtime = plan.media[0].busy_s
+        assert airtime == pytest.approx(2 * (1 << 20) / 5e6, rel=0.05)
+        await deploy(plan, split(plan, layer_graph), emulate_links=True)
+        make = random_inputs(plan.inputs)
+        async with await Pipeline.connect(plan, window=4, emulate_links=True) as pipeline:
+            await pipeline.infer(make(0))
+            started = time.perf_counter()
+            await pipeline.map([make(i) for i in range(MEDIUM_REQUESTS)])
+            elapsed = time.perf_counter() - started
+        assert elapsed >= 0.9 * MEDIUM_REQUESTS * airtime, (elapsed, airtime)
+        prefix, block = namespaces.prefix, namespaces.block
+    assert leftovers(prefix, block) == []

@@ -23,6 +23,7 @@ import msgpack
 import psutil
 import torch
 import yaml
+from model_zoo import WideMiddle
 
 from coordinator.bench import random_inputs
 from coordinator.deploy import deploy
@@ -47,17 +48,6 @@ is quiet): a fixed figure, so a busy machine's noisy profile cannot change the p
 PREDICTED_GAP = 1.5
 """The medium-aware plan's predicted throughput over the per-link plan's, at least."""
 
-
-class WideMiddle(torch.nn.Module):
-    """16 features widened to 4096 and narrowed back: 4 KiB in and out, 1 MiB between."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.widen = torch.nn.Linear(16, 4096)
-        self.narrow = torch.nn.Linear(4096, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.narrow(torch.relu(self.widen(x)))
 
 
 def example_on_free_ports() -> ClusterSpec:
