@@ -5,13 +5,14 @@ cannot be made."""
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import replace
 
 import pytest
 
 from coordinator import netns
 from coordinator.isolation import IsolationError
 from coordinator.netns import RANGE, Namespaces, check_available
-from partition.cluster import ClusterSpec, parse_cluster
+from partition.cluster import ClusterSpec, MediumSpec, parse_cluster
 
 MBPS = 1e6 / 8
 """Bytes per second in one megabit per second."""
@@ -184,7 +185,8 @@ def test_too_many_nodes_is_one_line(commands: list[list[str]]) -> None:
                   for i in range(netns.MAX_NODES + 1)],
         "links": {"default": {"bandwidth": "1Gbps", "latency": "1ms"}},
     }, "test")
-    with pytest.raises(IsolationError, match="at most 127 nodes .* has 128"):
+    with pytest.raises(IsolationError, match=f"at most {netns.MAX_NODES} nodes and "
+                       f"{netns.MAX_MEDIA} media .* has {netns.MAX_NODES + 1} and 0"):
         Namespaces.claim(cluster, "seed")
     assert commands == []
 
@@ -198,3 +200,25 @@ def test_unavailable_says_why_and_to_use_none(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
     with pytest.raises(IsolationError, match="needs root .*; use --isolation none"):
         check_available()
+
+
+def test_a_medium_has_a_namespace_linked_to_its_nodes_only(commands: list[list[str]]) -> None:
+    cluster = replace(three_nodes(), media=(MediumSpec("air", 5e6, ("a", "c")),))
+    namespaces = Namespaces.claim(cluster, "seed")
+    namespaces.build(cluster)
+    [air] = namespaces.media
+    assert air.home in {str(h) for h in ipaddress.ip_network(namespaces.block).hosts()}
+    assert air.home not in {n.home for n in namespaces.nodes} | {
+        n.root_end for n in namespaces.nodes}
+    veths = [c for c in commands if c[:3] == ["ip", "link", "add"] and air.namespace in c]
+    assert [c[c.index("netns") + 1] for c in veths] == [
+        namespaces.node("a").namespace, namespaces.node("c").namespace]
+    for name in "abc":  # each node routes the arbiter's address over its own link, or not
+        routed = {c[5].removesuffix("/32") for c in commands
+                  if c[:6:2] == ["ip", namespaces.node(name).namespace, "replace"]}
+        assert (air.home in routed) is (name in "ac"), name
+    assert rates(commands).keys().isdisjoint({(air.namespace, "peer0"), (air.namespace, "peer2")})
+    assert Namespaces.from_dict(namespaces.to_dict()) == namespaces
+    with pytest.raises(ValueError, match="not edgesplit's"):
+        record = namespaces.to_dict()
+        Namespaces.from_dict({**record, "media": [{**record["media"][0], "namespace": "x"}]})
