@@ -102,7 +102,9 @@ class ResultStream(ABC):
     def __aiter__(self) -> AsyncIterator[Result]: ...
 
     @abstractmethod
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Cancel the subscription; an iteration waiting on it ends once the transport has
+        ended its read (so await the reader, rather than cancel it mid-read)."""
 
 
 class WorkerHandle(ABC):
