@@ -20,7 +20,6 @@ See :mod:`coordinator.ledger` for how answers count once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import math
@@ -671,12 +670,12 @@ class Pipeline:
         last, first = plan.stages[-1], plan.stages[0]
         for node in last.nodes:
             if node in force and node in self._readers:
-                self._close_reader(node)
+                await self._close_reader(node)
             if node not in self._readers:
                 await self._subscribe(node)
         for node in [n for n in self._readers if n not in last.nodes]:
             if self._watches[node].state.usable:
-                self._close_reader(node)
+                await self._close_reader(node)
         encoding = hop_encoding(plan, 0, plan.source)
         for node, sender in list(self._senders.items()):
             if node not in first.nodes or node in force or sender.encoding is not encoding:
@@ -689,10 +688,13 @@ class Pipeline:
         self._dealer = Dealer([r.share for r in first.replicas])
         self._ready.set()
 
-    def _close_reader(self, node: str) -> None:
+    async def _close_reader(self, node: str) -> None:
+        """Close ``node``'s results stream; its reader ends once gRPC has ended the read
+        it was waiting on (cancelled mid-read, gRPC would complete that read later, maybe
+        after the event loop closed)."""
         stream, task = self._readers.pop(node)
-        task.cancel()
-        asyncio.create_task(stream.close())
+        await stream.close()
+        await asyncio.wait({task})
 
     async def _replay(self) -> int:
         """Send every unanswered request again under the new version."""
@@ -739,11 +741,7 @@ class Pipeline:
             except (EdgesplitError, TimeoutError):
                 sender.abort()
         for node in list(self._readers):
-            stream, task = self._readers.pop(node)
-            await stream.close()
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await self._close_reader(node)
         self._ledger.fail_all(PipelineBrokenError("the pipeline was closed"))
         await asyncio.gather(*(h.close() for h in self._handles.values()))
         if self._ledger.strays:

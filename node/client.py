@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import torch
+from grpc._cython import cygrpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from node.channels import open_channel
@@ -47,6 +49,13 @@ _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 _CONNECT_FAILED = "failed to connect to all addresses"
 _SERVER_DROPPED = "Socket closed"
 _HANDSHAKE_FAILED = ("handshake failed", "Hostname Verification", "certificate")
+
+_T = TypeVar("_T")
+
+_STATUS_TASK = "_AioCall._handle_status_once_received"
+"""The coroutine of the task in which gRPC awaits a streaming call's final status."""
+SETTLE_TIMEOUT_S = 1.0
+"""Bound on the wait for gRPC to take the final status of the calls a handle ended."""
 
 
 @dataclass(frozen=True)
@@ -93,7 +102,9 @@ class ResultStream(ABC):
     def __aiter__(self) -> AsyncIterator[Result]: ...
 
     @abstractmethod
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Cancel the subscription; an iteration waiting on it ends once the transport has
+        ended its read (so await the reader, rather than cancel it mid-read)."""
 
 
 class WorkerHandle(ABC):
@@ -179,7 +190,8 @@ class GrpcWorkerHandle(WorkerHandle):
 
     async def describe(self) -> NodeInfo:
         with _mapped_errors(self, "Describe"):
-            reply = await self._stub.Describe(pb.DescribeRequest(), timeout=CALL_TIMEOUT_S)
+            reply = await _finished(self._stub.Describe(pb.DescribeRequest(),
+                                                        timeout=CALL_TIMEOUT_S))
         return NodeInfo.from_proto(reply)
 
     async def profile(self, model: bytes, options: ProfileOptions) -> dict[str, Any]:
@@ -193,7 +205,7 @@ class GrpcWorkerHandle(WorkerHandle):
         )
         chunks = _chunked(model, first, lambda data: pb.ProfileChunk(data=data), None)
         with _mapped_errors(self, "Profile"):
-            reply = await self._stub.Profile(chunks)
+            reply = await _finished(self._stub.Profile(chunks))
         return json.loads(reply.profile_json)
 
     async def load_stage(
@@ -207,12 +219,12 @@ class GrpcWorkerHandle(WorkerHandle):
         first = pb.StageChunk(header=header)
         chunks = _chunked(artifact, first, lambda data: pb.StageChunk(data=data), progress)
         with _mapped_errors(self, "LoadStage"):
-            reply = await self._stub.LoadStage(chunks)
+            reply = await _finished(self._stub.LoadStage(chunks))
         return StageInfo.from_proto(reply.stage)
 
     async def wire(self, wiring: Wiring) -> None:
         with _mapped_errors(self, "Wire"):
-            await self._stub.Wire(wiring.to_proto(), timeout=CALL_TIMEOUT_S)
+            await _finished(self._stub.Wire(wiring.to_proto(), timeout=CALL_TIMEOUT_S))
 
     async def probe(
         self, target_address: str, options: ProbeOptions, *, target_node: str | None = None,
@@ -224,7 +236,8 @@ class GrpcWorkerHandle(WorkerHandle):
             outbound=link_to_proto(outbound), inbound=link_to_proto(inbound),
         )
         with _mapped_errors(self, "Probe"):
-            reply = await self._stub.Probe(request, timeout=PROBE_TIMEOUT_S + CALL_TIMEOUT_S)
+            reply = await _finished(
+                self._stub.Probe(request, timeout=PROBE_TIMEOUT_S + CALL_TIMEOUT_S))
         return LinkMeasurement.from_proto(reply)
 
     async def measure_link(self, options: ProbeOptions) -> LinkMeasurement:
@@ -236,14 +249,15 @@ class GrpcWorkerHandle(WorkerHandle):
 
     async def check_health(self, service: str = OVERALL, timeout_s: float = 1.0) -> bool:
         with _mapped_errors(self, "Check"):
-            reply = await self._health.Check(
+            reply = await _finished(self._health.Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
-            )
+            ))
         return is_serving(reply)
 
     async def watch_health(self, service: str = OVERALL) -> AsyncIterator[bool]:
+        call = self._health.Watch(health_pb2.HealthCheckRequest(service=service))
         with _mapped_errors(self, "Watch"):
-            async for reply in self._health.Watch(health_pb2.HealthCheckRequest(service=service)):
+            while (reply := await _finished(call, call.read())) is not grpc.aio.EOF:
                 yield is_serving(reply)
 
     async def open_sender(self, encoding: LinkEncoding = LinkEncoding.RAW) -> FrameSender:
@@ -258,7 +272,10 @@ class GrpcWorkerHandle(WorkerHandle):
         return _GrpcResultStream(self, call, expected)
 
     async def close(self) -> None:
+        """Cancel the calls still open, close the channel, and wait until gRPC has taken
+        the final status of every call that ended here (see :func:`_settled`)."""
         await self._channel.close()
+        await _settled()
 
 
 class _GrpcFrameSender(FrameSender):
@@ -281,8 +298,8 @@ class _GrpcFrameSender(FrameSender):
 
     async def close(self) -> None:
         with contextlib.suppress(asyncio.InvalidStateError):  # already ended: _acks knows why
-            await self._call.done_writing()
-        await self._acks
+            await _finished(self._call, self._call.done_writing())
+        await asyncio.shield(self._acks)  # cancelled, this leaves the acks' read to abort()
 
     def abort(self) -> None:
         self._call.cancel()
@@ -325,6 +342,44 @@ class _GrpcResultStream(ResultStream):
 
     async def close(self) -> None:
         self._call.cancel()
+
+
+async def _finished(call: Any, step: Awaitable[_T] | None = None) -> _T:
+    """Await ``step``, one operation of ``call`` (the whole call if none). If this task is
+    cancelled meanwhile, cancel the call and wait until gRPC has finished the operation
+    before raising: gRPC completes an abandoned operation later, on the loop that started
+    it, and fails ("Event loop is closed") if that loop is closed by then."""
+    running = asyncio.ensure_future(call if step is None else step)
+    try:
+        return await asyncio.shield(running)
+    except asyncio.CancelledError:
+        call.cancel()
+        await asyncio.wait({running})
+        if not running.cancelled():
+            running.exception()  # the call's end, brought on by the cancel: not news
+        raise
+
+
+async def _settled() -> None:
+    """Wait until gRPC's own tasks awaiting the final status of calls that ended (cancelled,
+    here or by a closed channel) have it.
+
+    A cancelled call is done at once, but gRPC's task still awaits the core's completion of
+    the call's status; if the event loop closes first, gRPC fails on that completion in the
+    next loop ("Event loop is closed"). gRPC offers no handle on that task, so it is found
+    by its coroutine, whose scope holds the call.
+    """
+    ended = [task for task in asyncio.all_tasks() if _awaits_ended_call(task)]
+    if ended:
+        await asyncio.wait(ended, timeout=SETTLE_TIMEOUT_S)
+
+
+def _awaits_ended_call(task: asyncio.Task[Any]) -> bool:
+    coroutine = task.get_coro()
+    if getattr(coroutine, "__qualname__", None) != _STATUS_TASK:
+        return False
+    held = [held for scope in gc.get_referents(coroutine) for held in gc.get_referents(scope)]
+    return any(isinstance(call, cygrpc._AioCall) and call.done() for call in held)
 
 
 @contextlib.contextmanager

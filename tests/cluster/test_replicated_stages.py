@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -34,6 +36,8 @@ KILL_AFTER = 12
 """Answers before the replica is killed."""
 RUN_S = 60.0
 """Bound on one run of requests, against hangs (a run takes a few seconds)."""
+CLOSE_ROUNDS = 8
+"""Pipelines opened and closed one after another, each in its own event loop."""
 
 
 def four_node_cluster() -> ClusterSpec:
@@ -148,3 +152,37 @@ async def test_a_lost_replica_is_left_out_and_every_request_is_answered_once(
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim.pid, signal.SIGCONT)
         local.restart("node-3")
+
+
+def test_pipelines_closed_in_turn_leave_grpc_nothing_for_a_closed_loop(
+    parts: Split, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pipelines on a plan whose last stage is replicated, each opened, used and closed in an
+    event loop of its own (as ``coordinator demo`` and the benchmarks run them), leave no
+    gRPC operation behind: gRPC would complete it in the next loop and fail on the closed
+    one ("Event loop is closed"). A thread keeping the interpreter busy (as the re-planner's
+    does) delays gRPC's completions, which makes a leftover operation likely."""
+    plan = replicate(parts.plan, 2, [("node-2", 0.5), ("node-3", 0.5)])
+    asyncio.run(deploy(plan, parts.artifacts, emulate_links=False))
+    batch = [make_inputs(plan.inputs, parts.sample.module, seed) for seed in range(WINDOW)]
+
+    async def run_once() -> None:
+        async with await Pipeline.connect(plan, window=WINDOW) as pipeline:
+            await pipeline.map(batch)
+
+    stop = threading.Event()
+
+    def keep_busy() -> None:
+        while not stop.is_set():
+            sum(range(1_000_000))  # one C call: holds the interpreter for milliseconds
+
+    worker = threading.Thread(target=keep_busy)
+    worker.start()
+    try:
+        for _ in range(CLOSE_ROUNDS):
+            asyncio.run(run_once())
+    finally:
+        stop.set()
+        worker.join()
+    asyncio.run(served(plan))  # a last loop, in which a leftover completion would fail
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
