@@ -170,7 +170,8 @@ def fit_speeds(
     stretch, fitted = 1.0, cluster
     for _ in range(rounds):
         need = max((host_need(p, stage_seconds(p), frame_cost, host_cores)
-                    for p in plans_for(fitted)), key=lambda n: n.cores)
+                    for p in plans_for(fitted)), key=lambda n: n.cores,
+                   default=HostNeed(0.0, 0.0, host_cores))  # no plan fits: nothing runs
         if need.fits:
             break
         stretch *= need.allowed / need.cores

@@ -110,3 +110,10 @@ def test_a_paced_loop_starts_no_request_early() -> None:
     assert len(starts) == 10
     for index, started in enumerate(sorted(starts)):
         assert started - began >= index / 50.0 - 1e-3
+
+
+def test_a_cluster_no_plan_fits_is_left_alone(planner) -> None:
+    _, seconds = planner
+    cluster = load_cluster(EXAMPLES / "cluster-homogeneous.yaml")
+    fitted, stretch, need = fit_speeds(cluster, lambda c: [], seconds, COST, 1)
+    assert (fitted, stretch, need.cores) == (cluster, 1.0, 0.0)
