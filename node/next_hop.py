@@ -50,6 +50,7 @@ class NextHop:
         self._call: grpc.aio.StreamStreamCall | None = None
         self._acks: asyncio.Task[None] | None = None
         self._unacked: deque[int] = deque()
+        self._closed = False
 
     async def connect(self, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         """Wait until the next node accepts a connection; ``TimeoutError`` if it does not."""
@@ -58,7 +59,12 @@ class NextHop:
 
     async def deliver(self, request_id: int, frame: bytes) -> None:
         """Write a serialized frame; waits while gRPC flow control pushes back. A frame
-        for a hop already closed (the node was wired elsewhere meanwhile) is dropped."""
+        for a hop already closed (the node was wired elsewhere meanwhile) is dropped: no
+        stream is opened again on a channel being closed."""
+        if self._closed:
+            log.info("request %d not forwarded to %s: the node was wired elsewhere",
+                     request_id, self.address)
+            return
         try:
             if self._call is None:
                 self._call = submit_stream(self._channel)
@@ -95,6 +101,7 @@ class NextHop:
     async def close(self) -> None:
         """Finish the stream (the next node keeps what it acknowledged) and the channel;
         a next hop that does not answer within :data:`CLOSE_TIMEOUT_S` is cut off."""
+        self._closed = True
         call, self._call = self._call, None
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT_S):
