@@ -62,8 +62,8 @@ class NextHop:
         for a hop already closed (the node was wired elsewhere meanwhile) is dropped: no
         stream is opened again on a channel being closed."""
         if self._closed:
-            log.info("request %d not forwarded to %s: the node was wired elsewhere",
-                     request_id, self.address)
+            log.warning("request %d not forwarded to %s: the node was wired elsewhere",
+                        request_id, self.address)
             return
         try:
             if self._call is None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,7 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 from cli_helpers import ok, split_in_two_memory, status_rows
-from cluster_helpers import Shift, make_stage, node_command, spawn_node, stop_node
+from cluster_helpers import (
+    READY_TIMEOUT_S,
+    Shift,
+    make_stage,
+    node_command,
+    spawn_node,
+    stop_node,
+)
 from cluster_helpers import wait_listening as wait_node_listening
 from model_zoo import ExportedSample
 
@@ -251,6 +259,10 @@ def test_an_exposed_worker_without_security_warns_once(tmp_path: Path) -> None:
     node = spawn_node("open", f"0.0.0.0:{free_ports(1)[0]}", tmp_path / "open.log")
     try:
         wait_node_listening(node)
+        # The port accepts connections a moment before the node logs its start.
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while "without TLS" not in node.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
     finally:
         stop_node(node)
     warnings = [line for line in node.log().splitlines() if "without TLS" in line]
