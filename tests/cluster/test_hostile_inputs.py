@@ -87,9 +87,18 @@ def rss(node: NodeProcess) -> int:
     return psutil.Process(node.process.pid).memory_info().rss
 
 
-def assert_memory_back(node: NodeProcess, before: int) -> None:
+def assert_memory_back(node: NodeProcess, before: int, sent_bytes: int = 0) -> None:
+    """The node's RSS grew by under a quarter of what was sent to it, or 10% if that is more.
+
+    The allocator keeps some freed memory for reuse (tens of MiB after many streams at once);
+    a node that kept what it was sent would grow by all of it.
+    """
     after = rss(node)
-    assert after <= before * 1.1, f"RSS grew from {before / MiB:.0f} to {after / MiB:.0f} MiB"
+    allowed = max(sent_bytes / 4, before * 0.1)
+    assert after - before <= allowed, (
+        f"RSS grew from {before / MiB:.0f} to {after / MiB:.0f} MiB after {sent_bytes / MiB:.0f} "
+        f"MiB sent"
+    )
 
 
 def stage_header(stage: StageArtifact, total_bytes: int) -> pb.StageChunk:
@@ -134,7 +143,7 @@ async def test_unfinished_upload_is_refused_and_its_memory_released(node, channe
     error = await status_of(stub.LoadStage(chunks()))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "truncated: 536870912 of 8589934592 bytes" in error.details()
-    assert_memory_back(node, before)
+    assert_memory_back(node, before, sent_bytes=512 * MiB)
 
 
 async def test_bytes_past_the_declared_size_are_refused(node, channel, stage) -> None:
@@ -146,18 +155,27 @@ async def test_bytes_past_the_declared_size_are_refused(node, channel, stage) ->
 
 
 async def test_stalled_uploads_are_cancelled(node, channel, stage) -> None:
-    before = rss(node)
     stub = pb_grpc.EdgeNodeStub(channel)
-    first = [stage_header(stage, 64 * MiB), pb.StageChunk(data=bytes(4 * MiB))]
-    calls = [stub.LoadStage(hang_after(*first)) for _ in range(20)]
-    calls.append(stub.Profile(hang_after(pb.ProfileChunk(
-        options=pb.ProfileOptions(granularity="auto", threads=1, repeats=1, warmup=0),
-        data=bytes(4 * MiB),
-    ))))
-    errors = await asyncio.gather(*(status_of(call) for call in calls))
-    assert {error.code() for error in errors} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
-    assert all(f"sent nothing for {STALL_S:g} s" in error.details() for error in errors)
-    assert_memory_back(node, before)
+
+    async def stall_twenty_uploads_and_a_profile() -> None:
+        first = [stage_header(stage, 64 * MiB), pb.StageChunk(data=bytes(4 * MiB))]
+        calls = [stub.LoadStage(hang_after(*first)) for _ in range(20)]
+        calls.append(stub.Profile(hang_after(pb.ProfileChunk(
+            options=pb.ProfileOptions(granularity="auto", threads=1, repeats=1, warmup=0),
+            data=bytes(4 * MiB),
+        ))))
+        errors = await asyncio.gather(*(status_of(call) for call in calls))
+        assert {error.code() for error in errors} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+        assert all(f"sent nothing for {STALL_S:g} s" in error.details() for error in errors)
+
+    # Twenty streams at once leave freed memory in the arenas of gRPC's threads, which the
+    # allocator keeps for reuse: a first round sets that level, then six more are measured.
+    await stall_twenty_uploads_and_a_profile()
+    before = rss(node)
+    rounds = 6
+    for _ in range(rounds):
+        await stall_twenty_uploads_and_a_profile()
+    assert_memory_back(node, before, sent_bytes=rounds * 21 * 4 * MiB)
 
 
 @pytest.mark.parametrize(
