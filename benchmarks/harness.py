@@ -18,7 +18,7 @@ import report
 
 from coordinator.bench import BenchResult, measure, random_inputs
 from coordinator.deploy import deploy
-from coordinator.host_budget import fit_speeds, measure_frame_cost
+from coordinator.host_budget import cpu_per_request, fit_speeds, measure_frame_cost
 from coordinator.isolation import (
     Isolation,
     cores_wanted,
@@ -67,19 +67,21 @@ def with_free_ports(cluster: ClusterSpec) -> ClusterSpec:
 
 
 def fitted(cluster: ClusterSpec, isolation: Isolation, sample: Sample,
-           plans_for: Callable[[ClusterSpec], list[Plan]]) -> ClusterSpec:
+           plans_for: Callable[[ClusterSpec], list[Plan]], cpu_factor: float = 1.0) -> ClusterSpec:
     """``cluster`` as :func:`run_plans` should run it with ``isolation``: with kernel
     isolation, its speeds stretched so the CPU quotas fit this host; with either, stretched
     further until the neediest of ``plans_for(cluster)`` needs at most the host's safe share
-    of CPU at its predicted throughput (see :mod:`coordinator.host_budget`). Plan with it, so
-    predictions match; says so in one line when it stretches."""
+    of CPU at its predicted throughput (see :mod:`coordinator.host_budget`), counting
+    ``cpu_factor`` times the CPU :func:`counted_cpu` does. Plan with it, so predictions
+    match; says so in one line when it stretches."""
     cores = host_cores()
     declared = 1.0
     if isolation is Isolation.KERNEL:
         declared = cpu_stretch(cores_wanted(cluster), cores)
         cluster = with_stretched_speeds(cluster, declared)
-    fit, stretch, need = fit_speeds(cluster, plans_for, lambda p: stage_seconds(p, sample.profile),
-                                    measure_frame_cost(), cores)
+    fit, stretch, need = fit_speeds(
+        cluster, plans_for, lambda p: [cpu_factor * s for s in stage_seconds(p, sample.profile)],
+        measure_frame_cost().scaled(cpu_factor), cores)
     if declared * stretch < 1:
         print(f"speeds stretched by {declared * stretch:.3g} to fit this host: {need.describe()}"
               + ("" if need.fits else ", still above it"))
@@ -90,6 +92,17 @@ def stage_seconds(plan: Plan, profile: Profile) -> list[float]:
     """Each stage's real compute time per request on this host, from its layers' times in
     ``profile`` (a replicated stage's replicas share its requests, so it counts once)."""
     return [sum(layer.median_s for layer in profile.layers[s.start:s.end]) for s in plan.stages]
+
+
+def counted_cpu(plan: Plan, sample: Sample) -> float:
+    """The host CPU seconds per request :func:`fitted` counts for ``plan``."""
+    return cpu_per_request(plan, stage_seconds(plan, sample.profile), measure_frame_cost())
+
+
+def measured_cpu(result: BenchResult) -> float:
+    """The host CPU seconds per request a run took, all processes counted (on a quiet
+    machine, the cluster's and the client's)."""
+    return result.host_cpu * host_cores() * result.elapsed_s / result.requests
 
 
 def run_plans(

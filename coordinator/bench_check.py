@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from coordinator.bench import InputFactory, closed_loop
+from coordinator.bench import InputFactory, answer_rate, closed_loop
 from coordinator.pipeline import Pipeline
 from partition.artifact import ProgramRunner
 from partition.errors import EdgesplitError
@@ -49,7 +49,8 @@ class CheckedRun:
 
     @property
     def throughput_per_s(self) -> float:
-        return self.answered / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        """Answers a second, from the first to the last (see :func:`answer_rate`)."""
+        return answer_rate(self.finished_at, self.elapsed_s)
 
     def percentile(self, q: float, latencies: list[float] | None = None) -> float:
         values = sorted(self.latencies_s if latencies is None else latencies)

@@ -50,6 +50,10 @@ class FrameCost:
     def __call__(self, nbytes: int) -> float:
         return self.fixed_s + self.per_byte_s * nbytes
 
+    def scaled(self, factor: float) -> FrameCost:
+        """This cost ``factor`` times over."""
+        return FrameCost(self.fixed_s * factor, self.per_byte_s * factor)
+
 
 @dataclass(frozen=True)
 class HostNeed:
@@ -127,8 +131,12 @@ def host_need(plan: Plan, stage_seconds: Sequence[float], frame_cost: FrameCost,
     throughput), its stages taking ``stage_seconds`` of this host's CPU per request (0 for a
     stage on another machine)."""
     rate = plan.throughput_per_s if rate_per_s is None else rate_per_s
-    per_request = sum(stage_seconds) + sum(frame_cost(n) for n in hop_bytes(plan))
-    return HostNeed(rate, rate * per_request, host_cores)
+    return HostNeed(rate, rate * cpu_per_request(plan, stage_seconds, frame_cost), host_cores)
+
+
+def cpu_per_request(plan: Plan, stage_seconds: Sequence[float], frame_cost: FrameCost) -> float:
+    """This host's CPU seconds per request of ``plan``: its stages' and its hops' frames'."""
+    return sum(stage_seconds) + sum(frame_cost(n) for n in hop_bytes(plan))
 
 
 async def deployed_need(plan: Plan) -> HostNeed:

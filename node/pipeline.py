@@ -41,7 +41,8 @@ from partition.spec import StageSpec
 log = logging.getLogger(__name__)
 
 CALIBRATION_RUNS = 10
-"""Runs of a freshly loaded stage whose fastest time is its compute time on this machine."""
+"""Runs of a freshly loaded stage whose median time is its compute time on this machine (the
+median, as a profile's layer times are: a plan's predictions come from those)."""
 
 STATS_WINDOW = 100
 """How many recent requests the median stage time is taken over."""
@@ -247,7 +248,7 @@ class StageRunner:
             started = time.perf_counter()
             encode_frame(0, run_stage(program, spec, frame))
             times.append(time.perf_counter() - started)
-        return LoadedStage(spec, program, size_bytes, min(times))
+        return LoadedStage(spec, program, size_bytes, statistics.median(times))
 
     def install(self, stage: LoadedStage) -> None:
         """Run ``stage`` from the next frame on; its statistics start afresh."""

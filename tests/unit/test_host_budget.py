@@ -11,6 +11,7 @@ import pytest
 from coordinator.bench import closed_loop
 from coordinator.host_budget import (
     FrameCost,
+    cpu_per_request,
     fit_speeds,
     hop_bytes,
     host_need,
@@ -55,6 +56,8 @@ def test_need_is_the_rate_times_every_stage_and_frame(planner) -> None:
     assert hop_bytes(p) == frames
     expected = 10.0 * (0.01 * len(p.stages) + sum(2e-4 + 1e-9 * n for n in frames))
     assert need.cores == pytest.approx(expected)
+    assert cpu_per_request(p, [0.01] * len(p.stages), COST) == pytest.approx(expected / 10.0)
+    assert COST.scaled(1.5)(1 << 20) == pytest.approx(1.5 * COST(1 << 20))
     assert need.allowed == pytest.approx(HOST_SHARE * 2)
     assert host_need(p, seconds(p), COST, 2).rate_per_s == p.throughput_per_s
 

@@ -86,7 +86,8 @@ def test_plan_writes_a_versioned_json_and_a_picture(
     assert dealt.latency_under_load(1) == plan.latency_s / 2
     assert (f"latency {ms(plan.latency_s)} ms alone on average, p50 {ms(plan.latency_s / 2)} ms"
             in totals_line(dealt))
-    checked = CheckedRun(requests=2, answered=2, elapsed_s=1.0, latencies_s=[0.1, 0.3])
+    checked = CheckedRun(requests=2, answered=2, elapsed_s=1.0, latencies_s=[0.1, 0.3],
+                         finished_at=[0.6, 1.0])
     table = checked_table(checked, False, plan.latency_under_load(2))
     assert {c.header: next(iter(c.cells)) for c in table.columns}["predicted p50 ms"] == ms(
         plan.latency_under_load(2))
