@@ -18,7 +18,7 @@ import report
 
 from coordinator.bench import BenchResult, measure, random_inputs
 from coordinator.deploy import deploy
-from coordinator.host_budget import cpu_per_request, fit_speeds, measure_frame_cost
+from coordinator.host_budget import HostNeed, cpu_per_request, fit_speeds, measure_frame_cost
 from coordinator.isolation import (
     Isolation,
     cores_wanted,
@@ -103,6 +103,13 @@ def measured_cpu(result: BenchResult) -> float:
     """The host CPU seconds per request a run took, all processes counted (on a quiet
     machine, the cluster's and the client's)."""
     return result.host_cpu * host_cores() * result.elapsed_s / result.requests
+
+
+def measured_need(plan: Plan, result: BenchResult) -> HostNeed:
+    """The cores ``plan`` would need at its predicted rate, at the CPU per request ``result``
+    took."""
+    return HostNeed(plan.throughput_per_s, plan.throughput_per_s * measured_cpu(result),
+                    host_cores())
 
 
 def run_plans(

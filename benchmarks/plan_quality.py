@@ -7,9 +7,14 @@ baseline that fits, one after another, with the same requests.
     .venv/bin/python benchmarks/plan_quality.py [--requests 60] [--models resnet gpt2 vit]
         [--json out/plan_quality.json] [--markdown] [--isolation kernel]
 
-``--isolation kernel`` runs each worker under a CPU quota instead of sleeping (see README);
-speeds stretched to fit the host are planned with, so predictions match. ``--predict-only``
-plans and prints the predictions without starting any cluster.
+``--isolation kernel`` runs each worker under a CPU quota instead of sleeping (see README).
+Each cluster is fitted to the host: every speed stretched by one factor until the neediest
+plan needs at most 70% of the cores at its predicted rate, and planned with, so predictions
+match. The CPU a request needs is counted from the profile and the frames, then measured: if
+a case's measured run would need more than 80% of the cores at a plan's predicted rate, the
+case is fitted again with what that plan's requests took and measured again, and the
+model's later cases start from that factor. ``--predict-only`` plans and prints the
+predictions of the first fit without starting any cluster.
 
 Our plan may run a stage on several nodes (replicated stages); when it does, the plan made
 with ``--no-replicate`` is measured beside it as "edgesplit 1/stage".
@@ -41,9 +46,8 @@ import report
 
 from coordinator import samples
 from coordinator.bench import BENCH_CONCURRENCY
-from coordinator.host_budget import HostNeed
 from coordinator.host_cpu import BOUND_SHARE
-from coordinator.isolation import Isolation, host_cores
+from coordinator.isolation import Isolation
 from partition.cluster import ClusterSpec, load_cluster
 from partition.cost_builder import node_profiles, stage_memory_matrix
 from partition.errors import NoFeasiblePlanError
@@ -132,11 +136,12 @@ def predict_case(model: str, cluster_name: str, cluster: ClusterSpec,
 
 
 def measure_case(model: str, cluster_name: str, cluster: ClusterSpec, sample: harness.Sample,
-                 requests: int, isolation: Isolation) -> list[dict]:
-    """Every plan of the case measured on ``cluster`` fitted to this host. If a plan's
-    measured CPU per request would make the host CPU-bound at its predicted rate, the case is
-    fitted again with the count scaled to the measurement, and measured again (once)."""
-    cpu_factor = 1.0
+                 requests: int, isolation: Isolation, cpu_factor: float) -> list[dict]:
+    """Every plan of the case measured on ``cluster`` fitted to this host, counting
+    ``cpu_factor`` times the CPU :func:`harness.counted_cpu` counts. If a plan's measured CPU
+    per request would make the host CPU-bound at its predicted rate, the case is fitted again
+    with that plan's measured factor and measured again (once). Each row records the factor
+    it was fitted with."""
     for attempt in range(2):
         fit = fit_case(model, cluster_name, cluster, sample, isolation, cpu_factor)
         plans, skipped = case_plans(model, cluster_name, fit, sample)
@@ -146,16 +151,15 @@ def measure_case(model: str, cluster_name: str, cluster: ClusterSpec, sample: ha
             fit, [p for _, p in plans], sample.layer_graph,
             emulate=True, requests=requests, concurrency=BENCH_CONCURRENCY, isolation=isolation,
         )
-        needs = [HostNeed(p.throughput_per_s, p.throughput_per_s * harness.measured_cpu(r),
-                          host_cores()) for (_, p), r in zip(plans, results, strict=True)]
-        neediest = max(needs, key=lambda need: need.cores)
-        if attempt or neediest.cores <= BOUND_SHARE * neediest.host_cores:
+        (_, p), r = max(zip(plans, results, strict=True),
+                        key=lambda ran: harness.measured_need(ran[0][1], ran[1]).cores)
+        need = harness.measured_need(p, r)
+        if attempt or need.cores <= BOUND_SHARE * need.host_cores:
             break
-        cpu_factor = max(harness.measured_cpu(r) / harness.counted_cpu(p, sample)
-                         for (_, p), r in zip(plans, results, strict=True))
-        print(f"{model} on {cluster_name}: as measured, {neediest.describe()}, above "
-              f"{BOUND_SHARE:.0%}; a request took up to {cpu_factor:.2f}x the CPU counted, "
-              "so the case is fitted with that and measured again")
+        cpu_factor = harness.measured_cpu(r) / harness.counted_cpu(p, sample)
+        print(f"{model} on {cluster_name}: as measured, {need.describe()}, above "
+              f"{BOUND_SHARE:.0%}; its requests took {cpu_factor:.2f}x the CPU counted, so "
+              "the case is fitted with that and measured again")
     rows = []
     for (name, p), result in zip(plans, results, strict=True):
         rows.append({
@@ -169,6 +173,8 @@ def measure_case(model: str, cluster_name: str, cluster: ClusterSpec, sample: ha
             "predicted_loaded_latency_ms": p.latency_under_load(BENCH_CONCURRENCY) * 1e3,
             "measured_loaded_latency_p50_ms": result.loaded_latency_p50_s * 1e3,
             "host_cpu_busy": result.host_cpu,
+            "host_cpu_ms_per_request": harness.measured_cpu(result) * 1e3,
+            "counted_cpu_ms_per_request": harness.counted_cpu(p, sample) * 1e3,
             "cpu_factor": cpu_factor,
         })
     return rows + skipped
@@ -236,9 +242,10 @@ def measure_model(name: str, folder: Path, requests: int, threads: int,
     process (the last row); prints the model's table."""
     builder, kwargs = MODELS[name]
     sample = harness.prepare(getattr(samples, builder)(**kwargs), folder, name)
-    rows = []
-    for cluster_name, cluster in clusters(sample):
-        rows += measure_case(name, cluster_name, cluster, sample, requests, isolation)
+    rows: list[dict] = []
+    for cluster_name, cluster in clusters(sample):  # a factor learned on one case fits the next
+        factor = max((row.get("cpu_factor", 1.0) for row in rows), default=1.0)
+        rows += measure_case(name, cluster_name, cluster, sample, requests, isolation, factor)
     print_table(name, rows)
     single = peer_pipelining.measure_single_process(builder, kwargs, threads=threads,
                                                     requests=requests)

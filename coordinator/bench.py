@@ -99,7 +99,7 @@ async def measure(
     return BenchResult(
         latency_p50_s=statistics.median(latencies),
         latency_p95_s=quantiles[18],
-        throughput_per_s=answer_rate(finished, load.elapsed_s),
+        throughput_per_s=answer_rate(finished, load.last_sent, load.elapsed_s),
         requests=requests,
         concurrency=concurrency,
         loaded_latency_p50_s=statistics.median(loaded) if loaded else 0.0,
@@ -109,23 +109,29 @@ async def measure(
     )
 
 
-def answer_rate(finished: Sequence[float], elapsed_s: float) -> float:
-    """Answers a second in steady state: those after the first, over the time from the first
-    answer to the last (``finished``, any clock). The wait for the first answer is the
-    pipeline filling, one request's latency; counting it would put a short run of a deep
-    pipeline ~10% low. With under two answers: their count over ``elapsed_s``."""
-    span = max(finished) - min(finished) if len(finished) > 1 else 0.0
-    if span > 0:
-        return (len(finished) - 1) / span
+def answer_rate(finished: Sequence[float], last_sent: float, elapsed_s: float) -> float:
+    """Answers a second in steady state, from the times requests were answered
+    (``finished``) and the last one was sent (``last_sent``, the same clock).
+
+    Steady state is from the first answer to the last request sent: before it the pipeline
+    fills (one request's latency), after it it drains (a slow replica's last answers), and
+    counting either would put a short run low. Below two answers in it, from the first answer
+    to the last; below two at all, their count over ``elapsed_s``."""
+    answered = sorted(finished)
+    for times in ([t for t in answered if t <= last_sent], answered):
+        if len(times) > 1 and times[-1] > times[0]:
+            return (len(times) - 1) / (times[-1] - times[0])
     return len(finished) / elapsed_s if elapsed_s > 0 else 0.0
 
 
 @dataclass(frozen=True)
 class LoadRun:
-    """How long a closed loop took, and the host's CPU utilization meanwhile."""
+    """How long a closed loop took, when (``time.perf_counter``) it sent its last request,
+    and the host's CPU utilization meanwhile."""
 
     elapsed_s: float
     host_cpu: float
+    last_sent: float
 
 
 async def closed_loop(
@@ -139,12 +145,14 @@ async def closed_loop(
     indices = iter(range(requests))
 
     async def worker() -> None:
+        nonlocal last_sent
         for index in indices:
             if rate_per_s:
                 await asyncio.sleep(started + index / rate_per_s - time.perf_counter())
+            last_sent = time.perf_counter()
             await send(index)
 
-    started = time.perf_counter()
+    started = last_sent = time.perf_counter()
     with HostCpu() as host:
         await asyncio.gather(*(worker() for _ in range(max(concurrency, 1))))
-    return LoadRun(time.perf_counter() - started, host.busy)
+    return LoadRun(time.perf_counter() - started, host.busy, last_sent)

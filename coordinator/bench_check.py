@@ -40,6 +40,8 @@ class CheckedRun:
     mismatches: int = 0
     late_answers: int = 0
     elapsed_s: float = 0.0
+    last_sent_at: float = 0.0
+    """When the last request was sent, on the clock of :attr:`finished_at`."""
     latencies_s: list[float] = field(default_factory=list, repr=False)
     finished_at: list[float] = field(default_factory=list, repr=False)
     errors: list[str] = field(default_factory=list)
@@ -49,8 +51,8 @@ class CheckedRun:
 
     @property
     def throughput_per_s(self) -> float:
-        """Answers a second, from the first to the last (see :func:`answer_rate`)."""
-        return answer_rate(self.finished_at, self.elapsed_s)
+        """Answers a second in steady state (see :func:`answer_rate`)."""
+        return answer_rate(self.finished_at, self.last_sent_at, self.elapsed_s)
 
     def percentile(self, q: float, latencies: list[float] | None = None) -> float:
         values = sorted(self.latencies_s if latencies is None else latencies)
@@ -159,6 +161,7 @@ async def run_checked(
 
     load = await closed_loop(requests, concurrency, send, rate_per_s)
     run.elapsed_s = load.elapsed_s
+    run.last_sent_at = load.last_sent - started
     run.host_cpu = load.host_cpu
     run.duplicates = sum(count - 1 for count in answers if count > 1)
     run.late_answers = pipeline.late_answers

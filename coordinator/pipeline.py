@@ -27,7 +27,7 @@ import time
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -47,6 +47,9 @@ from partition.plan import Plan, PlannedStage, Priced
 from partition.spec import TensorSpec
 from partition.split import StageArtifact
 from partition.units import format_bytes
+
+if TYPE_CHECKING:
+    from coordinator.recovery import PlanRecovery  # imported when needed: it loads the planner
 
 __all__ = ["Pipeline", "PipelineBrokenError", "RequestFailedError", "RequestTimeoutError",
            "Replanning", "bind_inputs"]
@@ -187,6 +190,8 @@ class Pipeline:
         self._failover = failover
         self._rebalance = rebalance
         self._recovery = recovery
+        self._made_recovery: PlanRecovery | None = None
+        """The recovery this pipeline made itself (none was given), which it closes."""
         self._emulate = loopback(plan) if emulate_links is None else emulate_links
         self._ready = asyncio.Event()
         self._send_lock = asyncio.Lock()
@@ -712,7 +717,7 @@ class Pipeline:
         if self._recovery is None:
             from coordinator.recovery import PlanRecovery  # the planner only when needed
 
-            self._recovery = PlanRecovery(self.plan)
+            self._recovery = self._made_recovery = PlanRecovery(self.plan)
         return self._recovery
 
     async def _prepare_recovery(self) -> None:
@@ -744,6 +749,8 @@ class Pipeline:
             await self._close_reader(node)
         self._ledger.fail_all(PipelineBrokenError("the pipeline was closed"))
         await asyncio.gather(*(h.close() for h in self._handles.values()))
+        if self._made_recovery is not None:
+            self._made_recovery.close()
         if self._ledger.strays:
             log.warning("dropped %d answer(s) to requests never sent from here",
                         self._ledger.strays)

@@ -48,6 +48,10 @@ class PlanRecovery:
     async def _run(self, work: Callable[..., _T], *args: object) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, work, *args)
 
+    def close(self) -> None:
+        """Take no more work and let the thread end (after the piece it is running)."""
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
     async def prepare(self) -> Replanner:
         """Load the model and its layer graph (once); the pipeline calls this early."""
         async with self._lock:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -13,6 +14,7 @@ import torch
 
 from coordinator.drift import LINK_NOISE_S, SUSTAIN_POLLS, WINDOW, Drift, DriftWatch
 from coordinator.ledger import Ledger, RequestFailedError
+from coordinator.recovery import PlanRecovery
 from node.client import Result
 from node.messages import Failure, FailureCode
 from partition.cluster import LinkSpec, parse_cluster
@@ -288,3 +290,15 @@ async def test_drift_is_a_sustained_change_past_the_baseline(skip_dag_plan) -> N
     watch.forget({first})  # re-measured after a switch: the slow figures are the new baseline
     assert not await poll(3 * WINDOW)
     assert not any([await poll(4 * WINDOW + k) for k in range(SUSTAIN_POLLS)])
+
+
+
+async def test_a_closed_recovery_takes_no_more_work_and_its_thread_ends() -> None:
+    recovery = PlanRecovery(SimpleNamespace())  # type: ignore[arg-type]  # never planned with
+    worker = await recovery._run(threading.current_thread)
+    assert worker is not threading.current_thread()
+    recovery.close()
+    await asyncio.to_thread(worker.join, 10.0)
+    assert not worker.is_alive()
+    with pytest.raises(RuntimeError, match="shutdown"):
+        await recovery._run(threading.current_thread)
