@@ -48,11 +48,13 @@ class Sample:
 
 
 def prepare(builder: SampleBuilder, folder: Path, name: str, granularity: str = "auto") -> Sample:
-    """Export ``builder``'s model to ``folder/name.pt2`` and profile it (1 thread, cached)."""
+    """Export ``builder``'s model to ``folder/name.pt2`` and profile it (1 thread), afresh:
+    a cached profile may have been timed on a busier machine (ResNet's, timed while other
+    work ran, was 15% slow) and the workers time their stages now."""
     path = write_sample(builder, folder / f"{name}.pt2")
     model = load_model(path)
     layer_graph = build_layer_graph(model.program, granularity)
-    profile, _ = cached_profile(model, layer_graph, threads=1, repeats=20)
+    profile, _ = cached_profile(model, layer_graph, threads=1, repeats=20, refresh=True)
     return Sample(model, layer_graph, profile)
 
 
