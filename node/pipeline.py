@@ -251,9 +251,13 @@ class StageRunner:
         return LoadedStage(spec, program, size_bytes, statistics.median(times))
 
     def install(self, stage: LoadedStage) -> None:
-        """Run ``stage`` from the next frame on; its statistics start afresh."""
+        """Run ``stage`` from the next frame on; its statistics start afresh, and so do its
+        outbound links' (their frames are the new stage's: times per frame of the old ones
+        would read as drift to a pipeline watching the new plan)."""
         self.stage = stage
         self.stats = RecentStats()
+        for route in self._routes:
+            route.stats = LinkStats()
 
     async def wire(
         self, outlets: Sequence[Outlet], inbound: LinkEmulation,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
 
@@ -118,3 +119,14 @@ async def test_an_inbound_frame_waits_in_the_queue_until_due() -> None:
     due = asyncio.get_running_loop().time() + LATENCY_S
     _, sink = await run([Work(7, failure=b"x", due=due)], NO_EMULATION)
     assert [(request, at >= due) for request, _, at in sink.delivered] == [(7, True)]
+
+
+async def test_a_new_stage_starts_its_links_statistics_afresh_a_rewire_keeps_them() -> None:
+    """A re-wire to the same next node keeps the link's times (a failover shows a change);
+    a newly loaded stage does not: its frames differ, and a pipeline watching the new plan
+    would read the old frames' times as drift."""
+    runner, sink = await run([Work(r, failure=bytes(FRAME_BYTES)) for r in range(3)], LINK)
+    await runner.wire([Outlet(sink, "next", 1.0, LINK)], inbound=NO_EMULATION)
+    assert runner.outbound_links()[0].link_frames == 3
+    runner.install(SimpleNamespace())  # type: ignore[arg-type]  # its frames are not sent here
+    assert runner.outbound_links()[0].link_frames == 0
