@@ -18,7 +18,13 @@ import report
 
 from coordinator.bench import BenchResult, measure, random_inputs
 from coordinator.deploy import deploy
-from coordinator.host_budget import HostNeed, cpu_per_request, fit_speeds, measure_frame_cost
+from coordinator.host_budget import (
+    HostNeed,
+    calibrated_stage_seconds,
+    cpu_per_request,
+    fit_speeds,
+    measure_frame_cost,
+)
 from coordinator.isolation import (
     Isolation,
     cores_wanted,
@@ -114,21 +120,31 @@ def measured_need(plan: Plan, result: BenchResult) -> HostNeed:
                     host_cores())
 
 
+@dataclass(frozen=True)
+class Ran:
+    """A plan's measurement, and each stage's real time as its nodes timed it when they
+    loaded it (what their emulated speeds stretched; the plan predicted from the profile)."""
+
+    result: BenchResult
+    calibrated_s: list[float]
+
+
 def run_plans(
     cluster: ClusterSpec, plans: list[Plan], layer_graph: LayerGraph, *, emulate: bool,
     requests: int, concurrency: int, isolation: Isolation = Isolation.NONE,
-) -> list[BenchResult]:
+) -> list[Ran]:
     """Start ``cluster`` as real workers here (with ``isolation``), then deploy and measure
     each plan in turn."""
     state = Path(tempfile.mkdtemp(prefix="edgesplit-bench-"))
-    results = []
+    ran = []
     with LocalCluster(cluster, state, isolation=isolation):
         for plan in plans:
             asyncio.run(deploy(plan, split(plan, layer_graph), emulate_links=emulate))
-            results.append(asyncio.run(measure(
+            calibrated = asyncio.run(calibrated_stage_seconds(plan))
+            ran.append(Ran(asyncio.run(measure(
                 plan, random_inputs(plan.inputs), requests=requests, concurrency=concurrency,
-            )))
-    return results
+            )), calibrated))
+    return ran
 
 
 def machine() -> str:

@@ -59,8 +59,9 @@ def measure(requests: int) -> list[dict]:
     ours = plan(sample.model, sample.layer_graph, cluster,
                 node_profiles(cluster, sample.profile, {}), Objective.THROUGHPUT)
     split_at = [stage.first_layer for stage in ours.stages[1:]]
-    (measured,) = harness.run_plans(cluster, [ours], sample.layer_graph, emulate=False,
-                                    requests=requests, concurrency=4)
+    (ran,) = harness.run_plans(cluster, [ours], sample.layer_graph, emulate=False,
+                               requests=requests, concurrency=4)
+    measured = ran.result
     rows = [{"runner": "edgesplit, 2 workers", "split": split_at,
              "throughput_per_s": measured.throughput_per_s, "matches": "checked in tests"}]
     peer = peer_pipelining.measure_peer("gpt2", GPT2, split_at, requests=requests,

@@ -141,17 +141,19 @@ def measure_case(model: str, cluster_name: str, cluster: ClusterSpec, sample: ha
     ``cpu_factor`` times the CPU :func:`harness.counted_cpu` counts. If a plan's measured CPU
     per request would make the host CPU-bound at its predicted rate, the case is fitted again
     with that plan's measured factor and measured again (once). Each row records the factor
-    it was fitted with."""
+    it was fitted with, and each stage's real time as the profile counts it and as its nodes
+    timed it (their emulated speeds stretch the latter: a gap shows the host's speed moved
+    since the profile)."""
     for attempt in range(2):
         fit = fit_case(model, cluster_name, cluster, sample, isolation, cpu_factor)
         plans, skipped = case_plans(model, cluster_name, fit, sample)
         if not plans:
             return skipped
-        results = harness.run_plans(
+        ran = harness.run_plans(
             fit, [p for _, p in plans], sample.layer_graph,
             emulate=True, requests=requests, concurrency=BENCH_CONCURRENCY, isolation=isolation,
         )
-        (_, p), r = max(zip(plans, results, strict=True),
+        (_, p), r = max(zip(plans, [r.result for r in ran], strict=True),
                         key=lambda ran: harness.measured_need(ran[0][1], ran[1]).cores)
         need = harness.measured_need(p, r)
         if attempt or need.cores <= BOUND_SHARE * need.host_cores:
@@ -161,7 +163,8 @@ def measure_case(model: str, cluster_name: str, cluster: ClusterSpec, sample: ha
               f"{BOUND_SHARE:.0%}; its requests took {cpu_factor:.2f}x the CPU counted, so "
               "the case is fitted with that and measured again")
     rows = []
-    for (name, p), result in zip(plans, results, strict=True):
+    for (name, p), done in zip(plans, ran, strict=True):
+        result = done.result
         rows.append({
             "model": model, "cluster": cluster_name, "strategy": name,
             "stages": stages_text(p),
@@ -176,6 +179,8 @@ def measure_case(model: str, cluster_name: str, cluster: ClusterSpec, sample: ha
             "host_cpu_ms_per_request": harness.measured_cpu(result) * 1e3,
             "counted_cpu_ms_per_request": harness.counted_cpu(p, sample) * 1e3,
             "cpu_factor": cpu_factor,
+            "stage_ms_profiled": [s * 1e3 for s in harness.stage_seconds(p, sample.profile)],
+            "stage_ms_calibrated": [s * 1e3 for s in done.calibrated_s],
         })
     return rows + skipped
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import statistics
 import time
 from collections import deque
@@ -42,16 +43,35 @@ log = logging.getLogger(__name__)
 
 CALIBRATION_RUNS = 10
 """Runs of a freshly loaded stage whose median time is its compute time on this machine (the
-median, as a profile's layer times are: a plan's predictions come from those)."""
+median, as a profile's layer times are: a plan's predictions come from those), at least."""
+
+CALIBRATION_S = 0.5
+"""Seconds the runs should last, at least (see :func:`calibration_runs`): ten runs of a short
+stage last a fifth of a second, and a burst of other work that long can move their median
+(an emulated device's time is that median over its speed factor)."""
+
+CALIBRATION_MAX_RUNS = 50
 
 STATS_WINDOW = 100
 """How many recent requests the median stage time is taken over."""
 
 
+def calibration_runs(times: Sequence[float]) -> int:
+    """How many runs to time a stage over, given the times of its runs so far: enough that
+    runs as fast as the fastest so far last :data:`CALIBRATION_S` (bursts of other work make
+    runs slower, never faster), between :data:`CALIBRATION_RUNS` and
+    :data:`CALIBRATION_MAX_RUNS`."""
+    if not times:
+        return CALIBRATION_RUNS
+    wanted = math.ceil(CALIBRATION_S / max(min(times), 1e-9))
+    return max(CALIBRATION_RUNS, min(CALIBRATION_MAX_RUNS, wanted))
+
+
 @dataclass(frozen=True)
 class LoadedStage:
     """A stage ready to run: its spec, its program (on the node's device), its size, and
-    the fastest of a few runs of it here (what an emulated slower device is scaled from)."""
+    the median of its calibration runs here (what an emulated slower device is scaled
+    from)."""
 
     spec: StageSpec
     program: ProgramRunner
@@ -243,9 +263,9 @@ class StageRunner:
         program = program.to(self._device)
         frame = {t.name: example_tensor(t).to(self._device) for t in spec.receives}
         run_stage(program, spec, frame)
-        times = []
-        for _ in range(CALIBRATION_RUNS):  # the same work as a request: compute and encode
-            started = time.perf_counter()
+        times: list[float] = []
+        while len(times) < calibration_runs(times):
+            started = time.perf_counter()  # the same work as a request: compute and encode
             encode_frame(0, run_stage(program, spec, frame))
             times.append(time.perf_counter() - started)
         return LoadedStage(spec, program, size_bytes, statistics.median(times))
