@@ -20,9 +20,11 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
@@ -409,9 +411,26 @@ def clear_state(state_dir: Path) -> None:
     (state_dir / PLANNING_NODES_FILE).unlink(missing_ok=True)
 
 
+def exit_on_sigterm() -> Callable[[], None]:
+    """Make a SIGTERM raise :class:`SystemExit` (exit status 143) in the main thread, so the
+    ``with`` blocks it interrupts clean up (a benchmark's workers run in sessions of their
+    own, and a plain SIGTERM would leave them running); returns what puts the old handler
+    back. Does nothing off the main thread or where SIGTERM already has a handler."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        return lambda: None
+
+    def leave(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, leave)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 class LocalCluster:
     """Context manager: the simulated cluster is up inside the ``with`` block, and always
-    stopped when it ends, even on an error.
+    stopped when it ends, even on an error or a SIGTERM (which, inside the block, raises
+    :class:`SystemExit` in the main thread unless something else already handles it).
 
     With ``secure``, the workers run with fresh certificates and a token, and
     :attr:`cluster` carries the ``security`` block to plan and connect with. With
@@ -429,11 +448,17 @@ class LocalCluster:
         self.nodes: list[LocalNode] = []
         self.cpu_groups: CpuGroups | None = None
         self.namespaces: Namespaces | None = None
+        self._on_sigterm: Callable[[], None] = lambda: None
 
     def __enter__(self) -> LocalCluster:
-        if self.secure:
-            self.cluster = with_fresh_certs(self.cluster, self.state_dir)
-        self.nodes = start_cluster(self.cluster, self.state_dir, self.isolation)
+        self._on_sigterm = exit_on_sigterm()
+        try:
+            if self.secure:
+                self.cluster = with_fresh_certs(self.cluster, self.state_dir)
+            self.nodes = start_cluster(self.cluster, self.state_dir, self.isolation)
+        except BaseException:
+            self._on_sigterm()
+            raise
         self.cpu_groups = read_cpu_groups(self.state_dir)
         self.namespaces = read_namespaces(self.state_dir)
         if self.namespaces is not None:
@@ -443,7 +468,10 @@ class LocalCluster:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        stop_cluster(self.state_dir, self.nodes, self.cpu_groups, self.namespaces)
+        try:
+            stop_cluster(self.state_dir, self.nodes, self.cpu_groups, self.namespaces)
+        finally:
+            self._on_sigterm()
 
     def restart(self, name: str) -> LocalNode:
         """Start node ``name`` again (same address and speed); wait until it answers.
