@@ -100,6 +100,8 @@ class Replanning(Protocol):
     async def price(self, plan: Plan, measured: Measured = AS_PLANNED
                     ) -> Priced: ...
 
+    async def repriced(self, plan: Plan, measured: Measured = AS_PLANNED) -> Plan: ...
+
     async def artifact(self, stage: PlannedStage) -> StageArtifact: ...
 
 
@@ -555,7 +557,8 @@ class Pipeline:
     async def _leave_out(self, cause: str, failed: NodeWatch, new: Plan) -> None:
         """A node that replicates a stage is lost: run ``new``, the plan without it (its
         share dealt to the stage's other nodes), without re-planning: rewire its neighbours,
-        replay."""
+        replay. Then, if the plan can be priced (it carries the planner's inputs), predict
+        what the nodes left do."""
         old = self.plan
         replan = Replan(at_s=self.events.elapsed(), cause=cause,
                         old_stages=stage_names(old.stages), new_stages=stage_names(new.stages),
@@ -564,6 +567,15 @@ class Pipeline:
             replan, new, failed, recovering=True,
             headline=f"left out a replica ({cause}): {' '.join(replan.old_stages)} -> "
                      f"{' '.join(replan.new_stages)}, no re-plan")
+        if self.plan is not new or (new.replan is None and self._recovery is None):
+            return
+        try:
+            self.plan = await self._get_recovery().repriced(new, self.measured)
+        except EdgesplitError as err:
+            log.warning("the plan without the replica keeps the old predictions: %s", err)
+            return
+        self.events.record(f"predicted without the replica: {self.plan.throughput_per_s:.1f} "
+                           f"req/s (was {old.throughput_per_s:.1f})")
 
     async def _move(
         self, replan: Replan, new: Plan, failed: NodeWatch | None, *, recovering: bool,

@@ -18,6 +18,7 @@ from partition.errors import EdgesplitError
 from partition.measured import AS_PLANNED, Measured
 from partition.optimizer import Schedule
 from partition.plan import Plan, PlannedStage
+from partition.planning import with_predictions
 from partition.quantize import WeightFormat
 from partition.replanning import Replanner
 from partition.split import StageArtifact, export_stage, plan_model
@@ -100,6 +101,10 @@ class PlanRecovery:
         """``plan``'s stages priced with the ``measured`` figures."""
         replanner = await self.prepare()
         return await self._run(replanner.price, plan, measured)
+
+    async def repriced(self, plan: Plan, measured: Measured = AS_PLANNED) -> Plan:
+        """``plan`` with the predictions :meth:`price` makes for it."""
+        return with_predictions(plan, await self.price(plan, measured))
 
     async def artifact(self, stage: PlannedStage) -> StageArtifact:
         """The exported program of ``stage`` (exported once per layer range and weight

@@ -15,7 +15,7 @@ def without_replicas(plan: Plan, lost: Collection[str]) -> Plan | None:
     left, or if a lost node is the source or the sink (a re-plan is needed then); ``plan``
     itself if no node of it was lost. The predictions (latency mean and median, bottleneck,
     stage times) stay ``plan``'s: the plan carries no per-replica times to price the new
-    dealing with (``Replanner.price`` does, from the cost model).
+    dealing with (the pipeline prices it afterwards where it can: ``PlanRecovery.repriced``).
     """
     lost = set(lost)
     if not lost & {n for s in plan.stages for n in s.nodes}:

@@ -151,6 +151,22 @@ def plan_from_schedule(
     )
 
 
+def with_predictions(plan_: Plan, schedule: Schedule) -> Plan:
+    """``plan_`` with ``schedule``'s predictions (``schedule`` prices the same stages, for
+    example a replicated stage with a node left out, its requests dealt anew): latency mean
+    and median, bottleneck, each stage's time and inbound transfer, each medium's busy time."""
+    stages = tuple(replace(stage, compute_s=compute, transfer_in_s=transfer)
+                   for stage, compute, transfer in zip(
+                       plan_.stages, schedule.stage_seconds, schedule.transfer_seconds[:-1],
+                       strict=True))
+    return replace(
+        plan_, stages=stages, latency_s=schedule.latency_s,
+        latency_p50_s=schedule.latency_p50_s, bottleneck_s=schedule.bottleneck_s,
+        media=tuple(replace(medium, busy_s=busy) for medium, busy
+                    in zip(plan_.media, schedule.medium_seconds, strict=True)),
+    )
+
+
 def baseline_plan(plan_: Plan, baseline: BaselineResult, layer_graph: LayerGraph) -> Plan:
     """A deployable plan that runs ``baseline``'s stages on the same cluster and links.
 

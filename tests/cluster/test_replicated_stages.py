@@ -28,6 +28,9 @@ from coordinator.verify import verify
 from node.client import GrpcWorkerHandle
 from partition.cluster import ClusterSpec, parse_cluster
 from partition.plan import Plan
+from partition.profiler import profile_layers
+from partition.replan_inputs import replan_inputs
+from partition.replanning import Replanner
 
 MODEL = "skip_dag"
 REQUESTS = 40
@@ -110,16 +113,26 @@ async def test_a_replicated_stage_matches_the_model_and_deals_by_share(
                         range(4)) == []
 
 
-@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSTOP], ids=["kill", "hang"])
+@pytest.mark.parametrize(("signum", "priced"), [
+    (signal.SIGKILL, False), (signal.SIGSTOP, False), (signal.SIGKILL, True)],
+    ids=["kill", "hang", "kill-priced"])
 async def test_a_lost_replica_is_left_out_and_every_request_is_answered_once(
-    local: LocalCluster, parts: Split, signum: signal.Signals
+    local: LocalCluster, parts: Split, signum: signal.Signals, priced: bool
 ) -> None:
     """kill -9, or SIGSTOP past the health deadline, one of the middle stage's two nodes
-    mid-run."""
-    # Without the planner's inputs the pipeline could not re-plan: leaving a replica out
-    # must not need to.
+    mid-run. Without the planner's inputs the pipeline could not re-plan: leaving a replica
+    out must not need to. With them (``priced``), the plan left is priced in its new shares:
+    node-1 alone is busy twice as long a request."""
     plan = replicate(parts.plan, 1, [("node-1", 0.5), ("node-3", 0.5)])
-    plan = replace(plan, replan=None)
+    replanner = None
+    if priced:
+        profile = profile_layers(parts.layer_graph, parts.sample.model.sha256,
+                                 parts.sample.model.example_inputs, repeats=1, warmup=0)
+        plan = replace(plan, replan=replan_inputs(
+            local.cluster, {n: profile for n in local.cluster.names}))
+        replanner = Replanner(plan, parts.sample.model, parts.layer_graph)
+    else:
+        plan = replace(plan, replan=None)
     victim = next(n for n in local.nodes if n.name == "node-3")
     await deploy(plan, parts.artifacts, emulate_links=False)
     batch = [make_inputs(plan.inputs, parts.sample.module, seed) for seed in range(REQUESTS)]
@@ -143,6 +156,11 @@ async def test_a_lost_replica_is_left_out_and_every_request_is_answered_once(
             [left_out] = pipeline.replans
             assert "node-3" in left_out.cause and left_out.moved_bytes == 0
             assert left_out.replayed >= 1
+            if replanner is not None:
+                shared = replanner.price(plan).stage_seconds[1]
+                assert pipeline.plan.stages[1].compute_s == pytest.approx(2 * shared)
+                assert any("predicted without the replica" in line
+                           for line in pipeline.events.lines)
             before = (await served(pipeline.plan))["node-1"]
             async with asyncio.timeout(RUN_S):
                 after_batch = await pipeline.map(batch[:WINDOW])

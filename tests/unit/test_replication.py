@@ -22,7 +22,9 @@ from test_optimizer import (
 from coordinator.cli import main
 from coordinator.plan_tables import stages_table
 from coordinator.plot import pipeline_timeline
+from coordinator.replicas import without_replicas
 from partition import optimizer
+from partition.cluster import parse_cluster
 from partition.cost_builder import build_cost_model
 from partition.costs import CostModel
 from partition.errors import NoFeasiblePlanError
@@ -31,7 +33,8 @@ from partition.measured import Measured
 from partition.media import Media
 from partition.optimizer import Span, evaluate, optimize
 from partition.plan import Objective, Plan
-from partition.planning import plan_from_schedule
+from partition.planning import plan_from_schedule, with_predictions
+from partition.profiler import profile_layers
 from partition.replan_inputs import read_replan_inputs
 from partition.replanning import Replanner
 from partition.replication import group_work, replica_groups
@@ -395,3 +398,32 @@ def test_a_planner_made_replicated_plan_round_trips(sample_exported, tmp_path: P
     assert slowed.latency_s > whole.latency_s
     left = replanner.replan({"node-1", "node-2", "node-3"})
     assert {n for s in left.stages for n in s.nodes} <= {"node-1", "node-2", "node-3"}
+
+
+
+def test_a_plan_without_a_replica_is_priced_in_its_new_shares(sample_exported) -> None:
+    """Three equal nodes run the model whole, a third of the requests each; with one left
+    out the other two take half each: the stage's time per request rises by half, and
+    every prediction is the schedule's of the two-node stage."""
+    sample = sample_exported("skip_dag")
+    layer_graph = build_layer_graph(sample.model.program)
+    profile = profile_layers(layer_graph, sample.model.sha256, sample.model.example_inputs,
+                             repeats=1, warmup=0)
+    cluster = parse_cluster({
+        "nodes": [{"name": f"n{i}", "address": f"127.0.0.1:{6000 + i}", "memory": "1GiB"}
+                  for i in range(3)],
+        "links": {"default": {"bandwidth": "10Gbps", "latency": "0.01ms"}},
+        "source": "n0", "sink": "n0",
+    }, "test")
+    cost = build_cost_model(layer_graph, cluster, {n: profile for n in cluster.names})
+    whole = evaluate(cost, [Span(0, 0, cost.num_layers, (0, 1, 2))])
+    made = plan_from_schedule(sample.model, layer_graph, cluster, cost, whole,
+                              Objective.THROUGHPUT, exact=False, lower_bound_s=0.0)
+    smaller = without_replicas(made, {"n2"})
+    assert smaller is not None and smaller.bottleneck_s == made.bottleneck_s  # not priced
+    two = evaluate(cost, [Span(0, 0, cost.num_layers, (0, 1))])
+    priced = with_predictions(smaller, two)
+    assert priced.stages[0].compute_s == pytest.approx(1.5 * made.stages[0].compute_s)
+    assert (priced.bottleneck_s, priced.latency_s, priced.latency_p50_s) == (
+        two.bottleneck_s, two.latency_s, two.latency_p50_s)
+    assert priced.stages[0].replicas == smaller.stages[0].replicas
