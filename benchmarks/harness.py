@@ -120,30 +120,70 @@ def measured_need(plan: Plan, result: BenchResult) -> HostNeed:
                     host_cores())
 
 
+CALIBRATION_TOLERANCE = 0.10
+"""How far a node's timing of its stage may be off the profile's before :func:`run_plans`
+deploys the plan again (once): a burst of other work on the host while a node timed its
+stage, which its emulated speed would stretch for the whole run."""
+
+CALIBRATION_FLOOR_S = 0.002
+"""Stages shorter than this are not checked (a few layers' share of a profile is noisy)."""
+
+
 @dataclass(frozen=True)
 class Ran:
     """A plan's measurement, and each stage's real time as its nodes timed it when they
-    loaded it (what their emulated speeds stretched; the plan predicted from the profile)."""
+    loaded it (what their emulated speeds stretched; the plan predicted from the profile);
+    ``first_calibrated_s``, the timing of a first deploy that was off the profile."""
 
     result: BenchResult
     calibrated_s: list[float]
+    first_calibrated_s: list[float] | None = None
+
+
+def calibration_off(calibrated: list[float], profiled: list[float]) -> str | None:
+    """Which stage a node timed more than :data:`CALIBRATION_TOLERANCE` off its profile
+    (none of those under :data:`CALIBRATION_FLOOR_S`), in words; ``None`` if none.
+
+    >>> calibration_off([0.012, 0.0011], [0.010, 0.0005])
+    'stage 0 timed 12.0 ms, profiled 10.0 ms'
+    >>> calibration_off([0.0105, 0.0011], [0.010, 0.0005]) is None
+    True
+    """
+    for k, (timed, profile) in enumerate(zip(calibrated, profiled, strict=True)):
+        if profile >= CALIBRATION_FLOOR_S and abs(timed / profile - 1) > CALIBRATION_TOLERANCE:
+            return f"stage {k} timed {timed * 1e3:.1f} ms, profiled {profile * 1e3:.1f} ms"
+    return None
 
 
 def run_plans(
     cluster: ClusterSpec, plans: list[Plan], layer_graph: LayerGraph, *, emulate: bool,
     requests: int, concurrency: int, isolation: Isolation = Isolation.NONE,
+    profile: Profile | None = None,
 ) -> list[Ran]:
     """Start ``cluster`` as real workers here (with ``isolation``), then deploy and measure
-    each plan in turn."""
+    each plan in turn. With ``profile`` (and no kernel isolation, under which nodes time
+    their stages under their CPU quotas), a plan whose nodes timed a stage off its profile
+    (:func:`calibration_off`) is deployed again, once, saying so in one line."""
     state = Path(tempfile.mkdtemp(prefix="edgesplit-bench-"))
     ran = []
     with LocalCluster(cluster, state, isolation=isolation):
         for plan in plans:
-            asyncio.run(deploy(plan, split(plan, layer_graph), emulate_links=emulate))
+            artifacts = split(plan, layer_graph)
+            asyncio.run(deploy(plan, artifacts, emulate_links=emulate))
             calibrated = asyncio.run(calibrated_stage_seconds(plan))
+            first = None
+            off = (calibration_off(calibrated, stage_seconds(plan, profile))
+                   if profile is not None and isolation is Isolation.NONE else None)
+            if off is not None:
+                first = calibrated
+                asyncio.run(deploy(plan, artifacts, emulate_links=emulate))
+                calibrated = asyncio.run(calibrated_stage_seconds(plan))
+                print(f"{' '.join(s.node for s in plan.stages)}: {off}, more than "
+                      f"{CALIBRATION_TOLERANCE:.0%} apart; deployed again: "
+                      f"{calibration_off(calibrated, stage_seconds(plan, profile)) or 'within'}")
             ran.append(Ran(asyncio.run(measure(
                 plan, random_inputs(plan.inputs), requests=requests, concurrency=concurrency,
-            )), calibrated))
+            )), calibrated, first))
     return ran
 
 
