@@ -16,6 +16,9 @@ import pytest
 import torch
 from model_zoo import ExportedSample
 
+from coordinator.isolation import IsolationError
+from coordinator.isolation import check_available as check_cgroups
+from coordinator.netns import check_available as check_namespaces
 from coordinator.ports import free_ports
 from node.client import GrpcWorkerHandle, Result
 from node.messages import Wiring
@@ -261,3 +264,24 @@ def split_in_three(cluster: ClusterSpec, sample: ExportedSample) -> Split:
         exact=False, lower_bound_s=0.0,
     )
     return Split(sample, layer_graph, plan, split(plan, layer_graph), ProgramRunner(model.program))
+
+
+def kernel_networks_unavailable() -> str | None:
+    """Why CPU groups and network namespaces cannot be made here, or ``None`` if they can."""
+    try:
+        check_cgroups()
+        check_namespaces()
+    except IsolationError as err:
+        return str(err)
+    return None
+
+
+def leftovers(prefix: str, block: str) -> list[str]:
+    """Namespaces and root links named ``prefix...``, and routes into ``block``, that exist."""
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                                check=True).stdout.split()
+    links = [path.name for path in Path("/sys/class/net").iterdir()]
+    routes = subprocess.run(["ip", "route", "show", "root", block], capture_output=True,
+                            text=True, check=True).stdout.splitlines()
+    return [*(n for n in [*namespaces, *links] if n.startswith(prefix)),
+            *(route.strip() for route in routes)]

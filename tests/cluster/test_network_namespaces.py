@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from cli_helpers import coordinator, nodes_yaml, ok
+from cluster_helpers import kernel_networks_unavailable, leftovers
 from model_zoo import WideMiddle
 
 from coordinator import local_cluster, netns
@@ -27,7 +27,6 @@ from coordinator.bench import random_inputs
 from coordinator.bench_check import Reference, run_checked
 from coordinator.deploy import deploy
 from coordinator.isolation import Isolation, IsolationError
-from coordinator.isolation import check_available as check_cgroups
 from coordinator.local_cluster import (
     LocalCluster,
     LocalClusterError,
@@ -38,7 +37,6 @@ from coordinator.local_cluster import (
     stop_recorded,
 )
 from coordinator.netns import RANGE, Namespaces
-from coordinator.netns import check_available as check_namespaces
 from coordinator.pipeline import Pipeline
 from coordinator.ports import free_ports
 from coordinator.probe import probe_cluster
@@ -64,27 +62,8 @@ CUT_AFTER = 10
 MEDIUM_REQUESTS = 5
 
 
-def _unavailable() -> str | None:
-    try:
-        check_cgroups()
-        check_namespaces()
-    except IsolationError as err:
-        return str(err)
-    return None
-
-
-pytestmark = pytest.mark.skipif(_unavailable() is not None, reason=_unavailable() or "")
-
-
-def leftovers(prefix: str, block: str) -> list[str]:
-    """Namespaces and root links named ``prefix...``, and routes into ``block``, that exist."""
-    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
-                                check=True).stdout.split()
-    links = [path.name for path in Path("/sys/class/net").iterdir()]
-    routes = subprocess.run(["ip", "route", "show", "root", block], capture_output=True,
-                            text=True, check=True).stdout.splitlines()
-    return [*(n for n in [*namespaces, *links] if n.startswith(prefix)),
-            *(route.strip() for route in routes)]
+pytestmark = pytest.mark.skipif(kernel_networks_unavailable() is not None,
+                                reason=kernel_networks_unavailable() or "")
 
 
 @pytest.fixture

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import psutil
 import pytest
+from cluster_helpers import kernel_networks_unavailable, leftovers
 
-from coordinator.isolation import Isolation, IsolationError
-from coordinator.isolation import check_available as check_cgroups
+from coordinator.isolation import Isolation
 from coordinator.local_cluster import STATE_FILE, stop_recorded
-from coordinator.netns import check_available as check_namespaces
 from coordinator.ports import free_ports
 
 EXIT_TIMEOUT_S = 60.0
@@ -32,19 +31,11 @@ cluster = parse_cluster(json.loads(sys.argv[1]), "test")
 with LocalCluster(cluster, Path(sys.argv[2]), isolation=Isolation(sys.argv[3])) as local:
     made = {"pids": [node.pid for node in local.nodes],
             "groups": str(local.cpu_groups.path) if local.cpu_groups else None,
-            "prefix": local.namespaces.prefix if local.namespaces else None}
+            "prefix": local.namespaces.prefix if local.namespaces else None,
+            "block": local.namespaces.block if local.namespaces else None}
     print(json.dumps(made), flush=True)
     time.sleep(600)
 """
-
-
-def kernel_unavailable() -> str | None:
-    try:
-        check_cgroups()
-        check_namespaces()
-    except IsolationError as err:
-        return str(err)
-    return None
 
 
 def two_nodes() -> dict:
@@ -68,7 +59,7 @@ def alive(pid: int) -> bool:
 @pytest.mark.parametrize("isolation", [
     Isolation.NONE,
     pytest.param(Isolation.KERNEL, marks=pytest.mark.skipif(
-        kernel_unavailable() is not None, reason=kernel_unavailable() or "")),
+        kernel_networks_unavailable() is not None, reason=kernel_networks_unavailable() or "")),
 ])
 def test_sigterm_inside_the_block_stops_what_the_cluster_started(
         tmp_path: Path, isolation: Isolation) -> None:
@@ -86,11 +77,7 @@ def test_sigterm_inside_the_block_stops_what_the_cluster_started(
         assert [pid for pid in made["pids"] if alive(pid)] == []
         assert made["groups"] is None or not Path(made["groups"]).exists()
         if made["prefix"]:
-            namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True,
-                                        text=True, check=True).stdout
-            links = [path.name for path in Path("/sys/class/net").iterdir()]
-            assert [n for n in [*namespaces.split(), *links]
-                    if n.startswith(made["prefix"])] == []
+            assert leftovers(made["prefix"], made["block"]) == []
         assert not (state / STATE_FILE).exists()
     finally:
         holder.kill()
