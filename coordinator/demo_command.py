@@ -1,8 +1,9 @@
 """``coordinator demo``: the whole story on this machine, from a sample model to measurements.
 
-Builds the bundled sample model, starts the heterogeneous example cluster as real worker
-processes, profiles, plans, deploys, runs requests checking every output against the
-single-process model, compares measured with predicted, and tears everything down.
+Builds the bundled sample model, profiles it afresh, starts the heterogeneous example
+cluster as real worker processes, plans, deploys, runs requests checking every output
+against the single-process model, compares measured with predicted, and tears everything
+down.
 """
 
 from __future__ import annotations
@@ -74,15 +75,18 @@ def run(args: argparse.Namespace) -> int:
     layer_graph = build_layer_graph(model.program)
     console.print(f"[bold]1. model[/] {model_path}: {layer_graph.num_layers} layers")
 
-    console.print(f"[bold]2. cluster[/] starting {len(cluster.nodes)} edge-node processes")
+    # Afresh, before the workers start: a profile cached on a busier (or quieter) machine, or
+    # timed while workers start up, predicts another machine than the one the workers run on.
+    with progress_bar("2. profiling on this machine", 23) as update:
+        here, _ = cached_profile(model, layer_graph, progress=update, refresh=True)
+    console.print(f"[bold]2. profiled[/] whole model {here.model_median_s * 1e3:.1f} ms "
+                  "here; slower nodes are planned by their speed")
+
+    console.print(f"[bold]3. cluster[/] starting {len(cluster.nodes)} edge-node processes")
     with LocalCluster(cluster, out / "cluster", secure=args.secure) as local:
         cluster = local.cluster  # with --secure, it names the fresh certificates and token
-        with progress_bar("3. profiling on this machine", 23) as update:
-            local, _ = cached_profile(model, layer_graph, progress=update)
-        console.print(f"[bold]3. profiled[/] whole model {local.model_median_s * 1e3:.1f} ms "
-                      "here; slower nodes are planned by their speed")
         result = plan(model, layer_graph, memory_for_stages(cluster, worker_overheads(cluster)),
-                      node_profiles(cluster, local, {}), Objective.THROUGHPUT)
+                      node_profiles(cluster, here, {}), Objective.THROUGHPUT)
         result.save(out / "plan.json")
         console.print("[bold]4. plan[/]")
         show_plan(result)
