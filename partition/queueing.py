@@ -20,9 +20,9 @@ Paced at ``λ`` requests a second below ``1 / s_max`` (a request waits for its t
 is sent, and that wait is not its latency), requests enter ``1 / λ`` apart, no station makes
 one wait, and every request takes ``D``. That holds only clear of the knee: a plan's
 capacity is itself predicted within 15%, so at ``λ · s_max`` of :data:`SATURATED_SHARE` or
-more the plan is predicted saturated, as without pacing (the demo, paced at 97.5% of its
-predicted rate, ran at 20.4 req/s against 22.8 offered: saturated, 395 ms at p50 with 8 in
-flight, 342 ms as saturated, 131 ms idle).
+more the plan is predicted saturated, as without pacing (the demo on commit ``88c090a``,
+paced at 97.5% of its predicted rate, ran at 20.4 req/s against 22.8 offered: saturated,
+395 ms at p50 with 8 in flight, 342 ms as saturated, 131 ms idle).
 
 With replicated stages requests take different paths (one replica a stage), and a measured
 median is compared with the idle *median* over the paths (``Plan.latency_p50_s``) in place
