@@ -172,15 +172,16 @@ def run_plans(
             asyncio.run(deploy(plan, artifacts, emulate_links=emulate))
             calibrated = asyncio.run(calibrated_stage_seconds(plan))
             first = None
-            off = (calibration_off(calibrated, stage_seconds(plan, profile))
-                   if profile is not None and isolation is Isolation.NONE else None)
+            checked = profile is not None and isolation is Isolation.NONE
+            profiled = stage_seconds(plan, profile) if checked else []
+            off = calibration_off(calibrated, profiled) if checked else None
             if off is not None:
                 first = calibrated
                 asyncio.run(deploy(plan, artifacts, emulate_links=emulate))
                 calibrated = asyncio.run(calibrated_stage_seconds(plan))
-                print(f"{' '.join(s.node for s in plan.stages)}: {off}, more than "
+                print(f"{' '.join('+'.join(s.nodes) for s in plan.stages)}: {off}, more than "
                       f"{CALIBRATION_TOLERANCE:.0%} apart; deployed again: "
-                      f"{calibration_off(calibrated, stage_seconds(plan, profile)) or 'within'}")
+                      f"{calibration_off(calibrated, profiled) or 'within'}")
             ran.append(Ran(asyncio.run(measure(
                 plan, random_inputs(plan.inputs), requests=requests, concurrency=concurrency,
             )), calibrated, first))

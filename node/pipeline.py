@@ -51,6 +51,7 @@ stage last a fifth of a second, and a burst of other work that long can move the
 (an emulated device's time is that median over its speed factor)."""
 
 CALIBRATION_MAX_RUNS = 50
+"""Runs of a stage, at most (a very short stage stops here, well short of half a second)."""
 
 STATS_WINDOW = 100
 """How many recent requests the median stage time is taken over."""
