@@ -571,8 +571,9 @@ class Pipeline:
             return
         try:
             self.plan = await self._get_recovery().repriced(new, self.measured)
-        except EdgesplitError as err:
-            log.warning("the plan without the replica keeps the old predictions: %s", err)
+        except Exception:  # predictions are advisory: the plan left already runs, keep it
+            log.warning("the plan without the replica keeps the old predictions",
+                        exc_info=True)
             return
         self.events.record(f"predicted without the replica: {self.plan.throughput_per_s:.1f} "
                            f"req/s (was {old.throughput_per_s:.1f})")
